@@ -1,0 +1,22 @@
+//! The error type of relprune-models.
+
+use std::path::PathBuf;
+
+/// Errors of building, loading or saving models.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A checkpoint file could not be used.
+    #[error("{path}: {msg}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
+}
+
+/// Result alias of relprune-models.
+pub type Result<T> = std::result::Result<T, Error>;

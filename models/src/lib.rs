@@ -1,0 +1,13 @@
+//! The relprune model zoo: plain candle modules with stable parameter names.
+//!
+//! Models know nothing of pruning. Their parameters live in a [`candle_nn::VarMap`] under the
+//! names a PyTorch user would expect (`fc1.weight`, `fc1.bias`, ...), so the engine can find,
+//! mask and export them, and [`checkpoint`] saves and loads them as safetensors.
+
+pub mod checkpoint;
+pub mod error;
+pub mod init;
+pub mod lenet;
+
+pub use error::{Error, Result};
+pub use lenet::Lenet300;
