@@ -1,0 +1,23 @@
+//! Evaluation for relprune: top-1 error, per-layer sparsity and compression, compressed model
+//! sizes, the `results.json` every run writes, its Markdown report and SVG charts.
+//!
+//! The field names and units of [`RunResults`] follow the "results.json" section of
+//! `docs/METHOD.md`; other tools read that file, so they must not drift.
+
+pub mod accuracy;
+pub mod error;
+pub mod plot;
+pub mod report;
+pub mod results;
+pub mod sizes;
+pub mod sparsity;
+
+pub use accuracy::{count_correct, top1_error_pct};
+pub use error::{Error, Result};
+pub use plot::{line_chart_svg, Series};
+pub use report::render_markdown;
+pub use results::{
+    write_atomic, DatasetInfo, MetricValue, PrunedSummary, RoundRecord, RunResults, SizesBytes,
+};
+pub use sizes::{compressed_sizes, FileSizes};
+pub use sparsity::{LayerStats, SparsityReport};

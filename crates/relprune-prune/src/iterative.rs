@@ -1,0 +1,313 @@
+//! The iterative pruning algorithm (METHOD.md, LOBSTER-style reconstruction).
+//!
+//! Train with the regularizer; at each plateau of the validation loss restore the best weights
+//! since the last pruning, find the largest global magnitude threshold whose pruning keeps the
+//! validation loss within `base·(1+TWT)`, prune below it for good, and keep the sparsest model whose
+//! validation metric is within `δ` of the dense reference. Finally fine-tune that model without
+//! the regularizer, masks fixed.
+
+use std::time::Instant;
+
+use candle_core::DType;
+use relprune_core::SelectiveDecay;
+use serde::{Deserialize, Serialize};
+
+use crate::threshold::{search_global, BisectionConfig};
+use crate::{Error, Evaluation, LrSchedule, Masks, Result, Snapshot, Split, Task, Trainer};
+
+/// Hyper-parameters of the iterative algorithm.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PruneConfig {
+    /// The regularizer used while pruning.
+    pub regularizer: SelectiveDecay,
+    /// Learning rate of the pruning phase.
+    pub lr: f64,
+    /// Validation-loss tolerance of each pruning step (`TWT`) and the bisection's settings.
+    pub bisection: BisectionConfig,
+    /// Final budget `δ`: how much worse than the reference the result's validation metric may be.
+    pub delta: f64,
+    /// Epochs without improvement that make a plateau (`PWE`).
+    pub patience: usize,
+    /// Relative decrease of the validation loss that counts as an improvement.
+    pub min_improvement: f64,
+    /// Epoch budget of the pruning phase.
+    pub max_epochs: usize,
+    /// Stop once this fraction of the prunable weights is pruned.
+    pub target_sparsity: Option<f64>,
+    /// `K`: rounds in a row that trigger the stop rules below.
+    pub stop_rounds: usize,
+    /// Stop when each of `K` rounds in a row prunes less than this fraction of the prunable weights.
+    pub min_round_gain: f64,
+    /// Fine-tuning epochs after pruning (no regularizer, masks fixed, cosine from `finetune_lr`).
+    pub finetune_epochs: usize,
+    /// Starting learning rate of the fine-tune.
+    pub finetune_lr: f64,
+}
+
+impl Default for PruneConfig {
+    /// METHOD.md's starting hyper-parameters for LeNet-300-100 on MNIST.
+    fn default() -> Self {
+        Self {
+            regularizer: SelectiveDecay::default(),
+            lr: 0.01,
+            bisection: BisectionConfig::default(),
+            delta: 0.5,
+            patience: 2,
+            min_improvement: 0.01,
+            max_epochs: 180,
+            target_sparsity: None,
+            stop_rounds: 5,
+            min_round_gain: 0.001,
+            finetune_epochs: 10,
+            finetune_lr: 0.01,
+        }
+    }
+}
+
+/// One pruning round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// Round number (1-based).
+    pub round: usize,
+    /// Pruning-phase epoch at which it happened.
+    pub epoch: usize,
+    /// The global magnitude threshold.
+    pub threshold: f64,
+    /// Percentage of prunable weights alive after the round.
+    pub remaining_pct: f64,
+    /// Validation loss and metric after the round.
+    pub valid: Evaluation,
+    /// Evaluations the threshold search took.
+    pub search_evaluations: usize,
+    /// Whether the round is within `δ` of the reference (a candidate result).
+    pub within_budget: bool,
+}
+
+/// Why the pruning phase ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The epoch budget was spent.
+    EpochBudget,
+    /// The target sparsity was reached.
+    TargetSparsity,
+    /// The metric was worse than the reference by more than `2δ` for `K` rounds in a row.
+    MetricDrift,
+    /// `K` rounds in a row pruned almost nothing.
+    NoProgress,
+}
+
+/// What the algorithm produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PruneOutcome {
+    /// The reference (starting model) on the validation split.
+    pub reference: Evaluation,
+    /// Every pruning round.
+    pub rounds: Vec<RoundRecord>,
+    /// The round whose model is the result (`None`: no round was within budget; the start is kept).
+    pub result_round: Option<usize>,
+    /// Pruning-phase epochs trained.
+    pub epochs: usize,
+    /// Why the phase ended.
+    pub stop_reason: StopReason,
+    /// The result on the validation split before fine-tuning.
+    pub before_finetune: Evaluation,
+    /// The result on the validation split after fine-tuning.
+    pub after_finetune: Evaluation,
+    /// Wall seconds of the pruning phase (fine-tune included).
+    pub seconds: f64,
+}
+
+/// The iterative pruning algorithm with its configuration.
+#[derive(Clone, Debug)]
+pub struct IterativePruning {
+    /// The configuration.
+    pub cfg: PruneConfig,
+}
+
+struct Candidate {
+    weights: Snapshot,
+    masks: Masks,
+    round: Option<usize>,
+}
+
+impl IterativePruning {
+    /// The algorithm with `cfg`, validated.
+    pub fn new(cfg: PruneConfig) -> Result<Self> {
+        cfg.regularizer.validate()?;
+        let bad = |m: &str| Err(Error::Config(m.to_string()));
+        if cfg.patience == 0 {
+            return bad("patience must be at least 1");
+        }
+        if !(cfg.bisection.twt > 0.0) {
+            return bad("the loss tolerance TWT must be > 0");
+        }
+        if !(cfg.delta >= 0.0) {
+            return bad("the metric budget delta must be >= 0");
+        }
+        if let Some(t) = cfg.target_sparsity {
+            if !(0.0..1.0).contains(&t) {
+                return bad("target sparsity must be in [0, 1)");
+            }
+        }
+        Ok(Self { cfg })
+    }
+
+    /// Runs the pruning phase and the fine-tune on `trainer`'s model; leaves the result in it.
+    pub fn run<T: Task + ?Sized>(&self, trainer: &mut Trainer, task: &mut T) -> Result<PruneOutcome> {
+        let cfg = &self.cfg;
+        let t0 = Instant::now();
+        let spec = task.metric();
+        trainer.optim.set_regularizer(Some(cfg.regularizer))?;
+        trainer.optim.set_lr(cfg.lr);
+        trainer.optim.reset_state();
+
+        let reference = trainer.evaluate(task, Split::Valid)?;
+        let mut best_loss = reference.loss;
+        let mut best = trainer.params.snapshot()?;
+        let mut since_improvement = 0;
+        let mut result = Candidate {
+            weights: best.clone(),
+            masks: trainer.masks.clone(),
+            round: None,
+        };
+        let mut rounds: Vec<RoundRecord> = Vec::new();
+        let (mut drift_run, mut stall_run) = (0usize, 0usize);
+        let mut stop_reason = StopReason::EpochBudget;
+
+        let bar = trainer.progress_bar(cfg.max_epochs as u64, "pruning");
+        let mut epoch = 0;
+        while epoch < cfg.max_epochs {
+            epoch += 1;
+            let train_loss = trainer.train_epoch(task, epoch, Some(&bar))?;
+            let valid = trainer.evaluate(task, Split::Valid)?;
+            bar.inc(1);
+            if valid.loss < best_loss * (1.0 - cfg.min_improvement) {
+                best_loss = valid.loss;
+                best = trainer.params.snapshot()?;
+                since_improvement = 0;
+            } else {
+                since_improvement += 1;
+            }
+            bar.set_message(format!(
+                "train {train_loss:.4} valid {:.4} {} {:.3} | {} rounds, {:.2}% left",
+                valid.loss,
+                spec.name,
+                valid.metric,
+                rounds.len(),
+                100.0 * trainer.masks.remaining_fraction()?
+            ));
+            if since_improvement < cfg.patience {
+                continue;
+            }
+
+            // Plateau: restore the best weights since the last pruning, then prune.
+            trainer.params.restore(&best)?;
+            let before = trainer.masks.remaining_fraction()?;
+            let base = best_loss;
+            let search = {
+                let snap = trainer.params.snapshot()?;
+                let trainer_ref = &*trainer;
+                search_global(&trainer.params, &trainer.masks, base, &cfg.bisection, |t| {
+                    let mut probe = trainer_ref.masks.clone();
+                    probe.prune_below(&trainer_ref.params, t)?;
+                    let loss = task.evaluate(Split::Valid).map(|e| e.loss);
+                    trainer_ref.params.restore(&snap)?;
+                    loss
+                })?
+            };
+            trainer.masks.prune_below(&trainer.params, search.threshold)?;
+            trainer.optim.reset_state();
+            let after = trainer.masks.remaining_fraction()?;
+            let valid = trainer.evaluate(task, Split::Valid)?;
+            let within = spec.worsening(valid.metric, reference.metric) <= cfg.delta;
+            let round = RoundRecord {
+                round: rounds.len() + 1,
+                epoch,
+                threshold: search.threshold,
+                remaining_pct: 100.0 * after,
+                valid,
+                search_evaluations: search.evaluations,
+                within_budget: within,
+            };
+            trainer.log(&bar, &format!(
+                "round {} (epoch {epoch}): T = {:.3e}, remaining {:.3}% | valid loss {:.4} (bound {:.4}) {} {:.3}{}",
+                round.round,
+                search.threshold,
+                round.remaining_pct,
+                valid.loss,
+                base * (1.0 + cfg.bisection.twt),
+                spec.name,
+                valid.metric,
+                if within { "" } else { " (over budget)" }
+            ));
+            rounds.push(round);
+            if within {
+                result = Candidate {
+                    weights: trainer.params.snapshot()?,
+                    masks: trainer.masks.clone(),
+                    round: Some(rounds.len()),
+                };
+            }
+            best_loss = valid.loss;
+            best = trainer.params.snapshot()?;
+            since_improvement = 0;
+
+            drift_run = if spec.worsening(valid.metric, reference.metric) > 2.0 * cfg.delta {
+                drift_run + 1
+            } else {
+                0
+            };
+            stall_run = if before - after < cfg.min_round_gain { stall_run + 1 } else { 0 };
+            if let Some(target) = cfg.target_sparsity {
+                if 1.0 - after >= target {
+                    stop_reason = StopReason::TargetSparsity;
+                    break;
+                }
+            }
+            if drift_run >= cfg.stop_rounds {
+                stop_reason = StopReason::MetricDrift;
+                break;
+            }
+            if stall_run >= cfg.stop_rounds {
+                stop_reason = StopReason::NoProgress;
+                break;
+            }
+        }
+        bar.finish_and_clear();
+
+        // The result: the sparsest model within budget, fine-tuned without the regularizer.
+        trainer.masks = result.masks;
+        trainer.params.restore(&result.weights)?;
+        trainer.masks.apply(&trainer.params)?;
+        trainer.optim.reset_state();
+        trainer.optim.set_regularizer(None)?;
+        let before_finetune = trainer.evaluate(task, Split::Valid)?;
+        let schedule = LrSchedule::Cosine {
+            lr: cfg.finetune_lr,
+            epochs: cfg.finetune_epochs,
+        };
+        trainer.fit(task, schedule, cfg.finetune_epochs, true, "fine-tune")?;
+        trainer.masks.apply(&trainer.params)?;
+        let after_finetune = trainer.evaluate(task, Split::Valid)?;
+        Ok(PruneOutcome {
+            reference,
+            rounds,
+            result_round: result.round,
+            epochs: epoch,
+            stop_reason,
+            before_finetune,
+            after_finetune,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Counts the exactly-zero elements of the prunable parameters (a sanity check against the masks).
+pub fn count_nonzero(trainer: &Trainer) -> Result<usize> {
+    let mut n = 0usize;
+    for p in trainer.params.prunable() {
+        n += p.var.as_tensor().ne(0.0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
+    }
+    Ok(n)
+}

@@ -1,0 +1,30 @@
+//! The relprune pruning engine.
+//!
+//! - [`ParamSet`]: the model's parameters by name, which of them are prunable, snapshots.
+//! - [`Masks`]: persistent 0/1 pruning masks; pruned weights stay exactly zero.
+//! - [`MaskedSgd`]: SGD with momentum that applies the masks and the regularizer of
+//!   `relprune-core` every step (fused on the CPU).
+//! - [`Task`]: what the engine needs of a model + data: batch losses and evaluations.
+//! - [`Trainer`]: epochs with progress and NaN checks; [`IterativePruning`]: the pruning algorithm
+//!   (plateau, restore best, threshold bisection on the validation loss, stop rules, fine-tune).
+//! - [`export`]: the pruned checkpoint, dense and in a compact sparse format.
+
+pub mod error;
+pub mod export;
+pub mod iterative;
+pub mod mask;
+pub mod optim;
+pub mod params;
+pub mod schedule;
+pub mod task;
+pub mod threshold;
+pub mod trainer;
+
+pub use error::{Error, Result};
+pub use iterative::{IterativePruning, PruneConfig, PruneOutcome, RoundRecord, StopReason};
+pub use mask::Masks;
+pub use optim::{MaskedSgd, SgdConfig};
+pub use params::{Param, ParamSet, Selection, Snapshot};
+pub use schedule::LrSchedule;
+pub use task::{Evaluation, MetricSpec, Split, Task};
+pub use trainer::{EpochRecord, Trainer};

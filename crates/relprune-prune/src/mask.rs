@@ -1,0 +1,99 @@
+//! Persistent pruning masks: 1 keeps a weight, 0 removes it for good.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+
+use crate::{Error, ParamSet, Result};
+
+/// One 0/1 mask (f32, the parameter's shape and device) per prunable parameter.
+#[derive(Clone, Debug)]
+pub struct Masks {
+    masks: BTreeMap<String, Tensor>,
+}
+
+impl Masks {
+    /// All-ones masks for every prunable parameter of `params`.
+    pub fn dense(params: &ParamSet) -> Result<Self> {
+        let mut masks = BTreeMap::new();
+        for p in params.prunable() {
+            let t = p.var.as_tensor();
+            masks.insert(p.name.clone(), Tensor::ones(t.shape(), DType::F32, t.device())?);
+        }
+        Ok(Self { masks })
+    }
+
+    /// Masks that keep exactly the non-zero weights of `params` (e.g. of a loaded pruned model).
+    pub fn from_nonzero(params: &ParamSet) -> Result<Self> {
+        let mut masks = BTreeMap::new();
+        for p in params.prunable() {
+            let t = p.var.as_tensor();
+            masks.insert(p.name.clone(), t.ne(0.0)?.to_dtype(DType::F32)?);
+        }
+        Ok(Self { masks })
+    }
+
+    /// The mask of a parameter, if it is prunable.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.masks.get(name)
+    }
+
+    /// The masks by parameter name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.masks.iter()
+    }
+
+    /// Zeroes the masked-out weights: `w ← w ⊙ mask`.
+    pub fn apply(&self, params: &ParamSet) -> Result<()> {
+        for p in params.prunable() {
+            let m = self.mask_of(&p.name)?;
+            p.var.set(&(p.var.as_tensor() * m)?)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every alive weight with `|w| < threshold` (global threshold) and zeroes it.
+    pub fn prune_below(&mut self, params: &ParamSet, threshold: f64) -> Result<()> {
+        for p in params.prunable() {
+            let m = self.mask_of(&p.name)?;
+            let keep = p.var.as_tensor().abs()?.ge(threshold)?.to_dtype(DType::F32)?;
+            let m = (m * keep)?;
+            p.var.set(&(p.var.as_tensor() * &m)?)?;
+            self.masks.insert(p.name.clone(), m);
+        }
+        Ok(())
+    }
+
+    /// Number of alive (unpruned) elements per parameter, in name order.
+    pub fn alive_counts(&self) -> Result<Vec<(String, usize, usize)>> {
+        let mut out = Vec::with_capacity(self.masks.len());
+        for (name, m) in &self.masks {
+            let alive = m.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? as usize;
+            out.push((name.clone(), m.elem_count(), alive));
+        }
+        Ok(out)
+    }
+
+    /// Total number of elements under masks, and how many are alive.
+    pub fn totals(&self) -> Result<(usize, usize)> {
+        let c = self.alive_counts()?;
+        Ok((c.iter().map(|x| x.1).sum(), c.iter().map(|x| x.2).sum()))
+    }
+
+    /// Fraction of the masked elements still alive, in `[0, 1]`.
+    pub fn remaining_fraction(&self) -> Result<f64> {
+        let (total, alive) = self.totals()?;
+        Ok(if total == 0 {
+            1.0
+        } else {
+            alive as f64 / total as f64
+        })
+    }
+
+    fn mask_of(&self, name: &str) -> Result<&Tensor> {
+        self.masks.get(name).ok_or_else(|| Error::Param {
+            name: name.to_string(),
+            msg: "prunable but has no mask".into(),
+        })
+    }
+}

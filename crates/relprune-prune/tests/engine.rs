@@ -1,0 +1,194 @@
+//! Engine tests on a tiny hand-built model: optimizer paths, mask invariants, search, export.
+
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
+use relprune_core::SelectiveDecay;
+use relprune_prune::threshold::{search_global, BisectionConfig};
+use relprune_prune::{export, MaskedSgd, Masks, ParamSet, Selection, SgdConfig};
+
+fn tiny_model(seed: u32) -> (VarMap, ParamSet) {
+    let vm = VarMap::new();
+    let mut x = seed.wrapping_mul(747796405).wrapping_add(2891336453);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        (x as f32 / u32::MAX as f32) - 0.5
+    };
+    let w: Vec<f32> = (0..6 * 8).map(|_| next()).collect();
+    let b: Vec<f32> = (0..6).map(|_| next()).collect();
+    {
+        let mut d = vm.data().lock().unwrap();
+        d.insert("lin.weight".into(), Var::from_vec(w, (6, 8), &Device::Cpu).unwrap());
+        d.insert("lin.bias".into(), Var::from_vec(b, 6, &Device::Cpu).unwrap());
+    }
+    let ps = ParamSet::from_varmap(&vm, &Selection::default()).unwrap();
+    (vm, ps)
+}
+
+fn input(step: usize) -> Tensor {
+    let v: Vec<f32> = (0..4 * 8).map(|i| (((i + 3 * step) % 7) as f32 - 3.0) / 3.0).collect();
+    Tensor::from_vec(v, (4, 8), &Device::Cpu).unwrap()
+}
+
+fn loss(ps: &ParamSet, step: usize) -> Tensor {
+    let w = ps.iter().find(|p| p.name == "lin.weight").unwrap().var.as_tensor().clone();
+    let b = ps.iter().find(|p| p.name == "lin.bias").unwrap().var.as_tensor().clone();
+    let y = input(step).matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+    (y.tanh().unwrap() - 0.3).unwrap().sqr().unwrap().mean_all().unwrap()
+}
+
+fn values(ps: &ParamSet, name: &str) -> Vec<f32> {
+    ps.iter().find(|p| p.name == name).unwrap().var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn half_pruned(ps: &ParamSet) -> Masks {
+    let mut masks = Masks::dense(ps).unwrap();
+    masks.prune_below(ps, 0.25).unwrap();
+    masks
+}
+
+fn run(cfg: SgdConfig, reg: Option<SelectiveDecay>, fused: bool, steps: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Masks) {
+    let (_vm, ps) = tiny_model(1);
+    let masks = half_pruned(&ps);
+    let mut opt = MaskedSgd::new(cfg, reg).unwrap();
+    opt.set_fused(fused);
+    for s in 0..steps {
+        let grads = loss(&ps, s).backward().unwrap();
+        opt.step(&ps, &masks, &grads).unwrap();
+    }
+    let v = opt.velocity("lin.weight").map(|t| t.flatten_all().unwrap().to_vec1().unwrap()).unwrap_or_default();
+    (values(&ps, "lin.weight"), values(&ps, "lin.bias"), v, masks)
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= tol, "{x} vs {y}");
+    }
+}
+
+#[test]
+fn fused_and_tensor_op_steps_agree_for_momentum_nesterov_and_regularizer() {
+    let reg = SelectiveDecay { lambda: 0.02, ..Default::default() };
+    for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.9, true)] {
+        let cfg = SgdConfig { lr: 0.1, momentum, nesterov };
+        for r in [None, Some(reg)] {
+            let (w1, b1, v1, _) = run(cfg, r, true, 25);
+            let (w2, b2, v2, _) = run(cfg, r, false, 25);
+            assert_close(&w1, &w2, 1e-6);
+            assert_close(&b1, &b2, 1e-6);
+            assert_close(&v1, &v2, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn pruned_weights_and_their_momentum_stay_exactly_zero_after_many_steps() {
+    let reg = SelectiveDecay { lambda: 0.01, ..Default::default() };
+    for fused in [true, false] {
+        for nesterov in [false, true] {
+            let cfg = SgdConfig { lr: 0.2, momentum: 0.9, nesterov };
+            let (w, _, v, masks) = run(cfg, Some(reg), fused, 300);
+            let m: Vec<f32> = masks.get("lin.weight").unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let pruned = m.iter().filter(|&&x| x == 0.0).count();
+            assert!(pruned > 5 && pruned < m.len() - 5, "the test needs a partly pruned tensor");
+            for i in 0..m.len() {
+                if m[i] == 0.0 {
+                    assert_eq!(w[i], 0.0, "pruned weight {i} came back (fused={fused})");
+                    assert_eq!(v[i], 0.0, "pruned momentum {i} is not zero (fused={fused})");
+                } else {
+                    assert_ne!(w[i], 0.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn lambda_zero_equals_the_unregularized_optimizer_exactly() {
+    let cfg = SgdConfig { lr: 0.1, momentum: 0.9, nesterov: false };
+    let reg = SelectiveDecay::default().with_lambda(0.0);
+    let (w1, ..) = run(cfg, Some(reg), true, 20);
+    let (w2, ..) = run(cfg, None, true, 20);
+    assert_eq!(w1, w2);
+}
+
+#[test]
+fn the_regularizer_leaves_biases_alone() {
+    let cfg = SgdConfig { lr: 0.1, momentum: 0.0, nesterov: false };
+    let big = SelectiveDecay::l2(0.5);
+    let (_, b1, ..) = run(cfg, Some(big), true, 1);
+    let (_, b2, ..) = run(cfg, None, true, 1);
+    assert_eq!(b1, b2);
+}
+
+#[test]
+fn loss_term_form_and_decoupled_form_take_the_same_sgd_step() {
+    let lr = 0.1;
+    let reg = SelectiveDecay { lambda: 0.03, ..Default::default() };
+    // Decoupled: the engine's step.
+    let (_vm, ps) = tiny_model(3);
+    let masks = Masks::dense(&ps).unwrap();
+    let mut opt = MaskedSgd::new(SgdConfig { lr, momentum: 0.0, nesterov: false }, Some(reg)).unwrap();
+    opt.step(&ps, &masks, &loss(&ps, 0).backward().unwrap()).unwrap();
+    let decoupled = values(&ps, "lin.weight");
+    // Loss-term: plain SGD on L + R/lr, the gate computed from the plain loss gradient.
+    let (_vm2, ps2) = tiny_model(3);
+    let w = ps2.iter().find(|p| p.name == "lin.weight").unwrap().var.clone();
+    let g = loss(&ps2, 0).backward().unwrap().get(w.as_tensor()).unwrap().clone();
+    let gate = reg.gate(w.as_tensor(), &g, None).unwrap();
+    let total = (loss(&ps2, 0) + (reg.loss_term(w.as_tensor(), &gate).unwrap() / lr).unwrap()).unwrap();
+    let g_total = total.backward().unwrap().get(w.as_tensor()).unwrap().clone();
+    w.set(&(w.as_tensor() - (g_total * lr).unwrap()).unwrap()).unwrap();
+    assert_close(&decoupled, &values(&ps2, "lin.weight"), 1e-6);
+}
+
+#[test]
+fn bisection_finds_the_largest_threshold_within_tolerance() {
+    let (_vm, ps) = tiny_model(5);
+    let masks = Masks::dense(&ps).unwrap();
+    // A synthetic validation loss: base 1.0, growing linearly with the threshold; bound 1.05 → T = 0.2.
+    let cfg = BisectionConfig { twt: 0.05, rel_stop: 0.001, ..Default::default() };
+    let s = search_global(&ps, &masks, 1.0, &cfg, |t| Ok(1.0 + 0.25 * t)).unwrap();
+    assert!((s.threshold - 0.2).abs() < 1e-3, "{s:?}");
+    assert!(s.loss <= 1.05);
+    // Nothing feasible: the threshold prunes nothing (it is the smallest alive magnitude).
+    let s = search_global(&ps, &masks, 1.0, &cfg, |_| Ok(2.0)).unwrap();
+    let min_alive = values(&ps, "lin.weight").iter().map(|x| x.abs()).fold(f32::INFINITY, f32::min);
+    assert_eq!(s.threshold as f32, min_alive);
+    let mut m2 = masks.clone();
+    m2.prune_below(&ps, s.threshold).unwrap();
+    assert_eq!(m2.totals().unwrap(), masks.totals().unwrap());
+}
+
+#[test]
+fn sparse_format_round_trips_and_is_smaller_than_dense() {
+    let (_vm, ps) = tiny_model(7);
+    let masks = half_pruned(&ps);
+    masks.apply(&ps).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sparse = dir.path().join("m.sparse.safetensors");
+    let dense = dir.path().join("m.safetensors");
+    export::save_sparse(&ps, &sparse).unwrap();
+    export::save_dense(&ps, &dense).unwrap();
+    let back = export::load_sparse(&sparse, &Device::Cpu).unwrap();
+    for (name, t) in ps.tensors() {
+        let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = back[&name].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b, "{name}");
+        assert_eq!(t.dims(), back[&name].dims());
+    }
+    assert!(!dir.path().join("m.safetensors.tmp").exists());
+    // A dense file is not mistaken for the sparse format.
+    let e = export::load_sparse(&dense, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("m.safetensors") && e.contains(export::SPARSE_FORMAT), "{e}");
+}
+
+#[test]
+fn masks_from_nonzero_recover_the_pruning_of_a_loaded_model() {
+    let (_vm, ps) = tiny_model(9);
+    let masks = half_pruned(&ps);
+    let again = Masks::from_nonzero(&ps).unwrap();
+    assert_eq!(masks.totals().unwrap(), again.totals().unwrap());
+}
