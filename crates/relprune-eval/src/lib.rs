@@ -11,6 +11,7 @@ pub mod report;
 pub mod results;
 pub mod sizes;
 pub mod sparsity;
+pub mod task;
 
 pub use accuracy::{count_correct, top1_error_pct};
 pub use error::{Error, Result};
@@ -21,3 +22,4 @@ pub use results::{
 };
 pub use sizes::{compressed_sizes, FileSizes};
 pub use sparsity::{LayerStats, SparsityReport};
+pub use task::ImageClassification;

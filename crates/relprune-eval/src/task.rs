@@ -1,0 +1,112 @@
+//! Image classification as a pruning [`Task`]: cross-entropy to train, top-1 error to judge.
+
+use candle_core::{DType, Tensor};
+use candle_nn::ModuleT;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use relprune_data::ImageDataset;
+use relprune_prune::{Evaluation, MetricSpec, Split, Task};
+
+/// The metric name image classification reports.
+pub const TOP1_ERROR: &str = "top1_error_pct";
+
+/// A classifier with its train, validation and test sets.
+pub struct ImageClassification<M: ModuleT> {
+    /// The model (any candle module taking (B, C·H·W) or (B, C, H, W) images).
+    pub model: M,
+    /// Training examples.
+    pub train: ImageDataset,
+    /// Validation examples (what the pruning algorithm looks at).
+    pub valid: ImageDataset,
+    /// Test examples (reported only).
+    pub test: ImageDataset,
+    /// Training batch size.
+    pub batch_size: usize,
+    /// Evaluation batch size.
+    pub eval_batch_size: usize,
+    rng: StdRng,
+    order: Option<Tensor>,
+}
+
+impl<M: ModuleT> ImageClassification<M> {
+    /// A task shuffling its training batches with a generator seeded by `seed`.
+    pub fn new(model: M, train: ImageDataset, valid: ImageDataset, test: ImageDataset, batch_size: usize, seed: u64) -> Self {
+        Self {
+            model,
+            train,
+            valid,
+            test,
+            batch_size: batch_size.max(1),
+            eval_batch_size: 1000,
+            rng: StdRng::seed_from_u64(seed),
+            order: None,
+        }
+    }
+
+    /// Mean cross-entropy and top-1 error (%) of the model on `data`.
+    pub fn evaluate_on(&self, data: &ImageDataset) -> relprune_prune::Result<Evaluation> {
+        let n = data.len();
+        if n == 0 {
+            return Err(relprune_prune::Error::Task("evaluation set is empty".into()));
+        }
+        let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+        let mut start = 0;
+        while start < n {
+            let len = self.eval_batch_size.min(n - start);
+            let x = data.images.narrow(0, start, len)?;
+            let y = data.labels.narrow(0, start, len)?;
+            let logits = self.model.forward_t(&x, false)?;
+            let l = candle_nn::loss::cross_entropy(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            loss_sum += l * len as f64;
+            correct += crate::count_correct(&logits, &y).map_err(|e| relprune_prune::Error::Task(e.to_string()))?;
+            start += len;
+        }
+        let metric = crate::top1_error_pct(correct, n).map_err(|e| relprune_prune::Error::Task(e.to_string()))?;
+        Ok(Evaluation {
+            loss: loss_sum / n as f64,
+            metric,
+        })
+    }
+}
+
+impl<M: ModuleT> Task for ImageClassification<M> {
+    fn metric(&self) -> MetricSpec {
+        MetricSpec {
+            name: TOP1_ERROR.into(),
+            higher_is_better: false,
+        }
+    }
+
+    fn begin_epoch(&mut self, _epoch: usize) -> relprune_prune::Result<usize> {
+        let n = self.train.len();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.shuffle(&mut self.rng);
+        self.order = Some(Tensor::from_vec(order, n, self.train.images.device())?);
+        Ok(n.div_ceil(self.batch_size))
+    }
+
+    fn batch_loss(&mut self, index: usize) -> relprune_prune::Result<Tensor> {
+        let order = self
+            .order
+            .as_ref()
+            .ok_or_else(|| relprune_prune::Error::Task("batch_loss before begin_epoch".into()))?;
+        let n = self.train.len();
+        let start = index * self.batch_size;
+        if start >= n {
+            return Err(relprune_prune::Error::Task(format!("batch {index} is past the end of the epoch")));
+        }
+        let ids = order.narrow(0, start, self.batch_size.min(n - start))?;
+        let x = self.train.images.index_select(&ids, 0)?;
+        let y = self.train.labels.index_select(&ids, 0)?;
+        let logits = self.model.forward_t(&x, true)?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &y)?)
+    }
+
+    fn evaluate(&mut self, split: Split) -> relprune_prune::Result<Evaluation> {
+        match split {
+            Split::Valid => self.evaluate_on(&self.valid),
+            Split::Test => self.evaluate_on(&self.test),
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! `cargo xtask bench`: training-epoch times of relprune against the PyTorch reference.
+//!
+//! Machines here are noisy, so every figure is a ratio measured in the same run: our task and
+//! the reference task alternate (A B A B ...) and the median of the per-round ratios is reported.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
+use relprune_core::SelectiveDecay;
+use relprune_data::{DataSource, DatasetKind};
+use relprune_eval::{write_atomic, ImageClassification};
+use relprune_models::Lenet300;
+use relprune_prune::{MaskedSgd, Masks, ParamSet, Selection, SgdConfig, Trainer};
+use serde::Serialize;
+
+use crate::flags;
+
+#[derive(Debug, Serialize)]
+struct Row {
+    task: String,
+    ours_seconds: Vec<f64>,
+    torch_seconds: Vec<f64>,
+    ratio_vs_torch_median: Option<f64>,
+}
+
+/// Our LeNet-300-100 epoch (600 steps of batch 100, SGD lr 0.1), plain or with selective decay + 90% masks.
+struct OurEpoch {
+    trainer: Trainer,
+    task: ImageClassification<Lenet300>,
+}
+
+impl OurEpoch {
+    fn new(data: &relprune_data::ImageSplits, swd: bool) -> Result<Self> {
+        let device = Device::Cpu;
+        let varmap = VarMap::new();
+        let model = Lenet300::new(&varmap, 0, &device)?;
+        let params = ParamSet::from_varmap(&varmap, &Selection::default())?;
+        let mut masks = Masks::dense(&params)?;
+        let reg = if swd {
+            // Prune the 90% smallest weights, as the reference task does.
+            let mut all: Vec<f32> = Vec::new();
+            for p in params.prunable() {
+                all.extend(p.var.as_tensor().abs()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            }
+            let k = (0.9 * all.len() as f64) as usize;
+            let (_, t, _) = all.select_nth_unstable_by(k, f32::total_cmp);
+            masks.prune_below(&params, *t as f64)?;
+            Some(SelectiveDecay::default())
+        } else {
+            None
+        };
+        let sgd = SgdConfig { lr: 0.1, momentum: 0.0, nesterov: false };
+        let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, reg)?)?;
+        trainer.quiet = true;
+        let d = &data.train;
+        let task = ImageClassification::new(model, d.clone(), d.take_first(100)?, d.take_first(100)?, 100, 0);
+        Ok(Self { trainer, task })
+    }
+
+    fn epoch_seconds(&mut self) -> Result<f64> {
+        let t = Instant::now();
+        self.trainer.train_epoch(&mut self.task, 1, None)?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+}
+
+fn torch_seconds(python: &Path, script: &Path, mnist: &Path, task: &str) -> Result<f64> {
+    let out = Command::new(python)
+        .arg(script)
+        .args(["--mnist".as_ref(), mnist.as_os_str()])
+        .args(["--task", task, "--repeat", "1", "--threads", "2"])
+        .output()
+        .with_context(|| format!("cannot run {}", python.display()))?;
+    if !out.status.success() {
+        bail!("{task}: the PyTorch reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{task}: unexpected reference output {}", String::from_utf8_lossy(&out.stdout)))?;
+    v["seconds"][0].as_f64().with_context(|| format!("{task}: no seconds in the reference output"))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) })
+}
+
+pub fn run(f: flags::Bench) -> Result<()> {
+    let mnist: PathBuf = match f.mnist.clone().or_else(|| std::env::var_os("RELPRUNE_DATA_DIR").map(PathBuf::from)) {
+        Some(d) => d,
+        None => PathBuf::from("../shared/data/mnist"),
+    };
+    let data = relprune_data::load(DatasetKind::Mnist, &DataSource::Dir(mnist.clone()))
+        .with_context(|| format!("the benchmark needs the full MNIST (60k) in {}; pass --mnist DIR", mnist.display()))?;
+    let python = f.torch_venv.as_ref().map(|v| v.join("bin/python"));
+    if let Some(p) = &python {
+        if !p.exists() {
+            bail!("{} does not exist; make it with ../shared/bench/setup_torch.sh DIR", p.display());
+        }
+    }
+    let mut plain = OurEpoch::new(&data, false)?;
+    let mut swd = OurEpoch::new(&data, true)?;
+    // Warm-up: first-touch allocations and thread pools.
+    plain.epoch_seconds()?;
+    swd.epoch_seconds()?;
+
+    let tasks = ["lenet300-epoch", "lenet300-swd-epoch"];
+    let mut ours: [Vec<f64>; 2] = Default::default();
+    let mut torch: [Vec<f64>; 2] = Default::default();
+    for round in 1..=f.rounds {
+        for (i, task) in tasks.iter().enumerate() {
+            let s = if i == 0 { plain.epoch_seconds()? } else { swd.epoch_seconds()? };
+            ours[i].push(s);
+            let t = match &python {
+                Some(py) => Some(torch_seconds(py, &f.torch_script, &mnist, task)?),
+                None => None,
+            };
+            if let Some(t) = t {
+                torch[i].push(t);
+            }
+            eprintln!(
+                "round {round}/{}: {task}: ours {s:.3}s{}",
+                f.rounds,
+                t.map(|t| format!(", torch {t:.3}s, ratio {:.2}", s / t)).unwrap_or_default()
+            );
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, task) in tasks.iter().enumerate() {
+        let ratios: Vec<f64> = ours[i].iter().zip(&torch[i]).map(|(a, b)| a / b).collect();
+        rows.push(Row {
+            task: task.to_string(),
+            ours_seconds: ours[i].clone(),
+            torch_seconds: torch[i].clone(),
+            ratio_vs_torch_median: median(ratios),
+        });
+    }
+    let overhead: Vec<f64> = ours[1].iter().zip(&ours[0]).map(|(s, p)| s / p).collect();
+    let overhead = median(overhead);
+
+    let mut md = String::from("# relprune bench\n\nMedians over interleaved rounds; ratios < 1 mean relprune is faster.\n\n");
+    md.push_str("| task | ours median (s) | torch median (s) | ours / torch (median of ratios) |\n|---|---:|---:|---:|\n");
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {:.3} | {} | {} |\n",
+            r.task,
+            median(r.ours_seconds.clone()).unwrap_or(f64::NAN),
+            median(r.torch_seconds.clone()).map_or("-".into(), |t| format!("{t:.3}")),
+            r.ratio_vs_torch_median.map_or("-".into(), |x| format!("{x:.2}"))
+        ));
+    }
+    if let Some(o) = overhead {
+        md.push_str(&format!(
+            "\nRegularizer + masks overhead over a plain SGD epoch (ours, median of per-round ratios): {:.1}%\n",
+            (o - 1.0) * 100.0
+        ));
+    }
+    md.push_str(&format!(
+        "\nThreads: RAYON_NUM_THREADS={}, machine cores {}.\n",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "(default)".into()),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&f.out)?;
+    let json = serde_json::json!({ "rows": rows, "swd_overhead_ratio_median": overhead });
+    write_atomic(&f.out.join("bench.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    write_atomic(&f.out.join("bench.md"), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
+}

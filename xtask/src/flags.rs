@@ -1,0 +1,93 @@
+//! Command-line flags of `cargo xtask`, parsed in one place.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// relprune's task runner.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version, about)]
+pub struct Xtask {
+    /// Threads for tensor kernels (sets RAYON_NUM_THREADS/CANDLE_NUM_THREADS unless already set).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// The task to run.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// The tasks.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Regenerate a paper-style result: train dense, regularize and prune, report.
+    Reproduce(Reproduce),
+    /// Time training epochs against the PyTorch reference.
+    Bench(Bench),
+    /// Rebuild the embedded MNIST subset of relprune-data from a real MNIST directory.
+    EmbedMnist(EmbedMnist),
+}
+
+/// Flags of `reproduce`.
+#[derive(Debug, clap::Args)]
+pub struct Reproduce {
+    /// The experiment (see `--list`).
+    pub experiment: Option<String>,
+    /// List the experiments and exit.
+    #[arg(long)]
+    pub list: bool,
+    /// The quick configuration: the embedded data subset and a small epoch budget (minutes).
+    #[arg(long)]
+    pub quick: bool,
+    /// Dataset directory (else $RELPRUNE_DATA_DIR, else the dataset's default).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Output directory (default target/reproduce/<experiment>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Seed of initialization, split and shuffling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Override the pruning phase's epoch budget.
+    #[arg(long)]
+    pub prune_epochs: Option<usize>,
+    /// Override the dense phase's epoch count.
+    #[arg(long)]
+    pub dense_epochs: Option<usize>,
+    /// Use only the first N training images (before the validation split).
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+}
+
+/// Flags of `bench`.
+#[derive(Debug, clap::Args)]
+pub struct Bench {
+    /// A Python virtual environment with PyTorch (see ../shared/bench/setup_torch.sh).
+    #[arg(long)]
+    pub torch_venv: Option<PathBuf>,
+    /// The PyTorch reference script.
+    #[arg(long, default_value = "../shared/bench/torch_reference.py")]
+    pub torch_script: PathBuf,
+    /// MNIST directory (else $RELPRUNE_DATA_DIR, else ../shared/data/mnist).
+    #[arg(long)]
+    pub mnist: Option<PathBuf>,
+    /// Interleaved rounds (the median of the per-round ratios is reported).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Output directory for bench.json and bench.md.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+}
+
+/// Flags of `embed-mnist`.
+#[derive(Debug, clap::Args)]
+pub struct EmbedMnist {
+    /// The real MNIST directory.
+    #[arg(long, default_value = "../shared/data/mnist")]
+    pub mnist: PathBuf,
+    /// Training images to keep.
+    #[arg(long, default_value_t = 10_000)]
+    pub train: usize,
+    /// Test images to keep.
+    #[arg(long, default_value_t = 2_000)]
+    pub test: usize,
+}

@@ -1,0 +1,278 @@
+//! `lenet300-mnist`: LeNet-300-100 on MNIST, the paper's first image-classification experiment.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::Device;
+use candle_nn::VarMap;
+use relprune_core::SelectiveDecay;
+use relprune_data::{DataSource, DatasetKind};
+use relprune_eval::task::TOP1_ERROR;
+use relprune_eval::{
+    DatasetInfo, ImageClassification, MetricValue, PrunedSummary, RoundRecord,
+    RunResults, SizesBytes, SparsityReport,
+};
+use relprune_models::Lenet300;
+use relprune_prune::threshold::BisectionConfig;
+use relprune_prune::{
+    export, IterativePruning, LrSchedule, MaskedSgd, Masks, ParamSet, PruneConfig, Selection,
+    SgdConfig, Split, Task, Trainer,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::flags;
+use crate::reproduce::measure_sizes;
+
+/// Everything that defines a run (written into results.json so it can be repeated).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    pub experiment: String,
+    pub quick: bool,
+    pub seed: u64,
+    pub data_source: String,
+    pub train_limit: Option<usize>,
+    pub n_valid: usize,
+    pub batch_size: usize,
+    pub dense_epochs: usize,
+    pub dense_lr: f64,
+    pub momentum: f64,
+    pub selection: Selection,
+    pub prune: PruneConfig,
+    pub threads: Option<String>,
+}
+
+impl Config {
+    /// The full (paper-scale) or quick configuration.
+    pub fn new(quick: bool) -> Self {
+        let prune = PruneConfig {
+            regularizer: SelectiveDecay::default(),
+            lr: 0.01,
+            bisection: BisectionConfig { twt: 0.05, ..Default::default() },
+            delta: if quick { 0.8 } else { 0.3 },
+            patience: 2,
+            min_improvement: 0.01,
+            max_epochs: if quick { 120 } else { 200 },
+            target_sparsity: None,
+            stop_rounds: 5,
+            min_round_gain: 0.001,
+            finetune_epochs: 10,
+            finetune_lr: 0.01,
+        };
+        Self {
+            experiment: "lenet300-mnist".into(),
+            quick,
+            seed: 1,
+            data_source: String::new(),
+            train_limit: None,
+            n_valid: if quick { 1000 } else { 5000 },
+            batch_size: 100,
+            dense_epochs: if quick { 15 } else { 20 },
+            dense_lr: 0.1,
+            momentum: 0.9,
+            selection: Selection::default(),
+            prune,
+            threads: std::env::var("RAYON_NUM_THREADS").ok(),
+        }
+    }
+}
+
+pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
+    let mut cfg = Config::new(f.quick);
+    if let Some(s) = f.seed {
+        cfg.seed = s;
+    }
+    if let Some(e) = f.prune_epochs {
+        cfg.prune.max_epochs = e;
+    }
+    if let Some(e) = f.dense_epochs {
+        cfg.dense_epochs = e;
+    }
+    cfg.train_limit = f.train_limit;
+    let source = if f.quick && f.data_dir.is_none() {
+        DataSource::Embedded
+    } else {
+        relprune_data::resolve_source(DatasetKind::Mnist, f.data_dir.as_deref())?
+    };
+    cfg.data_source = source.to_string();
+    run_config(cfg, &source, out)
+}
+
+/// Runs one configuration end to end, writing the model files into `out`.
+pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunResults> {
+    let t0 = Instant::now();
+    let device = Device::Cpu;
+    let splits = relprune_data::load(DatasetKind::Mnist, source)
+        .with_context(|| format!("loading MNIST from {source}"))?;
+    let train_all = match cfg.train_limit {
+        Some(n) => splits.train.take_first(n)?,
+        None => splits.train,
+    };
+    let (train, valid) = train_all.split(cfg.n_valid, cfg.seed)?;
+    let test = splits.test;
+    eprintln!(
+        "{}: MNIST from {source}: {} train, {} valid, {} test",
+        cfg.experiment,
+        train.len(),
+        valid.len(),
+        test.len()
+    );
+    let dataset = DatasetInfo {
+        name: "mnist".into(),
+        train: train.len(),
+        valid: valid.len(),
+        test: test.len(),
+    };
+
+    let varmap = VarMap::new();
+    let model = Lenet300::new(&varmap, cfg.seed, &device)?;
+    let params = ParamSet::from_varmap(&varmap, &cfg.selection)?;
+    let masks = Masks::dense(&params)?;
+    let sgd = SgdConfig { lr: cfg.dense_lr, momentum: cfg.momentum, nesterov: false };
+    let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, None)?)?;
+    let mut task = ImageClassification::new(model, train, valid, test, cfg.batch_size, cfg.seed);
+
+    // 1. The dense reference.
+    let schedule = LrSchedule::Cosine { lr: cfg.dense_lr, epochs: cfg.dense_epochs };
+    trainer.fit(&mut task, schedule, cfg.dense_epochs, false, "dense")?;
+    let dense_valid = trainer.evaluate(&mut task, Split::Valid)?;
+    let dense_test = trainer.evaluate(&mut task, Split::Test)?;
+    export::save_dense(&trainer.params, &out.join("dense.safetensors"))?;
+    eprintln!("dense: valid error {:.2}%, test error {:.2}%", dense_valid.metric, dense_test.metric);
+
+    // 2. Regularize and prune, then fine-tune.
+    let algo = IterativePruning::new(cfg.prune.clone())?;
+    let outcome = algo.run(&mut trainer, &mut task)?;
+    let model_file = "model.safetensors";
+    export::save_dense(&trainer.params, &out.join(model_file))?;
+    export::save_sparse(&trainer.params, &out.join("model.sparse.safetensors"))?;
+
+    // 3. Judge the saved file, not the in-memory model: reload it and count its zeros.
+    let reloaded = VarMap::new();
+    let fresh = Lenet300::new(&reloaded, cfg.seed.wrapping_add(1), &device)?;
+    relprune_models::checkpoint::load(&reloaded, &out.join(model_file))?;
+    let mut judge = ImageClassification::new(fresh, task.train.clone(), task.valid.clone(), task.test.clone(), cfg.batch_size, 0);
+    let pruned_test = judge.evaluate(Split::Test)?;
+    let in_memory_test = trainer.evaluate(&mut task, Split::Test)?;
+    ensure!(
+        (pruned_test.metric - in_memory_test.metric).abs() < 1e-9,
+        "the saved model's test error ({}) differs from the in-memory model's ({})",
+        pruned_test.metric,
+        in_memory_test.metric
+    );
+    let prunable: Vec<String> = trainer.params.prunable().map(|p| p.name.clone()).collect();
+    let report = SparsityReport::from_safetensors(&out.join(model_file), &prunable)?;
+    let total = report.total();
+    let (_, alive) = trainer.masks.totals()?;
+    ensure!(total.nonzero <= alive, "the model file has {} non-zeros but the masks allow only {alive}", total.nonzero);
+
+    let rounds = outcome
+        .rounds
+        .iter()
+        .map(|r| RoundRecord {
+            round: r.round,
+            epoch: r.epoch,
+            threshold: r.threshold,
+            remaining_pct: r.remaining_pct,
+            val_loss: r.valid.loss,
+            val_metric: r.valid.metric,
+        })
+        .collect();
+    let mut results = RunResults {
+        experiment: cfg.experiment.clone(),
+        dataset,
+        metric: TOP1_ERROR.into(),
+        higher_is_better: task.metric().higher_is_better,
+        dense: MetricValue { value: dense_test.metric },
+        pruned: PrunedSummary::new(pruned_test.metric, &total),
+        layers: report.layers.clone(),
+        sizes_bytes: SizesBytes {
+            dense_safetensors: 0,
+            pruned_safetensors: 0,
+            pruned_gzip: 0,
+            pruned_bzip2: 0,
+            sparse_format: 0,
+        },
+        model_file: model_file.into(),
+        wall_seconds: 0.0,
+        config: serde_json::to_value(&cfg)?,
+        rounds,
+        extra: Default::default(),
+    };
+    measure_sizes(&mut results, out, "dense.safetensors", "model.sparse.safetensors")?;
+    let extra = &mut results.extra;
+    extra.insert("dense_valid_metric".into(), dense_valid.metric.into());
+    extra.insert("reference_valid".into(), serde_json::to_value(outcome.reference)?);
+    extra.insert("result_round".into(), serde_json::to_value(outcome.result_round)?);
+    extra.insert("pruning_epochs".into(), outcome.epochs.into());
+    extra.insert("stop_reason".into(), serde_json::to_value(outcome.stop_reason)?);
+    extra.insert("valid_before_finetune".into(), serde_json::to_value(outcome.before_finetune)?);
+    extra.insert("valid_after_finetune".into(), serde_json::to_value(outcome.after_finetune)?);
+    extra.insert("test_loss_pruned".into(), pruned_test.loss.into());
+    extra.insert("data_source".into(), source.to_string().into());
+    results.wall_seconds = t0.elapsed().as_secs_f64();
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run small enough for a test: 2,000 embedded images, a few epochs.
+    fn tiny_config() -> Config {
+        let mut cfg = Config::new(true);
+        cfg.train_limit = Some(2000);
+        cfg.n_valid = 400;
+        cfg.dense_epochs = 3;
+        cfg.prune.max_epochs = 8;
+        cfg.prune.patience = 1;
+        cfg.prune.finetune_epochs = 1;
+        cfg.prune.delta = 5.0;
+        cfg
+    }
+
+    #[test]
+    fn a_small_reproduction_writes_a_model_file_that_holds_what_results_json_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let results = run_config(tiny_config(), &DataSource::Embedded, out).unwrap();
+        crate::reproduce::write_outputs(&results, out).unwrap();
+        for f in ["results.json", "report.md", "model.safetensors", "model.sparse.safetensors", "dense.safetensors"] {
+            assert!(out.join(f).exists(), "{f} missing");
+        }
+        let back = RunResults::read_json(&out.join("results.json")).unwrap();
+        assert_eq!(back.experiment, "lenet300-mnist");
+        assert_eq!(back.dataset.train + back.dataset.valid, 2000);
+        assert!(back.pruned.remaining_pct < 100.0, "nothing was pruned: {:?}", back.rounds);
+        assert!(!back.rounds.is_empty());
+
+        // The model file holds exactly the non-zeros results.json claims, layer by layer.
+        let names: Vec<String> = back.layers.iter().map(|l| l.name.clone()).collect();
+        assert_eq!(names, ["fc1.weight", "fc2.weight", "fc3.weight"]);
+        let in_file = SparsityReport::from_safetensors(&out.join(&back.model_file), &names).unwrap();
+        assert_eq!(in_file.layers, back.layers);
+        assert_eq!(in_file.total().nonzero, back.pruned.nonzero);
+        assert_eq!(in_file.total().params, 266_200);
+
+        // Reloading the model file and evaluating it gives the reported test error.
+        let vm = VarMap::new();
+        let net = Lenet300::new(&vm, 99, &Device::Cpu).unwrap();
+        relprune_models::checkpoint::load(&vm, &out.join(&back.model_file)).unwrap();
+        let splits = relprune_data::load(DatasetKind::Mnist, &DataSource::Embedded).unwrap();
+        let t = splits.test.clone();
+        let task = ImageClassification::new(net, t.clone(), t.clone(), t, 100, 0);
+        let e = task.evaluate_on(&task.test).unwrap();
+        assert!((e.metric - back.pruned.value).abs() < 1e-9, "{} vs {}", e.metric, back.pruned.value);
+
+        // The sparse format decodes to the same weights.
+        let sparse = export::load_sparse(&out.join("model.sparse.safetensors"), &Device::Cpu).unwrap();
+        let dense = candle_core::safetensors::load(out.join(&back.model_file), &Device::Cpu).unwrap();
+        for (k, v) in dense {
+            let a: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = sparse[&k].flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "{k}");
+        }
+        let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(report.contains("fc1.weight"));
+    }
+}

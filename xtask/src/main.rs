@@ -1,0 +1,39 @@
+//! `cargo xtask`: relprune's orchestrator (reproductions, benchmarks, maintenance tasks).
+
+mod bench;
+mod flags;
+mod lenet300;
+mod reproduce;
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let flags = flags::Xtask::parse();
+    if let Some(n) = flags.threads {
+        set_threads(n);
+    }
+    // Run from the workspace root, whatever directory cargo was called in.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("xtask is not inside the workspace"))?;
+    std::env::set_current_dir(root)?;
+    match flags.cmd {
+        flags::Cmd::Reproduce(f) => reproduce::run(f),
+        flags::Cmd::Bench(f) => bench::run(f),
+        flags::Cmd::EmbedMnist(f) => {
+            let out = root.join("crates/relprune-data/embedded");
+            relprune_data::mnist::write_embedded_subset(&f.mnist, &out, f.train, f.test)?;
+            println!("wrote {} training and {} test images to {}", f.train, f.test, out.display());
+            Ok(())
+        }
+    }
+}
+
+fn set_threads(n: usize) {
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            // No other thread exists yet, so changing the environment is sound.
+            std::env::set_var(var, n.to_string());
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `cargo xtask reproduce`: the registry of experiments and what every run writes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use relprune_eval::{
+    compressed_sizes, line_chart_svg, render_markdown, write_atomic, RunResults, Series,
+};
+
+use crate::flags;
+
+/// An experiment `cargo xtask reproduce NAME` can run.
+pub struct Experiment {
+    /// Its name on the command line and in results.json.
+    pub name: &'static str,
+    /// One line on what it does.
+    pub about: &'static str,
+    /// Runs it into `out` and returns the results.
+    pub run: fn(&flags::Reproduce, &Path) -> Result<RunResults>,
+}
+
+/// Every experiment, in the order `--list` shows them.
+pub const EXPERIMENTS: &[Experiment] = &[Experiment {
+    name: "lenet300-mnist",
+    about: "LeNet-300-100 on MNIST: dense training, selective decay + iterative pruning, fine-tune",
+    run: crate::lenet300::run,
+}];
+
+pub fn run(f: flags::Reproduce) -> Result<()> {
+    if f.list || f.experiment.is_none() {
+        println!("experiments (cargo xtask reproduce NAME [--quick]):");
+        for e in EXPERIMENTS {
+            println!("  {:<18} {}", e.name, e.about);
+        }
+        if f.experiment.is_none() && !f.list {
+            bail!("name an experiment");
+        }
+        return Ok(());
+    }
+    let name = f.experiment.as_deref().unwrap_or_default();
+    let exp = EXPERIMENTS
+        .iter()
+        .find(|e| e.name == name)
+        .with_context(|| format!("unknown experiment `{name}` (see --list)"))?;
+    let out = f
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/reproduce").join(exp.name));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let results = (exp.run)(&f, &out)?;
+    write_outputs(&results, &out)?;
+    println!(
+        "{}: {} {:.3} dense -> {:.3} pruned, {:.2}% of weights left ({:.1}x), {:.0}s; see {}",
+        results.experiment,
+        results.metric,
+        results.dense.value,
+        results.pruned.value,
+        results.pruned.remaining_pct,
+        results.pruned.compression,
+        results.wall_seconds,
+        out.join("report.md").display()
+    );
+    Ok(())
+}
+
+/// Fills in the model-file sizes of `results` from the files in `out`.
+pub fn measure_sizes(results: &mut RunResults, out: &Path, dense_file: &str, sparse_file: &str) -> Result<()> {
+    let dense = compressed_sizes(&out.join(dense_file))?;
+    let pruned = compressed_sizes(&out.join(&results.model_file))?;
+    let sparse = compressed_sizes(&out.join(sparse_file))?;
+    results.sizes_bytes.dense_safetensors = dense.raw;
+    results.sizes_bytes.pruned_safetensors = pruned.raw;
+    results.sizes_bytes.pruned_gzip = pruned.gzip9;
+    results.sizes_bytes.pruned_bzip2 = pruned.bzip2_9;
+    results.sizes_bytes.sparse_format = sparse.raw;
+    results.extra.insert("dense_gzip".into(), dense.gzip9.into());
+    results.extra.insert("dense_bzip2".into(), dense.bzip2_9.into());
+    results.extra.insert("sparse_format_gzip".into(), sparse.gzip9.into());
+    Ok(())
+}
+
+/// Writes results.json, the metric-vs-sparsity plot and report.md into `out`.
+pub fn write_outputs(results: &RunResults, out: &Path) -> Result<()> {
+    results.write_json(&out.join("results.json"))?;
+    let mut points: Vec<(f64, f64)> = vec![(100.0, results.extra.get("dense_valid_metric").and_then(|v| v.as_f64()).unwrap_or(f64::NAN))];
+    points.extend(results.rounds.iter().map(|r| (r.remaining_pct, r.val_metric)));
+    points.retain(|p| p.1.is_finite());
+    let plot = if points.len() >= 2 {
+        line_chart_svg(
+            &out.join("curve.svg"),
+            &format!("{}: validation {} over pruning rounds", results.experiment, results.metric),
+            "weights remaining (%)",
+            &results.metric,
+            &[Series { label: "validation, after each pruning round".into(), points }],
+            true,
+        )?;
+        Some("curve.svg")
+    } else {
+        None
+    };
+    write_atomic(&out.join("report.md"), render_markdown(results, plot).as_bytes())?;
+    Ok(())
+}
