@@ -16,7 +16,9 @@ pub fn save(varmap: &VarMap, path: &Path) -> Result<()> {
             .data()
             .lock()
             .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
-        data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
     };
     save_tensors(&tensors, path)
 }
@@ -31,7 +33,8 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| err(format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(format!("cannot rename {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| err(format!("cannot rename {}: {e}", tmp.display())))?;
     Ok(())
 }
 
@@ -123,16 +126,25 @@ mod tests {
         Lenet300::new(&a, 1, &Device::Cpu).unwrap();
 
         let e = load(&a, &path).unwrap_err().to_string();
-        assert!(e.contains("m.safetensors") && e.contains("no such file"), "{e}");
+        assert!(
+            e.contains("m.safetensors") && e.contains("no such file"),
+            "{e}"
+        );
 
         save(&a, &path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         let e = load(&a, &path).unwrap_err().to_string();
-        assert!(e.contains("m.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        assert!(
+            e.contains("m.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
 
         let mut t = HashMap::new();
-        t.insert("fc1.weight".to_string(), Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "fc1.weight".to_string(),
+            Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
         save_tensors(&t, &path).unwrap();
         let e = load(&a, &path).unwrap_err().to_string();
         assert!(e.contains("missing tensor `fc1.bias`"), "{e}");
@@ -140,7 +152,10 @@ mod tests {
         for (k, v) in a.data().lock().unwrap().iter() {
             t.insert(k.clone(), v.as_tensor().clone());
         }
-        t.insert("fc1.weight".to_string(), Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "fc1.weight".to_string(),
+            Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
         save_tensors(&t, &path).unwrap();
         let before = weights(&a);
         let e = load(&a, &path).unwrap_err().to_string();

@@ -42,7 +42,21 @@ pub fn linear(
     device: &Device,
 ) -> Result<candle_nn::Linear> {
     let bound = 1.0 / (in_dim as f64).sqrt();
-    let w = uniform_var(varmap, &format!("{prefix}.weight"), &[out_dim, in_dim], bound, rng, device)?;
-    let b = uniform_var(varmap, &format!("{prefix}.bias"), &[out_dim], bound, rng, device)?;
+    let w = uniform_var(
+        varmap,
+        &format!("{prefix}.weight"),
+        &[out_dim, in_dim],
+        bound,
+        rng,
+        device,
+    )?;
+    let b = uniform_var(
+        varmap,
+        &format!("{prefix}.bias"),
+        &[out_dim],
+        bound,
+        rng,
+        device,
+    )?;
     Ok(candle_nn::Linear::new(w, Some(b)))
 }

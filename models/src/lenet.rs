@@ -35,7 +35,11 @@ impl Lenet300 {
 impl Module for Lenet300 {
     /// Logits (B, 10) of a batch of flattened images (B, 784); images of shape (B, 1, 28, 28) are flattened.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = if x.rank() == 2 { x.clone() } else { x.flatten_from(1)? };
+        let x = if x.rank() == 2 {
+            x.clone()
+        } else {
+            x.flatten_from(1)?
+        };
         let x = self.fc1.forward(&x)?.relu()?;
         let x = self.fc2.forward(&x)?.relu()?;
         self.fc3.forward(&x)
@@ -51,7 +55,10 @@ mod tests {
         let vm = VarMap::new();
         Lenet300::new(&vm, 0, &Device::Cpu).unwrap();
         let data = vm.data().lock().unwrap();
-        let mut names: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+        let mut names: Vec<_> = data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+            .collect();
         names.sort();
         assert_eq!(
             names,
@@ -71,7 +78,10 @@ mod tests {
         let first = |seed| {
             let vm = VarMap::new();
             Lenet300::new(&vm, seed, &Device::Cpu).unwrap();
-            let w = vm.data().lock().unwrap()["fc1.weight"].as_tensor().flatten_all().unwrap();
+            let w = vm.data().lock().unwrap()["fc1.weight"]
+                .as_tensor()
+                .flatten_all()
+                .unwrap();
             w.to_vec1::<f32>().unwrap()
         };
         assert_eq!(first(7), first(7));

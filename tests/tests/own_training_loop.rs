@@ -24,7 +24,15 @@ fn masked_regularized_sgd_trains_lenet_on_real_mnist_and_keeps_pruned_weights_at
     let remaining = masks.remaining_fraction().unwrap();
     assert!(remaining > 0.2 && remaining < 0.8, "{remaining}");
     let reg = SelectiveDecay::default().with_lambda(1e-3);
-    let mut opt = MaskedSgd::new(SgdConfig { lr: 0.1, momentum: 0.9, nesterov: false }, Some(reg)).unwrap();
+    let mut opt = MaskedSgd::new(
+        SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: false,
+        },
+        Some(reg),
+    )
+    .unwrap();
 
     let error = |net: &Lenet300| {
         let logits = net.forward(&test.images).unwrap();
@@ -42,14 +50,20 @@ fn masked_regularized_sgd_trains_lenet_on_real_mnist_and_keeps_pruned_weights_at
         }
     }
     let after = error(&net);
-    assert!(after < 20.0 && after < before - 50.0, "error {before} -> {after}");
+    assert!(
+        after < 20.0 && after < before - 50.0,
+        "error {before} -> {after}"
+    );
 
     // Pruned weights are exactly zero after 90 momentum steps; the masks did not change.
     for (name, mask) in masks.iter() {
         let p = params.iter().find(|p| &p.name == name).unwrap();
         let w: Vec<f32> = p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let m: Vec<f32> = mask.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(w.iter().zip(&m).all(|(w, m)| *m != 0.0 || *w == 0.0), "{name}");
+        assert!(
+            w.iter().zip(&m).all(|(w, m)| *m != 0.0 || *w == 0.0),
+            "{name}"
+        );
     }
     assert_eq!(masks.remaining_fraction().unwrap(), remaining);
 }

@@ -44,7 +44,14 @@ impl OurEpoch {
             // Prune the 90% smallest weights, as the reference task does.
             let mut all: Vec<f32> = Vec::new();
             for p in params.prunable() {
-                all.extend(p.var.as_tensor().abs()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                all.extend(
+                    p.var
+                        .as_tensor()
+                        .abs()?
+                        .flatten_all()?
+                        .to_dtype(DType::F32)?
+                        .to_vec1::<f32>()?,
+                );
             }
             let k = (0.9 * all.len() as f64) as usize;
             let (_, t, _) = all.select_nth_unstable_by(k, f32::total_cmp);
@@ -53,11 +60,22 @@ impl OurEpoch {
         } else {
             None
         };
-        let sgd = SgdConfig { lr: 0.1, momentum: 0.0, nesterov: false };
+        let sgd = SgdConfig {
+            lr: 0.1,
+            momentum: 0.0,
+            nesterov: false,
+        };
         let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, reg)?)?;
         trainer.quiet = true;
         let d = &data.train;
-        let task = ImageClassification::new(model, d.clone(), d.take_first(100)?, d.take_first(100)?, 100, 0);
+        let task = ImageClassification::new(
+            model,
+            d.clone(),
+            d.take_first(100)?,
+            d.take_first(100)?,
+            100,
+            0,
+        );
         Ok(Self { trainer, task })
     }
 
@@ -76,11 +94,20 @@ fn torch_seconds(python: &Path, script: &Path, mnist: &Path, task: &str) -> Resu
         .output()
         .with_context(|| format!("cannot run {}", python.display()))?;
     if !out.status.success() {
-        bail!("{task}: the PyTorch reference failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{task}: the PyTorch reference failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("{task}: unexpected reference output {}", String::from_utf8_lossy(&out.stdout)))?;
-    v["seconds"][0].as_f64().with_context(|| format!("{task}: no seconds in the reference output"))
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "{task}: unexpected reference output {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    v["seconds"][0]
+        .as_f64()
+        .with_context(|| format!("{task}: no seconds in the reference output"))
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -89,20 +116,36 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    })
 }
 
 pub fn run(f: flags::Bench) -> Result<()> {
-    let mnist: PathBuf = match f.mnist.clone().or_else(|| std::env::var_os("RELPRUNE_DATA_DIR").map(PathBuf::from)) {
+    let mnist: PathBuf = match f
+        .mnist
+        .clone()
+        .or_else(|| std::env::var_os("RELPRUNE_DATA_DIR").map(PathBuf::from))
+    {
         Some(d) => d,
         None => PathBuf::from("../shared/data/mnist"),
     };
     let data = relprune_data::load(DatasetKind::Mnist, &DataSource::Dir(mnist.clone()))
-        .with_context(|| format!("the benchmark needs the full MNIST (60k) in {}; pass --mnist DIR", mnist.display()))?;
+        .with_context(|| {
+            format!(
+                "the benchmark needs the full MNIST (60k) in {}; pass --mnist DIR",
+                mnist.display()
+            )
+        })?;
     let python = f.torch_venv.as_ref().map(|v| v.join("bin/python"));
     if let Some(p) = &python {
         if !p.exists() {
-            bail!("{} does not exist; make it with ../shared/bench/setup_torch.sh DIR", p.display());
+            bail!(
+                "{} does not exist; make it with ../shared/bench/setup_torch.sh DIR",
+                p.display()
+            );
         }
     }
     let mut plain = OurEpoch::new(&data, false)?;
@@ -116,7 +159,11 @@ pub fn run(f: flags::Bench) -> Result<()> {
     let mut torch: [Vec<f64>; 2] = Default::default();
     for round in 1..=f.rounds {
         for (i, task) in tasks.iter().enumerate() {
-            let s = if i == 0 { plain.epoch_seconds()? } else { swd.epoch_seconds()? };
+            let s = if i == 0 {
+                plain.epoch_seconds()?
+            } else {
+                swd.epoch_seconds()?
+            };
             ours[i].push(s);
             let t = match &python {
                 Some(py) => Some(torch_seconds(py, &f.torch_script, &mnist, task)?),
@@ -128,7 +175,8 @@ pub fn run(f: flags::Bench) -> Result<()> {
             eprintln!(
                 "round {round}/{}: {task}: ours {s:.3}s{}",
                 f.rounds,
-                t.map(|t| format!(", torch {t:.3}s, ratio {:.2}", s / t)).unwrap_or_default()
+                t.map(|t| format!(", torch {t:.3}s, ratio {:.2}", s / t))
+                    .unwrap_or_default()
             );
         }
     }
@@ -153,7 +201,8 @@ pub fn run(f: flags::Bench) -> Result<()> {
             r.task,
             median(r.ours_seconds.clone()).unwrap_or(f64::NAN),
             median(r.torch_seconds.clone()).map_or("-".into(), |t| format!("{t:.3}")),
-            r.ratio_vs_torch_median.map_or("-".into(), |x| format!("{x:.2}"))
+            r.ratio_vs_torch_median
+                .map_or("-".into(), |x| format!("{x:.2}"))
         ));
     }
     if let Some(o) = overhead {
@@ -165,11 +214,16 @@ pub fn run(f: flags::Bench) -> Result<()> {
     md.push_str(&format!(
         "\nThreads: RAYON_NUM_THREADS={}, machine cores {}.\n",
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "(default)".into()),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
     ));
     std::fs::create_dir_all(&f.out)?;
     let json = serde_json::json!({ "rows": rows, "swd_overhead_ratio_median": overhead });
-    write_atomic(&f.out.join("bench.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    write_atomic(
+        &f.out.join("bench.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
     write_atomic(&f.out.join("bench.md"), md.as_bytes())?;
     println!("{md}");
     Ok(())

@@ -10,8 +10,8 @@ use relprune_core::SelectiveDecay;
 use relprune_data::{DataSource, DatasetKind};
 use relprune_eval::task::TOP1_ERROR;
 use relprune_eval::{
-    DatasetInfo, ImageClassification, MetricValue, PrunedSummary, RoundRecord,
-    RunResults, SizesBytes, SparsityReport,
+    DatasetInfo, ImageClassification, MetricValue, PrunedSummary, RoundRecord, RunResults,
+    SizesBytes, SparsityReport,
 };
 use relprune_models::Lenet300;
 use relprune_prune::threshold::BisectionConfig;
@@ -48,7 +48,10 @@ impl Config {
         let prune = PruneConfig {
             regularizer: SelectiveDecay::default(),
             lr: 0.01,
-            bisection: BisectionConfig { twt: 0.05, ..Default::default() },
+            bisection: BisectionConfig {
+                twt: 0.05,
+                ..Default::default()
+            },
             delta: if quick { 0.8 } else { 0.3 },
             patience: 2,
             min_improvement: 0.01,
@@ -128,17 +131,27 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
     let model = Lenet300::new(&varmap, cfg.seed, &device)?;
     let params = ParamSet::from_varmap(&varmap, &cfg.selection)?;
     let masks = Masks::dense(&params)?;
-    let sgd = SgdConfig { lr: cfg.dense_lr, momentum: cfg.momentum, nesterov: false };
+    let sgd = SgdConfig {
+        lr: cfg.dense_lr,
+        momentum: cfg.momentum,
+        nesterov: false,
+    };
     let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, None)?)?;
     let mut task = ImageClassification::new(model, train, valid, test, cfg.batch_size, cfg.seed);
 
     // 1. The dense reference.
-    let schedule = LrSchedule::Cosine { lr: cfg.dense_lr, epochs: cfg.dense_epochs };
+    let schedule = LrSchedule::Cosine {
+        lr: cfg.dense_lr,
+        epochs: cfg.dense_epochs,
+    };
     trainer.fit(&mut task, schedule, cfg.dense_epochs, false, "dense")?;
     let dense_valid = trainer.evaluate(&mut task, Split::Valid)?;
     let dense_test = trainer.evaluate(&mut task, Split::Test)?;
     export::save_dense(&trainer.params, &out.join("dense.safetensors"))?;
-    eprintln!("dense: valid error {:.2}%, test error {:.2}%", dense_valid.metric, dense_test.metric);
+    eprintln!(
+        "dense: valid error {:.2}%, test error {:.2}%",
+        dense_valid.metric, dense_test.metric
+    );
 
     // 2. Regularize and prune, then fine-tune.
     let algo = IterativePruning::new(cfg.prune.clone())?;
@@ -151,7 +164,14 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
     let reloaded = VarMap::new();
     let fresh = Lenet300::new(&reloaded, cfg.seed.wrapping_add(1), &device)?;
     relprune_models::checkpoint::load(&reloaded, &out.join(model_file))?;
-    let mut judge = ImageClassification::new(fresh, task.train.clone(), task.valid.clone(), task.test.clone(), cfg.batch_size, 0);
+    let mut judge = ImageClassification::new(
+        fresh,
+        task.train.clone(),
+        task.valid.clone(),
+        task.test.clone(),
+        cfg.batch_size,
+        0,
+    );
     let pruned_test = judge.evaluate(Split::Test)?;
     let in_memory_test = trainer.evaluate(&mut task, Split::Test)?;
     ensure!(
@@ -164,7 +184,11 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
     let report = SparsityReport::from_safetensors(&out.join(model_file), &prunable)?;
     let total = report.total();
     let (_, alive) = trainer.masks.totals()?;
-    ensure!(total.nonzero <= alive, "the model file has {} non-zeros but the masks allow only {alive}", total.nonzero);
+    ensure!(
+        total.nonzero <= alive,
+        "the model file has {} non-zeros but the masks allow only {alive}",
+        total.nonzero
+    );
 
     let rounds = outcome
         .rounds
@@ -183,7 +207,9 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
         dataset,
         metric: TOP1_ERROR.into(),
         higher_is_better: task.metric().higher_is_better,
-        dense: MetricValue { value: dense_test.metric },
+        dense: MetricValue {
+            value: dense_test.metric,
+        },
         pruned: PrunedSummary::new(pruned_test.metric, &total),
         layers: report.layers.clone(),
         sizes_bytes: SizesBytes {
@@ -199,15 +225,35 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
         rounds,
         extra: Default::default(),
     };
-    measure_sizes(&mut results, out, "dense.safetensors", "model.sparse.safetensors")?;
+    measure_sizes(
+        &mut results,
+        out,
+        "dense.safetensors",
+        "model.sparse.safetensors",
+    )?;
     let extra = &mut results.extra;
     extra.insert("dense_valid_metric".into(), dense_valid.metric.into());
-    extra.insert("reference_valid".into(), serde_json::to_value(outcome.reference)?);
-    extra.insert("result_round".into(), serde_json::to_value(outcome.result_round)?);
+    extra.insert(
+        "reference_valid".into(),
+        serde_json::to_value(outcome.reference)?,
+    );
+    extra.insert(
+        "result_round".into(),
+        serde_json::to_value(outcome.result_round)?,
+    );
     extra.insert("pruning_epochs".into(), outcome.epochs.into());
-    extra.insert("stop_reason".into(), serde_json::to_value(outcome.stop_reason)?);
-    extra.insert("valid_before_finetune".into(), serde_json::to_value(outcome.before_finetune)?);
-    extra.insert("valid_after_finetune".into(), serde_json::to_value(outcome.after_finetune)?);
+    extra.insert(
+        "stop_reason".into(),
+        serde_json::to_value(outcome.stop_reason)?,
+    );
+    extra.insert(
+        "valid_before_finetune".into(),
+        serde_json::to_value(outcome.before_finetune)?,
+    );
+    extra.insert(
+        "valid_after_finetune".into(),
+        serde_json::to_value(outcome.after_finetune)?,
+    );
     extra.insert("test_loss_pruned".into(), pruned_test.loss.into());
     extra.insert("data_source".into(), source.to_string().into());
     results.wall_seconds = t0.elapsed().as_secs_f64();
@@ -237,19 +283,30 @@ mod tests {
         let out = dir.path();
         let results = run_config(tiny_config(), &DataSource::Embedded, out).unwrap();
         crate::reproduce::write_outputs(&results, out).unwrap();
-        for f in ["results.json", "report.md", "model.safetensors", "model.sparse.safetensors", "dense.safetensors"] {
+        for f in [
+            "results.json",
+            "report.md",
+            "model.safetensors",
+            "model.sparse.safetensors",
+            "dense.safetensors",
+        ] {
             assert!(out.join(f).exists(), "{f} missing");
         }
         let back = RunResults::read_json(&out.join("results.json")).unwrap();
         assert_eq!(back.experiment, "lenet300-mnist");
         assert_eq!(back.dataset.train + back.dataset.valid, 2000);
-        assert!(back.pruned.remaining_pct < 100.0, "nothing was pruned: {:?}", back.rounds);
+        assert!(
+            back.pruned.remaining_pct < 100.0,
+            "nothing was pruned: {:?}",
+            back.rounds
+        );
         assert!(!back.rounds.is_empty());
 
         // The model file holds exactly the non-zeros results.json claims, layer by layer.
         let names: Vec<String> = back.layers.iter().map(|l| l.name.clone()).collect();
         assert_eq!(names, ["fc1.weight", "fc2.weight", "fc3.weight"]);
-        let in_file = SparsityReport::from_safetensors(&out.join(&back.model_file), &names).unwrap();
+        let in_file =
+            SparsityReport::from_safetensors(&out.join(&back.model_file), &names).unwrap();
         assert_eq!(in_file.layers, back.layers);
         assert_eq!(in_file.total().nonzero, back.pruned.nonzero);
         assert_eq!(in_file.total().params, 266_200);
@@ -262,11 +319,18 @@ mod tests {
         let t = splits.test.clone();
         let task = ImageClassification::new(net, t.clone(), t.clone(), t, 100, 0);
         let e = task.evaluate_on(&task.test).unwrap();
-        assert!((e.metric - back.pruned.value).abs() < 1e-9, "{} vs {}", e.metric, back.pruned.value);
+        assert!(
+            (e.metric - back.pruned.value).abs() < 1e-9,
+            "{} vs {}",
+            e.metric,
+            back.pruned.value
+        );
 
         // The sparse format decodes to the same weights.
-        let sparse = export::load_sparse(&out.join("model.sparse.safetensors"), &Device::Cpu).unwrap();
-        let dense = candle_core::safetensors::load(out.join(&back.model_file), &Device::Cpu).unwrap();
+        let sparse =
+            export::load_sparse(&out.join("model.sparse.safetensors"), &Device::Cpu).unwrap();
+        let dense =
+            candle_core::safetensors::load(out.join(&back.model_file), &Device::Cpu).unwrap();
         for (k, v) in dense {
             let a: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
             let b: Vec<f32> = sparse[&k].flatten_all().unwrap().to_vec1().unwrap();

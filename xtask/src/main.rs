@@ -23,7 +23,12 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::EmbedMnist(f) => {
             let out = root.join("crates/relprune-data/embedded");
             relprune_data::mnist::write_embedded_subset(&f.mnist, &out, f.train, f.test)?;
-            println!("wrote {} training and {} test images to {}", f.train, f.test, out.display());
+            println!(
+                "wrote {} training and {} test images to {}",
+                f.train,
+                f.test,
+                out.display()
+            );
             Ok(())
         }
     }

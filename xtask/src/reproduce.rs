@@ -64,7 +64,12 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
 }
 
 /// Fills in the model-file sizes of `results` from the files in `out`.
-pub fn measure_sizes(results: &mut RunResults, out: &Path, dense_file: &str, sparse_file: &str) -> Result<()> {
+pub fn measure_sizes(
+    results: &mut RunResults,
+    out: &Path,
+    dense_file: &str,
+    sparse_file: &str,
+) -> Result<()> {
     let dense = compressed_sizes(&out.join(dense_file))?;
     let pruned = compressed_sizes(&out.join(&results.model_file))?;
     let sparse = compressed_sizes(&out.join(sparse_file))?;
@@ -73,31 +78,58 @@ pub fn measure_sizes(results: &mut RunResults, out: &Path, dense_file: &str, spa
     results.sizes_bytes.pruned_gzip = pruned.gzip9;
     results.sizes_bytes.pruned_bzip2 = pruned.bzip2_9;
     results.sizes_bytes.sparse_format = sparse.raw;
-    results.extra.insert("dense_gzip".into(), dense.gzip9.into());
-    results.extra.insert("dense_bzip2".into(), dense.bzip2_9.into());
-    results.extra.insert("sparse_format_gzip".into(), sparse.gzip9.into());
+    results
+        .extra
+        .insert("dense_gzip".into(), dense.gzip9.into());
+    results
+        .extra
+        .insert("dense_bzip2".into(), dense.bzip2_9.into());
+    results
+        .extra
+        .insert("sparse_format_gzip".into(), sparse.gzip9.into());
     Ok(())
 }
 
 /// Writes results.json, the metric-vs-sparsity plot and report.md into `out`.
 pub fn write_outputs(results: &RunResults, out: &Path) -> Result<()> {
     results.write_json(&out.join("results.json"))?;
-    let mut points: Vec<(f64, f64)> = vec![(100.0, results.extra.get("dense_valid_metric").and_then(|v| v.as_f64()).unwrap_or(f64::NAN))];
-    points.extend(results.rounds.iter().map(|r| (r.remaining_pct, r.val_metric)));
+    let mut points: Vec<(f64, f64)> = vec![(
+        100.0,
+        results
+            .extra
+            .get("dense_valid_metric")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(f64::NAN),
+    )];
+    points.extend(
+        results
+            .rounds
+            .iter()
+            .map(|r| (r.remaining_pct, r.val_metric)),
+    );
     points.retain(|p| p.1.is_finite());
     let plot = if points.len() >= 2 {
         line_chart_svg(
             &out.join("curve.svg"),
-            &format!("{}: validation {} over pruning rounds", results.experiment, results.metric),
+            &format!(
+                "{}: validation {} over pruning rounds",
+                results.experiment, results.metric
+            ),
             "weights remaining (%)",
             &results.metric,
-            &[Series { label: "validation, after each pruning round".into(), points }],
+            &[Series {
+                label: "validation, after each pruning round".into(),
+                points,
+            }],
             true,
         )?;
         Some("curve.svg")
     } else {
         None
     };
-    write_atomic(&out.join("report.md"), render_markdown(results, plot).as_bytes())?;
+    write_atomic(
+        &out.join("report.md"),
+        render_markdown(results, plot).as_bytes(),
+    )?;
     Ok(())
 }

@@ -40,9 +40,9 @@ pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 
 /// Mutable contiguous f32 data of a CPU storage handed to an in-place op.
 pub fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("in-place kernel needs a contiguous tensor".into()))?;
+    let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("in-place kernel needs a contiguous tensor".into())
+    })?;
     match s {
         CpuStorage::F32(v) => Ok(&mut v[start..end]),
         other => candle_core::bail!("in-place kernel needs f32, got {:?}", other.dtype()),
@@ -178,11 +178,21 @@ impl InplaceOp2 for SelectiveDecayOp {
         "relprune-selective-decay"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         let w = cpu_f32_mut(s1, l1)?;
         let g = cpu_f32(s2, l2)?;
         if w.len() != g.len() {
-            candle_core::bail!("selective decay: {} weights but {} gradients", w.len(), g.len());
+            candle_core::bail!(
+                "selective decay: {} weights but {} gradients",
+                w.len(),
+                g.len()
+            );
         }
         let keep = 1.0 - self.lambda;
         for (w, &g) in w.iter_mut().zip(g) {
@@ -227,7 +237,10 @@ mod tests {
                 let r = reg(stat, relevance);
                 let w0 = Tensor::from_vec(data(257, 1), (257,), &dev).unwrap();
                 let mask = Tensor::from_vec(
-                    data(257, 3).iter().map(|&x| (x > -0.5) as u8 as f32).collect::<Vec<_>>(),
+                    data(257, 3)
+                        .iter()
+                        .map(|&x| (x > -0.5) as u8 as f32)
+                        .collect::<Vec<_>>(),
                     (257,),
                     &dev,
                 )

@@ -111,7 +111,9 @@ impl SelectiveDecay {
             }
             if let GateStat::Quantile(q) = stat {
                 if !(0.0..=1.0).contains(&q) {
-                    return Err(Error::Config(format!("quantile must be in [0, 1], got {q}")));
+                    return Err(Error::Config(format!(
+                        "quantile must be in [0, 1], got {q}"
+                    )));
                 }
             }
         }
@@ -197,11 +199,19 @@ impl SelectiveDecay {
     pub fn loss_term(&self, w: &Tensor, gate: &Tensor) -> Result<Tensor> {
         check_same_shape(w, gate)?;
         let gate = gate.to_dtype(w.dtype())?.detach();
-        Ok((w.sqr()? * gate)?.sum_all()?.affine(self.lambda / 2.0, 0.0)?)
+        Ok((w.sqr()? * gate)?
+            .sum_all()?
+            .affine(self.lambda / 2.0, 0.0)?)
     }
 
     /// The decoupled update `w − lr · update − λ · m ⊙ w`, as a new tensor.
-    pub fn decoupled_step(&self, w: &Tensor, update: &Tensor, lr: f64, gate: &Tensor) -> Result<Tensor> {
+    pub fn decoupled_step(
+        &self,
+        w: &Tensor,
+        update: &Tensor,
+        lr: f64,
+        gate: &Tensor,
+    ) -> Result<Tensor> {
         check_same_shape(w, update)?;
         let decay = self.decay(w, gate)?;
         Ok(((w - update.affine(lr, 0.0)?)? - decay)?)
@@ -267,7 +277,10 @@ mod tests {
         let g = t(&[4.0, 1.0, 1.0, 6.0]);
         let reg = hard(GateStat::Mean, 1.0, 1e-4);
         // mean of all = 3 → irrelevant: 1, 1.
-        assert_eq!(v(&reg.gate(&w, &g, None).unwrap()), vec![0.0, 1.0, 1.0, 0.0]);
+        assert_eq!(
+            v(&reg.gate(&w, &g, None).unwrap()),
+            vec![0.0, 1.0, 1.0, 0.0]
+        );
         // alive = first three: mean = 2 → irrelevant: 1, 1 and the masked 6 is not < 2.
         let mask = t(&[1.0, 1.0, 1.0, 0.0]);
         let scores = reg.scores(&w, &(&g * &mask).unwrap()).unwrap();
@@ -360,7 +373,11 @@ mod tests {
         let w = t(&[1.0, -2.0, 3.0]);
         let gate = t(&[1.0, 1.0, 0.0]);
         let reg = SelectiveDecay::default().with_lambda(0.5);
-        let r = reg.loss_term(&w, &gate).unwrap().to_scalar::<f32>().unwrap();
+        let r = reg
+            .loss_term(&w, &gate)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(r, 0.25 * (1.0 + 4.0));
     }
 
@@ -377,7 +394,10 @@ mod tests {
 
     #[test]
     fn invalid_configurations_are_rejected() {
-        assert!(SelectiveDecay::default().with_lambda(-1.0).validate().is_err());
+        assert!(SelectiveDecay::default()
+            .with_lambda(-1.0)
+            .validate()
+            .is_err());
         assert!(hard(GateStat::Max, f64::NAN, 0.1).validate().is_err());
         assert!(hard(GateStat::Quantile(1.5), 0.1, 0.1).validate().is_err());
         assert!(SelectiveDecay::default().validate().is_ok());

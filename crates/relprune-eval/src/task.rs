@@ -31,7 +31,14 @@ pub struct ImageClassification<M: ModuleT> {
 
 impl<M: ModuleT> ImageClassification<M> {
     /// A task shuffling its training batches with a generator seeded by `seed`.
-    pub fn new(model: M, train: ImageDataset, valid: ImageDataset, test: ImageDataset, batch_size: usize, seed: u64) -> Self {
+    pub fn new(
+        model: M,
+        train: ImageDataset,
+        valid: ImageDataset,
+        test: ImageDataset,
+        batch_size: usize,
+        seed: u64,
+    ) -> Self {
         Self {
             model,
             train,
@@ -48,7 +55,9 @@ impl<M: ModuleT> ImageClassification<M> {
     pub fn evaluate_on(&self, data: &ImageDataset) -> relprune_prune::Result<Evaluation> {
         let n = data.len();
         if n == 0 {
-            return Err(relprune_prune::Error::Task("evaluation set is empty".into()));
+            return Err(relprune_prune::Error::Task(
+                "evaluation set is empty".into(),
+            ));
         }
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
         let mut start = 0;
@@ -57,12 +66,16 @@ impl<M: ModuleT> ImageClassification<M> {
             let x = data.images.narrow(0, start, len)?;
             let y = data.labels.narrow(0, start, len)?;
             let logits = self.model.forward_t(&x, false)?;
-            let l = candle_nn::loss::cross_entropy(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let l = candle_nn::loss::cross_entropy(&logits, &y)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
             loss_sum += l * len as f64;
-            correct += crate::count_correct(&logits, &y).map_err(|e| relprune_prune::Error::Task(e.to_string()))?;
+            correct += crate::count_correct(&logits, &y)
+                .map_err(|e| relprune_prune::Error::Task(e.to_string()))?;
             start += len;
         }
-        let metric = crate::top1_error_pct(correct, n).map_err(|e| relprune_prune::Error::Task(e.to_string()))?;
+        let metric = crate::top1_error_pct(correct, n)
+            .map_err(|e| relprune_prune::Error::Task(e.to_string()))?;
         Ok(Evaluation {
             loss: loss_sum / n as f64,
             metric,
@@ -94,7 +107,9 @@ impl<M: ModuleT> Task for ImageClassification<M> {
         let n = self.train.len();
         let start = index * self.batch_size;
         if start >= n {
-            return Err(relprune_prune::Error::Task(format!("batch {index} is past the end of the epoch")));
+            return Err(relprune_prune::Error::Task(format!(
+                "batch {index} is past the end of the epoch"
+            )));
         }
         let ids = order.narrow(0, start, self.batch_size.min(n - start))?;
         let x = self.train.images.index_select(&ids, 0)?;

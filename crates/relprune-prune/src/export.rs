@@ -30,14 +30,20 @@ fn tmp_path(path: &Path) -> PathBuf {
 }
 
 fn persist(tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::rename(tmp, path).map_err(|e| file_err(path, format!("cannot move {} into place: {e}", tmp.display())))
+    std::fs::rename(tmp, path).map_err(|e| {
+        file_err(
+            path,
+            format!("cannot move {} into place: {e}", tmp.display()),
+        )
+    })
 }
 
 /// Writes every parameter (pruned weights are exact zeros) as a dense safetensors file.
 pub fn save_dense(params: &ParamSet, path: &Path) -> Result<()> {
     let tensors: HashMap<String, Tensor> = params.tensors().into_iter().collect();
     let tmp = tmp_path(path);
-    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| file_err(path, format!("cannot write: {e}")))?;
+    candle_core::safetensors::save(&tensors, &tmp)
+        .map_err(|e| file_err(path, format!("cannot write: {e}")))?;
     persist(&tmp, path)
 }
 
@@ -58,16 +64,35 @@ pub fn save_sparse(params: &ParamSet, path: &Path) -> Result<()> {
                     values.extend_from_slice(&x.to_le_bytes());
                 }
             }
-            let shape = t.dims().iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+            let shape = t
+                .dims()
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
             meta.insert(format!("shape.{}", p.name), shape);
             let n_bytes = bitmap.len();
-            buffers.insert(format!("{}.bitmap", p.name), (safetensors::Dtype::U8, vec![n_bytes], bitmap));
+            buffers.insert(
+                format!("{}.bitmap", p.name),
+                (safetensors::Dtype::U8, vec![n_bytes], bitmap),
+            );
             let n_values = values.len() / 4;
-            buffers.insert(format!("{}.values", p.name), (safetensors::Dtype::F32, vec![n_values], values));
+            buffers.insert(
+                format!("{}.values", p.name),
+                (safetensors::Dtype::F32, vec![n_values], values),
+            );
         } else {
             let t32 = t.to_dtype(DType::F32)?;
-            let bytes: Vec<u8> = t32.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
-            buffers.insert(p.name.clone(), (safetensors::Dtype::F32, t.dims().to_vec(), bytes));
+            let bytes: Vec<u8> = t32
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            buffers.insert(
+                p.name.clone(),
+                (safetensors::Dtype::F32, t.dims().to_vec(), bytes),
+            );
         }
     }
     let views: Vec<(String, TensorView<'_>)> = buffers
@@ -78,7 +103,8 @@ pub fn save_sparse(params: &ParamSet, path: &Path) -> Result<()> {
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| file_err(path, format!("cannot build tensor views: {e}")))?;
     let tmp = tmp_path(path);
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| file_err(path, format!("cannot write: {e}")))?;
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| file_err(path, format!("cannot write: {e}")))?;
     persist(&tmp, path)
 }
 
@@ -117,18 +143,30 @@ pub fn load_sparse(path: &Path, device: &Device) -> Result<HashMap<String, Tenso
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
             if bitmap.len() != n.div_ceil(8) {
-                return Err(file_err(path, format!("bitmap of `{base}` has {} bytes, expected {}", bitmap.len(), n.div_ceil(8))));
+                return Err(file_err(
+                    path,
+                    format!(
+                        "bitmap of `{base}` has {} bytes, expected {}",
+                        bitmap.len(),
+                        n.div_ceil(8)
+                    ),
+                ));
             }
             let mut dense = vec![0f32; n];
             let mut k = 0;
             for (i, d) in dense.iter_mut().enumerate() {
                 if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-                    *d = *vals.get(k).ok_or_else(|| file_err(path, format!("`{base}`: fewer values than bitmap bits")))?;
+                    *d = *vals.get(k).ok_or_else(|| {
+                        file_err(path, format!("`{base}`: fewer values than bitmap bits"))
+                    })?;
                     k += 1;
                 }
             }
             if k != vals.len() {
-                return Err(file_err(path, format!("`{base}`: {} values but {k} bitmap bits", vals.len())));
+                return Err(file_err(
+                    path,
+                    format!("`{base}`: {} values but {k} bitmap bits", vals.len()),
+                ));
             }
             out.insert(base.to_string(), Tensor::from_vec(dense, shape, device)?);
         } else {

@@ -139,10 +139,10 @@ impl IterativePruning {
         if cfg.patience == 0 {
             return bad("patience must be at least 1");
         }
-        if !(cfg.bisection.twt > 0.0) {
+        if cfg.bisection.twt.is_nan() || cfg.bisection.twt <= 0.0 {
             return bad("the loss tolerance TWT must be > 0");
         }
-        if !(cfg.delta >= 0.0) {
+        if cfg.delta.is_nan() || cfg.delta < 0.0 {
             return bad("the metric budget delta must be >= 0");
         }
         if let Some(t) = cfg.target_sparsity {
@@ -154,7 +154,11 @@ impl IterativePruning {
     }
 
     /// Runs the pruning phase and the fine-tune on `trainer`'s model; leaves the result in it.
-    pub fn run<T: Task + ?Sized>(&self, trainer: &mut Trainer, task: &mut T) -> Result<PruneOutcome> {
+    pub fn run<T: Task + ?Sized>(
+        &self,
+        trainer: &mut Trainer,
+        task: &mut T,
+    ) -> Result<PruneOutcome> {
         let cfg = &self.cfg;
         let t0 = Instant::now();
         let spec = task.metric();
@@ -216,7 +220,9 @@ impl IterativePruning {
                     loss
                 })?
             };
-            trainer.masks.prune_below(&trainer.params, search.threshold)?;
+            trainer
+                .masks
+                .prune_below(&trainer.params, search.threshold)?;
             trainer.optim.reset_state();
             let after = trainer.masks.remaining_fraction()?;
             let valid = trainer.evaluate(task, Split::Valid)?;
@@ -258,7 +264,11 @@ impl IterativePruning {
             } else {
                 0
             };
-            stall_run = if before - after < cfg.min_round_gain { stall_run + 1 } else { 0 };
+            stall_run = if before - after < cfg.min_round_gain {
+                stall_run + 1
+            } else {
+                0
+            };
             if let Some(target) = cfg.target_sparsity {
                 if 1.0 - after >= target {
                     stop_reason = StopReason::TargetSparsity;
@@ -307,7 +317,13 @@ impl IterativePruning {
 pub fn count_nonzero(trainer: &Trainer) -> Result<usize> {
     let mut n = 0usize;
     for p in trainer.params.prunable() {
-        n += p.var.as_tensor().ne(0.0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
+        n += p
+            .var
+            .as_tensor()
+            .ne(0.0)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()? as usize;
     }
     Ok(n)
 }

@@ -18,7 +18,10 @@ impl Masks {
         let mut masks = BTreeMap::new();
         for p in params.prunable() {
             let t = p.var.as_tensor();
-            masks.insert(p.name.clone(), Tensor::ones(t.shape(), DType::F32, t.device())?);
+            masks.insert(
+                p.name.clone(),
+                Tensor::ones(t.shape(), DType::F32, t.device())?,
+            );
         }
         Ok(Self { masks })
     }
@@ -56,7 +59,12 @@ impl Masks {
     pub fn prune_below(&mut self, params: &ParamSet, threshold: f64) -> Result<()> {
         for p in params.prunable() {
             let m = self.mask_of(&p.name)?;
-            let keep = p.var.as_tensor().abs()?.ge(threshold)?.to_dtype(DType::F32)?;
+            let keep = p
+                .var
+                .as_tensor()
+                .abs()?
+                .ge(threshold)?
+                .to_dtype(DType::F32)?;
             let m = (m * keep)?;
             p.var.set(&(p.var.as_tensor() * &m)?)?;
             self.masks.insert(p.name.clone(), m);

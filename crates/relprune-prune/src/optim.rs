@@ -182,7 +182,12 @@ fn fused_step(
                 v
             }
         };
-        v.inplace_op2(&gm, &MomentumOp { mu: cfg.momentum as f32 })?;
+        v.inplace_op2(
+            &gm,
+            &MomentumOp {
+                mu: cfg.momentum as f32,
+            },
+        )?;
         v
     } else {
         gm.clone()
@@ -278,7 +283,13 @@ impl InplaceOp2 for MomentumOp {
         "relprune-momentum"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         let v = cpu_f32_mut(s1, l1)?;
         let g = cpu_f32(s2, l2)?;
         check_len("momentum", v.len(), &[g.len()])?;
@@ -317,7 +328,13 @@ impl InplaceOp3 for StepOp {
         let u = cpu_f32(s2, l2)?;
         let g = cpu_f32(s3, l3)?;
         check_len("sgd step", w.len(), &[u.len(), g.len()])?;
-        let (lr, mu, lambda, thr, rel) = (self.lr, self.mu, self.lambda, self.threshold, self.relevance);
+        let (lr, mu, lambda, thr, rel) = (
+            self.lr,
+            self.mu,
+            self.lambda,
+            self.threshold,
+            self.relevance,
+        );
         // Separate loops so the common cases compile to branch-free vector code.
         match (self.nesterov, lambda > 0.0) {
             (false, false) => {
@@ -333,7 +350,11 @@ impl InplaceOp3 for StepOp {
             (nesterov, true) => {
                 for ((w, &u), &g) in w.iter_mut().zip(u).zip(g) {
                     let step = if nesterov { g + mu * u } else { u };
-                    let decay = if score(rel, *w, g) < thr { lambda * *w } else { 0.0 };
+                    let decay = if score(rel, *w, g) < thr {
+                        lambda * *w
+                    } else {
+                        0.0
+                    };
                     *w = *w - lr * step - decay;
                 }
             }

@@ -39,7 +39,10 @@ mod tests {
 
     #[test]
     fn cosine_starts_at_lr_halves_midway_and_ends_at_zero() {
-        let s = LrSchedule::Cosine { lr: 0.1, epochs: 10 };
+        let s = LrSchedule::Cosine {
+            lr: 0.1,
+            epochs: 10,
+        };
         assert_eq!(s.lr(0), 0.1);
         assert!((s.lr(5) - 0.05).abs() < 1e-12);
         assert!(s.lr(10).abs() < 1e-12);

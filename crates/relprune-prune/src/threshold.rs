@@ -49,7 +49,10 @@ pub fn magnitude_range(params: &ParamSet, masks: &Masks) -> Result<Option<(f64, 
             name: p.name.clone(),
             msg: "prunable but has no mask".into(),
         })?;
-        let a = (p.var.as_tensor().abs()? * m)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let a = (p.var.as_tensor().abs()? * m)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let (mut sum, mut n) = (0.0f64, 0usize);
         for &x in &a {
             if x > 0.0 {
@@ -66,7 +69,11 @@ pub fn magnitude_range(params: &ParamSet, masks: &Masks) -> Result<Option<(f64, 
     if means.is_empty() {
         return Ok(None);
     }
-    Ok(Some((lo, hi, means.iter().sum::<f64>() / means.len() as f64)))
+    Ok(Some((
+        lo,
+        hi,
+        means.iter().sum::<f64>() / means.len() as f64,
+    )))
 }
 
 /// Bisection for the largest global threshold `T` with `loss_at(T) ≤ base·(1+TWT)`.
@@ -82,7 +89,11 @@ pub fn search_global(
     mut loss_at: impl FnMut(f64) -> Result<f64>,
 ) -> Result<ThresholdSearch> {
     let Some((min_w, max_w, start)) = magnitude_range(params, masks)? else {
-        return Ok(ThresholdSearch { threshold: 0.0, loss: base, evaluations: 0 });
+        return Ok(ThresholdSearch {
+            threshold: 0.0,
+            loss: base,
+            evaluations: 0,
+        });
     };
     let bound = base * (1.0 + cfg.twt);
     let headroom = (base * cfg.twt).abs();
@@ -109,5 +120,9 @@ pub fn search_global(
         }
         t = 0.5 * (lo + hi);
     }
-    Ok(ThresholdSearch { threshold: lo, loss: lo_loss, evaluations: evals })
+    Ok(ThresholdSearch {
+        threshold: lo,
+        loss: lo_loss,
+        evaluations: evals,
+    })
 }

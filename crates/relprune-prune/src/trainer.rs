@@ -50,7 +50,12 @@ impl Trainer {
     }
 
     /// Trains one epoch of `task` and returns the mean training loss.
-    pub fn train_epoch<T: Task + ?Sized>(&mut self, task: &mut T, epoch: usize, bar: Option<&ProgressBar>) -> Result<f64> {
+    pub fn train_epoch<T: Task + ?Sized>(
+        &mut self,
+        task: &mut T,
+        epoch: usize,
+        bar: Option<&ProgressBar>,
+    ) -> Result<f64> {
         let n = task.begin_epoch(epoch)?;
         if n == 0 {
             return Err(Error::Task("the training set yields no batch".into()));
@@ -70,7 +75,11 @@ impl Trainer {
             let grads = loss.backward()?;
             self.optim.step(&self.params, &self.masks, &grads)?;
             if let Some(b) = bar {
-                b.set_message(format!("epoch {epoch} batch {}/{n} loss {:.4}", i + 1, sum / (i + 1) as f64));
+                b.set_message(format!(
+                    "epoch {epoch} batch {}/{n} loss {:.4}",
+                    i + 1,
+                    sum / (i + 1) as f64
+                ));
             }
         }
         Ok(sum / n as f64)
@@ -152,9 +161,11 @@ impl Trainer {
         }
         let bar = ProgressBar::new(len);
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} epochs {elapsed_precise} eta {eta} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {pos}/{len} epochs {elapsed_precise} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
         bar

@@ -19,27 +19,64 @@ fn tiny_model(seed: u32) -> (VarMap, ParamSet) {
     let b: Vec<f32> = (0..6).map(|_| next()).collect();
     {
         let mut d = vm.data().lock().unwrap();
-        d.insert("lin.weight".into(), Var::from_vec(w, (6, 8), &Device::Cpu).unwrap());
-        d.insert("lin.bias".into(), Var::from_vec(b, 6, &Device::Cpu).unwrap());
+        d.insert(
+            "lin.weight".into(),
+            Var::from_vec(w, (6, 8), &Device::Cpu).unwrap(),
+        );
+        d.insert(
+            "lin.bias".into(),
+            Var::from_vec(b, 6, &Device::Cpu).unwrap(),
+        );
     }
     let ps = ParamSet::from_varmap(&vm, &Selection::default()).unwrap();
     (vm, ps)
 }
 
 fn input(step: usize) -> Tensor {
-    let v: Vec<f32> = (0..4 * 8).map(|i| (((i + 3 * step) % 7) as f32 - 3.0) / 3.0).collect();
+    let v: Vec<f32> = (0..4 * 8)
+        .map(|i| (((i + 3 * step) % 7) as f32 - 3.0) / 3.0)
+        .collect();
     Tensor::from_vec(v, (4, 8), &Device::Cpu).unwrap()
 }
 
 fn loss(ps: &ParamSet, step: usize) -> Tensor {
-    let w = ps.iter().find(|p| p.name == "lin.weight").unwrap().var.as_tensor().clone();
-    let b = ps.iter().find(|p| p.name == "lin.bias").unwrap().var.as_tensor().clone();
-    let y = input(step).matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
-    (y.tanh().unwrap() - 0.3).unwrap().sqr().unwrap().mean_all().unwrap()
+    let w = ps
+        .iter()
+        .find(|p| p.name == "lin.weight")
+        .unwrap()
+        .var
+        .as_tensor()
+        .clone();
+    let b = ps
+        .iter()
+        .find(|p| p.name == "lin.bias")
+        .unwrap()
+        .var
+        .as_tensor()
+        .clone();
+    let y = input(step)
+        .matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap();
+    (y.tanh().unwrap() - 0.3)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
 }
 
 fn values(ps: &ParamSet, name: &str) -> Vec<f32> {
-    ps.iter().find(|p| p.name == name).unwrap().var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    ps.iter()
+        .find(|p| p.name == name)
+        .unwrap()
+        .var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn half_pruned(ps: &ParamSet) -> Masks {
@@ -48,7 +85,12 @@ fn half_pruned(ps: &ParamSet) -> Masks {
     masks
 }
 
-fn run(cfg: SgdConfig, reg: Option<SelectiveDecay>, fused: bool, steps: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Masks) {
+fn run(
+    cfg: SgdConfig,
+    reg: Option<SelectiveDecay>,
+    fused: bool,
+    steps: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Masks) {
     let (_vm, ps) = tiny_model(1);
     let masks = half_pruned(&ps);
     let mut opt = MaskedSgd::new(cfg, reg).unwrap();
@@ -57,7 +99,10 @@ fn run(cfg: SgdConfig, reg: Option<SelectiveDecay>, fused: bool, steps: usize) -
         let grads = loss(&ps, s).backward().unwrap();
         opt.step(&ps, &masks, &grads).unwrap();
     }
-    let v = opt.velocity("lin.weight").map(|t| t.flatten_all().unwrap().to_vec1().unwrap()).unwrap_or_default();
+    let v = opt
+        .velocity("lin.weight")
+        .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+        .unwrap_or_default();
     (values(&ps, "lin.weight"), values(&ps, "lin.bias"), v, masks)
 }
 
@@ -70,9 +115,16 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32) {
 
 #[test]
 fn fused_and_tensor_op_steps_agree_for_momentum_nesterov_and_regularizer() {
-    let reg = SelectiveDecay { lambda: 0.02, ..Default::default() };
+    let reg = SelectiveDecay {
+        lambda: 0.02,
+        ..Default::default()
+    };
     for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.9, true)] {
-        let cfg = SgdConfig { lr: 0.1, momentum, nesterov };
+        let cfg = SgdConfig {
+            lr: 0.1,
+            momentum,
+            nesterov,
+        };
         for r in [None, Some(reg)] {
             let (w1, b1, v1, _) = run(cfg, r, true, 25);
             let (w2, b2, v2, _) = run(cfg, r, false, 25);
@@ -85,14 +137,30 @@ fn fused_and_tensor_op_steps_agree_for_momentum_nesterov_and_regularizer() {
 
 #[test]
 fn pruned_weights_and_their_momentum_stay_exactly_zero_after_many_steps() {
-    let reg = SelectiveDecay { lambda: 0.01, ..Default::default() };
+    let reg = SelectiveDecay {
+        lambda: 0.01,
+        ..Default::default()
+    };
     for fused in [true, false] {
         for nesterov in [false, true] {
-            let cfg = SgdConfig { lr: 0.2, momentum: 0.9, nesterov };
+            let cfg = SgdConfig {
+                lr: 0.2,
+                momentum: 0.9,
+                nesterov,
+            };
             let (w, _, v, masks) = run(cfg, Some(reg), fused, 300);
-            let m: Vec<f32> = masks.get("lin.weight").unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let m: Vec<f32> = masks
+                .get("lin.weight")
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let pruned = m.iter().filter(|&&x| x == 0.0).count();
-            assert!(pruned > 5 && pruned < m.len() - 5, "the test needs a partly pruned tensor");
+            assert!(
+                pruned > 5 && pruned < m.len() - 5,
+                "the test needs a partly pruned tensor"
+            );
             for i in 0..m.len() {
                 if m[i] == 0.0 {
                     assert_eq!(w[i], 0.0, "pruned weight {i} came back (fused={fused})");
@@ -107,7 +175,11 @@ fn pruned_weights_and_their_momentum_stay_exactly_zero_after_many_steps() {
 
 #[test]
 fn lambda_zero_equals_the_unregularized_optimizer_exactly() {
-    let cfg = SgdConfig { lr: 0.1, momentum: 0.9, nesterov: false };
+    let cfg = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        nesterov: false,
+    };
     let reg = SelectiveDecay::default().with_lambda(0.0);
     let (w1, ..) = run(cfg, Some(reg), true, 20);
     let (w2, ..) = run(cfg, None, true, 20);
@@ -116,7 +188,11 @@ fn lambda_zero_equals_the_unregularized_optimizer_exactly() {
 
 #[test]
 fn the_regularizer_leaves_biases_alone() {
-    let cfg = SgdConfig { lr: 0.1, momentum: 0.0, nesterov: false };
+    let cfg = SgdConfig {
+        lr: 0.1,
+        momentum: 0.0,
+        nesterov: false,
+    };
     let big = SelectiveDecay::l2(0.5);
     let (_, b1, ..) = run(cfg, Some(big), true, 1);
     let (_, b2, ..) = run(cfg, None, true, 1);
@@ -126,21 +202,50 @@ fn the_regularizer_leaves_biases_alone() {
 #[test]
 fn loss_term_form_and_decoupled_form_take_the_same_sgd_step() {
     let lr = 0.1;
-    let reg = SelectiveDecay { lambda: 0.03, ..Default::default() };
+    let reg = SelectiveDecay {
+        lambda: 0.03,
+        ..Default::default()
+    };
     // Decoupled: the engine's step.
     let (_vm, ps) = tiny_model(3);
     let masks = Masks::dense(&ps).unwrap();
-    let mut opt = MaskedSgd::new(SgdConfig { lr, momentum: 0.0, nesterov: false }, Some(reg)).unwrap();
-    opt.step(&ps, &masks, &loss(&ps, 0).backward().unwrap()).unwrap();
+    let mut opt = MaskedSgd::new(
+        SgdConfig {
+            lr,
+            momentum: 0.0,
+            nesterov: false,
+        },
+        Some(reg),
+    )
+    .unwrap();
+    opt.step(&ps, &masks, &loss(&ps, 0).backward().unwrap())
+        .unwrap();
     let decoupled = values(&ps, "lin.weight");
     // Loss-term: plain SGD on L + R/lr, the gate computed from the plain loss gradient.
     let (_vm2, ps2) = tiny_model(3);
-    let w = ps2.iter().find(|p| p.name == "lin.weight").unwrap().var.clone();
-    let g = loss(&ps2, 0).backward().unwrap().get(w.as_tensor()).unwrap().clone();
+    let w = ps2
+        .iter()
+        .find(|p| p.name == "lin.weight")
+        .unwrap()
+        .var
+        .clone();
+    let g = loss(&ps2, 0)
+        .backward()
+        .unwrap()
+        .get(w.as_tensor())
+        .unwrap()
+        .clone();
     let gate = reg.gate(w.as_tensor(), &g, None).unwrap();
-    let total = (loss(&ps2, 0) + (reg.loss_term(w.as_tensor(), &gate).unwrap() / lr).unwrap()).unwrap();
-    let g_total = total.backward().unwrap().get(w.as_tensor()).unwrap().clone();
-    w.set(&(w.as_tensor() - (g_total * lr).unwrap()).unwrap()).unwrap();
+    let total =
+        (loss(&ps2, 0) + (reg.loss_term(w.as_tensor(), &gate).unwrap() / lr).unwrap()).unwrap();
+    let g_total = total
+        .backward()
+        .unwrap()
+        .get(w.as_tensor())
+        .unwrap()
+        .clone();
+    w.set(&(w.as_tensor() - (g_total * lr).unwrap()).unwrap())
+        .unwrap();
     assert_close(&decoupled, &values(&ps2, "lin.weight"), 1e-6);
 }
 
@@ -149,13 +254,20 @@ fn bisection_finds_the_largest_threshold_within_tolerance() {
     let (_vm, ps) = tiny_model(5);
     let masks = Masks::dense(&ps).unwrap();
     // A synthetic validation loss: base 1.0, growing linearly with the threshold; bound 1.05 → T = 0.2.
-    let cfg = BisectionConfig { twt: 0.05, rel_stop: 0.001, ..Default::default() };
+    let cfg = BisectionConfig {
+        twt: 0.05,
+        rel_stop: 0.001,
+        ..Default::default()
+    };
     let s = search_global(&ps, &masks, 1.0, &cfg, |t| Ok(1.0 + 0.25 * t)).unwrap();
     assert!((s.threshold - 0.2).abs() < 1e-3, "{s:?}");
     assert!(s.loss <= 1.05);
     // Nothing feasible: the threshold prunes nothing (it is the smallest alive magnitude).
     let s = search_global(&ps, &masks, 1.0, &cfg, |_| Ok(2.0)).unwrap();
-    let min_alive = values(&ps, "lin.weight").iter().map(|x| x.abs()).fold(f32::INFINITY, f32::min);
+    let min_alive = values(&ps, "lin.weight")
+        .iter()
+        .map(|x| x.abs())
+        .fold(f32::INFINITY, f32::min);
     assert_eq!(s.threshold as f32, min_alive);
     let mut m2 = masks.clone();
     m2.prune_below(&ps, s.threshold).unwrap();
@@ -181,8 +293,13 @@ fn sparse_format_round_trips_and_is_smaller_than_dense() {
     }
     assert!(!dir.path().join("m.safetensors.tmp").exists());
     // A dense file is not mistaken for the sparse format.
-    let e = export::load_sparse(&dense, &Device::Cpu).unwrap_err().to_string();
-    assert!(e.contains("m.safetensors") && e.contains(export::SPARSE_FORMAT), "{e}");
+    let e = export::load_sparse(&dense, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("m.safetensors") && e.contains(export::SPARSE_FORMAT),
+        "{e}"
+    );
 }
 
 #[test]
