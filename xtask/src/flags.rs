@@ -56,6 +56,21 @@ pub struct Reproduce {
     /// Use only the first N training images (before the validation split).
     #[arg(long)]
     pub train_limit: Option<usize>,
+    /// Override the metric budget δ (validation metric units, e.g. error points).
+    #[arg(long)]
+    pub delta: Option<f64>,
+    /// Override the per-round validation-loss tolerance TWT.
+    #[arg(long)]
+    pub twt: Option<f64>,
+    /// Also bound each pruning round's validation metric to this many units worse than the dense model.
+    #[arg(long)]
+    pub metric_bound: Option<f64>,
+    /// Override the regularization strength λ.
+    #[arg(long)]
+    pub lambda: Option<f64>,
+    /// Override the gate fraction τ.
+    #[arg(long)]
+    pub tau: Option<f64>,
 }
 
 /// Flags of `bench`.

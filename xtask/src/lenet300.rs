@@ -52,7 +52,7 @@ impl Config {
                 twt: 0.05,
                 ..Default::default()
             },
-            delta: if quick { 0.8 } else { 0.3 },
+            delta: if quick { 0.5 } else { 0.3 },
             patience: 2,
             min_improvement: 0.01,
             max_epochs: if quick { 120 } else { 200 },
@@ -92,6 +92,25 @@ pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
         cfg.dense_epochs = e;
     }
     cfg.train_limit = f.train_limit;
+    if let Some(d) = f.delta {
+        cfg.prune.delta = d;
+    }
+    if let Some(t) = f.twt {
+        cfg.prune.bisection.twt = t;
+    }
+    if let Some(m) = f.metric_bound {
+        cfg.prune.bisection.max_metric_worsening = Some(m);
+    }
+    if let Some(l) = f.lambda {
+        cfg.prune.regularizer.lambda = l;
+    }
+    if let Some(t) = f.tau {
+        if let relprune_core::Gate::Hard { tau, .. } = &mut cfg.prune.regularizer.gate {
+            *tau = t;
+        } else {
+            anyhow::bail!("--tau needs a hard gate");
+        }
+    }
     let source = if f.quick && f.data_dir.is_none() {
         DataSource::Embedded
     } else {

@@ -60,6 +60,35 @@ pub fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f3
     }
 }
 
+/// The largest `|x|` (0 for an empty slice).
+pub fn max_abs(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            let v = v.abs();
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let m = rest.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    acc.iter().fold(m, |m, &v| m.max(v))
+}
+
+/// The largest `|w·g|` (0 for empty slices).
+pub fn max_abs_product(w: &[f32], g: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (wc, gc) = (w.chunks_exact(16), g.chunks_exact(16));
+    let m = wc.remainder().iter().zip(gc.remainder()).fold(0f32, |m, (&w, &g)| m.max((w * g).abs()));
+    for (cw, cg) in wc.zip(gc) {
+        for ((a, &w), &g) in acc.iter_mut().zip(cw).zip(cg) {
+            let v = (w * g).abs();
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter().fold(m, |m, &v| m.max(v))
+}
+
 /// The `q` quantile (linear interpolation, as numpy's default) of the scores whose mask is non-zero.
 pub fn quantile_of_alive(mut scores: Vec<f32>, mask: Option<&[f32]>, q: f64) -> f32 {
     if let Some(m) = mask {
@@ -99,15 +128,12 @@ impl SelectiveDecay {
         let rel = self.relevance;
         let alive = |i: usize| mask.is_none_or(|m| m[i] != 0.0);
         let value = match stat {
-            GateStat::Max => {
-                let mut m = 0.0f32;
-                for i in 0..g.len() {
-                    if alive(i) {
-                        m = m.max(score(rel, w[i], g[i]));
-                    }
-                }
-                m as f64
-            }
+            // Scores are >= 0 and zero wherever the mask is (g, and w for Taylor, are zero there),
+            // so the maximum needs no mask: a branch-free pass the compiler vectorizes.
+            GateStat::Max => match rel {
+                Relevance::Gradient => max_abs(g) as f64,
+                Relevance::Taylor => max_abs_product(w, g) as f64,
+            },
             GateStat::Mean => {
                 let (mut sum, mut n) = (0.0f64, 0usize);
                 for i in 0..g.len() {
@@ -139,7 +165,10 @@ impl SelectiveDecay {
             return Ok(());
         }
         if matches!(w.device(), Device::Cpu) && w.dtype() == DType::F32 && w.is_contiguous() {
-            let g = g.to_dtype(DType::F32)?.contiguous()?;
+            let g = match mask {
+                Some(m) => (g.to_dtype(DType::F32)? * m.to_dtype(DType::F32)?)?,
+                None => g.to_dtype(DType::F32)?.contiguous()?,
+            };
             let mask_host = match mask {
                 Some(m) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
                 None => None,
@@ -257,6 +286,18 @@ mod tests {
                     assert!((a - b).abs() <= 1e-7, "{stat:?} {relevance:?}: {a} vs {b}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn max_abs_helpers_match_a_plain_fold_for_every_length() {
+        for n in [0, 1, 15, 16, 17, 33, 100] {
+            let w = data(n, 5);
+            let g = data(n, 6);
+            let want = g.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert_eq!(max_abs(&g), want);
+            let want = w.iter().zip(&g).fold(0f32, |m, (w, g)| m.max((w * g).abs()));
+            assert_eq!(max_abs_product(&w, &g), want);
         }
     }
 

@@ -101,6 +101,8 @@ where
         .map_err(plot_err)?;
     chart
         .configure_mesh()
+        .x_labels(12)
+        .x_label_formatter(&|v: &f64| short_number(*v))
         .x_desc(labels.x)
         .y_desc(labels.y)
         .draw()
@@ -124,6 +126,13 @@ where
         .draw()
         .map_err(plot_err)?;
     Ok(())
+}
+
+/// A tick label without trailing zeros: 0.5, 2, 100.
+fn short_number(v: f64) -> String {
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
 }
 
 /// Turns any plotters error into ours.

@@ -179,6 +179,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err)?;
     tmp.write_all(bytes).map_err(io_err)?;
     tmp.as_file().sync_all().map_err(io_err)?;
+    // Temp files are created private (0600); reports and models are meant to be shared like
+    // any file the user writes.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err)?;
+    }
     // On failure the temp file is dropped with the error, which deletes it.
     tmp.persist(path).map_err(|e| io_err(e.error))?;
     Ok(())

@@ -12,7 +12,7 @@ use candle_core::DType;
 use relprune_core::SelectiveDecay;
 use serde::{Deserialize, Serialize};
 
-use crate::threshold::{search_global, BisectionConfig};
+use crate::threshold::{search_global, BisectionConfig, Bounds};
 use crate::{Error, Evaluation, LrSchedule, Masks, Result, Snapshot, Split, Task, Trainer};
 
 /// Hyper-parameters of the iterative algorithm.
@@ -212,13 +212,24 @@ impl IterativePruning {
             let search = {
                 let snap = trainer.params.snapshot()?;
                 let trainer_ref = &*trainer;
-                search_global(&trainer.params, &trainer.masks, base, &cfg.bisection, |t| {
-                    let mut probe = trainer_ref.masks.clone();
-                    probe.prune_below(&trainer_ref.params, t)?;
-                    let loss = task.evaluate(Split::Valid).map(|e| e.loss);
-                    trainer_ref.params.restore(&snap)?;
-                    loss
-                })?
+                let bounds = Bounds {
+                    base_loss: base,
+                    reference_metric: reference.metric,
+                    metric: spec.clone(),
+                };
+                search_global(
+                    &trainer.params,
+                    &trainer.masks,
+                    &bounds,
+                    &cfg.bisection,
+                    |t| {
+                        let mut probe = trainer_ref.masks.clone();
+                        probe.prune_below(&trainer_ref.params, t)?;
+                        let e = task.evaluate(Split::Valid);
+                        trainer_ref.params.restore(&snap)?;
+                        e
+                    },
+                )?
             };
             trainer
                 .masks

@@ -1,6 +1,6 @@
 //! Persistent pruning masks: 1 keeps a weight, 0 removes it for good.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Tensor};
 
@@ -10,6 +10,8 @@ use crate::{Error, ParamSet, Result};
 #[derive(Clone, Debug)]
 pub struct Masks {
     masks: BTreeMap<String, Tensor>,
+    // Names whose mask is all ones: the optimizer skips masking them (a pass per step saved).
+    full: BTreeSet<String>,
 }
 
 impl Masks {
@@ -23,7 +25,8 @@ impl Masks {
                 Tensor::ones(t.shape(), DType::F32, t.device())?,
             );
         }
-        Ok(Self { masks })
+        let full = masks.keys().cloned().collect();
+        Ok(Self { masks, full })
     }
 
     /// Masks that keep exactly the non-zero weights of `params` (e.g. of a loaded pruned model).
@@ -33,12 +36,26 @@ impl Masks {
             let t = p.var.as_tensor();
             masks.insert(p.name.clone(), t.ne(0.0)?.to_dtype(DType::F32)?);
         }
-        Ok(Self { masks })
+        let mut m = Self {
+            masks,
+            full: BTreeSet::new(),
+        };
+        m.refresh_full()?;
+        Ok(m)
     }
 
     /// The mask of a parameter, if it is prunable.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.masks.get(name)
+    }
+
+    /// The mask of a parameter if it prunes anything (`None` for all-ones or unmasked parameters).
+    pub fn get_partial(&self, name: &str) -> Option<&Tensor> {
+        if self.full.contains(name) {
+            None
+        } else {
+            self.masks.get(name)
+        }
     }
 
     /// The masks by parameter name.
@@ -68,6 +85,16 @@ impl Masks {
             let m = (m * keep)?;
             p.var.set(&(p.var.as_tensor() * &m)?)?;
             self.masks.insert(p.name.clone(), m);
+        }
+        self.refresh_full()
+    }
+
+    fn refresh_full(&mut self) -> Result<()> {
+        self.full.clear();
+        for (name, total, alive) in self.alive_counts()? {
+            if alive == total {
+                self.full.insert(name);
+            }
         }
         Ok(())
     }

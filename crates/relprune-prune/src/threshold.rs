@@ -4,7 +4,7 @@
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Masks, ParamSet, Result};
+use crate::{Error, Evaluation, Masks, MetricSpec, ParamSet, Result};
 
 /// Settings of the bisection.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -17,6 +17,17 @@ pub struct BisectionConfig {
     pub min_step: f64,
     /// Hard cap on evaluations.
     pub max_evals: usize,
+    /// Also require the validation metric to stay within this many units of the reference
+    /// (the dense model), so the metric cannot drift round after round (`None`: loss only).
+    #[serde(default)]
+    pub max_metric_worsening: Option<f64>,
+    /// With the metric bound: stop when the threshold bracket is narrower than this fraction of it.
+    #[serde(default = "default_rel_bracket")]
+    pub rel_bracket: f64,
+}
+
+fn default_rel_bracket() -> f64 {
+    0.02
 }
 
 impl Default for BisectionConfig {
@@ -26,6 +37,8 @@ impl Default for BisectionConfig {
             rel_stop: 0.05,
             min_step: 1e-10,
             max_evals: 40,
+            max_metric_worsening: None,
+            rel_bracket: default_rel_bracket(),
         }
     }
 }
@@ -76,18 +89,31 @@ pub fn magnitude_range(params: &ParamSet, masks: &Masks) -> Result<Option<(f64, 
     )))
 }
 
-/// Bisection for the largest global threshold `T` with `loss_at(T) ≤ base·(1+TWT)`.
+/// What a threshold must keep: the loss bound and, optionally, the metric bound.
+#[derive(Clone, Debug)]
+pub struct Bounds {
+    /// Validation loss of the model being pruned (the restored best); the bound is `base·(1+TWT)`.
+    pub base_loss: f64,
+    /// The reference metric (dense model) and its direction, for the optional metric bound.
+    pub reference_metric: f64,
+    /// The metric's direction.
+    pub metric: MetricSpec,
+}
+
+/// Bisection for the largest global threshold `T` whose pruning keeps the validation loss
+/// `≤ base·(1+TWT)` (and, if configured, the metric within its bound of the reference).
 ///
-/// `loss_at(T)` must return the validation loss of the model with every alive `|w| < T` zeroed
-/// (and leave the model as it found it). Zeroing below the smallest alive magnitude prunes
-/// nothing, so that end of the bracket is known to be feasible with loss `base`.
+/// `eval_at(T)` must return the validation evaluation of the model with every alive `|w| < T`
+/// zeroed (and leave the model as it found it). Zeroing below the smallest alive magnitude
+/// prunes nothing, so that end of the bracket is feasible by definition.
 pub fn search_global(
     params: &ParamSet,
     masks: &Masks,
-    base: f64,
+    bounds: &Bounds,
     cfg: &BisectionConfig,
-    mut loss_at: impl FnMut(f64) -> Result<f64>,
+    mut eval_at: impl FnMut(f64) -> Result<Evaluation>,
 ) -> Result<ThresholdSearch> {
+    let base = bounds.base_loss;
     let Some((min_w, max_w, start)) = magnitude_range(params, masks)? else {
         return Ok(ThresholdSearch {
             threshold: 0.0,
@@ -97,25 +123,37 @@ pub fn search_global(
     };
     let bound = base * (1.0 + cfg.twt);
     let headroom = (base * cfg.twt).abs();
+    let feasible = |e: &Evaluation| {
+        e.loss.is_finite()
+            && e.loss <= bound
+            && cfg.max_metric_worsening.is_none_or(|m| {
+                bounds.metric.worsening(e.metric, bounds.reference_metric) <= m
+            })
+    };
     let (mut lo, mut lo_loss) = (min_w, base);
     let (mut hi, mut hi_loss) = (max_w, f64::INFINITY);
     let mut t = start.clamp(min_w, max_w);
     let mut evals = 0;
     while evals < cfg.max_evals {
-        let l = loss_at(t)?;
+        let e = eval_at(t)?;
         evals += 1;
-        if !l.is_finite() {
-            // A model pruned to nothing can produce inf/NaN loss: that threshold is infeasible.
-            hi = t;
-            hi_loss = f64::INFINITY;
-        } else if l <= bound {
+        if feasible(&e) {
             lo = t;
-            lo_loss = l;
+            lo_loss = e.loss;
         } else {
             hi = t;
-            hi_loss = l;
+            // A model pruned to nothing can produce inf/NaN loss: infeasible, with no usable loss.
+            hi_loss = if e.loss.is_finite() { e.loss } else { f64::INFINITY };
         }
-        if (hi_loss - lo_loss).abs() < cfg.rel_stop * headroom || hi - lo <= cfg.min_step {
+        let losses_close = (hi_loss - lo_loss).abs() < cfg.rel_stop * headroom;
+        let bracket_narrow = hi - lo <= cfg.rel_bracket * hi;
+        let done = if cfg.max_metric_worsening.is_some() {
+            // The metric is a step function of T: only the bracket tells when to stop.
+            bracket_narrow || (losses_close && hi_loss > bound)
+        } else {
+            losses_close
+        };
+        if done || hi - lo <= cfg.min_step {
             break;
         }
         t = 0.5 * (lo + hi);

@@ -3,8 +3,10 @@
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use relprune_core::SelectiveDecay;
-use relprune_prune::threshold::{search_global, BisectionConfig};
-use relprune_prune::{export, MaskedSgd, Masks, ParamSet, Selection, SgdConfig};
+use relprune_prune::threshold::{search_global, BisectionConfig, Bounds};
+use relprune_prune::{
+    export, Evaluation, MaskedSgd, Masks, MetricSpec, ParamSet, Selection, SgdConfig,
+};
 
 fn tiny_model(seed: u32) -> (VarMap, ParamSet) {
     let vm = VarMap::new();
@@ -259,11 +261,20 @@ fn bisection_finds_the_largest_threshold_within_tolerance() {
         rel_stop: 0.001,
         ..Default::default()
     };
-    let s = search_global(&ps, &masks, 1.0, &cfg, |t| Ok(1.0 + 0.25 * t)).unwrap();
+    let bounds = Bounds {
+        base_loss: 1.0,
+        reference_metric: 2.0,
+        metric: MetricSpec {
+            name: "error".into(),
+            higher_is_better: false,
+        },
+    };
+    let eval = |loss: f64, metric: f64| Ok(Evaluation { loss, metric });
+    let s = search_global(&ps, &masks, &bounds, &cfg, |t| eval(1.0 + 0.25 * t, 2.0)).unwrap();
     assert!((s.threshold - 0.2).abs() < 1e-3, "{s:?}");
     assert!(s.loss <= 1.05);
     // Nothing feasible: the threshold prunes nothing (it is the smallest alive magnitude).
-    let s = search_global(&ps, &masks, 1.0, &cfg, |_| Ok(2.0)).unwrap();
+    let s = search_global(&ps, &masks, &bounds, &cfg, |_| eval(2.0, 2.0)).unwrap();
     let min_alive = values(&ps, "lin.weight")
         .iter()
         .map(|x| x.abs())
@@ -272,6 +283,16 @@ fn bisection_finds_the_largest_threshold_within_tolerance() {
     let mut m2 = masks.clone();
     m2.prune_below(&ps, s.threshold).unwrap();
     assert_eq!(m2.totals().unwrap(), masks.totals().unwrap());
+
+    // With a metric bound, the metric limits T even where the loss would allow more:
+    // error = 2 + 10·T must stay within 0.5 of the reference 2.0 → T ≤ 0.05.
+    let cfg = BisectionConfig {
+        max_metric_worsening: Some(0.5),
+        rel_bracket: 0.001,
+        ..cfg
+    };
+    let s = search_global(&ps, &masks, &bounds, &cfg, |t| eval(1.0, 2.0 + 10.0 * t)).unwrap();
+    assert!((s.threshold - 0.05).abs() < 2e-4, "{s:?}");
 }
 
 #[test]
