@@ -48,14 +48,15 @@ impl Config {
         let prune = PruneConfig {
             regularizer: SelectiveDecay::default(),
             lr: 0.01,
+            // The small quick training set overfits sooner: prune more gently per round.
             bisection: BisectionConfig {
-                twt: 0.05,
+                twt: if quick { 0.02 } else { 0.05 },
                 ..Default::default()
             },
-            delta: if quick { 0.5 } else { 0.3 },
+            delta: if quick { 0.8 } else { 1.0 },
             patience: 2,
             min_improvement: 0.01,
-            max_epochs: if quick { 120 } else { 200 },
+            max_epochs: if quick { 300 } else { 200 },
             target_sparsity: None,
             stop_rounds: 5,
             min_round_gain: 0.001,
@@ -68,7 +69,7 @@ impl Config {
             seed: 1,
             data_source: String::new(),
             train_limit: None,
-            n_valid: if quick { 1000 } else { 5000 },
+            n_valid: if quick { 2000 } else { 5000 },
             batch_size: 100,
             dense_epochs: if quick { 15 } else { 20 },
             dense_lr: 0.1,

@@ -79,7 +79,11 @@ pub fn max_abs(x: &[f32]) -> f32 {
 pub fn max_abs_product(w: &[f32], g: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (wc, gc) = (w.chunks_exact(16), g.chunks_exact(16));
-    let m = wc.remainder().iter().zip(gc.remainder()).fold(0f32, |m, (&w, &g)| m.max((w * g).abs()));
+    let m = wc
+        .remainder()
+        .iter()
+        .zip(gc.remainder())
+        .fold(0f32, |m, (&w, &g)| m.max((w * g).abs()));
     for (cw, cg) in wc.zip(gc) {
         for ((a, &w), &g) in acc.iter_mut().zip(cw).zip(cg) {
             let v = (w * g).abs();
@@ -296,7 +300,10 @@ mod tests {
             let g = data(n, 6);
             let want = g.iter().fold(0f32, |m, x| m.max(x.abs()));
             assert_eq!(max_abs(&g), want);
-            let want = w.iter().zip(&g).fold(0f32, |m, (w, g)| m.max((w * g).abs()));
+            let want = w
+                .iter()
+                .zip(&g)
+                .fold(0f32, |m, (w, g)| m.max((w * g).abs()));
             assert_eq!(max_abs_product(&w, &g), want);
         }
     }

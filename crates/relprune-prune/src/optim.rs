@@ -118,7 +118,11 @@ impl MaskedSgd {
                 continue;
             };
             let w = p.var.as_tensor();
-            let mask = if p.prunable { masks.get_partial(&p.name) } else { None };
+            let mask = if p.prunable {
+                masks.get_partial(&p.name)
+            } else {
+                None
+            };
             let reg = if p.prunable {
                 self.regularizer.filter(|r| r.lambda > 0.0)
             } else {

@@ -126,9 +126,9 @@ pub fn search_global(
     let feasible = |e: &Evaluation| {
         e.loss.is_finite()
             && e.loss <= bound
-            && cfg.max_metric_worsening.is_none_or(|m| {
-                bounds.metric.worsening(e.metric, bounds.reference_metric) <= m
-            })
+            && cfg
+                .max_metric_worsening
+                .is_none_or(|m| bounds.metric.worsening(e.metric, bounds.reference_metric) <= m)
     };
     let (mut lo, mut lo_loss) = (min_w, base);
     let (mut hi, mut hi_loss) = (max_w, f64::INFINITY);
@@ -143,7 +143,11 @@ pub fn search_global(
         } else {
             hi = t;
             // A model pruned to nothing can produce inf/NaN loss: infeasible, with no usable loss.
-            hi_loss = if e.loss.is_finite() { e.loss } else { f64::INFINITY };
+            hi_loss = if e.loss.is_finite() {
+                e.loss
+            } else {
+                f64::INFINITY
+            };
         }
         let losses_close = (hi_loss - lo_loss).abs() < cfg.rel_stop * headroom;
         let bracket_narrow = hi - lo <= cfg.rel_bracket * hi;
