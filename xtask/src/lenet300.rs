@@ -356,6 +356,8 @@ mod tests {
             let b: Vec<f32> = sparse[&k].flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(a, b, "{k}");
         }
+        assert!(back.sizes_bytes.sparse_format < back.sizes_bytes.pruned_safetensors);
+        assert!(back.sizes_bytes.pruned_gzip < back.sizes_bytes.dense_safetensors);
         let report = std::fs::read_to_string(out.join("report.md")).unwrap();
         assert!(report.contains("fc1.weight"));
     }
