@@ -65,6 +65,13 @@ pub struct Reproduce {
     /// Also bound each pruning round's validation metric to this many units worse than the dense model.
     #[arg(long)]
     pub metric_bound: Option<f64>,
+    /// The regularizer: selective (the default hard gate on |g|), taylor (hard gate on |w·g|),
+    /// lobster (soft gate 1−|g|), l2 (classical weight decay), l1.
+    #[arg(long, value_parser = ["selective", "taylor", "lobster", "l2", "l1"])]
+    pub regularizer: Option<String>,
+    /// Smooth the relevance over steps with this β (0 = none).
+    #[arg(long)]
+    pub ema_beta: Option<f64>,
     /// Override the regularization strength λ.
     #[arg(long)]
     pub lambda: Option<f64>,

@@ -102,6 +102,22 @@ pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     if let Some(m) = f.metric_bound {
         cfg.prune.bisection.max_metric_worsening = Some(m);
     }
+    if let Some(name) = &f.regularizer {
+        let lambda = cfg.prune.regularizer.lambda;
+        cfg.prune.regularizer = match name.as_str() {
+            "taylor" => SelectiveDecay {
+                relevance: relprune_core::Relevance::Taylor,
+                ..SelectiveDecay::default().with_lambda(lambda)
+            },
+            "lobster" => SelectiveDecay::lobster(lambda),
+            "l2" => SelectiveDecay::l2(lambda),
+            "l1" => SelectiveDecay::l1(lambda),
+            _ => SelectiveDecay::default().with_lambda(lambda),
+        };
+    }
+    if let Some(b) = f.ema_beta {
+        cfg.prune.regularizer.ema_beta = b;
+    }
     if let Some(l) = f.lambda {
         cfg.prune.regularizer.lambda = l;
     }

@@ -126,7 +126,7 @@ impl SelectiveDecay {
     /// `g` should already be zero where the mask is zero, as the engine guarantees.
     pub fn threshold_host(&self, w: &[f32], g: &[f32], mask: Option<&[f32]>) -> f64 {
         let (stat, tau) = match self.gate {
-            Gate::All => return f64::INFINITY,
+            Gate::All | Gate::Soft => return f64::INFINITY,
             Gate::Hard { stat, tau } => (stat, tau),
         };
         let rel = self.relevance;
@@ -160,6 +160,33 @@ impl SelectiveDecay {
         threshold_from_stat(value, tau)
     }
 
+    /// The irrelevance threshold of precomputed (e.g. smoothed) scores, `>= 0` and zero where pruned.
+    pub fn threshold_of_scores(&self, s: &[f32], mask: Option<&[f32]>) -> f64 {
+        let (stat, tau) = match self.gate {
+            Gate::All | Gate::Soft => return f64::INFINITY,
+            Gate::Hard { stat, tau } => (stat, tau),
+        };
+        let value = match stat {
+            GateStat::Max => max_abs(s) as f64,
+            GateStat::Mean => {
+                let (mut sum, mut n) = (0.0f64, 0usize);
+                for (i, &x) in s.iter().enumerate() {
+                    if mask.is_none_or(|m| m[i] != 0.0) {
+                        sum += x as f64;
+                        n += 1;
+                    }
+                }
+                if n == 0 {
+                    0.0
+                } else {
+                    sum / n as f64
+                }
+            }
+            GateStat::Quantile(q) => quantile_of_alive(s.to_vec(), mask, q) as f64,
+        };
+        threshold_from_stat(value, tau)
+    }
+
     /// Applies `w ← w − λ·m⊙w` to a variable in place, given its gradient.
     ///
     /// This is the regularizer on its own, for users who keep their optimizer: call it right after
@@ -181,8 +208,7 @@ impl SelectiveDecay {
                 with_cpu_f32(&g, |gd| self.threshold_host(wd, gd, mask_host.as_deref()))
             })??;
             let op = SelectiveDecayOp {
-                relevance: self.relevance,
-                lambda: self.lambda as f32,
+                reg: *self,
                 threshold: thr as f32,
             };
             w.as_tensor().inplace_op2(&g, &op)?;
@@ -195,14 +221,12 @@ impl SelectiveDecay {
     }
 }
 
-/// In-place `w ← w − λ·[score(w, g) < threshold]·w` on a CPU tensor (dst `w`, source `g`).
+/// In-place `w ← w − λ·m(score(w, g))·pull(w)` on a CPU tensor (dst `w`, source `g`).
 #[derive(Clone, Copy, Debug)]
 pub struct SelectiveDecayOp {
-    /// The score the threshold applies to.
-    pub relevance: Relevance,
-    /// Decay strength.
-    pub lambda: f32,
-    /// Elements scoring below this are decayed.
+    /// The regularizer (relevance, gate, penalty, λ).
+    pub reg: SelectiveDecay,
+    /// The tensor's irrelevance threshold (hard gates).
     pub threshold: f32,
 }
 
@@ -227,11 +251,10 @@ impl InplaceOp2 for SelectiveDecayOp {
                 g.len()
             );
         }
-        let keep = 1.0 - self.lambda;
+        let (reg, thr, lambda) = (self.reg, self.threshold, self.reg.lambda as f32);
         for (w, &g) in w.iter_mut().zip(g) {
-            if score(self.relevance, *w, g) < self.threshold {
-                *w *= keep;
-            }
+            let m = reg.gate_value(score(reg.relevance, *w, g), thr);
+            *w -= lambda * m * reg.pull(*w);
         }
         Ok(())
     }
@@ -246,6 +269,7 @@ mod tests {
             relevance,
             gate: Gate::Hard { stat, tau: 0.3 },
             lambda: 0.05,
+            ..Default::default()
         }
     }
 
@@ -263,11 +287,22 @@ mod tests {
     }
 
     #[test]
-    fn fused_decay_equals_the_tensor_form_for_every_stat_and_relevance() {
+    fn fused_decay_equals_the_tensor_form_for_every_gate_relevance_and_penalty() {
         let dev = Device::Cpu;
+        let mut regs = Vec::new();
         for stat in [GateStat::Max, GateStat::Mean, GateStat::Quantile(0.4)] {
             for relevance in [Relevance::Gradient, Relevance::Taylor] {
-                let r = reg(stat, relevance);
+                regs.push(reg(stat, relevance));
+            }
+        }
+        regs.push(SelectiveDecay::lobster(0.05));
+        regs.push(SelectiveDecay::l1(0.01));
+        regs.push(SelectiveDecay {
+            penalty: crate::Penalty::L1,
+            ..reg(GateStat::Max, Relevance::Taylor)
+        });
+        for r in regs {
+            {
                 let w0 = Tensor::from_vec(data(257, 1), (257,), &dev).unwrap();
                 let mask = Tensor::from_vec(
                     data(257, 3)
@@ -287,7 +322,7 @@ mod tests {
                 let got = var.as_tensor().to_vec1::<f32>().unwrap();
                 let want = want.to_vec1::<f32>().unwrap();
                 for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-7, "{stat:?} {relevance:?}: {a} vs {b}");
+                    assert!((a - b).abs() <= 1e-7, "{r:?}: {a} vs {b}");
                 }
             }
         }

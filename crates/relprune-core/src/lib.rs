@@ -32,4 +32,4 @@ pub mod regularizer;
 
 pub use error::{Error, Result};
 pub use kernel::SelectiveDecayOp;
-pub use regularizer::{Gate, GateStat, Relevance, SelectiveDecay};
+pub use regularizer::{Gate, GateStat, Penalty, Relevance, SelectiveDecay};

@@ -49,8 +49,25 @@ pub enum Gate {
         /// The fraction of the statistic below which an element is irrelevant.
         tau: f64,
     },
+    /// LOBSTER's soft gate: `m_i = max(0, 1 − score_i)` (fractional decay, no threshold).
+    Soft,
     /// Every element irrelevant: classical (L2) weight decay.
     All,
+}
+
+/// What the decay pulls on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum Penalty {
+    /// `λ·m·w`: weight decay, the gradient of `(λ/2)·Σ m w²` (the default).
+    #[default]
+    L2,
+    /// `λ·m·sign(w)`: the subgradient of `λ·Σ m |w|`.
+    L1,
 }
 
 /// The regularizer: relevance score, irrelevance gate and decay strength.
@@ -63,6 +80,13 @@ pub struct SelectiveDecay {
     pub gate: Gate,
     /// Decay strength `λ`: irrelevant weights lose `λ·w` per step (not scaled by the learning rate).
     pub lambda: f64,
+    /// L2 (decay `∝ w`) or L1 (decay `∝ sign(w)`).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub penalty: Penalty,
+    /// Smoothing `β` of the relevance across steps, `ŝ ← β·ŝ + (1−β)·s` (0 = none). Needed where an
+    /// element's gradient is sparse in time, e.g. embedding rows of rare tokens.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub ema_beta: f64,
 }
 
 impl Default for SelectiveDecay {
@@ -75,6 +99,8 @@ impl Default for SelectiveDecay {
                 tau: 0.1,
             },
             lambda: 1e-4,
+            penalty: Penalty::L2,
+            ema_beta: 0.0,
         }
     }
 }
@@ -83,9 +109,28 @@ impl SelectiveDecay {
     /// Classical weight decay of strength `lambda` (every element irrelevant).
     pub fn l2(lambda: f64) -> Self {
         Self {
-            relevance: Relevance::Gradient,
             gate: Gate::All,
             lambda,
+            ..Self::default()
+        }
+    }
+
+    /// Classical L1 regularization of strength `lambda` (every element, `λ·sign(w)`).
+    pub fn l1(lambda: f64) -> Self {
+        Self {
+            gate: Gate::All,
+            lambda,
+            penalty: Penalty::L1,
+            ..Self::default()
+        }
+    }
+
+    /// LOBSTER's rule: soft gate `max(0, 1 − |g|)` with L2 decay of strength `lambda`.
+    pub fn lobster(lambda: f64) -> Self {
+        Self {
+            gate: Gate::Soft,
+            lambda,
+            ..Self::default()
         }
     }
 
@@ -101,6 +146,12 @@ impl SelectiveDecay {
             return Err(Error::Config(format!(
                 "lambda must be finite and >= 0, got {}",
                 self.lambda
+            )));
+        }
+        if !(0.0..1.0).contains(&self.ema_beta) {
+            return Err(Error::Config(format!(
+                "ema_beta must be in [0, 1), got {}",
+                self.ema_beta
             )));
         }
         if let Gate::Hard { stat, tau } = self.gate {
@@ -135,7 +186,7 @@ impl SelectiveDecay {
     /// whose scores are all zero has threshold `+∞` when `τ > 0`: nothing in it affects the loss.
     pub fn threshold(&self, scores: &Tensor, mask: Option<&Tensor>) -> Result<f64> {
         let (stat, tau) = match self.gate {
-            Gate::All => return Ok(f64::INFINITY),
+            Gate::All | Gate::Soft => return Ok(f64::INFINITY),
             Gate::Hard { stat, tau } => (stat, tau),
         };
         let scores = scores.to_dtype(DType::F32)?;
@@ -179,29 +230,86 @@ impl SelectiveDecay {
         Ok(threshold_from_stat(value, tau))
     }
 
-    /// The 0/1 irrelevance gate (f32, shape of `w`) from weights and gradient.
+    /// The irrelevance gate (f32 in `[0, 1]`, shape of `w`) from weights and gradient.
     pub fn gate(&self, w: &Tensor, g: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let scores = self.scores(w, g)?;
-        let thr = self.threshold(&scores, mask)?;
-        gate_below(&scores, thr)
+        self.gate_from_scores(&self.scores(w, g)?, mask)
     }
 
-    /// The decay each element receives this step, `λ · m ⊙ w`.
+    /// The irrelevance gate from relevance scores (e.g. smoothed ones).
+    pub fn gate_from_scores(&self, scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        match self.gate {
+            Gate::Soft => Ok(scores.to_dtype(DType::F32)?.affine(-1.0, 1.0)?.relu()?),
+            Gate::All | Gate::Hard { .. } => {
+                let thr = self.threshold(scores, mask)?;
+                gate_below(scores, thr)
+            }
+        }
+    }
+
+    /// The smoothed scores `β·ŝ + (1−β)·s`.
+    pub fn smooth(&self, previous: &Tensor, scores: &Tensor) -> Result<Tensor> {
+        check_same_shape(previous, scores)?;
+        let b = self.ema_beta;
+        Ok((previous.affine(b, 0.0)? + scores.affine(1.0 - b, 0.0)?)?)
+    }
+
+    /// The decay each element receives this step, `λ · m ⊙ w` (L2) or `λ · m ⊙ sign(w)` (L1).
     pub fn decay(&self, w: &Tensor, gate: &Tensor) -> Result<Tensor> {
         check_same_shape(w, gate)?;
-        Ok((w * gate.to_dtype(w.dtype())?)?.affine(self.lambda, 0.0)?)
+        let pulled = match self.penalty {
+            Penalty::L2 => w.clone(),
+            Penalty::L1 => (w.gt(0.0)?.to_dtype(w.dtype())? - w.lt(0.0)?.to_dtype(w.dtype())?)?,
+        };
+        Ok((pulled * gate.to_dtype(w.dtype())?)?.affine(self.lambda, 0.0)?)
     }
 
-    /// The explicit loss term `R(W) = (λ/2) Σ m_i w_i²` (a scalar), with the gate held constant.
+    /// The explicit loss term with the gate held constant: `(λ/2) Σ m_i w_i²` (L2) or
+    /// `λ Σ m_i |w_i|` (L1), a scalar.
     ///
-    /// Its gradient is `λ · m ⊙ w`, so plain SGD with learning rate `η` on `L + R/η` takes the
-    /// same step as the decoupled form.
+    /// Its gradient is [`SelectiveDecay::decay`], so plain SGD with learning rate `η` on `L + R/η`
+    /// takes the same step as the decoupled form.
     pub fn loss_term(&self, w: &Tensor, gate: &Tensor) -> Result<Tensor> {
         check_same_shape(w, gate)?;
         let gate = gate.to_dtype(w.dtype())?.detach();
-        Ok((w.sqr()? * gate)?
-            .sum_all()?
-            .affine(self.lambda / 2.0, 0.0)?)
+        Ok(match self.penalty {
+            Penalty::L2 => (w.sqr()? * gate)?
+                .sum_all()?
+                .affine(self.lambda / 2.0, 0.0)?,
+            Penalty::L1 => (w.abs()? * gate)?.sum_all()?.affine(self.lambda, 0.0)?,
+        })
+    }
+
+    /// The gate value of one element with score `s`, given the tensor's threshold (fused kernels).
+    #[inline(always)]
+    pub fn gate_value(&self, s: f32, threshold: f32) -> f32 {
+        match self.gate {
+            Gate::Soft => (1.0 - s).max(0.0),
+            Gate::All => 1.0,
+            Gate::Hard { .. } => {
+                if s < threshold {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+
+    /// What the decay pulls on for one element: `w` (L2) or `sign(w)` (L1, 0 at 0).
+    #[inline(always)]
+    pub fn pull(&self, w: f32) -> f32 {
+        match self.penalty {
+            Penalty::L2 => w,
+            Penalty::L1 => {
+                if w > 0.0 {
+                    1.0
+                } else if w < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                }
+            }
+        }
     }
 
     /// The decoupled update `w − lr · update − λ · m ⊙ w`, as a new tensor.
@@ -258,6 +366,7 @@ mod tests {
             relevance: Relevance::Gradient,
             gate: Gate::Hard { stat, tau },
             lambda,
+            ..Default::default()
         }
     }
 
@@ -393,7 +502,63 @@ mod tests {
     }
 
     #[test]
+    fn soft_gate_is_lobsters_one_minus_score_clamped_at_zero() {
+        let w = t(&[1.0, 1.0, 1.0, 1.0]);
+        let g = t(&[0.0, -0.25, 0.9, 3.0]);
+        let gate = SelectiveDecay::lobster(0.1).gate(&w, &g, None).unwrap();
+        let got = v(&gate);
+        let want = [1.0, 0.75, 0.1, 0.0];
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn l1_decay_pulls_by_lambda_times_sign_and_leaves_zeros_alone() {
+        let w = t(&[2.0, -0.5, 0.0]);
+        let gate = t(&[1.0, 1.0, 1.0]);
+        let reg = SelectiveDecay::l1(0.01);
+        assert_eq!(v(&reg.decay(&w, &gate).unwrap()), vec![0.01, -0.01, 0.0]);
+        let r = reg
+            .loss_term(&w, &gate)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((r - 0.025).abs() < 1e-7);
+    }
+
+    #[test]
+    fn l1_loss_term_gradient_equals_the_l1_decay() {
+        let w = candle_core::Var::new(&[1.5f32, -2.0, 3.0], &Device::Cpu).unwrap();
+        let gate = t(&[1.0, 1.0, 0.0]);
+        let reg = SelectiveDecay::l1(0.2);
+        let dw = reg
+            .loss_term(w.as_tensor(), &gate)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dw = dw.get(w.as_tensor()).unwrap();
+        assert_eq!(v(dw), v(&reg.decay(w.as_tensor(), &gate).unwrap()));
+    }
+
+    #[test]
+    fn smoothing_is_an_exponential_moving_average() {
+        let reg = SelectiveDecay {
+            ema_beta: 0.75,
+            ..Default::default()
+        };
+        let s = reg.smooth(&t(&[4.0, 0.0]), &t(&[0.0, 8.0])).unwrap();
+        assert_eq!(v(&s), vec![3.0, 2.0]);
+    }
+
+    #[test]
     fn invalid_configurations_are_rejected() {
+        assert!(SelectiveDecay {
+            ema_beta: 1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
         assert!(SelectiveDecay::default()
             .with_lambda(-1.0)
             .validate()

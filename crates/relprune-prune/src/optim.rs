@@ -47,6 +47,19 @@ impl Default for SgdConfig {
 struct State {
     velocity: Option<Tensor>,
     masked_grad: Option<Tensor>,
+    smoothed: Option<Tensor>,
+}
+
+/// A persistent zero buffer of `w`'s shape in `slot`, created on first use.
+fn buffer(slot: &mut Option<Tensor>, w: &Tensor) -> Result<(Tensor, bool)> {
+    Ok(match slot {
+        Some(b) => (b.clone(), false),
+        None => {
+            let b = Tensor::zeros(w.shape(), DType::F32, w.device())?;
+            *slot = Some(b.clone());
+            (b, true)
+        }
+    })
 }
 
 /// SGD with momentum that applies pruning masks and the selective-decay regularizer every step.
@@ -153,58 +166,68 @@ fn fused_step(
     state: &mut State,
 ) -> Result<()> {
     let g = g.to_dtype(DType::F32)?.contiguous()?;
-    let gm = match mask {
-        Some(m) => {
-            let buf = match &state.masked_grad {
-                Some(b) => b.clone(),
-                None => {
-                    let b = Tensor::zeros(w.shape(), DType::F32, w.device())?;
-                    state.masked_grad = Some(b.clone());
-                    b
-                }
-            };
-            buf.inplace_op3(&g, m, &MaskedCopy)?;
-            buf
+    let smoothing = reg.filter(|r| r.ema_beta > 0.0);
+    let nesterov = cfg.nesterov && cfg.momentum > 0.0;
+    // With smoothing and Nesterov the update is written into our own buffer, so copy even unmasked.
+    let gm = if mask.is_some() || (smoothing.is_some() && nesterov) {
+        let (buf, _) = buffer(&mut state.masked_grad, w)?;
+        match mask {
+            Some(m) => buf.inplace_op3(&g, m, &MaskedCopy)?,
+            None => buf.inplace_op2(&g, &CopyOp)?,
         }
-        None => g,
+        buf
+    } else {
+        g
+    };
+    let smoothed = match smoothing {
+        Some(r) => {
+            let (s, first) = buffer(&mut state.smoothed, w)?;
+            let op = SmoothOp {
+                beta: if first { 0.0 } else { r.ema_beta as f32 },
+                relevance: r.relevance,
+            };
+            s.inplace_op3(w, &gm, &op)?;
+            Some(s)
+        }
+        None => None,
     };
     let threshold = match reg {
-        Some(r) => with_cpu_f32(w, |wd| {
-            with_cpu_f32(&gm, |gd| match mask {
-                Some(m) => with_cpu_f32(m, |md| r.threshold_host(wd, gd, Some(md))),
-                None => Ok(r.threshold_host(wd, gd, None)),
-            })
-        })??? as f32,
-        None => f32::NEG_INFINITY,
-    };
-    let update_src = if cfg.momentum > 0.0 {
-        let v = match &state.velocity {
-            Some(v) => v.clone(),
-            None => {
-                let v = Tensor::zeros(w.shape(), DType::F32, w.device())?;
-                state.velocity = Some(v.clone());
-                v
+        Some(r) => {
+            let thr = |md: Option<&[f32]>| match &smoothed {
+                Some(s) => with_cpu_f32(s, |sd| r.threshold_of_scores(sd, md)),
+                None => with_cpu_f32(w, |wd| with_cpu_f32(&gm, |gd| r.threshold_host(wd, gd, md)))?,
+            };
+            match mask {
+                Some(m) => with_cpu_f32(m, |md| thr(Some(md)))??,
+                None => thr(None)?,
             }
-        };
-        v.inplace_op2(
-            &gm,
-            &MomentumOp {
-                mu: cfg.momentum as f32,
-            },
-        )?;
-        v
+        }
+        None => f64::NEG_INFINITY,
+    } as f32;
+    let update_src = if cfg.momentum > 0.0 {
+        let (v, _) = buffer(&mut state.velocity, w)?;
+        let mu = cfg.momentum as f32;
+        v.inplace_op2(&gm, &MomentumOp { mu })?;
+        if nesterov && smoothed.is_some() {
+            // The step reads the smoothed scores, not g: fold g + μv into the gradient buffer.
+            gm.inplace_op2(&v, &AxpyOp { a: mu })?;
+            gm.clone()
+        } else {
+            v
+        }
     } else {
         gm.clone()
     };
     let op = StepOp {
         lr: cfg.lr as f32,
         mu: cfg.momentum as f32,
-        nesterov: cfg.nesterov && cfg.momentum > 0.0,
-        lambda: reg.map_or(0.0, |r| r.lambda as f32),
-        relevance: reg.map_or(Relevance::Gradient, |r| r.relevance),
+        nesterov: nesterov && smoothed.is_none(),
+        reg: reg.filter(|r| r.lambda > 0.0),
+        smoothed: smoothed.is_some(),
         threshold,
     };
-    w.inplace_op3(&update_src, &gm, &op)?;
+    let second = smoothed.as_ref().unwrap_or(&gm);
+    w.inplace_op3(&update_src, second, &op)?;
     Ok(())
 }
 
@@ -236,9 +259,20 @@ fn generic_step(
     } else {
         gm.clone()
     };
-    let mut new_w = match reg {
+    let mut new_w = match reg.filter(|r| r.lambda > 0.0) {
         Some(r) => {
-            let gate = r.gate(w, &gm, mask.as_ref())?;
+            let scores = r.scores(w, &gm)?;
+            let scores = if r.ema_beta > 0.0 {
+                let s = match &state.smoothed {
+                    Some(prev) => r.smooth(prev, &scores)?,
+                    None => scores,
+                };
+                state.smoothed = Some(s.clone());
+                s
+            } else {
+                scores
+            };
+            let gate = r.gate_from_scores(&scores, mask.as_ref())?;
             r.decoupled_step(w, &update, cfg.lr, &gate)?
         }
         None => (w - (update * cfg.lr)?)?,
@@ -304,13 +338,97 @@ impl InplaceOp2 for MomentumOp {
     }
 }
 
-/// `w ← w − η u − λ [score(w, ĝ) < thr] w`, with `u = v` or `ĝ + μ v` (Nesterov).
+/// `dst ← src`.
+struct CopyOp;
+
+impl InplaceOp2 for CopyOp {
+    fn name(&self) -> &'static str {
+        "relprune-copy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let d = cpu_f32_mut(s1, l1)?;
+        let s = cpu_f32(s2, l2)?;
+        check_len("copy", d.len(), &[s.len()])?;
+        d.copy_from_slice(s);
+        Ok(())
+    }
+}
+
+/// `dst ← dst + a·src`.
+struct AxpyOp {
+    a: f32,
+}
+
+impl InplaceOp2 for AxpyOp {
+    fn name(&self) -> &'static str {
+        "relprune-axpy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let d = cpu_f32_mut(s1, l1)?;
+        let s = cpu_f32(s2, l2)?;
+        check_len("axpy", d.len(), &[s.len()])?;
+        for (d, &s) in d.iter_mut().zip(s) {
+            *d += self.a * s;
+        }
+        Ok(())
+    }
+}
+
+/// `ŝ ← β ŝ + (1−β) score(w, ĝ)` (dst `ŝ`, sources `w`, `ĝ`).
+struct SmoothOp {
+    beta: f32,
+    relevance: Relevance,
+}
+
+impl InplaceOp3 for SmoothOp {
+    fn name(&self) -> &'static str {
+        "relprune-smooth-relevance"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let sm = cpu_f32_mut(s1, l1)?;
+        let w = cpu_f32(s2, l2)?;
+        let g = cpu_f32(s3, l3)?;
+        check_len("smooth", sm.len(), &[w.len(), g.len()])?;
+        let (b, rel) = (self.beta, self.relevance);
+        for ((s, &w), &g) in sm.iter_mut().zip(w).zip(g) {
+            *s = b * *s + (1.0 - b) * score(rel, w, g);
+        }
+        Ok(())
+    }
+}
+
+/// `w ← w − η u − λ m(score) pull(w)`, with `u = v`, or `ĝ + μ v` (Nesterov, unsmoothed).
+///
+/// The second source is `ĝ` (scores computed from `w`, `ĝ`) or the smoothed scores.
 struct StepOp {
     lr: f32,
     mu: f32,
     nesterov: bool,
-    lambda: f32,
-    relevance: Relevance,
+    reg: Option<SelectiveDecay>,
+    smoothed: bool,
     threshold: f32,
 }
 
@@ -330,35 +448,27 @@ impl InplaceOp3 for StepOp {
     ) -> candle_core::Result<()> {
         let w = cpu_f32_mut(s1, l1)?;
         let u = cpu_f32(s2, l2)?;
-        let g = cpu_f32(s3, l3)?;
-        check_len("sgd step", w.len(), &[u.len(), g.len()])?;
-        let (lr, mu, lambda, thr, rel) = (
-            self.lr,
-            self.mu,
-            self.lambda,
-            self.threshold,
-            self.relevance,
-        );
+        let x = cpu_f32(s3, l3)?;
+        check_len("sgd step", w.len(), &[u.len(), x.len()])?;
+        let (lr, mu, thr) = (self.lr, self.mu, self.threshold);
         // Separate loops so the common cases compile to branch-free vector code.
-        match (self.nesterov, lambda > 0.0) {
-            (false, false) => {
+        match (self.reg, self.nesterov) {
+            (None, false) => {
                 for (w, &u) in w.iter_mut().zip(u) {
                     *w -= lr * u;
                 }
             }
-            (true, false) => {
-                for ((w, &u), &g) in w.iter_mut().zip(u).zip(g) {
+            (None, true) => {
+                for ((w, &u), &g) in w.iter_mut().zip(u).zip(x) {
                     *w -= lr * (g + mu * u);
                 }
             }
-            (nesterov, true) => {
-                for ((w, &u), &g) in w.iter_mut().zip(u).zip(g) {
-                    let step = if nesterov { g + mu * u } else { u };
-                    let decay = if score(rel, *w, g) < thr {
-                        lambda * *w
-                    } else {
-                        0.0
-                    };
+            (Some(r), nesterov) => {
+                let (lambda, rel, smoothed) = (r.lambda as f32, r.relevance, self.smoothed);
+                for ((w, &u), &x) in w.iter_mut().zip(u).zip(x) {
+                    let step = if nesterov { x + mu * u } else { u };
+                    let s = if smoothed { x } else { score(rel, *w, x) };
+                    let decay = lambda * r.gate_value(s, thr) * r.pull(*w);
                     *w = *w - lr * step - decay;
                 }
             }

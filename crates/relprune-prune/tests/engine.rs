@@ -116,18 +116,33 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32) {
 }
 
 #[test]
-fn fused_and_tensor_op_steps_agree_for_momentum_nesterov_and_regularizer() {
-    let reg = SelectiveDecay {
+fn fused_and_tensor_op_steps_agree_for_every_optimizer_and_regularizer_variant() {
+    let hard = SelectiveDecay {
         lambda: 0.02,
         ..Default::default()
     };
+    let variants = [
+        None,
+        Some(hard),
+        Some(SelectiveDecay::lobster(0.02)),
+        Some(SelectiveDecay::l1(0.002)),
+        Some(SelectiveDecay {
+            ema_beta: 0.9,
+            ..hard
+        }),
+        Some(SelectiveDecay {
+            ema_beta: 0.5,
+            relevance: relprune_core::Relevance::Taylor,
+            ..hard
+        }),
+    ];
     for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.9, true)] {
         let cfg = SgdConfig {
             lr: 0.1,
             momentum,
             nesterov,
         };
-        for r in [None, Some(reg)] {
+        for r in variants {
             let (w1, b1, v1, _) = run(cfg, r, true, 25);
             let (w2, b2, v2, _) = run(cfg, r, false, 25);
             assert_close(&w1, &w2, 1e-6);
@@ -139,10 +154,23 @@ fn fused_and_tensor_op_steps_agree_for_momentum_nesterov_and_regularizer() {
 
 #[test]
 fn pruned_weights_and_their_momentum_stay_exactly_zero_after_many_steps() {
-    let reg = SelectiveDecay {
-        lambda: 0.01,
-        ..Default::default()
-    };
+    for reg in [
+        SelectiveDecay {
+            lambda: 0.01,
+            ..Default::default()
+        },
+        SelectiveDecay {
+            lambda: 0.01,
+            ema_beta: 0.9,
+            ..Default::default()
+        },
+        SelectiveDecay::l1(0.001),
+    ] {
+        pruned_stay_zero(reg);
+    }
+}
+
+fn pruned_stay_zero(reg: SelectiveDecay) {
     for fused in [true, false] {
         for nesterov in [false, true] {
             let cfg = SgdConfig {
@@ -296,7 +324,7 @@ fn bisection_finds_the_largest_threshold_within_tolerance() {
 }
 
 #[test]
-fn sparse_format_round_trips_and_is_smaller_than_dense() {
+fn sparse_format_round_trips_and_a_dense_file_is_rejected() {
     let (_vm, ps) = tiny_model(7);
     let masks = half_pruned(&ps);
     masks.apply(&ps).unwrap();
