@@ -167,7 +167,15 @@ impl SelectiveDecay {
             Gate::Hard { stat, tau } => (stat, tau),
         };
         let value = match stat {
-            GateStat::Max => max_abs(s) as f64,
+            // Smoothed scores of pruned elements decay but are not zero until a reset.
+            GateStat::Max => match mask {
+                Some(m) => s
+                    .iter()
+                    .zip(m)
+                    .fold(0f32, |a, (&x, &m)| if m != 0.0 { a.max(x) } else { a })
+                    as f64,
+                None => max_abs(s) as f64,
+            },
             GateStat::Mean => {
                 let (mut sum, mut n) = (0.0f64, 0usize);
                 for (i, &x) in s.iter().enumerate() {

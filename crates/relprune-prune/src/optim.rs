@@ -207,7 +207,11 @@ fn fused_step(
     let update_src = if cfg.momentum > 0.0 {
         let (v, _) = buffer(&mut state.velocity, w)?;
         let mu = cfg.momentum as f32;
-        v.inplace_op2(&gm, &MomentumOp { mu })?;
+        match mask {
+            // Masking v too keeps pruned momentum at zero even if the masks changed without a reset.
+            Some(m) => v.inplace_op3(&gm, m, &MaskedMomentumOp { mu })?,
+            None => v.inplace_op2(&gm, &MomentumOp { mu })?,
+        }
         if nesterov && smoothed.is_some() {
             // The step reads the smoothed scores, not g: fold g + μv into the gradient buffer.
             gm.inplace_op2(&v, &AxpyOp { a: mu })?;
@@ -246,10 +250,13 @@ fn generic_step(
         None => g,
     };
     let update = if cfg.momentum > 0.0 {
-        let v = match &state.velocity {
+        let mut v = match &state.velocity {
             Some(v) => ((v * cfg.momentum)? + &gm)?,
             None => gm.clone(),
         };
+        if let Some(m) = &mask {
+            v = (v * m)?;
+        }
         state.velocity = Some(v.clone());
         if cfg.nesterov {
             (&gm + (v * cfg.momentum)?)?
@@ -333,6 +340,36 @@ impl InplaceOp2 for MomentumOp {
         check_len("momentum", v.len(), &[g.len()])?;
         for (v, &g) in v.iter_mut().zip(g) {
             *v = self.mu * *v + g;
+        }
+        Ok(())
+    }
+}
+
+/// `v ← (μ v + ĝ) ⊙ mask`.
+struct MaskedMomentumOp {
+    mu: f32,
+}
+
+impl InplaceOp3 for MaskedMomentumOp {
+    fn name(&self) -> &'static str {
+        "relprune-masked-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let v = cpu_f32_mut(s1, l1)?;
+        let g = cpu_f32(s2, l2)?;
+        let m = cpu_f32(s3, l3)?;
+        check_len("masked momentum", v.len(), &[g.len(), m.len()])?;
+        for ((v, &g), &m) in v.iter_mut().zip(g).zip(m) {
+            *v = (self.mu * *v + g) * m;
         }
         Ok(())
     }

@@ -204,6 +204,50 @@ fn pruned_stay_zero(reg: SelectiveDecay) {
 }
 
 #[test]
+fn pruning_mid_training_without_a_state_reset_still_keeps_pruned_weights_at_zero() {
+    for fused in [true, false] {
+        let (_vm, ps) = tiny_model(11);
+        let mut masks = Masks::dense(&ps).unwrap();
+        let reg = SelectiveDecay {
+            lambda: 0.01,
+            ema_beta: 0.8,
+            ..Default::default()
+        };
+        let cfg = SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: true,
+        };
+        let mut opt = MaskedSgd::new(cfg, Some(reg)).unwrap();
+        opt.set_fused(fused);
+        for s in 0..10 {
+            opt.step(&ps, &masks, &loss(&ps, s).backward().unwrap())
+                .unwrap();
+        }
+        masks.prune_below(&ps, 0.25).unwrap();
+        for s in 10..60 {
+            opt.step(&ps, &masks, &loss(&ps, s).backward().unwrap())
+                .unwrap();
+        }
+        let w = values(&ps, "lin.weight");
+        let m: Vec<f32> = masks
+            .get("lin.weight")
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(m.contains(&0.0));
+        for (w, m) in w.iter().zip(&m) {
+            assert!(
+                *m != 0.0 || *w == 0.0,
+                "a pruned weight moved (fused={fused})"
+            );
+        }
+    }
+}
+
+#[test]
 fn lambda_zero_equals_the_unregularized_optimizer_exactly() {
     let cfg = SgdConfig {
         lr: 0.1,
