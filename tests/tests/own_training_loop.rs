@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use relprune_core::SelectiveDecay;
 use relprune_data::{DataSource, DatasetKind};
 use relprune_models::Lenet300;
-use relprune_prune::{MaskedSgd, Masks, ParamSet, Selection, SgdConfig};
+use relprune_prune::{MaskedSgd, Masks, Optimizer, ParamSet, Selection, SgdConfig};
 
 #[test]
 fn masked_regularized_sgd_trains_lenet_on_real_mnist_and_keeps_pruned_weights_at_zero() {

@@ -2,13 +2,14 @@
 //!
 //! - [`ParamSet`]: the model's parameters by name, which of them are prunable, snapshots.
 //! - [`Masks`]: persistent 0/1 pruning masks; pruned weights stay exactly zero.
-//! - [`MaskedSgd`]: SGD with momentum that applies the masks and the regularizer of
-//!   `relprune-core` every step (fused on the CPU).
+//! - [`Optimizer`]: [`MaskedSgd`] (momentum, Nesterov) and [`MaskedAdam`] (Adam, AdamW) apply the
+//!   masks and the regularizer of `relprune-core` every step (fused on the CPU).
 //! - [`Task`]: what the engine needs of a model + data: batch losses and evaluations.
 //! - [`Trainer`]: epochs with progress and NaN checks; [`IterativePruning`]: the pruning algorithm
 //!   (plateau, restore best, threshold bisection on the validation loss, stop rules, fine-tune).
 //! - [`export`]: the pruned checkpoint, dense and in a compact sparse format.
 
+pub mod adam;
 pub mod error;
 pub mod export;
 pub mod iterative;
@@ -20,10 +21,11 @@ pub mod task;
 pub mod threshold;
 pub mod trainer;
 
+pub use adam::{AdamConfig, MaskedAdam};
 pub use error::{Error, Result};
 pub use iterative::{IterativePruning, PruneConfig, PruneOutcome, RoundRecord, StopReason};
 pub use mask::Masks;
-pub use optim::{MaskedSgd, SgdConfig};
+pub use optim::{MaskedSgd, Optimizer, SgdConfig};
 pub use params::{Param, ParamSet, Selection, Snapshot};
 pub use schedule::LrSchedule;
 pub use task::{Evaluation, MetricSpec, Split, Task};

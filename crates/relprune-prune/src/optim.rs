@@ -22,6 +22,25 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Masks, ParamSet, Result};
 
+/// A masked, regularized optimizer: what the [`crate::Trainer`] and the pruning algorithm drive.
+///
+/// Implementations keep pruned weights, their gradients and their optimizer state at exactly zero,
+/// and apply the regularizer (if any) in decoupled form to the prunable parameters only.
+pub trait Optimizer: std::fmt::Debug {
+    /// One step over every parameter that has a gradient in `grads`.
+    fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()>;
+    /// The current learning rate.
+    fn lr(&self) -> f64;
+    /// Sets the learning rate (schedules call this each epoch).
+    fn set_lr(&mut self, lr: f64);
+    /// The regularizer in use.
+    fn regularizer(&self) -> Option<SelectiveDecay>;
+    /// Turns the regularizer on or off.
+    fn set_regularizer(&mut self, regularizer: Option<SelectiveDecay>) -> Result<()>;
+    /// Forgets the optimizer state (after weights are restored or pruned).
+    fn reset_state(&mut self);
+}
+
 /// Hyper-parameters of [`MaskedSgd`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SgdConfig {
@@ -44,14 +63,14 @@ impl Default for SgdConfig {
 }
 
 #[derive(Debug, Default)]
-struct State {
+pub(crate) struct State {
     velocity: Option<Tensor>,
     masked_grad: Option<Tensor>,
     smoothed: Option<Tensor>,
 }
 
 /// A persistent zero buffer of `w`'s shape in `slot`, created on first use.
-fn buffer(slot: &mut Option<Tensor>, w: &Tensor) -> Result<(Tensor, bool)> {
+pub(crate) fn buffer(slot: &mut Option<Tensor>, w: &Tensor) -> Result<(Tensor, bool)> {
     Ok(match slot {
         Some(b) => (b.clone(), false),
         None => {
@@ -90,30 +109,6 @@ impl MaskedSgd {
         self.cfg
     }
 
-    /// Sets the learning rate (schedules call this each epoch).
-    pub fn set_lr(&mut self, lr: f64) {
-        self.cfg.lr = lr;
-    }
-
-    /// Turns the regularizer on or off (off for dense training and the final fine-tune).
-    pub fn set_regularizer(&mut self, regularizer: Option<SelectiveDecay>) -> Result<()> {
-        if let Some(r) = &regularizer {
-            r.validate()?;
-        }
-        self.regularizer = regularizer;
-        Ok(())
-    }
-
-    /// The regularizer in use.
-    pub fn regularizer(&self) -> Option<SelectiveDecay> {
-        self.regularizer
-    }
-
-    /// Forgets the momentum (after weights are restored or pruned).
-    pub fn reset_state(&mut self) {
-        self.state.clear();
-    }
-
     /// Uses tensor ops even on the CPU (the portable path; tests compare both).
     pub fn set_fused(&mut self, fused: bool) {
         self.fused = fused;
@@ -123,9 +118,34 @@ impl MaskedSgd {
     pub fn velocity(&self, name: &str) -> Option<&Tensor> {
         self.state.get(name).and_then(|s| s.velocity.as_ref())
     }
+}
 
-    /// One step over every parameter that has a gradient in `grads`.
-    pub fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()> {
+impl Optimizer for MaskedSgd {
+    fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    fn regularizer(&self) -> Option<SelectiveDecay> {
+        self.regularizer
+    }
+
+    fn set_regularizer(&mut self, regularizer: Option<SelectiveDecay>) -> Result<()> {
+        if let Some(r) = &regularizer {
+            r.validate()?;
+        }
+        self.regularizer = regularizer;
+        Ok(())
+    }
+
+    fn reset_state(&mut self) {
+        self.state.clear();
+    }
+
+    fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()> {
         for p in params.iter() {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
@@ -229,6 +249,7 @@ fn fused_step(
         reg: reg.filter(|r| r.lambda > 0.0),
         smoothed: smoothed.is_some(),
         threshold,
+        weight_decay: 0.0,
     };
     let second = smoothed.as_ref().unwrap_or(&gm);
     w.inplace_op3(&update_src, second, &op)?;
@@ -291,7 +312,7 @@ fn generic_step(
 }
 
 /// `dst ← g ⊙ mask`.
-struct MaskedCopy;
+pub(crate) struct MaskedCopy;
 
 impl InplaceOp3 for MaskedCopy {
     fn name(&self) -> &'static str {
@@ -319,7 +340,7 @@ impl InplaceOp3 for MaskedCopy {
 }
 
 /// `v ← μ v + ĝ`.
-struct MomentumOp {
+pub(crate) struct MomentumOp {
     mu: f32,
 }
 
@@ -346,7 +367,7 @@ impl InplaceOp2 for MomentumOp {
 }
 
 /// `v ← (μ v + ĝ) ⊙ mask`.
-struct MaskedMomentumOp {
+pub(crate) struct MaskedMomentumOp {
     mu: f32,
 }
 
@@ -376,7 +397,7 @@ impl InplaceOp3 for MaskedMomentumOp {
 }
 
 /// `dst ← src`.
-struct CopyOp;
+pub(crate) struct CopyOp;
 
 impl InplaceOp2 for CopyOp {
     fn name(&self) -> &'static str {
@@ -399,8 +420,8 @@ impl InplaceOp2 for CopyOp {
 }
 
 /// `dst ← dst + a·src`.
-struct AxpyOp {
-    a: f32,
+pub(crate) struct AxpyOp {
+    pub(crate) a: f32,
 }
 
 impl InplaceOp2 for AxpyOp {
@@ -426,9 +447,9 @@ impl InplaceOp2 for AxpyOp {
 }
 
 /// `ŝ ← β ŝ + (1−β) score(w, ĝ)` (dst `ŝ`, sources `w`, `ĝ`).
-struct SmoothOp {
-    beta: f32,
-    relevance: Relevance,
+pub(crate) struct SmoothOp {
+    pub(crate) beta: f32,
+    pub(crate) relevance: Relevance,
 }
 
 impl InplaceOp3 for SmoothOp {
@@ -460,13 +481,15 @@ impl InplaceOp3 for SmoothOp {
 /// `w ← w − η u − λ m(score) pull(w)`, with `u = v`, or `ĝ + μ v` (Nesterov, unsmoothed).
 ///
 /// The second source is `ĝ` (scores computed from `w`, `ĝ`) or the smoothed scores.
-struct StepOp {
-    lr: f32,
-    mu: f32,
-    nesterov: bool,
-    reg: Option<SelectiveDecay>,
-    smoothed: bool,
-    threshold: f32,
+pub(crate) struct StepOp {
+    pub(crate) lr: f32,
+    pub(crate) mu: f32,
+    pub(crate) nesterov: bool,
+    pub(crate) reg: Option<SelectiveDecay>,
+    pub(crate) smoothed: bool,
+    pub(crate) threshold: f32,
+    /// Decoupled classical weight decay on every element (AdamW's), scaled by the learning rate.
+    pub(crate) weight_decay: f32,
 }
 
 impl InplaceOp3 for StepOp {
@@ -487,17 +510,17 @@ impl InplaceOp3 for StepOp {
         let u = cpu_f32(s2, l2)?;
         let x = cpu_f32(s3, l3)?;
         check_len("sgd step", w.len(), &[u.len(), x.len()])?;
-        let (lr, mu, thr) = (self.lr, self.mu, self.threshold);
+        let (lr, mu, thr, wd) = (self.lr, self.mu, self.threshold, self.weight_decay);
         // Separate loops so the common cases compile to branch-free vector code.
         match (self.reg, self.nesterov) {
             (None, false) => {
                 for (w, &u) in w.iter_mut().zip(u) {
-                    *w -= lr * u;
+                    *w -= lr * (u + wd * *w);
                 }
             }
             (None, true) => {
                 for ((w, &u), &g) in w.iter_mut().zip(u).zip(x) {
-                    *w -= lr * (g + mu * u);
+                    *w -= lr * (g + mu * u + wd * *w);
                 }
             }
             (Some(r), nesterov) => {
@@ -506,7 +529,7 @@ impl InplaceOp3 for StepOp {
                     let step = if nesterov { x + mu * u } else { u };
                     let s = if smoothed { x } else { score(rel, *w, x) };
                     let decay = lambda * r.gate_value(s, thr) * r.pull(*w);
-                    *w = *w - lr * step - decay;
+                    *w = *w - lr * (step + wd * *w) - decay;
                 }
             }
         }
@@ -514,7 +537,7 @@ impl InplaceOp3 for StepOp {
     }
 }
 
-fn check_len(op: &str, n: usize, others: &[usize]) -> candle_core::Result<()> {
+pub(crate) fn check_len(op: &str, n: usize, others: &[usize]) -> candle_core::Result<()> {
     if others.iter().any(|&o| o != n) {
         candle_core::bail!("{op}: length mismatch {n} vs {others:?}");
     }

@@ -5,7 +5,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Evaluation, LrSchedule, MaskedSgd, Masks, ParamSet, Result, Split, Task};
+use crate::{Error, Evaluation, LrSchedule, Masks, Optimizer, ParamSet, Result, Split, Task};
 
 /// What one epoch did.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,19 +32,19 @@ pub struct Trainer {
     /// The pruning masks.
     pub masks: Masks,
     /// The optimizer (regularizer on or off).
-    pub optim: MaskedSgd,
+    pub optim: Box<dyn Optimizer>,
     /// Hide progress bars and log lines.
     pub quiet: bool,
 }
 
 impl Trainer {
     /// A trainer over `params` with `masks` applied to the weights right away.
-    pub fn new(params: ParamSet, masks: Masks, optim: MaskedSgd) -> Result<Self> {
+    pub fn new(params: ParamSet, masks: Masks, optim: impl Optimizer + 'static) -> Result<Self> {
         masks.apply(&params)?;
         Ok(Self {
             params,
             masks,
-            optim,
+            optim: Box::new(optim),
             quiet: false,
         })
     }

@@ -5,7 +5,8 @@ use candle_nn::VarMap;
 use relprune_core::SelectiveDecay;
 use relprune_prune::threshold::{search_global, BisectionConfig, Bounds};
 use relprune_prune::{
-    export, Evaluation, MaskedSgd, Masks, MetricSpec, ParamSet, Selection, SgdConfig,
+    export, AdamConfig, Evaluation, MaskedAdam, MaskedSgd, Masks, MetricSpec, Optimizer, ParamSet,
+    Selection, SgdConfig,
 };
 
 fn tiny_model(seed: u32) -> (VarMap, ParamSet) {
@@ -401,4 +402,147 @@ fn masks_from_nonzero_recover_the_pruning_of_a_loaded_model() {
     let masks = half_pruned(&ps);
     let again = Masks::from_nonzero(&ps).unwrap();
     assert_eq!(masks.totals().unwrap(), again.totals().unwrap());
+}
+
+fn run_adam(
+    cfg: AdamConfig,
+    reg: Option<SelectiveDecay>,
+    fused: bool,
+    steps: usize,
+    prune_at: usize,
+) -> (Vec<f32>, Vec<f32>, Masks, MaskedAdam) {
+    let (_vm, ps) = tiny_model(13);
+    let mut masks = Masks::dense(&ps).unwrap();
+    let mut opt = MaskedAdam::new(cfg, reg).unwrap();
+    opt.set_fused(fused);
+    for s in 0..steps {
+        if s == prune_at {
+            masks.prune_below(&ps, 0.25).unwrap();
+        }
+        let grads = loss(&ps, s).backward().unwrap();
+        opt.step(&ps, &masks, &grads).unwrap();
+    }
+    (
+        values(&ps, "lin.weight"),
+        values(&ps, "lin.bias"),
+        masks,
+        opt,
+    )
+}
+
+#[test]
+fn adam_fused_and_tensor_op_steps_agree_for_adam_adamw_and_regularizers() {
+    let hard = SelectiveDecay {
+        lambda: 0.02,
+        ..Default::default()
+    };
+    for (wd, decoupled) in [(0.0, true), (0.01, true), (0.01, false)] {
+        let cfg = AdamConfig {
+            lr: 0.01,
+            weight_decay: wd,
+            decoupled_weight_decay: decoupled,
+            ..Default::default()
+        };
+        for r in [
+            None,
+            Some(hard),
+            Some(SelectiveDecay::lobster(0.02)),
+            Some(SelectiveDecay {
+                ema_beta: 0.9,
+                ..hard
+            }),
+        ] {
+            let (w1, b1, _, o1) = run_adam(cfg, r, true, 20, 5);
+            let (w2, b2, _, o2) = run_adam(cfg, r, false, 20, 5);
+            assert_close(&w1, &w2, 2e-6);
+            assert_close(&b1, &b2, 2e-6);
+            let m = |o: &MaskedAdam| -> Vec<f32> {
+                o.moments("lin.weight")
+                    .unwrap()
+                    .1
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_close(&m(&o1), &m(&o2), 1e-6);
+        }
+    }
+}
+
+#[test]
+fn adam_keeps_pruned_weights_and_both_moments_at_zero_after_pruning_mid_training() {
+    let reg = SelectiveDecay {
+        lambda: 0.01,
+        ..Default::default()
+    };
+    let cfg = AdamConfig {
+        lr: 0.02,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    for fused in [true, false] {
+        let (w, _, masks, opt) = run_adam(cfg, Some(reg), fused, 200, 20);
+        let m: Vec<f32> = masks
+            .get("lin.weight")
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (m1, m2) = opt.moments("lin.weight").unwrap();
+        let m1: Vec<f32> = m1.flatten_all().unwrap().to_vec1().unwrap();
+        let m2: Vec<f32> = m2.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(m.contains(&0.0));
+        for i in 0..m.len() {
+            if m[i] == 0.0 {
+                assert_eq!(
+                    (w[i], m1[i], m2[i]),
+                    (0.0, 0.0, 0.0),
+                    "element {i} (fused={fused})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn adams_first_step_moves_each_weight_by_the_learning_rate_against_its_gradient() {
+    // With bias correction, step 1 is lr·g/(|g|+ε) = lr·sign(g) for |g| ≫ ε.
+    let (_vm, ps) = tiny_model(17);
+    let before = values(&ps, "lin.weight");
+    let w = ps
+        .iter()
+        .find(|p| p.name == "lin.weight")
+        .unwrap()
+        .var
+        .clone();
+    let grads = loss(&ps, 0).backward().unwrap();
+    let g: Vec<f32> = grads
+        .get(w.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut opt = MaskedAdam::new(
+        AdamConfig {
+            lr: 0.01,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    opt.step(&ps, &Masks::dense(&ps).unwrap(), &grads).unwrap();
+    let after = values(&ps, "lin.weight");
+    for i in 0..g.len() {
+        if g[i].abs() > 1e-4 {
+            let want = before[i] - 0.01 * g[i].signum();
+            assert!(
+                (after[i] - want).abs() < 1e-5,
+                "{i}: {} vs {want}",
+                after[i]
+            );
+        }
+    }
 }

@@ -1,0 +1,416 @@
+//! Adam and AdamW, masked and regularized in decoupled form.
+//!
+//! Per parameter and step, with `m` the pruning mask and `d` the regularizer's gate:
+//!
+//! ```text
+//! ĝ = g ⊙ m  (+ wd·w for Adam's L2 weight decay)
+//! m₁ ← β₁ m₁ + (1−β₁) ĝ,   m₂ ← β₂ m₂ + (1−β₂) ĝ²      (both masked)
+//! u = (m₁ / (1−β₁ᵗ)) / (√(m₂ / (1−β₂ᵗ)) + ε)
+//! w ← w − η (u + wd·w  [AdamW only]) − λ d ⊙ pull(w)
+//! ```
+//!
+//! Pruned weights, their gradients and both moments stay exactly zero.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Tensor};
+use relprune_core::kernel::{cpu_f32, cpu_f32_mut, with_cpu_f32};
+use relprune_core::SelectiveDecay;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{buffer, check_len, AxpyOp, CopyOp, MaskedCopy, SmoothOp, StepOp};
+use crate::{Masks, Optimizer, ParamSet, Result};
+
+/// Hyper-parameters of [`MaskedAdam`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamConfig {
+    /// Learning rate `η`.
+    pub lr: f64,
+    /// First-moment decay `β₁`.
+    pub beta1: f64,
+    /// Second-moment decay `β₂`.
+    pub beta2: f64,
+    /// Denominator guard `ε`.
+    pub eps: f64,
+    /// Classical weight decay on every parameter (0 = none).
+    pub weight_decay: f64,
+    /// AdamW (decay decoupled from the gradient, scaled by `η`) rather than Adam (decay added to `g`).
+    pub decoupled_weight_decay: bool,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled_weight_decay: true,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct AdamState {
+    m1: Option<Tensor>,
+    m2: Option<Tensor>,
+    work: Option<Tensor>,
+    scores: Option<Tensor>,
+    smoothed: Option<Tensor>,
+    steps: i32,
+}
+
+/// Adam / AdamW that applies pruning masks and the selective-decay regularizer every step.
+#[derive(Debug)]
+pub struct MaskedAdam {
+    cfg: AdamConfig,
+    regularizer: Option<SelectiveDecay>,
+    state: HashMap<String, AdamState>,
+    fused: bool,
+}
+
+impl MaskedAdam {
+    /// A new optimizer; `regularizer` applies to the prunable parameters only.
+    pub fn new(cfg: AdamConfig, regularizer: Option<SelectiveDecay>) -> Result<Self> {
+        if let Some(r) = &regularizer {
+            r.validate()?;
+        }
+        if !(0.0..1.0).contains(&cfg.beta1) || !(0.0..1.0).contains(&cfg.beta2) || cfg.eps <= 0.0 {
+            return Err(crate::Error::Config(format!(
+                "Adam needs beta1, beta2 in [0, 1) and eps > 0, got {cfg:?}"
+            )));
+        }
+        Ok(Self {
+            cfg,
+            regularizer,
+            state: HashMap::new(),
+            fused: true,
+        })
+    }
+
+    /// Uses tensor ops even on the CPU (the portable path; tests compare both).
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    /// The first and second moments of a parameter, once it has taken a step.
+    pub fn moments(&self, name: &str) -> Option<(&Tensor, &Tensor)> {
+        let s = self.state.get(name)?;
+        Some((s.m1.as_ref()?, s.m2.as_ref()?))
+    }
+}
+
+impl Optimizer for MaskedAdam {
+    fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    fn regularizer(&self) -> Option<SelectiveDecay> {
+        self.regularizer
+    }
+
+    fn set_regularizer(&mut self, regularizer: Option<SelectiveDecay>) -> Result<()> {
+        if let Some(r) = &regularizer {
+            r.validate()?;
+        }
+        self.regularizer = regularizer;
+        Ok(())
+    }
+
+    fn reset_state(&mut self) {
+        self.state.clear();
+    }
+
+    fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()> {
+        for p in params.iter() {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let w = p.var.as_tensor();
+            let mask = if p.prunable {
+                masks.get_partial(&p.name)
+            } else {
+                None
+            };
+            let reg = if p.prunable {
+                self.regularizer.filter(|r| r.lambda > 0.0)
+            } else {
+                None
+            };
+            let state = self.state.entry(p.name.clone()).or_default();
+            state.steps += 1;
+            let fusable = self.fused
+                && matches!(w.device(), Device::Cpu)
+                && w.dtype() == DType::F32
+                && w.is_contiguous();
+            if fusable {
+                fused_step(self.cfg, reg, w, g, mask, state)?;
+            } else {
+                let new_w = generic_step(self.cfg, reg, w, g, mask, state)?;
+                p.var.set(&new_w)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bias_corrections(cfg: &AdamConfig, t: i32) -> (f64, f64) {
+    (1.0 - cfg.beta1.powi(t), 1.0 - cfg.beta2.powi(t))
+}
+
+fn fused_step(
+    cfg: AdamConfig,
+    reg: Option<SelectiveDecay>,
+    w: &Tensor,
+    g: &Tensor,
+    mask: Option<&Tensor>,
+    st: &mut AdamState,
+) -> Result<()> {
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    // ĝ in our own buffer (it becomes the update direction later).
+    let (gm, _) = buffer(&mut st.work, w)?;
+    match mask {
+        Some(m) => gm.inplace_op3(&g, m, &MaskedCopy)?,
+        None => gm.inplace_op2(&g, &CopyOp)?,
+    }
+    if cfg.weight_decay > 0.0 && !cfg.decoupled_weight_decay {
+        gm.inplace_op2(
+            w,
+            &AxpyOp {
+                a: cfg.weight_decay as f32,
+            },
+        )?;
+    }
+    // Relevance scores (instantaneous or smoothed) before ĝ is overwritten.
+    let scores = match reg {
+        Some(r) => {
+            let smoothed = r.ema_beta > 0.0;
+            let slot = if smoothed {
+                &mut st.smoothed
+            } else {
+                &mut st.scores
+            };
+            let (s, first) = buffer(slot, w)?;
+            let beta = if smoothed && !first {
+                r.ema_beta as f32
+            } else {
+                0.0
+            };
+            s.inplace_op3(
+                w,
+                &gm,
+                &SmoothOp {
+                    beta,
+                    relevance: r.relevance,
+                },
+            )?;
+            let thr = match mask {
+                Some(m) => with_cpu_f32(&s, |sd| {
+                    with_cpu_f32(m, |md| r.threshold_of_scores(sd, Some(md)))
+                })??,
+                None => with_cpu_f32(&s, |sd| r.threshold_of_scores(sd, None))?,
+            };
+            Some((s, thr as f32))
+        }
+        None => None,
+    };
+    let (m1, _) = buffer(&mut st.m1, w)?;
+    let (m2, _) = buffer(&mut st.m2, w)?;
+    let mask_src = mask.unwrap_or(&gm);
+    let masked = mask.is_some();
+    m1.inplace_op3(
+        &gm,
+        mask_src,
+        &MomentOp {
+            beta: cfg.beta1 as f32,
+            square: false,
+            masked,
+        },
+    )?;
+    m2.inplace_op3(
+        &gm,
+        mask_src,
+        &MomentOp {
+            beta: cfg.beta2 as f32,
+            square: true,
+            masked,
+        },
+    )?;
+    let (bc1, bc2) = bias_corrections(&cfg, st.steps);
+    gm.inplace_op3(
+        &m1,
+        &m2,
+        &DirectionOp {
+            bc1: bc1 as f32,
+            bc2: bc2 as f32,
+            eps: cfg.eps as f32,
+        },
+    )?;
+    let (second, threshold) = match &scores {
+        Some((s, thr)) => (s, *thr),
+        None => (&gm, f32::NEG_INFINITY),
+    };
+    let op = StepOp {
+        lr: cfg.lr as f32,
+        mu: 0.0,
+        nesterov: false,
+        reg,
+        smoothed: true,
+        threshold,
+        weight_decay: if cfg.decoupled_weight_decay {
+            cfg.weight_decay as f32
+        } else {
+            0.0
+        },
+    };
+    w.inplace_op3(&gm, second, &op)?;
+    Ok(())
+}
+
+fn generic_step(
+    cfg: AdamConfig,
+    reg: Option<SelectiveDecay>,
+    w: &Tensor,
+    g: &Tensor,
+    mask: Option<&Tensor>,
+    st: &mut AdamState,
+) -> Result<Tensor> {
+    let g = g.to_dtype(w.dtype())?;
+    let mask = mask.map(|m| m.to_dtype(w.dtype())).transpose()?;
+    let mut gm = match &mask {
+        Some(m) => (&g * m)?,
+        None => g,
+    };
+    if cfg.weight_decay > 0.0 && !cfg.decoupled_weight_decay {
+        gm = (gm + (w * cfg.weight_decay)?)?;
+    }
+    let masked = |t: Tensor| -> Result<Tensor> {
+        Ok(match &mask {
+            Some(m) => (t * m)?,
+            None => t,
+        })
+    };
+    let m1 = match &st.m1 {
+        Some(m) => ((m * cfg.beta1)? + (&gm * (1.0 - cfg.beta1))?)?,
+        None => (&gm * (1.0 - cfg.beta1))?,
+    };
+    let m2 = match &st.m2 {
+        Some(m) => ((m * cfg.beta2)? + (gm.sqr()? * (1.0 - cfg.beta2))?)?,
+        None => (gm.sqr()? * (1.0 - cfg.beta2))?,
+    };
+    let (m1, m2) = (masked(m1)?, masked(m2)?);
+    st.m1 = Some(m1.clone());
+    st.m2 = Some(m2.clone());
+    let (bc1, bc2) = bias_corrections(&cfg, st.steps);
+    let mut dir = ((m1 / bc1)? / ((m2 / bc2)?.sqrt()? + cfg.eps)?)?;
+    if cfg.weight_decay > 0.0 && cfg.decoupled_weight_decay {
+        dir = (dir + (w * cfg.weight_decay)?)?;
+    }
+    let mut new_w = match reg {
+        Some(r) => {
+            let scores = r.scores(w, &gm)?;
+            let scores = if r.ema_beta > 0.0 {
+                let s = match &st.smoothed {
+                    Some(prev) => r.smooth(prev, &scores)?,
+                    None => scores,
+                };
+                st.smoothed = Some(s.clone());
+                s
+            } else {
+                scores
+            };
+            let gate = r.gate_from_scores(&scores, mask.as_ref())?;
+            r.decoupled_step(w, &dir, cfg.lr, &gate)?
+        }
+        None => (w - (dir * cfg.lr)?)?,
+    };
+    if let Some(m) = &mask {
+        new_w = (new_w * m)?;
+    }
+    Ok(new_w)
+}
+
+/// `m ← (β m + (1−β) x) ⊙ mask` with `x = ĝ` or `ĝ²` (dst `m`, sources `ĝ`, mask).
+struct MomentOp {
+    beta: f32,
+    square: bool,
+    masked: bool,
+}
+
+impl InplaceOp3 for MomentOp {
+    fn name(&self) -> &'static str {
+        "relprune-adam-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let m = cpu_f32_mut(s1, l1)?;
+        let g = cpu_f32(s2, l2)?;
+        let k = cpu_f32(s3, l3)?;
+        check_len("adam moment", m.len(), &[g.len(), k.len()])?;
+        let (b, c) = (self.beta, 1.0 - self.beta);
+        match (self.square, self.masked) {
+            (false, false) => m.iter_mut().zip(g).for_each(|(m, &g)| *m = b * *m + c * g),
+            (true, false) => m
+                .iter_mut()
+                .zip(g)
+                .for_each(|(m, &g)| *m = b * *m + c * g * g),
+            (false, true) => {
+                for ((m, &g), &k) in m.iter_mut().zip(g).zip(k) {
+                    *m = (b * *m + c * g) * k;
+                }
+            }
+            (true, true) => {
+                for ((m, &g), &k) in m.iter_mut().zip(g).zip(k) {
+                    *m = (b * *m + c * g * g) * k;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `dst ← (m₁/bc₁) / (√(m₂/bc₂) + ε)`.
+struct DirectionOp {
+    bc1: f32,
+    bc2: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for DirectionOp {
+    fn name(&self) -> &'static str {
+        "relprune-adam-direction"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let d = cpu_f32_mut(s1, l1)?;
+        let m1 = cpu_f32(s2, l2)?;
+        let m2 = cpu_f32(s3, l3)?;
+        check_len("adam direction", d.len(), &[m1.len(), m2.len()])?;
+        for ((d, &a), &b) in d.iter_mut().zip(m1).zip(m2) {
+            *d = (a / self.bc1) / ((b / self.bc2).sqrt() + self.eps);
+        }
+        Ok(())
+    }
+}
