@@ -377,4 +377,21 @@ mod tests {
         let report = std::fs::read_to_string(out.join("report.md")).unwrap();
         assert!(report.contains("fc1.weight"));
     }
+
+    #[test]
+    fn target_sparsity_mode_prunes_exactly_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny_config();
+        cfg.prune.target_sparsity = Some(0.6);
+        cfg.prune.delta = 100.0;
+        let results = run_config(cfg, &DataSource::Embedded, dir.path()).unwrap();
+        let want = (0.4 * 266_200f64).round() as usize;
+        assert_eq!(
+            results.pruned.nonzero,
+            want,
+            "{:?}",
+            results.extra.get("stop_reason")
+        );
+        assert_eq!(results.extra["stop_reason"], "target_sparsity");
+    }
 }

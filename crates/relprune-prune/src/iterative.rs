@@ -32,7 +32,8 @@ pub struct PruneConfig {
     pub min_improvement: f64,
     /// Epoch budget of the pruning phase.
     pub max_epochs: usize,
-    /// Stop once this fraction of the prunable weights is pruned.
+    /// Target-sparsity mode: stop once exactly this fraction of the prunable weights is pruned
+    /// (the last round prunes by magnitude to the exact count instead of overshooting).
     pub target_sparsity: Option<f64>,
     /// `K`: rounds in a row that trigger the stop rules below.
     pub stop_rounds: usize,
@@ -208,6 +209,7 @@ impl IterativePruning {
             // Plateau: restore the best weights since the last pruning, then prune.
             trainer.params.restore(&best)?;
             let before = trainer.masks.remaining_fraction()?;
+            let before_masks = trainer.masks.clone();
             let base = best_loss;
             let search = {
                 let snap = trainer.params.snapshot()?;
@@ -234,6 +236,16 @@ impl IterativePruning {
             trainer
                 .masks
                 .prune_below(&trainer.params, search.threshold)?;
+            if let Some(target) = cfg.target_sparsity {
+                // Target-sparsity mode: never overshoot; the last round lands on the target exactly.
+                if 1.0 - trainer.masks.remaining_fraction()? > target {
+                    trainer.params.restore(&best)?;
+                    trainer.masks = before_masks.clone();
+                    trainer
+                        .masks
+                        .prune_to_sparsity(&trainer.params, target, false)?;
+                }
+            }
             trainer.optim.reset_state();
             let after = trainer.masks.remaining_fraction()?;
             let valid = trainer.evaluate(task, Split::Valid)?;

@@ -99,6 +99,77 @@ impl Masks {
         Ok(())
     }
 
+    /// Prunes the smallest alive magnitudes until exactly `round(sparsity·n)` elements are pruned,
+    /// over all prunable parameters together (`per_layer = false`) or in each one (`true`).
+    ///
+    /// Already pruned elements count towards the target; ties at the cut are broken by position,
+    /// so the count is exact. Fails if the target is below what is already pruned.
+    pub fn prune_to_sparsity(
+        &mut self,
+        params: &ParamSet,
+        sparsity: f64,
+        per_layer: bool,
+    ) -> Result<()> {
+        if !(0.0..=1.0).contains(&sparsity) {
+            return Err(Error::Config(format!(
+                "sparsity must be in [0, 1], got {sparsity}"
+            )));
+        }
+        // (|w| or -1 for pruned, layer index, element index): pruned elements sort first.
+        let mut layers: Vec<(String, Vec<f32>, Vec<f32>)> = Vec::new();
+        for p in params.prunable() {
+            let m = self.mask_of(&p.name)?.flatten_all()?.to_vec1::<f32>()?;
+            let a = p
+                .var
+                .as_tensor()
+                .abs()?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            layers.push((p.name.clone(), a, m));
+        }
+        let groups: Vec<Vec<usize>> = if per_layer {
+            (0..layers.len()).map(|i| vec![i]).collect()
+        } else {
+            vec![(0..layers.len()).collect()]
+        };
+        for group in groups {
+            let mut keys: Vec<(f32, usize, usize)> = Vec::new();
+            for &l in &group {
+                let (_, a, m) = &layers[l];
+                keys.extend(
+                    a.iter()
+                        .zip(m)
+                        .enumerate()
+                        .map(|(i, (&a, &m))| (if m == 0.0 { -1.0 } else { a }, l, i)),
+                );
+            }
+            let n = keys.len();
+            let target = (sparsity * n as f64).round() as usize;
+            let already = keys.iter().filter(|k| k.0 < 0.0).count();
+            if target < already {
+                return Err(Error::Config(format!(
+                    "target sparsity {sparsity} is below the {:.4} already pruned",
+                    already as f64 / n.max(1) as f64
+                )));
+            }
+            if target > 0 {
+                keys.select_nth_unstable_by(target - 1, |x, y| {
+                    x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2)))
+                });
+                for &(_, l, i) in &keys[..target] {
+                    layers[l].2[i] = 0.0;
+                }
+            }
+        }
+        for (p, (name, _, m)) in params.prunable().zip(layers) {
+            let t = Tensor::from_vec(m, p.var.as_tensor().shape(), p.var.device())?;
+            p.var.set(&(p.var.as_tensor() * &t)?)?;
+            self.masks.insert(name, t);
+        }
+        self.refresh_full()
+    }
+
     /// Number of alive (unpruned) elements per parameter, in name order.
     pub fn alive_counts(&self) -> Result<Vec<(String, usize, usize)>> {
         let mut out = Vec::with_capacity(self.masks.len());

@@ -546,3 +546,34 @@ fn adams_first_step_moves_each_weight_by_the_learning_rate_against_its_gradient(
         }
     }
 }
+
+#[test]
+fn prune_to_sparsity_hits_the_exact_count_globally_and_per_layer() {
+    let (_vm, ps) = tiny_model(19);
+    let mut masks = Masks::dense(&ps).unwrap();
+    // 48 weights: 25% → 12 pruned, the 12 smallest magnitudes.
+    masks.prune_to_sparsity(&ps, 0.25, false).unwrap();
+    assert_eq!(masks.totals().unwrap(), (48, 36));
+    let mut a: Vec<f32> = values(&ps, "lin.weight").iter().map(|x| x.abs()).collect();
+    let zeros = a.iter().filter(|&&x| x == 0.0).count();
+    assert_eq!(zeros, 12);
+    a.sort_by(f32::total_cmp);
+    // Raising the target keeps what was pruned and adds the next smallest.
+    masks.prune_to_sparsity(&ps, 0.5, true).unwrap();
+    assert_eq!(masks.totals().unwrap(), (48, 24));
+    assert!(
+        masks.prune_to_sparsity(&ps, 0.1, false).is_err(),
+        "cannot un-prune"
+    );
+    assert!(masks.prune_to_sparsity(&ps, 1.5, false).is_err());
+    // Masks and weights agree.
+    let m: Vec<f32> = masks
+        .get("lin.weight")
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let w = values(&ps, "lin.weight");
+    assert!(w.iter().zip(&m).all(|(w, m)| (*w == 0.0) == (*m == 0.0)));
+}
