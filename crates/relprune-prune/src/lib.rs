@@ -27,6 +27,6 @@ pub use iterative::{IterativePruning, PruneConfig, PruneOutcome, RoundRecord, St
 pub use mask::Masks;
 pub use optim::{MaskedSgd, Optimizer, SgdConfig};
 pub use params::{Param, ParamSet, Selection, Snapshot};
-pub use schedule::LrSchedule;
+pub use schedule::{LrSchedule, LrScheduler};
 pub use task::{Evaluation, MetricSpec, Split, Task};
 pub use trainer::{EpochRecord, Trainer};

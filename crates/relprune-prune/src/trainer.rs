@@ -5,6 +5,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use crate::schedule::LrScheduler;
 use crate::{Error, Evaluation, LrSchedule, Masks, Optimizer, ParamSet, Result, Split, Task};
 
 /// What one epoch did.
@@ -113,6 +114,7 @@ impl Trainer {
         let spec = task.metric();
         let bar = self.progress_bar(epochs as u64, label);
         let mut records = Vec::with_capacity(epochs);
+        let mut scheduler = LrScheduler::new(schedule);
         let mut best = if keep_best {
             let e = self.evaluate(task, Split::Valid)?;
             Some((e.metric, self.params.snapshot()?))
@@ -121,10 +123,11 @@ impl Trainer {
         };
         for epoch in 1..=epochs {
             let t0 = Instant::now();
-            let lr = schedule.lr(epoch - 1);
+            let lr = scheduler.lr(epoch - 1);
             self.optim.set_lr(lr);
             let train_loss = self.train_epoch(task, epoch, Some(&bar))?;
             let valid = self.evaluate(task, Split::Valid)?;
+            scheduler.observe(valid.loss);
             let remaining_pct = 100.0 * self.masks.remaining_fraction()?;
             let rec = EpochRecord {
                 epoch,
