@@ -10,18 +10,19 @@ use crate::{Error, Result};
 /// Which parameters the regularizer and the masks cover.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Selection {
-    /// A parameter is a candidate when its name ends with one of these (default: `weight`).
-    pub suffixes: Vec<String>,
+    /// A parameter is a candidate when its name matches one of these patterns (`*` matches any
+    /// run of characters; default `*weight`: linear, conv, embedding and attention projections).
+    pub include: Vec<String>,
     /// Minimum rank of a candidate: 2 keeps matrices and kernels, drops norm scales and biases.
     pub min_rank: usize,
-    /// Parameters whose name contains any of these are never pruned.
+    /// Parameters whose name matches any of these patterns are never pruned.
     pub exclude: Vec<String>,
 }
 
 impl Default for Selection {
     fn default() -> Self {
         Self {
-            suffixes: vec!["weight".into()],
+            include: vec!["*weight".into()],
             min_rank: 2,
             exclude: vec![],
         }
@@ -32,9 +33,29 @@ impl Selection {
     /// Whether a parameter of this name and shape is pruned.
     pub fn is_prunable(&self, name: &str, dims: &[usize]) -> bool {
         dims.len() >= self.min_rank
-            && self.suffixes.iter().any(|s| name.ends_with(s.as_str()))
-            && !self.exclude.iter().any(|e| name.contains(e.as_str()))
+            && self.include.iter().any(|p| glob_match(p, name))
+            && !self.exclude.iter().any(|p| glob_match(p, name))
     }
+}
+
+/// Whether `name` matches `pattern`, where `*` matches any run of characters (also none).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// One named parameter.
@@ -46,6 +67,8 @@ pub struct Param {
     pub var: Var,
     /// Whether masks and the regularizer apply to it.
     pub prunable: bool,
+    /// Other names of the same variable (tied weights), which are counted and updated once.
+    pub aliases: Vec<String>,
 }
 
 /// The parameters of a model in name order (deterministic, unlike `VarMap::all_vars`).
@@ -65,14 +88,24 @@ impl ParamSet {
             .data()
             .lock()
             .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
-        let mut params: Vec<Param> = data
-            .iter()
-            .map(|(name, var)| Param {
+        let mut named: Vec<(&String, &Var)> = data.iter().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        let mut params: Vec<Param> = Vec::new();
+        let mut seen: std::collections::HashMap<candle_core::TensorId, usize> = Default::default();
+        for (name, var) in named {
+            // Tied weights: one variable under several names is one parameter (the first name).
+            if let Some(&i) = seen.get(&var.as_tensor().id()) {
+                params[i].aliases.push(name.clone());
+                continue;
+            }
+            seen.insert(var.as_tensor().id(), params.len());
+            params.push(Param {
                 name: name.clone(),
                 var: var.clone(),
                 prunable: selection.is_prunable(name, var.dims()),
-            })
-            .collect();
+                aliases: Vec::new(),
+            });
+        }
         params.sort_by(|a, b| a.name.cmp(&b.name));
         if !params.iter().any(|p| p.prunable) {
             return Err(Error::Config(
@@ -139,9 +172,51 @@ mod tests {
         assert!(!s.is_prunable("fc1.bias", &[300]));
         assert!(!s.is_prunable("ln.weight", &[300]));
         let s = Selection {
-            exclude: vec!["fc3".into()],
+            exclude: vec!["fc3.*".into()],
             ..Default::default()
         };
         assert!(!s.is_prunable("fc3.weight", &[10, 100]));
+        assert!(s.is_prunable("fc2.weight", &[10, 100]));
+    }
+
+    #[test]
+    fn glob_patterns_match_like_shell_wildcards() {
+        assert!(glob_match("*weight", "encoder.layers.0.fc1.weight"));
+        assert!(glob_match(
+            "encoder.*.q_proj.*",
+            "encoder.layers.3.q_proj.weight"
+        ));
+        assert!(!glob_match(
+            "encoder.*.q_proj.*",
+            "decoder.layers.3.q_proj.weight"
+        ));
+        assert!(glob_match("fc1.weight", "fc1.weight"));
+        assert!(!glob_match("fc1.weight", "fc1.weight2"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a*a", "a"));
+    }
+
+    #[test]
+    fn a_tied_variable_is_one_parameter_with_aliases() {
+        let vm = VarMap::new();
+        let w = Var::new(&[[1.0f32, 2.0], [3.0, 4.0]], &candle_core::Device::Cpu).unwrap();
+        {
+            let mut d = vm.data().lock().unwrap();
+            d.insert("shared.weight".into(), w.clone());
+            d.insert("lm_head.weight".into(), w);
+        }
+        let ps = ParamSet::from_varmap(&vm, &Selection::default()).unwrap();
+        let all: Vec<_> = ps
+            .iter()
+            .map(|p| (p.name.clone(), p.aliases.clone()))
+            .collect();
+        assert_eq!(
+            all,
+            vec![(
+                "lm_head.weight".to_string(),
+                vec!["shared.weight".to_string()]
+            )]
+        );
+        assert_eq!(ps.prunable_elems(), 4);
     }
 }
