@@ -62,6 +62,13 @@ pub struct Reproduce {
     /// Override the per-round validation-loss tolerance TWT.
     #[arg(long)]
     pub twt: Option<f64>,
+    /// The pruning method: selective (this project's), or a baseline: one-shot (magnitude, then
+    /// fine-tune), gmp (gradual magnitude, cubic schedule), han (iterative prune and retrain), snip.
+    #[arg(long, value_parser = ["selective", "one-shot", "gmp", "han", "snip"])]
+    pub method: Option<String>,
+    /// Target sparsity (fraction pruned) of the one-shot, gmp and snip baselines.
+    #[arg(long)]
+    pub sparsity: Option<f64>,
     /// Also bound each pruning round's validation metric to this many units worse than the dense model.
     #[arg(long)]
     pub metric_bound: Option<f64>,

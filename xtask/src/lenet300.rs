@@ -14,6 +14,7 @@ use relprune_eval::{
     SizesBytes, SparsityReport,
 };
 use relprune_models::Lenet300;
+use relprune_prune::baselines::{self, Finetune};
 use relprune_prune::threshold::BisectionConfig;
 use relprune_prune::{
     export, IterativePruning, LrSchedule, MaskedSgd, Masks, ParamSet, PruneConfig, Selection,
@@ -39,6 +40,10 @@ pub struct Config {
     pub momentum: f64,
     pub selection: Selection,
     pub prune: PruneConfig,
+    /// `selective` (the method), or a baseline: `one-shot`, `gmp`, `han`, `snip`.
+    pub method: String,
+    /// Target sparsity of the baselines that take one (one-shot, gmp, snip).
+    pub baseline_sparsity: f64,
     pub threads: Option<String>,
 }
 
@@ -76,6 +81,8 @@ impl Config {
             momentum: 0.9,
             selection: Selection::default(),
             prune,
+            method: "selective".into(),
+            baseline_sparsity: 0.98,
             threads: std::env::var("RAYON_NUM_THREADS").ok(),
         }
     }
@@ -98,6 +105,12 @@ pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     }
     if let Some(t) = f.twt {
         cfg.prune.bisection.twt = t;
+    }
+    if let Some(m) = &f.method {
+        cfg.method = m.clone();
+    }
+    if let Some(sp) = f.sparsity {
+        cfg.baseline_sparsity = sp;
     }
     if let Some(m) = f.metric_bound {
         cfg.prune.bisection.max_metric_worsening = Some(m);
@@ -189,9 +202,8 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
         dense_valid.metric, dense_test.metric
     );
 
-    // 2. Regularize and prune, then fine-tune.
-    let algo = IterativePruning::new(cfg.prune.clone())?;
-    let outcome = algo.run(&mut trainer, &mut task)?;
+    // 2. Prune: the method (regularize + iterative pruning) or a baseline, then fine-tune.
+    let phase = prune_phase(&cfg, &mut trainer, &mut task)?;
     let model_file = "model.safetensors";
     export::save_dense(&trainer.params, &out.join(model_file))?;
     export::save_sparse(&trainer.params, &out.join("model.sparse.safetensors"))?;
@@ -226,18 +238,6 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
         total.nonzero
     );
 
-    let rounds = outcome
-        .rounds
-        .iter()
-        .map(|r| RoundRecord {
-            round: r.round,
-            epoch: r.epoch,
-            threshold: r.threshold,
-            remaining_pct: r.remaining_pct,
-            val_loss: r.valid.loss,
-            val_metric: r.valid.metric,
-        })
-        .collect();
     let mut results = RunResults {
         experiment: cfg.experiment.clone(),
         dataset,
@@ -258,8 +258,8 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
         model_file: model_file.into(),
         wall_seconds: 0.0,
         config: serde_json::to_value(&cfg)?,
-        rounds,
-        extra: Default::default(),
+        rounds: phase.rounds,
+        extra: phase.extra,
     };
     measure_sizes(
         &mut results,
@@ -269,31 +269,135 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
     )?;
     let extra = &mut results.extra;
     extra.insert("dense_valid_metric".into(), dense_valid.metric.into());
-    extra.insert(
-        "reference_valid".into(),
-        serde_json::to_value(outcome.reference)?,
-    );
-    extra.insert(
-        "result_round".into(),
-        serde_json::to_value(outcome.result_round)?,
-    );
-    extra.insert("pruning_epochs".into(), outcome.epochs.into());
-    extra.insert(
-        "stop_reason".into(),
-        serde_json::to_value(outcome.stop_reason)?,
-    );
-    extra.insert(
-        "valid_before_finetune".into(),
-        serde_json::to_value(outcome.before_finetune)?,
-    );
-    extra.insert(
-        "valid_after_finetune".into(),
-        serde_json::to_value(outcome.after_finetune)?,
-    );
     extra.insert("test_loss_pruned".into(), pruned_test.loss.into());
     extra.insert("data_source".into(), source.to_string().into());
     results.wall_seconds = t0.elapsed().as_secs_f64();
     Ok(results)
+}
+
+/// What the pruning phase hands to the report.
+struct Phase {
+    rounds: Vec<RoundRecord>,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn prune_phase(
+    cfg: &Config,
+    trainer: &mut Trainer,
+    task: &mut ImageClassification<Lenet300>,
+) -> Result<Phase> {
+    let ft = Finetune {
+        epochs: cfg.prune.finetune_epochs,
+        lr: cfg.prune.finetune_lr,
+    };
+    let mut extra = serde_json::Map::new();
+    extra.insert("method".into(), cfg.method.clone().into());
+    let baseline = match cfg.method.as_str() {
+        "selective" => {
+            let outcome = IterativePruning::new(cfg.prune.clone())?.run(trainer, task)?;
+            let rounds = outcome
+                .rounds
+                .iter()
+                .map(|r| RoundRecord {
+                    round: r.round,
+                    epoch: r.epoch,
+                    threshold: r.threshold,
+                    remaining_pct: r.remaining_pct,
+                    val_loss: r.valid.loss,
+                    val_metric: r.valid.metric,
+                })
+                .collect();
+            extra.insert(
+                "reference_valid".into(),
+                serde_json::to_value(outcome.reference)?,
+            );
+            extra.insert(
+                "result_round".into(),
+                serde_json::to_value(outcome.result_round)?,
+            );
+            extra.insert("pruning_epochs".into(), outcome.epochs.into());
+            extra.insert(
+                "stop_reason".into(),
+                serde_json::to_value(outcome.stop_reason)?,
+            );
+            extra.insert(
+                "valid_before_finetune".into(),
+                serde_json::to_value(outcome.before_finetune)?,
+            );
+            extra.insert(
+                "valid_after_finetune".into(),
+                serde_json::to_value(outcome.after_finetune)?,
+            );
+            return Ok(Phase { rounds, extra });
+        }
+        "one-shot" => baselines::one_shot_magnitude(trainer, task, cfg.baseline_sparsity, ft)?,
+        "gmp" => baselines::gradual_magnitude(
+            trainer,
+            task,
+            cfg.baseline_sparsity,
+            10,
+            2,
+            cfg.prune.lr,
+            ft,
+        )?,
+        "han" => baselines::han_iterative(trainer, task, 0.5, 5, 3, cfg.prune.lr, ft)?,
+        "snip" => {
+            // SNIP prunes at initialization: start again from the initial weights, prune, train.
+            let fresh = VarMap::new();
+            Lenet300::new(&fresh, cfg.seed, &Device::Cpu)?;
+            for p in trainer.params.iter() {
+                let init = fresh
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?[&p.name]
+                    .as_tensor()
+                    .copy()?;
+                p.var.set(&init)?;
+            }
+            trainer.masks = Masks::dense(&trainer.params)?;
+            let t0 = Instant::now();
+            let steps = baselines::snip(trainer, task, cfg.baseline_sparsity, 10)?;
+            trainer.optim.reset_state();
+            let schedule = LrSchedule::Cosine {
+                lr: cfg.dense_lr,
+                epochs: cfg.dense_epochs,
+            };
+            trainer.fit(task, schedule, cfg.dense_epochs, false, "snip train")?;
+            let valid = trainer.evaluate(task, Split::Valid)?;
+            baselines::BaselineOutcome {
+                method: "snip".into(),
+                steps,
+                before_finetune: valid,
+                after_finetune: valid,
+                epochs: cfg.dense_epochs,
+                seconds: t0.elapsed().as_secs_f64(),
+            }
+        }
+        other => anyhow::bail!("unknown method `{other}` (selective, one-shot, gmp, han, snip)"),
+    };
+    let rounds = baseline
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, (epoch, remaining, e))| RoundRecord {
+            round: i + 1,
+            epoch: *epoch,
+            threshold: f64::NAN,
+            remaining_pct: *remaining,
+            val_loss: e.loss,
+            val_metric: e.metric,
+        })
+        .collect();
+    extra.insert("pruning_epochs".into(), baseline.epochs.into());
+    extra.insert(
+        "valid_before_finetune".into(),
+        serde_json::to_value(baseline.before_finetune)?,
+    );
+    extra.insert(
+        "valid_after_finetune".into(),
+        serde_json::to_value(baseline.after_finetune)?,
+    );
+    Ok(Phase { rounds, extra })
 }
 
 #[cfg(test)]
@@ -393,5 +497,38 @@ mod tests {
             results.extra.get("stop_reason")
         );
         assert_eq!(results.extra["stop_reason"], "target_sparsity");
+    }
+
+    #[test]
+    fn every_baseline_runs_end_to_end_and_reaches_its_sparsity() {
+        for (method, sparsity) in [
+            ("one-shot", 0.9),
+            ("gmp", 0.8),
+            ("han", f64::NAN),
+            ("snip", 0.9),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = tiny_config();
+            cfg.method = method.into();
+            cfg.baseline_sparsity = sparsity;
+            let r = run_config(cfg, &DataSource::Embedded, dir.path()).unwrap();
+            assert_eq!(r.extra["method"], method);
+            assert!(!r.rounds.is_empty(), "{method}");
+            if sparsity.is_finite() {
+                let want = ((1.0 - sparsity) * 266_200f64).round() as usize;
+                assert_eq!(r.pruned.nonzero, want, "{method}");
+            } else {
+                assert!(
+                    r.pruned.remaining_pct < 90.0,
+                    "{method}: {}",
+                    r.pruned.remaining_pct
+                );
+            }
+            assert!(
+                r.pruned.value < 50.0,
+                "{method} did not learn: {}",
+                r.pruned.value
+            );
+        }
     }
 }

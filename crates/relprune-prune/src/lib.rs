@@ -7,9 +7,11 @@
 //! - [`Task`]: what the engine needs of a model + data: batch losses and evaluations.
 //! - [`Trainer`]: epochs with progress and NaN checks; [`IterativePruning`]: the pruning algorithm
 //!   (plateau, restore best, threshold bisection on the validation loss, stop rules, fine-tune).
+//! - [`baselines`]: one-shot and gradual magnitude pruning, Han et al.'s prune-and-retrain, SNIP.
 //! - [`export`]: the pruned checkpoint, dense and in a compact sparse format.
 
 pub mod adam;
+pub mod baselines;
 pub mod error;
 pub mod export;
 pub mod iterative;

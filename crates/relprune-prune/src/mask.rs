@@ -110,6 +110,18 @@ impl Masks {
         sparsity: f64,
         per_layer: bool,
     ) -> Result<()> {
+        self.prune_by_scores(params, None, sparsity, per_layer)
+    }
+
+    /// Like [`Masks::prune_to_sparsity`], ranking by `scores` (by parameter name, the
+    /// parameter's shape; e.g. SNIP's `|w·g|`) instead of `|w|`.
+    pub fn prune_by_scores(
+        &mut self,
+        params: &ParamSet,
+        scores: Option<&BTreeMap<String, Tensor>>,
+        sparsity: f64,
+        per_layer: bool,
+    ) -> Result<()> {
         if !(0.0..=1.0).contains(&sparsity) {
             return Err(Error::Config(format!(
                 "sparsity must be in [0, 1], got {sparsity}"
@@ -119,9 +131,14 @@ impl Masks {
         let mut layers: Vec<(String, Vec<f32>, Vec<f32>)> = Vec::new();
         for p in params.prunable() {
             let m = self.mask_of(&p.name)?.flatten_all()?.to_vec1::<f32>()?;
-            let a = p
-                .var
-                .as_tensor()
+            let score = match scores {
+                Some(sc) => sc.get(&p.name).cloned().ok_or_else(|| Error::Param {
+                    name: p.name.clone(),
+                    msg: "no pruning score".into(),
+                })?,
+                None => p.var.as_tensor().clone(),
+            };
+            let a = score
                 .abs()?
                 .to_dtype(DType::F32)?
                 .flatten_all()?
@@ -166,6 +183,26 @@ impl Masks {
             let t = Tensor::from_vec(m, p.var.as_tensor().shape(), p.var.device())?;
             p.var.set(&(p.var.as_tensor() * &t)?)?;
             self.masks.insert(name, t);
+        }
+        self.refresh_full()
+    }
+
+    /// Removes every alive weight below its own layer's threshold (`thresholds` by parameter name;
+    /// a layer without one is left alone).
+    pub fn prune_below_per_layer(
+        &mut self,
+        params: &ParamSet,
+        thresholds: &BTreeMap<String, f64>,
+    ) -> Result<()> {
+        for p in params.prunable() {
+            let Some(&t) = thresholds.get(&p.name) else {
+                continue;
+            };
+            let m = self.mask_of(&p.name)?;
+            let keep = p.var.as_tensor().abs()?.ge(t)?.to_dtype(DType::F32)?;
+            let m = (m * keep)?;
+            p.var.set(&(p.var.as_tensor() * &m)?)?;
+            self.masks.insert(p.name.clone(), m);
         }
         self.refresh_full()
     }
