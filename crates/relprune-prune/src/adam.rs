@@ -14,12 +14,14 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Tensor};
+use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Tensor};
 use relprune_core::kernel::{cpu_f32, cpu_f32_mut, with_cpu_f32};
 use relprune_core::SelectiveDecay;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{buffer, check_len, AxpyOp, CopyOp, MaskedCopy, SmoothOp, StepOp};
+use crate::optim::{
+    buffer, check_len, for_each_step_input, AxpyOp, CopyOp, MaskedCopy, SmoothOp, StepOp,
+};
 use crate::{Masks, Optimizer, ParamSet, Result};
 
 /// Hyper-parameters of [`MaskedAdam`].
@@ -128,35 +130,18 @@ impl Optimizer for MaskedAdam {
     }
 
     fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()> {
-        for p in params.iter() {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
-                continue;
-            };
-            let w = p.var.as_tensor();
-            let mask = if p.prunable {
-                masks.get_partial(&p.name)
-            } else {
-                None
-            };
-            let reg = if p.prunable {
-                self.regularizer.filter(|r| r.lambda > 0.0)
-            } else {
-                None
-            };
-            let state = self.state.entry(p.name.clone()).or_default();
+        let (cfg, regularizer, fused) = (self.cfg, self.regularizer, self.fused);
+        for_each_step_input(params, masks, grads, regularizer, |x| {
+            let state = self.state.entry(x.param.name.clone()).or_default();
             state.steps += 1;
-            let fusable = self.fused
-                && matches!(w.device(), Device::Cpu)
-                && w.dtype() == DType::F32
-                && w.is_contiguous();
-            if fusable {
-                fused_step(self.cfg, reg, w, g, mask, state)?;
+            let w = x.param.var.as_tensor();
+            if fused && x.fusable {
+                fused_step(cfg, x.reg, w, x.grad, x.mask, state)
             } else {
-                let new_w = generic_step(self.cfg, reg, w, g, mask, state)?;
-                p.var.set(&new_w)?;
+                let new_w = generic_step(cfg, x.reg, w, x.grad, x.mask, state)?;
+                Ok(x.param.var.set(&new_w)?)
             }
-        }
-        Ok(())
+        })
     }
 }
 

@@ -69,6 +69,54 @@ pub(crate) struct State {
     smoothed: Option<Tensor>,
 }
 
+/// What every optimizer needs to update one parameter this step.
+pub(crate) struct StepInput<'a> {
+    /// The parameter.
+    pub(crate) param: &'a crate::Param,
+    /// Its gradient.
+    pub(crate) grad: &'a Tensor,
+    /// Its mask, if it is prunable and something in it is pruned.
+    pub(crate) mask: Option<&'a Tensor>,
+    /// The regularizer, if it is prunable and the regularizer is on.
+    pub(crate) reg: Option<SelectiveDecay>,
+    /// Whether the fused CPU kernels can update it (f32, contiguous, on the CPU).
+    pub(crate) fusable: bool,
+}
+
+/// Calls `f` for every parameter that has a gradient, with the mask and regularizer that apply.
+pub(crate) fn for_each_step_input(
+    params: &ParamSet,
+    masks: &Masks,
+    grads: &GradStore,
+    regularizer: Option<SelectiveDecay>,
+    mut f: impl FnMut(StepInput<'_>) -> Result<()>,
+) -> Result<()> {
+    for p in params.iter() {
+        let Some(grad) = grads.get(p.var.as_tensor()) else {
+            continue;
+        };
+        let w = p.var.as_tensor();
+        f(StepInput {
+            param: p,
+            grad,
+            mask: if p.prunable {
+                masks.get_partial(&p.name)
+            } else {
+                None
+            },
+            reg: if p.prunable {
+                regularizer.filter(|r| r.lambda > 0.0)
+            } else {
+                None
+            },
+            fusable: matches!(w.device(), Device::Cpu)
+                && w.dtype() == DType::F32
+                && w.is_contiguous(),
+        })?;
+    }
+    Ok(())
+}
+
 /// A persistent zero buffer of `w`'s shape in `slot`, created on first use.
 pub(crate) fn buffer(slot: &mut Option<Tensor>, w: &Tensor) -> Result<(Tensor, bool)> {
     Ok(match slot {
@@ -146,34 +194,17 @@ impl Optimizer for MaskedSgd {
     }
 
     fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()> {
-        for p in params.iter() {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
-                continue;
-            };
-            let w = p.var.as_tensor();
-            let mask = if p.prunable {
-                masks.get_partial(&p.name)
+        let (cfg, regularizer, fused) = (self.cfg, self.regularizer, self.fused);
+        for_each_step_input(params, masks, grads, regularizer, |x| {
+            let state = self.state.entry(x.param.name.clone()).or_default();
+            let w = x.param.var.as_tensor();
+            if fused && x.fusable {
+                fused_step(cfg, x.reg, w, x.grad, x.mask, state)
             } else {
-                None
-            };
-            let reg = if p.prunable {
-                self.regularizer.filter(|r| r.lambda > 0.0)
-            } else {
-                None
-            };
-            let state = self.state.entry(p.name.clone()).or_default();
-            let fusable = self.fused
-                && matches!(w.device(), Device::Cpu)
-                && w.dtype() == DType::F32
-                && w.is_contiguous();
-            if fusable {
-                fused_step(self.cfg, reg, w, g, mask, state)?;
-            } else {
-                let new_w = generic_step(self.cfg, reg, w, g, mask, state)?;
-                p.var.set(&new_w)?;
+                let new_w = generic_step(cfg, x.reg, w, x.grad, x.mask, state)?;
+                Ok(x.param.var.set(&new_w)?)
             }
-        }
-        Ok(())
+        })
     }
 }
 
