@@ -15,12 +15,12 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Tensor};
-use relprune_core::kernel::{cpu_f32, cpu_f32_mut, with_cpu_f32};
+use relprune_core::kernel::with_cpu_f32;
 use relprune_core::SelectiveDecay;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{
-    buffer, check_len, for_each_step_input, AxpyOp, CopyOp, MaskedCopy, SmoothOp, StepOp,
+    buffer, for_each_step_input, operands3, AxpyOp, CopyOp, MaskedCopy, SmoothOp, StepOp,
 };
 use crate::{Masks, Optimizer, ParamSet, Result};
 
@@ -342,10 +342,7 @@ impl InplaceOp3 for MomentOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let m = cpu_f32_mut(s1, l1)?;
-        let g = cpu_f32(s2, l2)?;
-        let k = cpu_f32(s3, l3)?;
-        check_len("adam moment", m.len(), &[g.len(), k.len()])?;
+        let (m, g, k) = operands3("adam moment", s1, l1, s2, l2, s3, l3)?;
         let (b, c) = (self.beta, 1.0 - self.beta);
         match (self.square, self.masked) {
             (false, false) => m.iter_mut().zip(g).for_each(|(m, &g)| *m = b * *m + c * g),
@@ -389,10 +386,7 @@ impl InplaceOp3 for DirectionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let d = cpu_f32_mut(s1, l1)?;
-        let m1 = cpu_f32(s2, l2)?;
-        let m2 = cpu_f32(s3, l3)?;
-        check_len("adam direction", d.len(), &[m1.len(), m2.len()])?;
+        let (d, m1, m2) = operands3("adam direction", s1, l1, s2, l2, s3, l3)?;
         for ((d, &a), &b) in d.iter_mut().zip(m1).zip(m2) {
             *d = (a / self.bc1) / ((b / self.bc2).sqrt() + self.eps);
         }

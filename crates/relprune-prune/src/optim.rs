@@ -359,10 +359,7 @@ impl InplaceOp3 for MaskedCopy {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let dst = cpu_f32_mut(s1, l1)?;
-        let g = cpu_f32(s2, l2)?;
-        let m = cpu_f32(s3, l3)?;
-        check_len("masked copy", dst.len(), &[g.len(), m.len()])?;
+        let (dst, g, m) = operands3("masked copy", s1, l1, s2, l2, s3, l3)?;
         for ((d, &g), &m) in dst.iter_mut().zip(g).zip(m) {
             *d = g * m;
         }
@@ -387,9 +384,7 @@ impl InplaceOp2 for MomentumOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let v = cpu_f32_mut(s1, l1)?;
-        let g = cpu_f32(s2, l2)?;
-        check_len("momentum", v.len(), &[g.len()])?;
+        let (v, g) = operands2("momentum", s1, l1, s2, l2)?;
         for (v, &g) in v.iter_mut().zip(g) {
             *v = self.mu * *v + g;
         }
@@ -416,10 +411,7 @@ impl InplaceOp3 for MaskedMomentumOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let v = cpu_f32_mut(s1, l1)?;
-        let g = cpu_f32(s2, l2)?;
-        let m = cpu_f32(s3, l3)?;
-        check_len("masked momentum", v.len(), &[g.len(), m.len()])?;
+        let (v, g, m) = operands3("masked momentum", s1, l1, s2, l2, s3, l3)?;
         for ((v, &g), &m) in v.iter_mut().zip(g).zip(m) {
             *v = (self.mu * *v + g) * m;
         }
@@ -442,9 +434,7 @@ impl InplaceOp2 for CopyOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let d = cpu_f32_mut(s1, l1)?;
-        let s = cpu_f32(s2, l2)?;
-        check_len("copy", d.len(), &[s.len()])?;
+        let (d, s) = operands2("copy", s1, l1, s2, l2)?;
         d.copy_from_slice(s);
         Ok(())
     }
@@ -467,9 +457,7 @@ impl InplaceOp2 for AxpyOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let d = cpu_f32_mut(s1, l1)?;
-        let s = cpu_f32(s2, l2)?;
-        check_len("axpy", d.len(), &[s.len()])?;
+        let (d, s) = operands2("axpy", s1, l1, s2, l2)?;
         for (d, &s) in d.iter_mut().zip(s) {
             *d += self.a * s;
         }
@@ -497,10 +485,7 @@ impl InplaceOp3 for SmoothOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let sm = cpu_f32_mut(s1, l1)?;
-        let w = cpu_f32(s2, l2)?;
-        let g = cpu_f32(s3, l3)?;
-        check_len("smooth", sm.len(), &[w.len(), g.len()])?;
+        let (sm, w, g) = operands3("smooth", s1, l1, s2, l2, s3, l3)?;
         let (b, rel) = (self.beta, self.relevance);
         for ((s, &w), &g) in sm.iter_mut().zip(w).zip(g) {
             *s = b * *s + (1.0 - b) * score(rel, w, g);
@@ -537,10 +522,7 @@ impl InplaceOp3 for StepOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let w = cpu_f32_mut(s1, l1)?;
-        let u = cpu_f32(s2, l2)?;
-        let x = cpu_f32(s3, l3)?;
-        check_len("sgd step", w.len(), &[u.len(), x.len()])?;
+        let (w, u, x) = operands3("sgd step", s1, l1, s2, l2, s3, l3)?;
         let (lr, mu, thr, wd) = (self.lr, self.mu, self.threshold, self.weight_decay);
         // Separate loops so the common cases compile to branch-free vector code.
         match (self.reg, self.nesterov) {
@@ -566,6 +548,35 @@ impl InplaceOp3 for StepOp {
         }
         Ok(())
     }
+}
+
+/// The destination and source slices of a two-operand in-place kernel, checked to match in length.
+pub(crate) fn operands2<'a>(
+    op: &str,
+    s1: &'a mut CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(&'a mut [f32], &'a [f32])> {
+    let (d, a) = (cpu_f32_mut(s1, l1)?, cpu_f32(s2, l2)?);
+    check_len(op, d.len(), &[a.len()])?;
+    Ok((d, a))
+}
+
+/// The destination and source slices of a three-operand in-place kernel, checked to match in length.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn operands3<'a>(
+    op: &str,
+    s1: &'a mut CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+    s3: &'a CpuStorage,
+    l3: &Layout,
+) -> candle_core::Result<(&'a mut [f32], &'a [f32], &'a [f32])> {
+    let (d, a, b) = (cpu_f32_mut(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+    check_len(op, d.len(), &[a.len(), b.len()])?;
+    Ok((d, a, b))
 }
 
 pub(crate) fn check_len(op: &str, n: usize, others: &[usize]) -> candle_core::Result<()> {
