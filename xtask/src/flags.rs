@@ -79,6 +79,9 @@ pub struct Reproduce {
     /// Smooth the relevance over steps with this β (0 = none).
     #[arg(long)]
     pub ema_beta: Option<f64>,
+    /// Per-layer thresholds (one factor times each layer's mean |w|) instead of one global threshold.
+    #[arg(long)]
+    pub per_layer: bool,
     /// Override the regularization strength λ.
     #[arg(long)]
     pub lambda: Option<f64>,

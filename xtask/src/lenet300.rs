@@ -112,6 +112,9 @@ pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     if let Some(sp) = f.sparsity {
         cfg.baseline_sparsity = sp;
     }
+    if f.per_layer {
+        cfg.prune.bisection.scope = relprune_prune::threshold::Scope::PerLayer;
+    }
     if let Some(m) = f.metric_bound {
         cfg.prune.bisection.max_metric_worsening = Some(m);
     }

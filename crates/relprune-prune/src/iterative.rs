@@ -224,9 +224,9 @@ impl IterativePruning {
                     &trainer.masks,
                     &bounds,
                     &cfg.bisection,
-                    |t| {
+                    |thresholds| {
                         let mut probe = trainer_ref.masks.clone();
-                        probe.prune_below(&trainer_ref.params, t)?;
+                        probe.prune_below_per_layer(&trainer_ref.params, thresholds)?;
                         let e = task.evaluate(Split::Valid);
                         trainer_ref.params.restore(&snap)?;
                         e
@@ -235,7 +235,7 @@ impl IterativePruning {
             };
             trainer
                 .masks
-                .prune_below(&trainer.params, search.threshold)?;
+                .prune_below_per_layer(&trainer.params, &search.thresholds)?;
             if let Some(target) = cfg.target_sparsity {
                 // Target-sparsity mode: never overshoot; the last round lands on the target exactly.
                 if 1.0 - trainer.masks.remaining_fraction()? > target {

@@ -1,10 +1,24 @@
-//! The global magnitude threshold search: the largest `T` whose pruning keeps the validation loss
-//! within the tolerance.
+//! The magnitude threshold search: the largest `T` whose pruning keeps the validation loss
+//! within the tolerance, globally or relative to each layer's scale.
+
+use std::collections::BTreeMap;
 
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Evaluation, Masks, MetricSpec, ParamSet, Result};
+
+/// How one searched number becomes each layer's threshold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// One magnitude threshold `T` for every layer (the default).
+    #[default]
+    Global,
+    /// Per-layer thresholds `t · mean|w_l|`: one relative factor `t`, each layer at its own scale,
+    /// so layers with small weights are not emptied first.
+    PerLayer,
+}
 
 /// Settings of the bisection.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -24,6 +38,9 @@ pub struct BisectionConfig {
     /// With the metric bound: stop when the threshold bracket is narrower than this fraction of it.
     #[serde(default = "default_rel_bracket")]
     pub rel_bracket: f64,
+    /// Global threshold or per-layer thresholds.
+    #[serde(default)]
+    pub scope: Scope,
 }
 
 fn default_rel_bracket() -> f64 {
@@ -39,25 +56,64 @@ impl Default for BisectionConfig {
             max_evals: 40,
             max_metric_worsening: None,
             rel_bracket: default_rel_bracket(),
+            scope: Scope::Global,
         }
     }
 }
 
 /// The outcome of a search.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ThresholdSearch {
-    /// The threshold found (weights with `|w| <` it are to be pruned).
+    /// The number found: the magnitude threshold (global scope) or the factor `t` (per layer).
     pub threshold: f64,
+    /// Each prunable layer's magnitude threshold (weights with `|w| <` it are to be pruned).
+    pub thresholds: BTreeMap<String, f64>,
     /// The validation loss at that threshold (`base` if it prunes nothing).
     pub loss: f64,
     /// How many evaluations the search took.
     pub evaluations: usize,
 }
 
-/// Magnitude statistics of the alive weights: (smallest non-zero |w|, largest |w|, mean over layers of the layer mean |w|).
-pub fn magnitude_range(params: &ParamSet, masks: &Masks) -> Result<Option<(f64, f64, f64)>> {
+/// Each prunable layer's scale: 1 (global scope) or the mean alive `|w|` (per layer).
+pub fn layer_scales(
+    params: &ParamSet,
+    masks: &Masks,
+    scope: Scope,
+) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for p in params.prunable() {
+        let scale = match scope {
+            Scope::Global => 1.0,
+            Scope::PerLayer => {
+                let m = masks.get(&p.name).ok_or_else(|| Error::Param {
+                    name: p.name.clone(),
+                    msg: "prunable but has no mask".into(),
+                })?;
+                let a = (p.var.as_tensor().abs()? * m)?.to_dtype(DType::F64)?;
+                let n = m.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+                let sum = a.sum_all()?.to_scalar::<f64>()?;
+                if n > 0.0 && sum > 0.0 {
+                    sum / n
+                } else {
+                    1.0
+                }
+            }
+        };
+        out.insert(p.name.clone(), scale);
+    }
+    Ok(out)
+}
+
+/// Magnitude statistics of the alive weights, each divided by its layer's scale: (smallest
+/// non-zero, largest, mean over layers of the layer mean).
+pub fn magnitude_range(
+    params: &ParamSet,
+    masks: &Masks,
+    scales: &BTreeMap<String, f64>,
+) -> Result<Option<(f64, f64, f64)>> {
     let (mut lo, mut hi, mut means) = (f64::INFINITY, 0.0f64, Vec::new());
     for p in params.prunable() {
+        let scale = scales.get(&p.name).copied().unwrap_or(1.0);
         let m = masks.get(&p.name).ok_or_else(|| Error::Param {
             name: p.name.clone(),
             msg: "prunable but has no mask".into(),
@@ -69,9 +125,10 @@ pub fn magnitude_range(params: &ParamSet, masks: &Masks) -> Result<Option<(f64, 
         let (mut sum, mut n) = (0.0f64, 0usize);
         for &x in &a {
             if x > 0.0 {
-                lo = lo.min(x as f64);
-                hi = hi.max(x as f64);
-                sum += x as f64;
+                let x = x as f64 / scale;
+                lo = lo.min(x);
+                hi = hi.max(x);
+                sum += x;
                 n += 1;
             }
         }
@@ -103,20 +160,25 @@ pub struct Bounds {
 /// Bisection for the largest global threshold `T` whose pruning keeps the validation loss
 /// `≤ base·(1+TWT)` (and, if configured, the metric within its bound of the reference).
 ///
-/// `eval_at(T)` must return the validation evaluation of the model with every alive `|w| < T`
-/// zeroed (and leave the model as it found it). Zeroing below the smallest alive magnitude
+/// `eval_at(thresholds)` must return the validation evaluation of the model with every alive
+/// `|w|` below its layer's threshold zeroed (and leave the model as it found it). Zeroing below the smallest alive magnitude
 /// prunes nothing, so that end of the bracket is feasible by definition.
 pub fn search_global(
     params: &ParamSet,
     masks: &Masks,
     bounds: &Bounds,
     cfg: &BisectionConfig,
-    mut eval_at: impl FnMut(f64) -> Result<Evaluation>,
+    mut eval_at: impl FnMut(&BTreeMap<String, f64>) -> Result<Evaluation>,
 ) -> Result<ThresholdSearch> {
     let base = bounds.base_loss;
-    let Some((min_w, max_w, start)) = magnitude_range(params, masks)? else {
+    let scales = layer_scales(params, masks, cfg.scope)?;
+    let per_layer = |t: f64| -> BTreeMap<String, f64> {
+        scales.iter().map(|(k, s)| (k.clone(), t * s)).collect()
+    };
+    let Some((min_w, max_w, start)) = magnitude_range(params, masks, &scales)? else {
         return Ok(ThresholdSearch {
             threshold: 0.0,
+            thresholds: per_layer(0.0),
             loss: base,
             evaluations: 0,
         });
@@ -135,7 +197,7 @@ pub fn search_global(
     let mut t = start.clamp(min_w, max_w);
     let mut evals = 0;
     while evals < cfg.max_evals {
-        let e = eval_at(t)?;
+        let e = eval_at(&per_layer(t))?;
         evals += 1;
         if feasible(&e) {
             lo = t;
@@ -164,6 +226,7 @@ pub fn search_global(
     }
     Ok(ThresholdSearch {
         threshold: lo,
+        thresholds: per_layer(lo),
         loss: lo_loss,
         evaluations: evals,
     })

@@ -343,7 +343,10 @@ fn bisection_finds_the_largest_threshold_within_tolerance() {
         },
     };
     let eval = |loss: f64, metric: f64| Ok(Evaluation { loss, metric });
-    let s = search_global(&ps, &masks, &bounds, &cfg, |t| eval(1.0 + 0.25 * t, 2.0)).unwrap();
+    let s = search_global(&ps, &masks, &bounds, &cfg, |th| {
+        eval(1.0 + 0.25 * th["lin.weight"], 2.0)
+    })
+    .unwrap();
     assert!((s.threshold - 0.2).abs() < 1e-3, "{s:?}");
     assert!(s.loss <= 1.05);
     // Nothing feasible: the threshold prunes nothing (it is the smallest alive magnitude).
@@ -364,7 +367,10 @@ fn bisection_finds_the_largest_threshold_within_tolerance() {
         rel_bracket: 0.001,
         ..cfg
     };
-    let s = search_global(&ps, &masks, &bounds, &cfg, |t| eval(1.0, 2.0 + 10.0 * t)).unwrap();
+    let s = search_global(&ps, &masks, &bounds, &cfg, |th| {
+        eval(1.0, 2.0 + 10.0 * th["lin.weight"])
+    })
+    .unwrap();
     assert!((s.threshold - 0.05).abs() < 2e-4, "{s:?}");
 }
 
@@ -576,4 +582,47 @@ fn prune_to_sparsity_hits_the_exact_count_globally_and_per_layer() {
         .unwrap();
     let w = values(&ps, "lin.weight");
     assert!(w.iter().zip(&m).all(|(w, m)| (*w == 0.0) == (*m == 0.0)));
+}
+
+#[test]
+fn per_layer_scope_scales_each_layers_threshold_by_its_mean_magnitude() {
+    let vm = VarMap::new();
+    {
+        let mut d = vm.data().lock().unwrap();
+        let big = Var::new(&[[1.0f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        let small = Var::new(&[[0.01f32, 0.02], [0.03, 0.04]], &Device::Cpu).unwrap();
+        d.insert("a.weight".into(), big);
+        d.insert("b.weight".into(), small);
+    }
+    let ps = ParamSet::from_varmap(&vm, &Selection::default()).unwrap();
+    let masks = Masks::dense(&ps).unwrap();
+    let bounds = Bounds {
+        base_loss: 1.0,
+        reference_metric: 0.0,
+        metric: MetricSpec {
+            name: "error".into(),
+            higher_is_better: false,
+        },
+    };
+    let cfg = BisectionConfig {
+        twt: 0.05,
+        rel_stop: 0.001,
+        scope: relprune_prune::threshold::Scope::PerLayer,
+        ..Default::default()
+    };
+    // Loss grows with the factor t = threshold / layer mean (a: 2.5): bound 1.05 → t = 0.9.
+    let s = search_global(&ps, &masks, &bounds, &cfg, |th| {
+        Ok(Evaluation {
+            loss: 1.0 + 0.05 * (th["a.weight"] / 2.5) / 0.9,
+            metric: 0.0,
+        })
+    })
+    .unwrap();
+    assert!((s.threshold - 0.9).abs() < 2e-3, "{s:?}");
+    assert!((s.thresholds["a.weight"] / s.thresholds["b.weight"] - 100.0).abs() < 1e-3);
+    // Pruning with these thresholds removes the same two elements (the smallest) of both layers.
+    let mut m = masks.clone();
+    m.prune_below_per_layer(&ps, &s.thresholds).unwrap();
+    let alive: Vec<usize> = m.alive_counts().unwrap().iter().map(|c| c.2).collect();
+    assert_eq!(alive, vec![2, 2]);
 }
