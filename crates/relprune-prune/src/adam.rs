@@ -20,7 +20,7 @@ use relprune_core::SelectiveDecay;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{
-    buffer, for_each_step_input, operands3, AxpyOp, CopyOp, MaskedCopy, SmoothOp, StepOp,
+    buffer, for_each_step_input, operands3, validated, AxpyOp, CopyOp, MaskedCopy, SmoothOp, StepOp,
 };
 use crate::{Masks, Optimizer, ParamSet, Result};
 
@@ -76,9 +76,7 @@ pub struct MaskedAdam {
 impl MaskedAdam {
     /// A new optimizer; `regularizer` applies to the prunable parameters only.
     pub fn new(cfg: AdamConfig, regularizer: Option<SelectiveDecay>) -> Result<Self> {
-        if let Some(r) = &regularizer {
-            r.validate()?;
-        }
+        let regularizer = validated(regularizer)?;
         if !(0.0..1.0).contains(&cfg.beta1) || !(0.0..1.0).contains(&cfg.beta2) || cfg.eps <= 0.0 {
             return Err(crate::Error::Config(format!(
                 "Adam needs beta1, beta2 in [0, 1) and eps > 0, got {cfg:?}"
@@ -118,10 +116,7 @@ impl Optimizer for MaskedAdam {
     }
 
     fn set_regularizer(&mut self, regularizer: Option<SelectiveDecay>) -> Result<()> {
-        if let Some(r) = &regularizer {
-            r.validate()?;
-        }
-        self.regularizer = regularizer;
+        self.regularizer = validated(regularizer)?;
         Ok(())
     }
 

@@ -41,6 +41,14 @@ pub trait Optimizer: std::fmt::Debug {
     fn reset_state(&mut self);
 }
 
+/// The regularizer after checking its values: every optimizer accepts one only through here.
+pub(crate) fn validated(regularizer: Option<SelectiveDecay>) -> Result<Option<SelectiveDecay>> {
+    if let Some(r) = &regularizer {
+        r.validate()?;
+    }
+    Ok(regularizer)
+}
+
 /// Hyper-parameters of [`MaskedSgd`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SgdConfig {
@@ -141,9 +149,7 @@ pub struct MaskedSgd {
 impl MaskedSgd {
     /// A new optimizer; `regularizer` applies to the prunable parameters only.
     pub fn new(cfg: SgdConfig, regularizer: Option<SelectiveDecay>) -> Result<Self> {
-        if let Some(r) = &regularizer {
-            r.validate()?;
-        }
+        let regularizer = validated(regularizer)?;
         Ok(Self {
             cfg,
             regularizer,
@@ -182,10 +188,7 @@ impl Optimizer for MaskedSgd {
     }
 
     fn set_regularizer(&mut self, regularizer: Option<SelectiveDecay>) -> Result<()> {
-        if let Some(r) = &regularizer {
-            r.validate()?;
-        }
-        self.regularizer = regularizer;
+        self.regularizer = validated(regularizer)?;
         Ok(())
     }
 
