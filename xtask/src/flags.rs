@@ -25,6 +25,40 @@ pub enum Cmd {
     Bench(Bench),
     /// Rebuild the embedded MNIST subset of relprune-data from a real MNIST directory.
     EmbedMnist(EmbedMnist),
+    /// Run every regularizer variant and baseline on one budget and write docs/ABLATION.md.
+    Ablate(Ablate),
+}
+
+/// Flags of `ablate`.
+#[derive(Debug, clap::Args)]
+pub struct Ablate {
+    /// The experiment (only lenet300-mnist so far).
+    #[arg(default_value = "lenet300-mnist")]
+    pub experiment: String,
+    /// Dataset directory (else $RELPRUNE_DATA_DIR, else ../shared/data/mnist).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Where each variant's run goes (finished runs are reused, interrupted ones resumed).
+    #[arg(long, default_value = "target/ablate")]
+    pub out: PathBuf,
+    /// The Markdown report (with the plot beside it).
+    #[arg(long, default_value = "docs/ABLATION.md")]
+    pub report: PathBuf,
+    /// Epoch budget of every variant's pruning phase (the fine-tune comes on top).
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    /// Runs at a time (each on one thread).
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    /// Only these variants (comma-separated names; see --list).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// List the variants and exit.
+    #[arg(long)]
+    pub list: bool,
+    /// Only rebuild the report from the finished runs.
+    #[arg(long)]
+    pub report_only: bool,
 }
 
 /// Flags of `reproduce`.
@@ -88,6 +122,16 @@ pub struct Reproduce {
     /// Override the gate fraction τ.
     #[arg(long)]
     pub tau: Option<f64>,
+    /// The statistic of a hard gate's threshold: max, mean, or a quantile `qQ` (e.g. q0.5).
+    #[arg(long)]
+    pub gate_stat: Option<String>,
+    /// The penalty of the regularizer: l2 (decay ∝ w) or l1 (decay ∝ sign w).
+    #[arg(long, value_parser = ["l2", "l1"])]
+    pub penalty: Option<String>,
+    /// Continue the interrupted run whose output directory is DIR (its configuration comes from
+    /// DIR/checkpoint; the other flags are ignored).
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
 }
 
 /// Flags of `bench`.

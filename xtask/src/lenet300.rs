@@ -32,6 +32,9 @@ pub struct Config {
     pub quick: bool,
     pub seed: u64,
     pub data_source: String,
+    /// The MNIST directory (`None`: the embedded subset).
+    #[serde(default)]
+    pub data_dir: Option<std::path::PathBuf>,
     pub train_limit: Option<usize>,
     pub n_valid: usize,
     pub batch_size: usize,
@@ -73,6 +76,7 @@ impl Config {
             quick,
             seed: 1,
             data_source: String::new(),
+            data_dir: None,
             train_limit: None,
             n_valid: if quick { 2000 } else { 5000 },
             batch_size: 100,
@@ -88,7 +92,31 @@ impl Config {
     }
 }
 
+/// Where a run keeps its checkpoint, inside its output directory.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
 pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
+    if let Some(dir) = &f.resume {
+        let saved = relprune_prune::checkpoint::read(&dir.join(CHECKPOINT_DIR), &Device::Cpu)?;
+        let cfg: Config = serde_json::from_value(saved.journal.run["config"].clone())
+            .with_context(|| {
+                format!(
+                    "{}: the checkpoint holds no lenet300 configuration",
+                    dir.display()
+                )
+            })?;
+        let source = match &cfg.data_dir {
+            Some(d) => DataSource::Dir(d.clone()),
+            None => DataSource::Embedded,
+        };
+        eprintln!(
+            "resuming {} in {} after {} epochs",
+            cfg.experiment,
+            dir.display(),
+            saved.journal.epochs_trained
+        );
+        return run_config(cfg, &source, out, true);
+    }
     let mut cfg = Config::new(f.quick);
     if let Some(s) = f.seed {
         cfg.seed = s;
@@ -131,6 +159,26 @@ pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
             _ => SelectiveDecay::default().with_lambda(lambda),
         };
     }
+    if let Some(stat) = &f.gate_stat {
+        let parsed = match stat.as_str() {
+            "max" => relprune_core::GateStat::Max,
+            "mean" => relprune_core::GateStat::Mean,
+            q => match q.strip_prefix('q').and_then(|v| v.parse::<f64>().ok()) {
+                Some(v) => relprune_core::GateStat::Quantile(v),
+                None => anyhow::bail!("--gate-stat: max, mean or qQ (e.g. q0.5), got `{q}`"),
+            },
+        };
+        match &mut cfg.prune.regularizer.gate {
+            relprune_core::Gate::Hard { stat, .. } => *stat = parsed,
+            _ => anyhow::bail!("--gate-stat needs a hard gate"),
+        }
+    }
+    if let Some(p) = &f.penalty {
+        cfg.prune.regularizer.penalty = match p.as_str() {
+            "l1" => relprune_core::Penalty::L1,
+            _ => relprune_core::Penalty::L2,
+        };
+    }
     if let Some(b) = f.ema_beta {
         cfg.prune.regularizer.ema_beta = b;
     }
@@ -150,11 +198,21 @@ pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
         relprune_data::resolve_source(DatasetKind::Mnist, f.data_dir.as_deref())?
     };
     cfg.data_source = source.to_string();
-    run_config(cfg, &source, out)
+    cfg.data_dir = match &source {
+        DataSource::Dir(d) => Some(std::path::absolute(d)?),
+        DataSource::Embedded => None,
+    };
+    run_config(cfg, &source, out, false)
 }
 
-/// Runs one configuration end to end, writing the model files into `out`.
-pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunResults> {
+/// Runs one configuration end to end, writing the model files into `out`; checkpoints every epoch
+/// into `out/checkpoint`, and with `resume` continues from there.
+pub fn run_config(
+    cfg: Config,
+    source: &DataSource,
+    out: &Path,
+    resume: bool,
+) -> Result<RunResults> {
     let t0 = Instant::now();
     let device = Device::Cpu;
     let splits = relprune_data::load(DatasetKind::Mnist, source)
@@ -190,6 +248,12 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
     };
     let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, None)?)?;
     let mut task = ImageClassification::new(model, train, valid, test, cfg.batch_size, cfg.seed);
+    let checkpoints = out.join(CHECKPOINT_DIR);
+    if resume {
+        trainer.resume(&checkpoints, &mut task)?;
+    } else {
+        trainer.checkpoint_into(&checkpoints, serde_json::json!({ "config": &cfg }))?;
+    }
 
     // 1. The dense reference.
     let schedule = LrSchedule::Cosine {
@@ -197,9 +261,12 @@ pub fn run_config(cfg: Config, source: &DataSource, out: &Path) -> Result<RunRes
         epochs: cfg.dense_epochs,
     };
     trainer.fit(&mut task, schedule, cfg.dense_epochs, false, "dense")?;
-    let dense_valid = trainer.evaluate(&mut task, Split::Valid)?;
-    let dense_test = trainer.evaluate(&mut task, Split::Test)?;
-    export::save_dense(&trainer.params, &out.join("dense.safetensors"))?;
+    let (dense_valid, dense_test) = trainer.once("dense evaluation", |trainer| {
+        let valid = trainer.evaluate(&mut task, Split::Valid)?;
+        let test = trainer.evaluate(&mut task, Split::Test)?;
+        export::save_dense(&trainer.params, &out.join("dense.safetensors"))?;
+        Ok((valid, test))
+    })?;
     eprintln!(
         "dense: valid error {:.2}%, test error {:.2}%",
         dense_valid.metric, dense_test.metric
@@ -293,6 +360,7 @@ fn prune_phase(
         epochs: cfg.prune.finetune_epochs,
         lr: cfg.prune.finetune_lr,
     };
+    let budget = cfg.prune.max_epochs;
     let mut extra = serde_json::Map::new();
     extra.insert("method".into(), cfg.method.clone().into());
     let baseline = match cfg.method.as_str() {
@@ -333,46 +401,58 @@ fn prune_phase(
             );
             return Ok(Phase { rounds, extra });
         }
-        "one-shot" => baselines::one_shot_magnitude(trainer, task, cfg.baseline_sparsity, ft)?,
-        "gmp" => baselines::gradual_magnitude(
-            trainer,
-            task,
-            cfg.baseline_sparsity,
-            10,
-            2,
-            cfg.prune.lr,
-            ft,
-        )?,
-        "han" => baselines::han_iterative(trainer, task, 0.5, 5, 3, cfg.prune.lr, ft)?,
+        // Every baseline gets the method's budget: `max_epochs` of pruning-phase training, then the
+        // same fine-tune.
+        "one-shot" => {
+            let long = Finetune {
+                epochs: budget + ft.epochs,
+                ..ft
+            };
+            baselines::one_shot_magnitude(trainer, task, cfg.baseline_sparsity, long)?
+        }
+        "gmp" => {
+            let (steps, every) = (10, (budget / 9).max(1));
+            let sp = cfg.baseline_sparsity;
+            baselines::gradual_magnitude(trainer, task, sp, steps, every, cfg.prune.lr, ft)?
+        }
+        "han" => {
+            let (rounds, retrain) = (5, (budget / 4).max(1));
+            baselines::han_iterative(trainer, task, 0.5, rounds, retrain, cfg.prune.lr, ft)?
+        }
         "snip" => {
             // SNIP prunes at initialization: start again from the initial weights, prune, train.
             let fresh = VarMap::new();
             Lenet300::new(&fresh, cfg.seed, &Device::Cpu)?;
-            for p in trainer.params.iter() {
-                let init = fresh
+            let inits = relprune_prune::Snapshot(
+                fresh
                     .data()
                     .lock()
-                    .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?[&p.name]
-                    .as_tensor()
-                    .copy()?;
-                p.var.set(&init)?;
-            }
-            trainer.masks = Masks::dense(&trainer.params)?;
+                    .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?
+                    .iter()
+                    .map(|(name, v)| Ok((name.clone(), v.as_tensor().copy()?)))
+                    .collect::<Result<_>>()?,
+            );
             let t0 = Instant::now();
-            let steps = baselines::snip(trainer, task, cfg.baseline_sparsity, 10)?;
-            trainer.optim.reset_state();
+            let steps = trainer.once("snip prune", |trainer| {
+                trainer.params.restore(&inits)?;
+                trainer.masks = Masks::dense(&trainer.params)?;
+                let steps = baselines::snip(trainer, task, cfg.baseline_sparsity, 10)?;
+                trainer.optim.reset_state();
+                Ok(steps)
+            })?;
+            let epochs = budget + ft.epochs;
             let schedule = LrSchedule::Cosine {
                 lr: cfg.dense_lr,
-                epochs: cfg.dense_epochs,
+                epochs,
             };
-            trainer.fit(task, schedule, cfg.dense_epochs, false, "snip train")?;
+            trainer.fit(task, schedule, epochs, false, "snip train")?;
             let valid = trainer.evaluate(task, Split::Valid)?;
             baselines::BaselineOutcome {
                 method: "snip".into(),
                 steps,
                 before_finetune: valid,
                 after_finetune: valid,
-                epochs: cfg.dense_epochs,
+                epochs,
                 seconds: t0.elapsed().as_secs_f64(),
             }
         }
@@ -424,7 +504,7 @@ mod tests {
     fn a_small_reproduction_writes_a_model_file_that_holds_what_results_json_claims() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path();
-        let results = run_config(tiny_config(), &DataSource::Embedded, out).unwrap();
+        let results = run_config(tiny_config(), &DataSource::Embedded, out, false).unwrap();
         crate::reproduce::write_outputs(&results, out).unwrap();
         for f in [
             "results.json",
@@ -483,6 +563,25 @@ mod tests {
         assert!(back.sizes_bytes.pruned_gzip < back.sizes_bytes.dense_safetensors);
         let report = std::fs::read_to_string(out.join("report.md")).unwrap();
         assert!(report.contains("fc1.weight"));
+
+        // `--resume` on the finished run reads the configuration back from the checkpoint and
+        // gives the same results without training again.
+        use clap::Parser;
+        let cli = crate::flags::Xtask::parse_from([
+            "cargo xtask",
+            "reproduce",
+            "lenet300-mnist",
+            "--resume",
+            out.to_str().unwrap(),
+        ]);
+        let crate::flags::Cmd::Reproduce(f) = cli.cmd else {
+            panic!("not a reproduce command")
+        };
+        let again = run(&f, out).unwrap();
+        assert_eq!(again.pruned.value, back.pruned.value);
+        assert_eq!(again.layers, back.layers);
+        assert_eq!(again.dense.value, back.dense.value);
+        assert_eq!(again.rounds.len(), back.rounds.len());
     }
 
     #[test]
@@ -491,7 +590,7 @@ mod tests {
         let mut cfg = tiny_config();
         cfg.prune.target_sparsity = Some(0.6);
         cfg.prune.delta = 100.0;
-        let results = run_config(cfg, &DataSource::Embedded, dir.path()).unwrap();
+        let results = run_config(cfg, &DataSource::Embedded, dir.path(), false).unwrap();
         let want = (0.4 * 266_200f64).round() as usize;
         assert_eq!(
             results.pruned.nonzero,
@@ -514,7 +613,7 @@ mod tests {
             let mut cfg = tiny_config();
             cfg.method = method.into();
             cfg.baseline_sparsity = sparsity;
-            let r = run_config(cfg, &DataSource::Embedded, dir.path()).unwrap();
+            let r = run_config(cfg, &DataSource::Embedded, dir.path(), false).unwrap();
             assert_eq!(r.extra["method"], method);
             assert!(!r.rounds.is_empty(), "{method}");
             if sparsity.is_finite() {

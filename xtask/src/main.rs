@@ -1,5 +1,6 @@
 //! `cargo xtask`: relprune's orchestrator (reproductions, benchmarks, maintenance tasks).
 
+mod ablate;
 mod bench;
 mod flags;
 mod lenet300;
@@ -20,6 +21,7 @@ fn main() -> anyhow::Result<()> {
     match flags.cmd {
         flags::Cmd::Reproduce(f) => reproduce::run(f),
         flags::Cmd::Bench(f) => bench::run(f),
+        flags::Cmd::Ablate(f) => ablate::run(f),
         flags::Cmd::EmbedMnist(f) => {
             let out = root.join("crates/relprune-data/embedded");
             relprune_data::mnist::write_embedded_subset(&f.mnist, &out, f.train, f.test)?;

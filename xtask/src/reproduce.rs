@@ -42,10 +42,11 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         .iter()
         .find(|e| e.name == name)
         .with_context(|| format!("unknown experiment `{name}` (see --list)"))?;
-    let out = f
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("target/reproduce").join(exp.name));
+    let out = match (&f.resume, &f.out) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(out)) => out.clone(),
+        (None, None) => PathBuf::from("target/reproduce").join(exp.name),
+    };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let results = (exp.run)(&f, &out)?;
     write_outputs(&results, &out)?;

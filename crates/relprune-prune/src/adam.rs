@@ -14,13 +14,14 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Tensor};
 use relprune_core::kernel::with_cpu_f32;
 use relprune_core::SelectiveDecay;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{
-    buffer, for_each_step_input, operands3, validated, AxpyOp, CopyOp, MaskedCopy, SmoothOp, StepOp,
+    buffer, for_each_step_input, operands3, owned_f32, split_state_key, validated, AxpyOp, CopyOp,
+    MaskedCopy, SmoothOp, StepOp,
 };
 use crate::{Masks, Optimizer, ParamSet, Result};
 
@@ -122,6 +123,44 @@ impl Optimizer for MaskedAdam {
 
     fn reset_state(&mut self) {
         self.state.clear();
+    }
+
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (name, st) in &self.state {
+            let slots = [("m1", &st.m1), ("m2", &st.m2), ("smoothed", &st.smoothed)];
+            for (slot, t) in slots {
+                if let Some(t) = t {
+                    out.push((format!("{name}/{slot}"), t.clone()));
+                }
+            }
+            let steps = Tensor::new(&[st.steps as i64], &Device::Cpu)?;
+            out.push((format!("{name}/steps"), steps));
+        }
+        Ok(out)
+    }
+
+    fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.state.clear();
+        for (key, t) in tensors {
+            let (name, slot) = split_state_key(key)?;
+            let st = self.state.entry(name.to_string()).or_default();
+            match slot {
+                "m1" => st.m1 = Some(owned_f32(t)?),
+                "m2" => st.m2 = Some(owned_f32(t)?),
+                "smoothed" => st.smoothed = Some(owned_f32(t)?),
+                "steps" => {
+                    let v = t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+                    st.steps = v.first().copied().unwrap_or(0) as i32;
+                }
+                other => {
+                    return Err(crate::Error::Config(format!(
+                        "unknown Adam state slot `{other}` in `{key}`"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()> {

@@ -58,9 +58,11 @@ fn finish<T: Task + ?Sized>(
     ft: Finetune,
     t0: Instant,
 ) -> Result<BaselineOutcome> {
-    trainer.optim.set_regularizer(None)?;
-    trainer.optim.reset_state();
-    let before_finetune = trainer.evaluate(task, Split::Valid)?;
+    let before_finetune = trainer.once("before fine-tune", |trainer| {
+        trainer.optim.set_regularizer(None)?;
+        trainer.optim.reset_state();
+        trainer.evaluate(task, Split::Valid)
+    })?;
     trainer.fit(
         task,
         LrSchedule::Cosine {
@@ -91,11 +93,14 @@ pub fn one_shot_magnitude<T: Task + ?Sized>(
     ft: Finetune,
 ) -> Result<BaselineOutcome> {
     let t0 = Instant::now();
-    trainer
-        .masks
-        .prune_to_sparsity(&trainer.params, sparsity, false)?;
-    let mut steps = Vec::new();
-    record(trainer, task, 0, &mut steps)?;
+    let steps = trainer.once("one-shot prune", |trainer| {
+        trainer
+            .masks
+            .prune_to_sparsity(&trainer.params, sparsity, false)?;
+        let mut steps = Vec::new();
+        record(trainer, task, 0, &mut steps)?;
+        Ok(steps)
+    })?;
     finish("one-shot-magnitude", trainer, task, steps, 0, ft, t0)
 }
 
@@ -124,13 +129,19 @@ pub fn gradual_magnitude<T: Task + ?Sized>(
     let initial = 1.0 - trainer.masks.remaining_fraction()?;
     for k in 1..=n {
         let target = cubic_sparsity(initial, final_sparsity, k, n);
-        trainer
-            .masks
-            .prune_to_sparsity(&trainer.params, target, false)?;
-        trainer.optim.reset_state();
-        record(trainer, task, epochs, &mut steps)?;
+        let step = trainer.once(&format!("gmp prune {k}"), |trainer| {
+            trainer
+                .masks
+                .prune_to_sparsity(&trainer.params, target, false)?;
+            trainer.optim.reset_state();
+            let mut one = Vec::new();
+            record(trainer, task, epochs, &mut one)?;
+            Ok(one)
+        })?;
+        steps.extend(step);
         if k < n {
-            trainer.fit(task, LrSchedule::Constant { lr }, every, false, "gmp")?;
+            let label = format!("gmp {k}");
+            trainer.fit(task, LrSchedule::Constant { lr }, every, false, &label)?;
             epochs += every;
         }
     }
@@ -154,34 +165,39 @@ pub fn han_iterative<T: Task + ?Sized>(
     let mut steps = Vec::new();
     let mut epochs = 0;
     for round in 0..rounds {
-        let mut thresholds = BTreeMap::new();
-        for p in trainer.params.prunable() {
-            let m = trainer.masks.get(&p.name).ok_or_else(|| Error::Param {
-                name: p.name.clone(),
-                msg: "prunable but has no mask".into(),
-            })?;
-            let w = p.var.as_tensor().to_dtype(DType::F64)?;
-            let m = m.to_dtype(DType::F64)?;
-            let n = m.sum_all()?.to_scalar::<f64>()?;
-            if n < 2.0 {
-                continue;
+        let step = trainer.once(&format!("han prune {}", round + 1), |trainer| {
+            let mut thresholds = BTreeMap::new();
+            for p in trainer.params.prunable() {
+                let m = trainer.masks.get(&p.name).ok_or_else(|| Error::Param {
+                    name: p.name.clone(),
+                    msg: "prunable but has no mask".into(),
+                })?;
+                let w = p.var.as_tensor().to_dtype(DType::F64)?;
+                let m = m.to_dtype(DType::F64)?;
+                let n = m.sum_all()?.to_scalar::<f64>()?;
+                if n < 2.0 {
+                    continue;
+                }
+                let mean = (&w * &m)?.sum_all()?.to_scalar::<f64>()? / n;
+                let var = ((w - mean)?.sqr()? * &m)?.sum_all()?.to_scalar::<f64>()? / n;
+                thresholds.insert(p.name.clone(), quality * var.sqrt());
             }
-            let mean = (&w * &m)?.sum_all()?.to_scalar::<f64>()? / n;
-            let var = ((w - mean)?.sqr()? * &m)?.sum_all()?.to_scalar::<f64>()? / n;
-            thresholds.insert(p.name.clone(), quality * var.sqrt());
-        }
-        trainer
-            .masks
-            .prune_below_per_layer(&trainer.params, &thresholds)?;
-        trainer.optim.reset_state();
-        record(trainer, task, epochs, &mut steps)?;
+            trainer
+                .masks
+                .prune_below_per_layer(&trainer.params, &thresholds)?;
+            trainer.optim.reset_state();
+            let mut one = Vec::new();
+            record(trainer, task, epochs, &mut one)?;
+            Ok(one)
+        })?;
+        steps.extend(step);
         if round + 1 < rounds {
             trainer.fit(
                 task,
                 LrSchedule::Constant { lr },
                 retrain_epochs,
                 false,
-                "han retrain",
+                &format!("han retrain {}", round + 1),
             )?;
             epochs += retrain_epochs;
         }
@@ -197,7 +213,7 @@ pub fn snip<T: Task + ?Sized>(
     sparsity: f64,
     batches: usize,
 ) -> Result<Vec<(usize, f64, Evaluation)>> {
-    let n = task.begin_epoch(0)?.min(batches.max(1));
+    let n = trainer.begin_epoch(task)?.min(batches.max(1));
     let mut scores: BTreeMap<String, candle_core::Tensor> = BTreeMap::new();
     for i in 0..n {
         let grads = task.batch_loss(i)?.backward()?;

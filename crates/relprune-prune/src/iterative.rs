@@ -12,6 +12,7 @@ use candle_core::DType;
 use relprune_core::SelectiveDecay;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{self, PhaseStart};
 use crate::threshold::{search_global, BisectionConfig, Bounds};
 use crate::{Error, Evaluation, LrSchedule, Masks, Result, Snapshot, Split, Task, Trainer};
 
@@ -126,6 +127,36 @@ pub struct IterativePruning {
     pub cfg: PruneConfig,
 }
 
+/// The phase label of the pruning epochs in checkpoints.
+const PHASE: &str = "pruning";
+
+/// The loop state checkpointed after every pruning epoch.
+#[derive(Serialize, Deserialize)]
+struct LoopState {
+    epoch: usize,
+    reference: Evaluation,
+    best_loss: f64,
+    since_improvement: usize,
+    result_round: Option<usize>,
+    rounds: Vec<RoundRecord>,
+    drift_run: usize,
+    stall_run: usize,
+    stop_reason: StopReason,
+    seconds: f64,
+}
+
+/// What the pruning epochs hand to the fine-tune (and a resumed run reads back).
+#[derive(Serialize, Deserialize)]
+struct PruningOutput {
+    reference: Evaluation,
+    rounds: Vec<RoundRecord>,
+    result_round: Option<usize>,
+    epochs: usize,
+    stop_reason: StopReason,
+    before_finetune: Evaluation,
+    seconds: f64,
+}
+
 struct Candidate {
     weights: Snapshot,
     masks: Masks,
@@ -155,6 +186,9 @@ impl IterativePruning {
     }
 
     /// Runs the pruning phase and the fine-tune on `trainer`'s model; leaves the result in it.
+    ///
+    /// Checkpointed trainers save the loop state after every epoch (phase `pruning`, then
+    /// `fine-tune`), and a resumed trainer continues from it.
     pub fn run<T: Task + ?Sized>(
         &self,
         trainer: &mut Trainer,
@@ -162,160 +196,50 @@ impl IterativePruning {
     ) -> Result<PruneOutcome> {
         let cfg = &self.cfg;
         let t0 = Instant::now();
-        let spec = task.metric();
-        trainer.optim.set_regularizer(Some(cfg.regularizer))?;
-        trainer.optim.set_lr(cfg.lr);
-        trainer.optim.reset_state();
-
-        let reference = trainer.evaluate(task, Split::Valid)?;
-        let mut best_loss = reference.loss;
-        let mut best = trainer.params.snapshot()?;
-        let mut since_improvement = 0;
-        let mut result = Candidate {
-            weights: best.clone(),
-            masks: trainer.masks.clone(),
-            round: None,
-        };
-        let mut rounds: Vec<RoundRecord> = Vec::new();
-        let (mut drift_run, mut stall_run) = (0usize, 0usize);
-        let mut stop_reason = StopReason::EpochBudget;
-
-        let bar = trainer.progress_bar(cfg.max_epochs as u64, "pruning");
-        let mut epoch = 0;
-        while epoch < cfg.max_epochs {
-            epoch += 1;
-            let train_loss = trainer.train_epoch(task, epoch, Some(&bar))?;
-            let valid = trainer.evaluate(task, Split::Valid)?;
-            bar.inc(1);
-            if valid.loss < best_loss * (1.0 - cfg.min_improvement) {
-                best_loss = valid.loss;
-                best = trainer.params.snapshot()?;
-                since_improvement = 0;
-            } else {
-                since_improvement += 1;
-            }
-            bar.set_message(format!(
-                "train {train_loss:.4} valid {:.4} {} {:.3} | {} rounds, {:.2}% left",
-                valid.loss,
-                spec.name,
-                valid.metric,
-                rounds.len(),
-                100.0 * trainer.masks.remaining_fraction()?
-            ));
-            if since_improvement < cfg.patience {
-                continue;
-            }
-
-            // Plateau: restore the best weights since the last pruning, then prune.
-            trainer.params.restore(&best)?;
-            let before = trainer.masks.remaining_fraction()?;
-            let before_masks = trainer.masks.clone();
-            let base = best_loss;
-            let search = {
-                let snap = trainer.params.snapshot()?;
-                let trainer_ref = &*trainer;
-                let bounds = Bounds {
-                    base_loss: base,
-                    reference_metric: reference.metric,
-                    metric: spec.clone(),
+        let pruned: PruningOutput = match trainer.phase_start(PHASE)? {
+            PhaseStart::Done(v) => serde_json::from_value(v).map_err(|e| {
+                Error::Config(format!("the checkpoint's pruning output does not fit: {e}"))
+            })?,
+            PhaseStart::Resume { state, tensors } => {
+                let st: LoopState = serde_json::from_value(state).map_err(|e| {
+                    Error::Config(format!("the checkpoint's pruning state does not fit: {e}"))
+                })?;
+                let best = checkpoint::snapshot_from(&tensors, "best")?;
+                let result = Candidate {
+                    weights: checkpoint::snapshot_from(&tensors, "result_w")?,
+                    masks: checkpoint::masks_from(&tensors, "result_m")?,
+                    round: st.result_round,
                 };
-                search_global(
-                    &trainer.params,
-                    &trainer.masks,
-                    &bounds,
-                    &cfg.bisection,
-                    |thresholds| {
-                        let mut probe = trainer_ref.masks.clone();
-                        probe.prune_below_per_layer(&trainer_ref.params, thresholds)?;
-                        let e = task.evaluate(Split::Valid);
-                        trainer_ref.params.restore(&snap)?;
-                        e
-                    },
-                )?
-            };
-            trainer
-                .masks
-                .prune_below_per_layer(&trainer.params, &search.thresholds)?;
-            if let Some(target) = cfg.target_sparsity {
-                // Target-sparsity mode: never overshoot; the last round lands on the target exactly.
-                if 1.0 - trainer.masks.remaining_fraction()? > target {
-                    trainer.params.restore(&best)?;
-                    trainer.masks = before_masks.clone();
-                    trainer
-                        .masks
-                        .prune_to_sparsity(&trainer.params, target, false)?;
-                }
+                self.prune_loop(trainer, task, st, best, result, t0)?
             }
-            trainer.optim.reset_state();
-            let after = trainer.masks.remaining_fraction()?;
-            let valid = trainer.evaluate(task, Split::Valid)?;
-            let within = spec.worsening(valid.metric, reference.metric) <= cfg.delta;
-            let round = RoundRecord {
-                round: rounds.len() + 1,
-                epoch,
-                threshold: search.threshold,
-                remaining_pct: 100.0 * after,
-                valid,
-                search_evaluations: search.evaluations,
-                within_budget: within,
-            };
-            trainer.log(&bar, &format!(
-                "round {} (epoch {epoch}): T = {:.3e}, remaining {:.3}% | valid loss {:.4} (bound {:.4}) {} {:.3}{}",
-                round.round,
-                search.threshold,
-                round.remaining_pct,
-                valid.loss,
-                base * (1.0 + cfg.bisection.twt),
-                spec.name,
-                valid.metric,
-                if within { "" } else { " (over budget)" }
-            ));
-            rounds.push(round);
-            if within {
-                result = Candidate {
-                    weights: trainer.params.snapshot()?,
+            PhaseStart::Fresh => {
+                trainer.optim.set_regularizer(Some(cfg.regularizer))?;
+                trainer.optim.set_lr(cfg.lr);
+                trainer.optim.reset_state();
+                let reference = trainer.evaluate(task, Split::Valid)?;
+                let best = trainer.params.snapshot()?;
+                let result = Candidate {
+                    weights: best.clone(),
                     masks: trainer.masks.clone(),
-                    round: Some(rounds.len()),
+                    round: None,
                 };
+                let st = LoopState {
+                    epoch: 0,
+                    reference,
+                    best_loss: reference.loss,
+                    since_improvement: 0,
+                    result_round: None,
+                    rounds: Vec::new(),
+                    drift_run: 0,
+                    stall_run: 0,
+                    stop_reason: StopReason::EpochBudget,
+                    seconds: 0.0,
+                };
+                self.prune_loop(trainer, task, st, best, result, t0)?
             }
-            best_loss = valid.loss;
-            best = trainer.params.snapshot()?;
-            since_improvement = 0;
+        };
 
-            drift_run = if spec.worsening(valid.metric, reference.metric) > 2.0 * cfg.delta {
-                drift_run + 1
-            } else {
-                0
-            };
-            stall_run = if before - after < cfg.min_round_gain {
-                stall_run + 1
-            } else {
-                0
-            };
-            if let Some(target) = cfg.target_sparsity {
-                if 1.0 - after >= target {
-                    stop_reason = StopReason::TargetSparsity;
-                    break;
-                }
-            }
-            if drift_run >= cfg.stop_rounds {
-                stop_reason = StopReason::MetricDrift;
-                break;
-            }
-            if stall_run >= cfg.stop_rounds {
-                stop_reason = StopReason::NoProgress;
-                break;
-            }
-        }
-        bar.finish_and_clear();
-
-        // The result: the sparsest model within budget, fine-tuned without the regularizer.
-        trainer.masks = result.masks;
-        trainer.params.restore(&result.weights)?;
-        trainer.masks.apply(&trainer.params)?;
-        trainer.optim.reset_state();
-        trainer.optim.set_regularizer(None)?;
-        let before_finetune = trainer.evaluate(task, Split::Valid)?;
+        let t1 = Instant::now();
         let schedule = LrSchedule::Cosine {
             lr: cfg.finetune_lr,
             epochs: cfg.finetune_epochs,
@@ -324,15 +248,205 @@ impl IterativePruning {
         trainer.masks.apply(&trainer.params)?;
         let after_finetune = trainer.evaluate(task, Split::Valid)?;
         Ok(PruneOutcome {
-            reference,
-            rounds,
-            result_round: result.round,
-            epochs: epoch,
-            stop_reason,
-            before_finetune,
+            reference: pruned.reference,
+            rounds: pruned.rounds,
+            result_round: pruned.result_round,
+            epochs: pruned.epochs,
+            stop_reason: pruned.stop_reason,
+            before_finetune: pruned.before_finetune,
             after_finetune,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds: pruned.seconds + t1.elapsed().as_secs_f64(),
         })
+    }
+
+    /// The pruning epochs from `st` on; ends with the chosen result in the trainer, regularizer off.
+    fn prune_loop<T: Task + ?Sized>(
+        &self,
+        trainer: &mut Trainer,
+        task: &mut T,
+        mut st: LoopState,
+        mut best: Snapshot,
+        mut result: Candidate,
+        t0: Instant,
+    ) -> Result<PruningOutput> {
+        let cfg = &self.cfg;
+        let spec = task.metric();
+        let reference = st.reference;
+        let bar = trainer.progress_bar(cfg.max_epochs as u64, "pruning");
+        bar.set_position(st.epoch as u64);
+        let mut finished = false;
+        let base_seconds = st.seconds;
+        while st.epoch < cfg.max_epochs && !finished {
+            st.epoch += 1;
+            let epoch = st.epoch;
+            let train_loss = trainer.train_epoch(task, epoch, Some(&bar))?;
+            let valid = trainer.evaluate(task, Split::Valid)?;
+            bar.inc(1);
+            if valid.loss < st.best_loss * (1.0 - cfg.min_improvement) {
+                st.best_loss = valid.loss;
+                best = trainer.params.snapshot()?;
+                st.since_improvement = 0;
+            } else {
+                st.since_improvement += 1;
+            }
+            bar.set_message(format!(
+                "train {train_loss:.4} valid {:.4} {} {:.3} | {} rounds, {:.2}% left",
+                valid.loss,
+                spec.name,
+                valid.metric,
+                st.rounds.len(),
+                100.0 * trainer.masks.remaining_fraction()?
+            ));
+            if st.since_improvement >= cfg.patience {
+                finished =
+                    self.prune_round(trainer, task, &mut st, &mut best, &mut result, &bar)?;
+            }
+            st.seconds = base_seconds + t0.elapsed().as_secs_f64();
+            if trainer.checkpoints.is_some() {
+                st.result_round = result.round;
+                let mut tensors = checkpoint::snapshot_tensors("best", &best);
+                tensors.extend(checkpoint::snapshot_tensors("result_w", &result.weights));
+                tensors.extend(checkpoint::mask_tensors("result_m", &result.masks));
+                trainer.phase_save(PHASE, &st, tensors)?;
+            }
+        }
+        bar.finish_and_clear();
+
+        // The result: the sparsest model within budget, to be fine-tuned without the regularizer.
+        trainer.masks = result.masks;
+        trainer.params.restore(&result.weights)?;
+        trainer.masks.apply(&trainer.params)?;
+        trainer.optim.reset_state();
+        trainer.optim.set_regularizer(None)?;
+        let before_finetune = trainer.evaluate(task, Split::Valid)?;
+        let out = PruningOutput {
+            reference,
+            rounds: st.rounds,
+            result_round: result.round,
+            epochs: st.epoch,
+            stop_reason: st.stop_reason,
+            before_finetune,
+            seconds: st.seconds,
+        };
+        trainer.phase_end(PHASE, &out)?;
+        Ok(out)
+    }
+
+    /// A plateau: restore the best weights since the last pruning, search the threshold, prune,
+    /// and apply the stop rules. Returns whether the phase should stop.
+    fn prune_round<T: Task + ?Sized>(
+        &self,
+        trainer: &mut Trainer,
+        task: &mut T,
+        st: &mut LoopState,
+        best: &mut Snapshot,
+        result: &mut Candidate,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<bool> {
+        let cfg = &self.cfg;
+        let spec = task.metric();
+        let reference = st.reference;
+        let epoch = st.epoch;
+        trainer.params.restore(best)?;
+        let before = trainer.masks.remaining_fraction()?;
+        let before_masks = trainer.masks.clone();
+        let base = st.best_loss;
+        let search = {
+            let snap = trainer.params.snapshot()?;
+            let trainer_ref = &*trainer;
+            let bounds = Bounds {
+                base_loss: base,
+                reference_metric: reference.metric,
+                metric: spec.clone(),
+            };
+            search_global(
+                &trainer.params,
+                &trainer.masks,
+                &bounds,
+                &cfg.bisection,
+                |thresholds| {
+                    let mut probe = trainer_ref.masks.clone();
+                    probe.prune_below_per_layer(&trainer_ref.params, thresholds)?;
+                    let e = task.evaluate(Split::Valid);
+                    trainer_ref.params.restore(&snap)?;
+                    e
+                },
+            )?
+        };
+        trainer
+            .masks
+            .prune_below_per_layer(&trainer.params, &search.thresholds)?;
+        if let Some(target) = cfg.target_sparsity {
+            // Target-sparsity mode: never overshoot; the last round lands on the target exactly.
+            if 1.0 - trainer.masks.remaining_fraction()? > target {
+                trainer.params.restore(best)?;
+                trainer.masks = before_masks.clone();
+                trainer
+                    .masks
+                    .prune_to_sparsity(&trainer.params, target, false)?;
+            }
+        }
+        trainer.optim.reset_state();
+        let after = trainer.masks.remaining_fraction()?;
+        let valid = trainer.evaluate(task, Split::Valid)?;
+        let within = spec.worsening(valid.metric, reference.metric) <= cfg.delta;
+        let round = RoundRecord {
+            round: st.rounds.len() + 1,
+            epoch,
+            threshold: search.threshold,
+            remaining_pct: 100.0 * after,
+            valid,
+            search_evaluations: search.evaluations,
+            within_budget: within,
+        };
+        trainer.log(bar, &format!(
+            "round {} (epoch {epoch}): T = {:.3e}, remaining {:.3}% | valid loss {:.4} (bound {:.4}) {} {:.3}{}",
+            round.round,
+            search.threshold,
+            round.remaining_pct,
+            valid.loss,
+            base * (1.0 + cfg.bisection.twt),
+            spec.name,
+            valid.metric,
+            if within { "" } else { " (over budget)" }
+        ));
+        st.rounds.push(round);
+        if within {
+            *result = Candidate {
+                weights: trainer.params.snapshot()?,
+                masks: trainer.masks.clone(),
+                round: Some(st.rounds.len()),
+            };
+        }
+        st.best_loss = valid.loss;
+        *best = trainer.params.snapshot()?;
+        st.since_improvement = 0;
+
+        st.drift_run = if spec.worsening(valid.metric, reference.metric) > 2.0 * cfg.delta {
+            st.drift_run + 1
+        } else {
+            0
+        };
+        st.stall_run = if before - after < cfg.min_round_gain {
+            st.stall_run + 1
+        } else {
+            0
+        };
+        if let Some(target) = cfg.target_sparsity {
+            if 1.0 - after >= target {
+                st.stop_reason = StopReason::TargetSparsity;
+                return Ok(true);
+            }
+        }
+        if st.drift_run >= cfg.stop_rounds {
+            st.stop_reason = StopReason::MetricDrift;
+            return Ok(true);
+        }
+        if st.stall_run >= cfg.stop_rounds {
+            st.stop_reason = StopReason::NoProgress;
+            return Ok(true);
+        }
+        Ok(false)
     }
 }
 

@@ -9,9 +9,11 @@
 //!   (plateau, restore best, threshold bisection on the validation loss, stop rules, fine-tune).
 //! - [`baselines`]: one-shot and gradual magnitude pruning, Han et al.'s prune-and-retrain, SNIP.
 //! - [`export`]: the pruned checkpoint, dense and in a compact sparse format.
+//! - [`checkpoint`]: a checkpoint after every epoch, and resuming a run exactly where it stopped.
 
 pub mod adam;
 pub mod baselines;
+pub mod checkpoint;
 pub mod error;
 pub mod export;
 pub mod iterative;

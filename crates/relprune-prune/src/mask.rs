@@ -44,6 +44,16 @@ impl Masks {
         Ok(m)
     }
 
+    /// Masks from saved tensors by parameter name (e.g. read back from a checkpoint).
+    pub fn from_tensors(masks: BTreeMap<String, Tensor>) -> Result<Self> {
+        let mut m = Self {
+            masks,
+            full: BTreeSet::new(),
+        };
+        m.refresh_full()?;
+        Ok(m)
+    }
+
     /// The mask of a parameter, if it is prunable.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.masks.get(name)

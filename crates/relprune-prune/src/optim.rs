@@ -39,6 +39,24 @@ pub trait Optimizer: std::fmt::Debug {
     fn set_regularizer(&mut self, regularizer: Option<SelectiveDecay>) -> Result<()>;
     /// Forgets the optimizer state (after weights are restored or pruned).
     fn reset_state(&mut self);
+    /// The state that later steps depend on, as named tensors (what a checkpoint stores).
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>>;
+    /// Replaces the state by one saved with [`Optimizer::state_tensors`].
+    fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()>;
+}
+
+/// `name/key` → (name, key) for the state tensors of parameter `name` (names may contain `/`).
+pub(crate) fn split_state_key(key: &str) -> Result<(&str, &str)> {
+    key.rsplit_once('/').ok_or_else(|| {
+        crate::Error::Config(format!(
+            "optimizer state tensor `{key}` is not of the form `parameter/slot`"
+        ))
+    })
+}
+
+/// A fresh copy of a saved state tensor, so in-place updates never touch the loaded buffer.
+pub(crate) fn owned_f32(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F32)?.contiguous()?.copy()?)
 }
 
 /// The regularizer after checking its values: every optimizer accepts one only through here.
@@ -194,6 +212,37 @@ impl Optimizer for MaskedSgd {
 
     fn reset_state(&mut self) {
         self.state.clear();
+    }
+
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (name, st) in &self.state {
+            if let Some(v) = &st.velocity {
+                out.push((format!("{name}/velocity"), v.clone()));
+            }
+            if let Some(s) = &st.smoothed {
+                out.push((format!("{name}/smoothed"), s.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.state.clear();
+        for (key, t) in tensors {
+            let (name, slot) = split_state_key(key)?;
+            let st = self.state.entry(name.to_string()).or_default();
+            match slot {
+                "velocity" => st.velocity = Some(owned_f32(t)?),
+                "smoothed" => st.smoothed = Some(owned_f32(t)?),
+                other => {
+                    return Err(crate::Error::Config(format!(
+                        "unknown SGD state slot `{other}` in `{key}`"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()> {

@@ -55,12 +55,13 @@ impl LrSchedule {
     }
 }
 
-/// A schedule with the state a feedback schedule needs.
-#[derive(Clone, Debug)]
+/// A schedule with the state a feedback schedule needs (serializable, for checkpoints).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LrScheduler {
     schedule: LrSchedule,
     current: f64,
-    best: f64,
+    // None until the first observation (JSON has no infinity).
+    best: Option<f64>,
     bad_epochs: usize,
 }
 
@@ -70,7 +71,7 @@ impl LrScheduler {
         Self {
             schedule,
             current: schedule.lr(0),
-            best: f64::INFINITY,
+            best: None,
             bad_epochs: 0,
         }
     }
@@ -92,8 +93,8 @@ impl LrScheduler {
             ..
         } = self.schedule
         {
-            if valid_loss < self.best * (1.0 - 0.01) {
-                self.best = valid_loss;
+            if self.best.is_none_or(|b| valid_loss < b * (1.0 - 0.01)) {
+                self.best = Some(valid_loss);
                 self.bad_epochs = 0;
             } else {
                 self.bad_epochs += 1;

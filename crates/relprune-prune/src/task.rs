@@ -42,10 +42,21 @@ pub struct Evaluation {
 pub trait Task {
     /// The metric [`Task::evaluate`] reports.
     fn metric(&self) -> MetricSpec;
-    /// Prepares epoch `epoch` (e.g. shuffles) and returns its number of batches.
+    /// Prepares a training epoch (e.g. shuffles) and returns its number of batches; `epoch`
+    /// counts the epochs of the whole run from 1 (the [`crate::Trainer`] numbers them).
     fn begin_epoch(&mut self, epoch: usize) -> crate::Result<usize>;
     /// The scalar training loss of batch `index` of the current epoch, in training mode.
     fn batch_loss(&mut self, index: usize) -> crate::Result<candle_core::Tensor>;
     /// Loss and metric on a held-out split, in evaluation mode.
     fn evaluate(&mut self, split: Split) -> crate::Result<Evaluation>;
+    /// Puts the task's random state where it is after `epochs` training epochs (on resume).
+    ///
+    /// The default replays `begin_epoch`, which is exact for tasks that draw random numbers only
+    /// there (shuffling); a task that draws elsewhere (e.g. dropout) must override it.
+    fn skip_epochs(&mut self, epochs: usize) -> crate::Result<()> {
+        for e in 1..=epochs {
+            self.begin_epoch(e)?;
+        }
+        Ok(())
+    }
 }

@@ -1,12 +1,38 @@
 //! Training epochs: forward, backward, masked regularized step, with progress and NaN checks.
 
+use std::path::Path;
 use std::time::Instant;
 
+use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
+use crate::checkpoint::{self, Checkpointer, PhaseStart, Progress};
 use crate::schedule::LrScheduler;
 use crate::{Error, Evaluation, LrSchedule, Masks, Optimizer, ParamSet, Result, Split, Task};
+
+/// The loop state `fit` checkpoints after each epoch.
+#[derive(Serialize, Deserialize)]
+struct FitState {
+    epoch: usize,
+    records: Vec<EpochRecord>,
+    scheduler: LrScheduler,
+    best_metric: Option<f64>,
+}
+
+fn to_json(v: &impl Serialize) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| Error::Config(format!("cannot encode phase state: {e}")))
+}
+
+fn from_json<R: DeserializeOwned>(v: Value, label: &str) -> Result<R> {
+    serde_json::from_value(v).map_err(|e| {
+        Error::Config(format!(
+            "the checkpoint's state of phase `{label}` does not fit this run: {e}"
+        ))
+    })
+}
 
 /// What one epoch did.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,6 +62,11 @@ pub struct Trainer {
     pub optim: Box<dyn Optimizer>,
     /// Hide progress bars and log lines.
     pub quiet: bool,
+    /// Training epochs run so far, all phases together (checkpointed; resume replays the data
+    /// order from it).
+    pub epochs_trained: usize,
+    /// Where checkpoints go, if the run is checkpointed.
+    pub checkpoints: Option<Checkpointer>,
 }
 
 impl Trainer {
@@ -47,7 +78,106 @@ impl Trainer {
             masks,
             optim: Box::new(optim),
             quiet: false,
+            epochs_trained: 0,
+            checkpoints: None,
         })
+    }
+
+    /// Checkpoints this (new) run into `dir` after every epoch and phase; `run` describes it.
+    pub fn checkpoint_into(&mut self, dir: &Path, run: Value) -> Result<()> {
+        self.checkpoints = Some(Checkpointer::create(dir, run)?);
+        Ok(())
+    }
+
+    /// Continues the run checkpointed in `dir`: loads weights, masks, optimizer state, learning
+    /// rate, regularizer and epoch count, replays `task`'s data order, and returns the run's
+    /// description. Later phases pick up where the run stopped.
+    pub fn resume<T: Task + ?Sized>(&mut self, dir: &Path, task: &mut T) -> Result<Value> {
+        let device = self
+            .params
+            .iter()
+            .next()
+            .map(|p| p.var.as_tensor().device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        let saved = checkpoint::read(dir, &device)?;
+        let path = dir.join(checkpoint::CHECKPOINT_FILE);
+        checkpoint::restore(
+            &saved,
+            &path,
+            &self.params,
+            &mut self.masks,
+            self.optim.as_mut(),
+        )?;
+        self.epochs_trained = saved.journal.epochs_trained;
+        task.skip_epochs(self.epochs_trained)?;
+        self.checkpoints = Some(Checkpointer::resumed(dir, &saved));
+        Ok(saved.journal.run)
+    }
+
+    /// How phase `label` starts: afresh (always, without checkpoints), skipped, or resumed.
+    pub fn phase_start(&mut self, label: &str) -> Result<PhaseStart> {
+        match &mut self.checkpoints {
+            Some(c) => c.phase_start(label),
+            None => Ok(PhaseStart::Fresh),
+        }
+    }
+
+    /// Checkpoints phase `label` in progress with its loop state and extra tensors.
+    pub fn phase_save(
+        &mut self,
+        label: &str,
+        state: &impl Serialize,
+        tensors: Vec<(String, Tensor)>,
+    ) -> Result<()> {
+        let state = to_json(state)?;
+        self.write_checkpoint(label, Progress::Current(state), tensors)
+    }
+
+    /// Checkpoints the end of phase `label` with its output (what a resumed run gets back).
+    pub fn phase_end(&mut self, label: &str, output: &impl Serialize) -> Result<()> {
+        let output = to_json(output)?;
+        self.write_checkpoint(label, Progress::Done(output), Vec::new())
+    }
+
+    fn write_checkpoint(
+        &mut self,
+        label: &str,
+        progress: Progress,
+        tensors: Vec<(String, Tensor)>,
+    ) -> Result<()> {
+        if let Some(c) = &mut self.checkpoints {
+            c.write(
+                &self.params,
+                &self.masks,
+                self.optim.as_ref(),
+                self.epochs_trained,
+                label,
+                progress,
+                tensors,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs a one-off step `f` as phase `label`: on resume after it finished, returns its stored
+    /// output instead of running it again (its effects are in the checkpointed state).
+    pub fn once<R: Serialize + DeserializeOwned>(
+        &mut self,
+        label: &str,
+        f: impl FnOnce(&mut Self) -> Result<R>,
+    ) -> Result<R> {
+        if let PhaseStart::Done(v) = self.phase_start(label)? {
+            return from_json(v, label);
+        }
+        let out = f(self)?;
+        self.phase_end(label, &out)?;
+        Ok(out)
+    }
+
+    /// Starts a training epoch of `task` (counted, so a resumed run replays the same data order).
+    pub fn begin_epoch<T: Task + ?Sized>(&mut self, task: &mut T) -> Result<usize> {
+        self.epochs_trained += 1;
+        task.begin_epoch(self.epochs_trained)
     }
 
     /// Trains one epoch of `task` and returns the mean training loss.
@@ -57,7 +187,7 @@ impl Trainer {
         epoch: usize,
         bar: Option<&ProgressBar>,
     ) -> Result<f64> {
-        let n = task.begin_epoch(epoch)?;
+        let n = self.begin_epoch(task)?;
         if n == 0 {
             return Err(Error::Task("the training set yields no batch".into()));
         }
@@ -112,22 +242,42 @@ impl Trainer {
         label: &str,
     ) -> Result<Vec<EpochRecord>> {
         let spec = task.metric();
-        let bar = self.progress_bar(epochs as u64, label);
-        let mut records = Vec::with_capacity(epochs);
-        let mut scheduler = LrScheduler::new(schedule);
-        let mut best = if keep_best {
-            let e = self.evaluate(task, Split::Valid)?;
-            Some((e.metric, self.params.snapshot()?))
-        } else {
-            None
+        let mut state = match self.phase_start(label)? {
+            PhaseStart::Done(v) => return from_json(v, label),
+            PhaseStart::Resume { state, tensors } => {
+                let st: FitState = from_json(state, label)?;
+                let best = match st.best_metric {
+                    Some(m) => Some((m, checkpoint::snapshot_from(&tensors, "best")?)),
+                    None => None,
+                };
+                (st, best)
+            }
+            PhaseStart::Fresh => {
+                let best = if keep_best {
+                    let e = self.evaluate(task, Split::Valid)?;
+                    Some((e.metric, self.params.snapshot()?))
+                } else {
+                    None
+                };
+                let st = FitState {
+                    epoch: 0,
+                    records: Vec::with_capacity(epochs),
+                    scheduler: LrScheduler::new(schedule),
+                    best_metric: None,
+                };
+                (st, best)
+            }
         };
-        for epoch in 1..=epochs {
+        let bar = self.progress_bar(epochs as u64, label);
+        bar.set_position(state.0.epoch as u64);
+        let (st, best) = &mut state;
+        for epoch in st.epoch + 1..=epochs {
             let t0 = Instant::now();
-            let lr = scheduler.lr(epoch - 1);
+            let lr = st.scheduler.lr(epoch - 1);
             self.optim.set_lr(lr);
             let train_loss = self.train_epoch(task, epoch, Some(&bar))?;
             let valid = self.evaluate(task, Split::Valid)?;
-            scheduler.observe(valid.loss);
+            st.scheduler.observe(valid.loss);
             let remaining_pct = 100.0 * self.masks.remaining_fraction()?;
             let rec = EpochRecord {
                 epoch,
@@ -141,20 +291,31 @@ impl Trainer {
                 "{label} epoch {epoch}/{epochs}: lr {lr:.4} train loss {train_loss:.4} | valid loss {:.4} {} {:.3} | remaining {remaining_pct:.2}% | {:.1}s",
                 valid.loss, spec.name, valid.metric, rec.seconds
             ));
-            if let Some((b, snap)) = &mut best {
+            if let Some((b, snap)) = best {
                 if spec.worsening(valid.metric, *b) < 0.0 {
                     *b = valid.metric;
                     *snap = self.params.snapshot()?;
                 }
             }
-            records.push(rec);
+            st.records.push(rec);
+            st.epoch = epoch;
             bar.inc(1);
+            if self.checkpoints.is_some() {
+                st.best_metric = best.as_ref().map(|(m, _)| *m);
+                let tensors = best
+                    .as_ref()
+                    .map(|(_, snap)| checkpoint::snapshot_tensors("best", snap))
+                    .unwrap_or_default();
+                self.phase_save(label, &*st, tensors)?;
+            }
         }
         bar.finish_and_clear();
+        let (st, best) = state;
         if let Some((_, snap)) = best {
             self.params.restore(&snap)?;
         }
-        Ok(records)
+        self.phase_end(label, &st.records)?;
+        Ok(st.records)
     }
 
     /// A progress bar over `len` epochs (hidden when `quiet` or when stderr is not a terminal).

@@ -1,0 +1,355 @@
+//! Resumable runs: one checkpoint file, rewritten atomically after every epoch.
+//!
+//! A run is a sequence of named *phases* (`dense`, `pruning`, `fine-tune`, one-off steps such as
+//! an evaluation). The checkpoint holds the weights, the masks, the optimizer state, the learning
+//! rate and regularizer, the number of epochs trained so far (the data order is replayed from it,
+//! see [`crate::Task::skip_epochs`]), the outputs of the finished phases and the loop state of the
+//! phase in progress. Resuming loads all of it; finished phases then return their stored output
+//! without running, and the phase in progress continues from its last epoch, so an interrupted
+//! run and an uninterrupted one end with bit-identical weights.
+//!
+//! File: `checkpoint.safetensors`, tensors `param/<name>`, `mask/<name>`, `optim/<name>/<slot>`,
+//! `phase/<key>`, and the [`Journal`] as JSON in the metadata key `relprune`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use relprune_core::SelectiveDecay;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{Error, Masks, ParamSet, Result, Snapshot};
+
+/// The checkpoint's file name inside its directory.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// The `format` value of the journal.
+pub const CHECKPOINT_FORMAT: &str = "relprune-checkpoint-v1";
+const META_KEY: &str = "relprune";
+
+/// Everything of a run's progress that is not a tensor.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Journal {
+    /// [`CHECKPOINT_FORMAT`].
+    pub format: String,
+    /// The caller's description of the run (e.g. its configuration), returned on resume.
+    pub run: Value,
+    /// Training epochs done so far, all phases together (the data order is replayed from it).
+    pub epochs_trained: usize,
+    /// The optimizer's learning rate.
+    pub lr: f64,
+    /// The optimizer's regularizer.
+    pub regularizer: Option<SelectiveDecay>,
+    /// Finished phases and their outputs, in order.
+    pub completed: Vec<(String, Value)>,
+    /// The phase in progress and its loop state.
+    pub current: Option<(String, Value)>,
+}
+
+/// How a phase should start: afresh, not at all (already done), or from saved loop state.
+#[derive(Debug)]
+pub enum PhaseStart {
+    /// Run the phase from its beginning.
+    Fresh,
+    /// The phase finished before; here is its output.
+    Done(Value),
+    /// The phase was interrupted; continue from this loop state.
+    Resume {
+        /// The loop state the phase saved.
+        state: Value,
+        /// The tensors the phase saved with it (keys without the `phase/` prefix).
+        tensors: HashMap<String, Tensor>,
+    },
+}
+
+/// Writes a run's checkpoints into a directory and hands saved state back to the phases.
+#[derive(Debug)]
+pub struct Checkpointer {
+    path: PathBuf,
+    journal: Journal,
+    // Phase tensors read on resume, handed to the interrupted phase once.
+    pending: Option<HashMap<String, Tensor>>,
+    // Labels started by this process: a label used twice would be taken for a finished phase.
+    seen: std::collections::HashSet<String>,
+}
+
+fn file_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// A checkpoint read back: its journal and its tensors by full key.
+#[derive(Debug)]
+pub struct Saved {
+    /// The journal.
+    pub journal: Journal,
+    /// Every tensor, by key (`param/…`, `mask/…`, `optim/…`, `phase/…`).
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Reads the checkpoint in `dir` (errors name the file and the problem).
+pub fn read(dir: &Path, device: &Device) -> Result<Saved> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        file_err(
+            &path,
+            if e.kind() == std::io::ErrorKind::NotFound {
+                "no checkpoint here (was the run started with checkpoints into this directory?)"
+                    .to_string()
+            } else {
+                format!("cannot read: {e}")
+            },
+        )
+    })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| file_err(&path, format!("not a valid checkpoint (truncated?): {e}")))?;
+    let json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .ok_or_else(|| file_err(&path, "safetensors file without a relprune journal"))?;
+    let journal: Journal =
+        serde_json::from_str(json).map_err(|e| file_err(&path, format!("corrupt journal: {e}")))?;
+    if journal.format != CHECKPOINT_FORMAT {
+        return Err(file_err(
+            &path,
+            format!(
+                "checkpoint format `{}`, expected `{CHECKPOINT_FORMAT}`",
+                journal.format
+            ),
+        ));
+    }
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| file_err(&path, format!("corrupt tensor data: {e}")))?;
+    Ok(Saved { journal, tensors })
+}
+
+/// The tensors of `map` under `prefix/`, with the prefix removed.
+pub fn strip_prefix(map: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    let p = format!("{prefix}/");
+    map.iter()
+        .filter_map(|(k, t)| k.strip_prefix(&p).map(|k| (k.to_string(), t.clone())))
+        .collect()
+}
+
+/// A snapshot as phase tensors under `prefix/`.
+pub fn snapshot_tensors(prefix: &str, snap: &Snapshot) -> Vec<(String, Tensor)> {
+    snap.0
+        .iter()
+        .map(|(k, t)| (format!("{prefix}/{k}"), t.clone()))
+        .collect()
+}
+
+/// The snapshot saved under `prefix/` by [`snapshot_tensors`].
+pub fn snapshot_from(tensors: &HashMap<String, Tensor>, prefix: &str) -> Result<Snapshot> {
+    let mut m = BTreeMap::new();
+    for (k, t) in strip_prefix(tensors, prefix) {
+        m.insert(k, t.copy()?);
+    }
+    Ok(Snapshot(m))
+}
+
+/// Masks as phase tensors under `prefix/`.
+pub fn mask_tensors(prefix: &str, masks: &Masks) -> Vec<(String, Tensor)> {
+    masks
+        .iter()
+        .map(|(k, t)| (format!("{prefix}/{k}"), t.clone()))
+        .collect()
+}
+
+/// The masks saved under `prefix/` by [`mask_tensors`].
+pub fn masks_from(tensors: &HashMap<String, Tensor>, prefix: &str) -> Result<Masks> {
+    let mut m = BTreeMap::new();
+    for (k, t) in strip_prefix(tensors, prefix) {
+        m.insert(k, t.copy()?);
+    }
+    Masks::from_tensors(m)
+}
+
+impl Checkpointer {
+    /// Checkpoints of a new run into `dir` (created if missing); `run` describes the run.
+    pub fn create(dir: &Path, run: Value) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| file_err(dir, format!("cannot create the checkpoint directory: {e}")))?;
+        Ok(Self {
+            path: dir.join(CHECKPOINT_FILE),
+            journal: Journal {
+                format: CHECKPOINT_FORMAT.into(),
+                run,
+                ..Default::default()
+            },
+            pending: None,
+            seen: Default::default(),
+        })
+    }
+
+    /// Continues the run saved in `dir`, given what [`read`] returned for it.
+    pub fn resumed(dir: &Path, saved: &Saved) -> Self {
+        Self {
+            path: dir.join(CHECKPOINT_FILE),
+            journal: saved.journal.clone(),
+            pending: Some(strip_prefix(&saved.tensors, "phase")),
+            seen: Default::default(),
+        }
+    }
+
+    /// The checkpoint file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The journal as last written (or read).
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// How phase `label` should start (labels must be unique within a run).
+    pub fn phase_start(&mut self, label: &str) -> Result<PhaseStart> {
+        if !self.seen.insert(label.to_string()) {
+            return Err(Error::Config(format!(
+                "phase label `{label}` used twice in one checkpointed run"
+            )));
+        }
+        if let Some((_, out)) = self.journal.completed.iter().find(|(l, _)| l == label) {
+            return Ok(PhaseStart::Done(out.clone()));
+        }
+        Ok(match &self.journal.current {
+            Some((l, state)) if l == label => PhaseStart::Resume {
+                state: state.clone(),
+                tensors: self.pending.take().unwrap_or_default(),
+            },
+            _ => PhaseStart::Fresh,
+        })
+    }
+
+    /// Records phase `label`'s loop state (`current`) or its end (`done`), then writes the file.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write(
+        &mut self,
+        params: &ParamSet,
+        masks: &Masks,
+        optim: &dyn crate::Optimizer,
+        epochs_trained: usize,
+        label: &str,
+        progress: Progress,
+        phase_tensors: Vec<(String, Tensor)>,
+    ) -> Result<()> {
+        let j = &mut self.journal;
+        j.epochs_trained = epochs_trained;
+        j.lr = optim.lr();
+        j.regularizer = optim.regularizer();
+        match progress {
+            Progress::Current(state) => j.current = Some((label.to_string(), state)),
+            Progress::Done(output) => {
+                j.current = None;
+                j.completed.retain(|(l, _)| l != label);
+                j.completed.push((label.to_string(), output));
+            }
+        }
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (name, t) in params.tensors() {
+            tensors.push((format!("param/{name}"), t));
+        }
+        for (name, t) in masks.iter() {
+            tensors.push((format!("mask/{name}"), t.clone()));
+        }
+        for (key, t) in optim.state_tensors()? {
+            tensors.push((format!("optim/{key}"), t));
+        }
+        for (key, t) in phase_tensors {
+            tensors.push((format!("phase/{key}"), t));
+        }
+        // safetensors wants contiguous CPU data; copies are cheap next to an epoch.
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut meta = HashMap::new();
+        let json = serde_json::to_string(&self.journal)
+            .map_err(|e| file_err(&self.path, format!("cannot encode the journal: {e}")))?;
+        meta.insert(META_KEY.to_string(), json);
+        let bytes = safetensors::serialize(tensors, Some(meta))
+            .map_err(|e| file_err(&self.path, format!("cannot encode: {e}")))?;
+        let mut tmp = self.path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, &bytes)
+            .map_err(|e| file_err(&tmp, format!("cannot write the checkpoint: {e}")))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| {
+            file_err(
+                &self.path,
+                format!("cannot move the checkpoint in place: {e}"),
+            )
+        })
+    }
+}
+
+/// What [`Checkpointer::write`] records about the phase.
+pub(crate) enum Progress {
+    /// The phase is in progress with this loop state.
+    Current(Value),
+    /// The phase ended with this output.
+    Done(Value),
+}
+
+/// Restores the trainer-level state of a checkpoint into `params`, `masks` and `optim`.
+pub(crate) fn restore(
+    saved: &Saved,
+    path: &Path,
+    params: &ParamSet,
+    masks: &mut Masks,
+    optim: &mut dyn crate::Optimizer,
+) -> Result<()> {
+    for p in params.iter() {
+        let key = format!("param/{}", p.name);
+        let t = saved.tensors.get(&key).ok_or_else(|| {
+            file_err(
+                path,
+                format!(
+                    "parameter `{}` is missing: a checkpoint of another model?",
+                    p.name
+                ),
+            )
+        })?;
+        let w = p.var.as_tensor();
+        if t.dims() != w.dims() {
+            return Err(file_err(
+                path,
+                format!(
+                    "parameter `{}` has shape {:?} here but {:?} in the model",
+                    p.name,
+                    t.dims(),
+                    w.dims()
+                ),
+            ));
+        }
+        p.var.set(&t.to_dtype(w.dtype())?.to_device(w.device())?)?;
+    }
+    let saved_masks = strip_prefix(&saved.tensors, "mask");
+    let mut restored = BTreeMap::new();
+    for p in params.prunable() {
+        let m = saved_masks.get(&p.name).ok_or_else(|| {
+            file_err(
+                path,
+                format!("no mask for the prunable parameter `{}`", p.name),
+            )
+        })?;
+        if m.dims() != p.var.as_tensor().dims() {
+            return Err(file_err(
+                path,
+                format!("the mask of `{}` has shape {:?}", p.name, m.dims()),
+            ));
+        }
+        restored.insert(
+            p.name.clone(),
+            m.to_device(p.var.as_tensor().device())?.copy()?,
+        );
+    }
+    *masks = Masks::from_tensors(restored)?;
+    optim.load_state_tensors(&strip_prefix(&saved.tensors, "optim"))?;
+    optim.set_lr(saved.journal.lr);
+    optim.set_regularizer(saved.journal.regularizer)?;
+    Ok(())
+}

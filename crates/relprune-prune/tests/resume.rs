@@ -1,0 +1,404 @@
+//! Checkpoints and resume: an interrupted run continued from its checkpoint ends bit-identical to
+//! an uninterrupted one.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use relprune_core::SelectiveDecay;
+use relprune_prune::threshold::BisectionConfig;
+use relprune_prune::{
+    AdamConfig, Error, Evaluation, IterativePruning, LrSchedule, MaskedAdam, MaskedSgd, Masks,
+    MetricSpec, Optimizer, ParamSet, PruneConfig, Selection, SgdConfig, Split, Task, Trainer,
+};
+
+/// A two-layer classifier on synthetic data that can "crash" at the start of a given epoch.
+struct Toy {
+    l1: Linear,
+    l2: Linear,
+    x: Tensor,
+    y: Tensor,
+    vx: Tensor,
+    vy: Tensor,
+    rng: StdRng,
+    order: Vec<u32>,
+    crash_at: Option<usize>,
+}
+
+const BATCH: usize = 16;
+
+fn data(n: usize, seed: u64) -> (Tensor, Tensor) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut xs = Vec::with_capacity(n * 8);
+    let mut ys = Vec::with_capacity(n);
+    for _ in 0..n {
+        let v: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let s0 = v[0] + v[1] - v[2];
+        let s1 = v[3] - v[4];
+        ys.push(if s0 > 0.3 {
+            0u32
+        } else if s1 > 0.0 {
+            1
+        } else {
+            2
+        });
+        xs.extend(v);
+    }
+    (
+        Tensor::from_vec(xs, (n, 8), &Device::Cpu).unwrap(),
+        Tensor::from_vec(ys, n, &Device::Cpu).unwrap(),
+    )
+}
+
+fn toy(crash_at: Option<usize>) -> (Toy, ParamSet) {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let l1 = candle_nn::linear(8, 32, vb.pp("fc1")).unwrap();
+    let l2 = candle_nn::linear(32, 3, vb.pp("fc2")).unwrap();
+    // Deterministic weights (candle's init draws from an unseeded generator).
+    let mut rng = StdRng::seed_from_u64(7);
+    let guard = varmap.data().lock().unwrap();
+    let mut vars: Vec<_> = guard.iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(b.0));
+    for (_, var) in vars {
+        let n = var.as_tensor().elem_count();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.4..0.4)).collect();
+        let t = Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap();
+        var.set(&t).unwrap();
+    }
+    drop(guard);
+    let params = ParamSet::from_varmap(&varmap, &Selection::default()).unwrap();
+    let (x, y) = data(256, 1);
+    let (vx, vy) = data(128, 2);
+    let t = Toy {
+        l1,
+        l2,
+        x,
+        y,
+        vx,
+        vy,
+        rng: StdRng::seed_from_u64(3),
+        order: Vec::new(),
+        crash_at,
+    };
+    (t, params)
+}
+
+impl Toy {
+    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.l2.forward(&self.l1.forward(x)?.relu()?)
+    }
+}
+
+impl Task for Toy {
+    fn metric(&self) -> MetricSpec {
+        MetricSpec {
+            name: "error".into(),
+            higher_is_better: false,
+        }
+    }
+
+    fn begin_epoch(&mut self, epoch: usize) -> relprune_prune::Result<usize> {
+        if self.crash_at == Some(epoch) {
+            return Err(Error::Task(format!("simulated crash at epoch {epoch}")));
+        }
+        let n = self.x.dim(0)?;
+        self.order = (0..n as u32).collect();
+        self.order.shuffle(&mut self.rng);
+        Ok(n / BATCH)
+    }
+
+    fn batch_loss(&mut self, index: usize) -> relprune_prune::Result<Tensor> {
+        let ids = &self.order[index * BATCH..(index + 1) * BATCH];
+        let ids = Tensor::new(ids, &Device::Cpu)?;
+        let x = self.x.index_select(&ids, 0)?;
+        let y = self.y.index_select(&ids, 0)?;
+        Ok(candle_nn::loss::cross_entropy(&self.logits(&x)?, &y)?)
+    }
+
+    fn evaluate(&mut self, _split: Split) -> relprune_prune::Result<Evaluation> {
+        let logits = self.logits(&self.vx)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &self.vy)?.to_scalar::<f32>()? as f64;
+        let pred = logits.argmax(1)?;
+        let wrong = pred
+            .ne(&self.vy)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        Ok(Evaluation {
+            loss,
+            metric: 100.0 * wrong as f64 / self.vy.dim(0)? as f64,
+        })
+    }
+}
+
+fn weights(params: &ParamSet) -> Vec<(String, Vec<f32>)> {
+    params
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+fn sgd() -> MaskedSgd {
+    let reg = SelectiveDecay {
+        ema_beta: 0.9,
+        ..SelectiveDecay::default().with_lambda(1e-3)
+    };
+    let cfg = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        nesterov: true,
+    };
+    MaskedSgd::new(cfg, Some(reg)).unwrap()
+}
+
+fn adam() -> MaskedAdam {
+    let cfg = AdamConfig {
+        lr: 0.01,
+        ..AdamConfig::default()
+    };
+    MaskedAdam::new(cfg, Some(SelectiveDecay::default().with_lambda(1e-3))).unwrap()
+}
+
+/// Two fits (a dense phase, then a masked one) run in one go, or interrupted at `crash` and resumed.
+/// Builds a fresh optimizer.
+type MakeOptim = fn() -> Box<dyn Optimizer>;
+
+fn two_fits(
+    optim: impl Fn() -> Box<dyn Optimizer>,
+    dir: &std::path::Path,
+    crash: Option<usize>,
+) -> Vec<(String, Vec<f32>)> {
+    let run = |trainer: &mut Trainer, task: &mut Toy| -> relprune_prune::Result<()> {
+        let plateau = LrSchedule::ReduceOnPlateau {
+            lr: 0.05,
+            factor: 0.5,
+            patience: 1,
+            min_lr: 1e-4,
+        };
+        trainer.fit(task, plateau, 3, true, "dense")?;
+        trainer.once("prune", |t| {
+            t.masks.prune_to_sparsity(&t.params, 0.5, false)?;
+            t.optim.reset_state();
+            Ok(())
+        })?;
+        let cosine = LrSchedule::Cosine {
+            lr: 0.02,
+            epochs: 3,
+        };
+        trainer.fit(task, cosine, 3, false, "masked")?;
+        Ok(())
+    };
+    let (mut task, params) = toy(crash);
+    let masks = Masks::dense(&params).unwrap();
+    let mut trainer = Trainer {
+        optim: optim(),
+        ..Trainer::new(
+            params,
+            masks,
+            MaskedSgd::new(SgdConfig::default(), None).unwrap(),
+        )
+        .unwrap()
+    };
+    trainer.quiet = true;
+    trainer
+        .checkpoint_into(dir, serde_json::json!({ "name": "toy" }))
+        .unwrap();
+    let first = run(&mut trainer, &mut task);
+    if crash.is_none() {
+        first.unwrap();
+        return weights(&trainer.params);
+    }
+    let err = first.unwrap_err().to_string();
+    assert!(err.contains("simulated crash"), "{err}");
+
+    // A new process: fresh model and task, everything else from the checkpoint.
+    let (mut task, params) = toy(None);
+    let masks = Masks::dense(&params).unwrap();
+    let mut trainer = Trainer {
+        optim: optim(),
+        ..Trainer::new(
+            params,
+            masks,
+            MaskedSgd::new(SgdConfig::default(), None).unwrap(),
+        )
+        .unwrap()
+    };
+    trainer.quiet = true;
+    let desc = trainer.resume(dir, &mut task).unwrap();
+    assert_eq!(desc["name"], "toy");
+    run(&mut trainer, &mut task).unwrap();
+    weights(&trainer.params)
+}
+
+#[test]
+fn interrupted_and_resumed_fits_end_bit_identical_to_one_run_for_sgd_and_adam() {
+    let optimizers: [(&str, MakeOptim); 2] =
+        [("sgd", || Box::new(sgd())), ("adam", || Box::new(adam()))];
+    for (name, make) in optimizers {
+        let straight = tempfile::tempdir().unwrap();
+        let reference = two_fits(make, straight.path(), None);
+        // Crash in the first fit (epoch 3), and in the second (epoch 5: after the one-off step).
+        for crash in [3, 5] {
+            let dir = tempfile::tempdir().unwrap();
+            let resumed = two_fits(make, dir.path(), Some(crash));
+            assert_eq!(reference, resumed, "{name}, crash at epoch {crash}");
+        }
+    }
+}
+
+fn prune_run(dir: &std::path::Path, crash: Option<usize>) -> (Vec<(String, Vec<f32>)>, String) {
+    let cfg = PruneConfig {
+        regularizer: SelectiveDecay::default().with_lambda(1e-3),
+        lr: 0.05,
+        bisection: BisectionConfig {
+            twt: 0.1,
+            ..Default::default()
+        },
+        delta: 5.0,
+        patience: 1,
+        min_improvement: 0.05,
+        max_epochs: 8,
+        finetune_epochs: 2,
+        finetune_lr: 0.02,
+        ..PruneConfig::default()
+    };
+    let algo = IterativePruning::new(cfg).unwrap();
+    let make = |crash| {
+        let (task, params) = toy(crash);
+        let masks = Masks::dense(&params).unwrap();
+        let mut trainer = Trainer::new(params, masks, sgd()).unwrap();
+        trainer.quiet = true;
+        (task, trainer)
+    };
+    let (mut task, mut trainer) = make(crash);
+    trainer
+        .checkpoint_into(dir, serde_json::Value::Null)
+        .unwrap();
+    let outcome = match algo.run(&mut trainer, &mut task) {
+        Ok(o) => o,
+        Err(e) => {
+            assert!(e.to_string().contains("simulated crash"), "{e}");
+            let (mut task, mut trainer) = make(None);
+            trainer.resume(dir, &mut task).unwrap();
+            let o = algo.run(&mut trainer, &mut task).unwrap();
+            return (
+                weights(&trainer.params),
+                serde_json::to_string(&(o.rounds, o.result_round, o.epochs)).unwrap(),
+            );
+        }
+    };
+    assert!(
+        !outcome.rounds.is_empty(),
+        "the toy run should prune at least once"
+    );
+    (
+        weights(&trainer.params),
+        serde_json::to_string(&(outcome.rounds, outcome.result_round, outcome.epochs)).unwrap(),
+    )
+}
+
+#[test]
+fn iterative_pruning_resumed_mid_pruning_or_mid_finetune_ends_bit_identical() {
+    let straight = tempfile::tempdir().unwrap();
+    let reference = prune_run(straight.path(), None);
+    // Epoch 4 is inside the pruning phase (8 epochs), epoch 10 inside the fine-tune.
+    for crash in [4, 10] {
+        let dir = tempfile::tempdir().unwrap();
+        let resumed = prune_run(dir.path(), Some(crash));
+        assert_eq!(reference, resumed, "crash at epoch {crash}");
+    }
+}
+
+#[test]
+fn a_truncated_or_missing_checkpoint_is_a_clear_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut task, params) = toy(None);
+    let masks = Masks::dense(&params).unwrap();
+    let mut trainer = Trainer::new(params, masks, sgd()).unwrap();
+    trainer.quiet = true;
+    let err = trainer
+        .resume(dir.path(), &mut task)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("checkpoint.safetensors") && err.contains("no checkpoint"),
+        "{err}"
+    );
+
+    trainer
+        .checkpoint_into(dir.path(), serde_json::Value::Null)
+        .unwrap();
+    trainer
+        .fit(
+            &mut task,
+            LrSchedule::Constant { lr: 0.01 },
+            1,
+            false,
+            "one",
+        )
+        .unwrap();
+    let path = dir.path().join("checkpoint.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = trainer
+        .resume(dir.path(), &mut task)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("checkpoint.safetensors"), "{err}");
+    assert!(
+        err.contains("truncated") || err.contains("corrupt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_checkpoint_of_another_model_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut task, params) = toy(None);
+    let masks = Masks::dense(&params).unwrap();
+    let mut trainer = Trainer::new(params, masks, sgd()).unwrap();
+    trainer.quiet = true;
+    trainer
+        .checkpoint_into(dir.path(), serde_json::Value::Null)
+        .unwrap();
+    trainer
+        .fit(
+            &mut task,
+            LrSchedule::Constant { lr: 0.01 },
+            1,
+            false,
+            "one",
+        )
+        .unwrap();
+    // Another model: one layer of a different width.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    candle_nn::linear(8, 16, vb.pp("fc1")).unwrap();
+    let other = ParamSet::from_varmap(&varmap, &Selection::default()).unwrap();
+    let masks = Masks::dense(&other).unwrap();
+    let mut t2 = Trainer::new(other, masks, sgd()).unwrap();
+    let err = t2.resume(dir.path(), &mut task).unwrap_err().to_string();
+    assert!(err.contains("`fc1.") && err.contains("shape"), "{err}");
+}
+
+#[test]
+fn a_phase_label_used_twice_in_one_checkpointed_run_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut task, params) = toy(None);
+    let masks = Masks::dense(&params).unwrap();
+    let mut trainer = Trainer::new(params, masks, sgd()).unwrap();
+    trainer.quiet = true;
+    trainer
+        .checkpoint_into(dir.path(), serde_json::Value::Null)
+        .unwrap();
+    let c = LrSchedule::Constant { lr: 0.01 };
+    trainer.fit(&mut task, c, 1, false, "same").unwrap();
+    let err = trainer
+        .fit(&mut task, c, 1, false, "same")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("used twice"), "{err}");
+}
