@@ -62,6 +62,11 @@ pub const VARIANTS: &[Variant] = &[
         args: &["--regularizer", "lobster"],
     },
     Variant {
+        name: "sensitivity",
+        about: "output sensitivity soft gate max(0, 1−S) (Tartaglione et al. 2018), L2",
+        args: &["--regularizer", "sensitivity"],
+    },
+    Variant {
         name: "weight-decay",
         about: "classical L2 on every weight (no gate)",
         args: &["--regularizer", "l2"],

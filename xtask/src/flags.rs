@@ -103,12 +103,17 @@ pub struct Reproduce {
     /// Target sparsity (fraction pruned) of the one-shot, gmp and snip baselines.
     #[arg(long)]
     pub sparsity: Option<f64>,
+    /// Judge each pruning round's threshold by the validation metric instead of the loss: the
+    /// metric may worsen by at most this many units (e.g. 0.1 error points) per round.
+    #[arg(long, value_name = "TOL")]
+    pub search_metric: Option<f64>,
     /// Also bound each pruning round's validation metric to this many units worse than the dense model.
     #[arg(long)]
     pub metric_bound: Option<f64>,
     /// The regularizer: selective (the default hard gate on |g|), taylor (hard gate on |w·g|),
-    /// lobster (soft gate 1−|g|), l2 (classical weight decay), l1.
-    #[arg(long, value_parser = ["selective", "taylor", "lobster", "l2", "l1"])]
+    /// lobster (soft gate 1−|g|), sensitivity (Tartaglione et al.: soft gate 1−S on the output
+    /// sensitivity; one extra backward pass per class each step), l2 (classical weight decay), l1.
+    #[arg(long, value_parser = ["selective", "taylor", "lobster", "sensitivity", "l2", "l1"])]
     pub regularizer: Option<String>,
     /// Smooth the relevance over steps with this β (0 = none).
     #[arg(long)]

@@ -143,6 +143,9 @@ pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     if f.per_layer {
         cfg.prune.bisection.scope = relprune_prune::threshold::Scope::PerLayer;
     }
+    if let Some(tolerance) = f.search_metric {
+        cfg.prune.bisection.criterion = relprune_prune::threshold::Criterion::Metric { tolerance };
+    }
     if let Some(m) = f.metric_bound {
         cfg.prune.bisection.max_metric_worsening = Some(m);
     }
@@ -154,6 +157,7 @@ pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
                 ..SelectiveDecay::default().with_lambda(lambda)
             },
             "lobster" => SelectiveDecay::lobster(lambda),
+            "sensitivity" => SelectiveDecay::output_sensitivity(lambda),
             "l2" => SelectiveDecay::l2(lambda),
             "l1" => SelectiveDecay::l1(lambda),
             _ => SelectiveDecay::default().with_lambda(lambda),

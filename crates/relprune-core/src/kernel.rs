@@ -14,7 +14,7 @@ use crate::{Error, Gate, GateStat, Relevance, Result, SelectiveDecay};
 #[inline(always)]
 pub fn score(relevance: Relevance, w: f32, g: f32) -> f32 {
     match relevance {
-        Relevance::Gradient => g.abs(),
+        Relevance::Gradient | Relevance::OutputSensitivity => g.abs(),
         Relevance::Taylor => (w * g).abs(),
     }
 }
@@ -135,7 +135,7 @@ impl SelectiveDecay {
             // Scores are >= 0 and zero wherever the mask is (g, and w for Taylor, are zero there),
             // so the maximum needs no mask: a branch-free pass the compiler vectorizes.
             GateStat::Max => match rel {
-                Relevance::Gradient => max_abs(g) as f64,
+                Relevance::Gradient | Relevance::OutputSensitivity => max_abs(g) as f64,
                 Relevance::Taylor => max_abs_product(w, g) as f64,
             },
             GateStat::Mean => {
@@ -299,7 +299,11 @@ mod tests {
         let dev = Device::Cpu;
         let mut regs = Vec::new();
         for stat in [GateStat::Max, GateStat::Mean, GateStat::Quantile(0.4)] {
-            for relevance in [Relevance::Gradient, Relevance::Taylor] {
+            for relevance in [
+                Relevance::Gradient,
+                Relevance::Taylor,
+                Relevance::OutputSensitivity,
+            ] {
                 regs.push(reg(stat, relevance));
             }
         }

@@ -1,8 +1,9 @@
 //! The regularizer of relprune: selective weight decay of *irrelevant* weights.
 //!
 //! For a parameter tensor `W` with minibatch gradient `G`, each element gets a relevance score
-//! (`|g|`, or the Taylor score `|w·g|`). Elements whose score falls below `τ · stat(scores)` are
-//! *irrelevant* and are shrunk by weight decay; relevant elements receive the plain optimizer
+//! (`|g|`, the Taylor score `|w·g|`, or the output sensitivity `(1/C)·Σ_k |∂y_k/∂w|`). Elements
+//! whose score falls below `τ · stat(scores)` are *irrelevant* and are shrunk by weight decay;
+//! relevant elements receive the plain optimizer
 //! update only. This crate holds that math, on candle tensors (any device) and as fused CPU
 //! kernels, and nothing else: no masks, optimizers or models (see `relprune-prune`).
 //!
@@ -29,7 +30,9 @@
 pub mod error;
 pub mod kernel;
 pub mod regularizer;
+pub mod sensitivity;
 
 pub use error::{Error, Result};
 pub use kernel::SelectiveDecayOp;
 pub use regularizer::{Gate, GateStat, Penalty, Relevance, SelectiveDecay};
+pub use sensitivity::output_sensitivity;

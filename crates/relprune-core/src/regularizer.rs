@@ -16,6 +16,16 @@ pub enum Relevance {
     Gradient,
     /// First-order Taylor estimate of the loss change on removal, `|w_i · g_i|`.
     Taylor,
+    /// Output sensitivity (Tartaglione et al. 2018), `(1/C)·Σ_k |∂y_k/∂w_i|` over the `C` network
+    /// outputs: computed by [`crate::output_sensitivity`] and passed where the gradient goes.
+    OutputSensitivity,
+}
+
+impl Relevance {
+    /// Whether the scores come from the network outputs rather than from the loss gradient.
+    pub fn needs_outputs(&self) -> bool {
+        matches!(self, Self::OutputSensitivity)
+    }
 }
 
 /// The per-tensor statistic of the scores that the gate threshold is relative to.
@@ -125,6 +135,16 @@ impl SelectiveDecay {
         }
     }
 
+    /// Tartaglione et al.'s rule: soft gate `max(0, 1 − S)` on the output sensitivity `S`, L2.
+    pub fn output_sensitivity(lambda: f64) -> Self {
+        Self {
+            relevance: Relevance::OutputSensitivity,
+            gate: Gate::Soft,
+            lambda,
+            ..Self::default()
+        }
+    }
+
     /// LOBSTER's rule: soft gate `max(0, 1 − |g|)` with L2 decay of strength `lambda`.
     pub fn lobster(lambda: f64) -> Self {
         Self {
@@ -171,11 +191,12 @@ impl SelectiveDecay {
         Ok(())
     }
 
-    /// The relevance scores of `w` given its gradient `g` (same shape), as a new tensor.
+    /// The relevance scores of `w` given its gradient `g` (same shape), as a new tensor; for
+    /// [`Relevance::OutputSensitivity`], `g` is the sensitivity.
     pub fn scores(&self, w: &Tensor, g: &Tensor) -> Result<Tensor> {
         check_same_shape(w, g)?;
         Ok(match self.relevance {
-            Relevance::Gradient => g.abs()?,
+            Relevance::Gradient | Relevance::OutputSensitivity => g.abs()?,
             Relevance::Taylor => (w * g)?.abs()?,
         })
     }

@@ -100,6 +100,27 @@ impl<M: ModuleT> Task for ImageClassification<M> {
     }
 
     fn batch_loss(&mut self, index: usize) -> relprune_prune::Result<Tensor> {
+        Ok(self.batch_logits_loss(index)?.1)
+    }
+
+    fn batch_loss_and_outputs(&mut self, index: usize) -> relprune_prune::Result<(Tensor, Tensor)> {
+        let (logits, loss) = self.batch_logits_loss(index)?;
+        // Tartaglione et al. measure the sensitivity of the class probabilities.
+        let probs = candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?;
+        Ok((loss, probs))
+    }
+
+    fn evaluate(&mut self, split: Split) -> relprune_prune::Result<Evaluation> {
+        match split {
+            Split::Valid => self.evaluate_on(&self.valid),
+            Split::Test => self.evaluate_on(&self.test),
+        }
+    }
+}
+
+impl<M: ModuleT> ImageClassification<M> {
+    /// Logits and cross-entropy of training batch `index`, in training mode.
+    fn batch_logits_loss(&mut self, index: usize) -> relprune_prune::Result<(Tensor, Tensor)> {
         let order = self
             .order
             .as_ref()
@@ -115,13 +136,7 @@ impl<M: ModuleT> Task for ImageClassification<M> {
         let x = self.train.images.index_select(&ids, 0)?;
         let y = self.train.labels.index_select(&ids, 0)?;
         let logits = self.model.forward_t(&x, true)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &y)?)
-    }
-
-    fn evaluate(&mut self, split: Split) -> relprune_prune::Result<Evaluation> {
-        match split {
-            Split::Valid => self.evaluate_on(&self.valid),
-            Split::Test => self.evaluate_on(&self.test),
-        }
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        Ok((logits, loss))
     }
 }

@@ -163,16 +163,23 @@ impl Optimizer for MaskedAdam {
         Ok(())
     }
 
-    fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()> {
+    fn step_scored(
+        &mut self,
+        params: &ParamSet,
+        masks: &Masks,
+        grads: &GradStore,
+        relevance: Option<&HashMap<String, Tensor>>,
+    ) -> Result<()> {
         let (cfg, regularizer, fused) = (self.cfg, self.regularizer, self.fused);
-        for_each_step_input(params, masks, grads, regularizer, |x| {
+        for_each_step_input(params, masks, grads, regularizer, relevance, |x| {
             let state = self.state.entry(x.param.name.clone()).or_default();
             state.steps += 1;
             let w = x.param.var.as_tensor();
             if fused && x.fusable {
-                fused_step(cfg, x.reg, w, x.grad, x.mask, state)
+                fused_step(cfg, x.reg, w, x.grad, x.mask, x.relevance.as_ref(), state)
             } else {
-                let new_w = generic_step(cfg, x.reg, w, x.grad, x.mask, state)?;
+                let new_w =
+                    generic_step(cfg, x.reg, w, x.grad, x.mask, x.relevance.as_ref(), state)?;
                 Ok(x.param.var.set(&new_w)?)
             }
         })
@@ -189,6 +196,7 @@ fn fused_step(
     w: &Tensor,
     g: &Tensor,
     mask: Option<&Tensor>,
+    relevance: Option<&Tensor>,
     st: &mut AdamState,
 ) -> Result<()> {
     let g = g.to_dtype(DType::F32)?.contiguous()?;
@@ -223,7 +231,7 @@ fn fused_step(
             };
             s.inplace_op3(
                 w,
-                &gm,
+                relevance.unwrap_or(&gm),
                 &SmoothOp {
                     beta,
                     relevance: r.relevance,
@@ -298,6 +306,7 @@ fn generic_step(
     w: &Tensor,
     g: &Tensor,
     mask: Option<&Tensor>,
+    relevance: Option<&Tensor>,
     st: &mut AdamState,
 ) -> Result<Tensor> {
     let g = g.to_dtype(w.dtype())?;
@@ -333,7 +342,7 @@ fn generic_step(
     }
     let mut new_w = match reg {
         Some(r) => {
-            let scores = r.scores(w, &gm)?;
+            let scores = r.scores(w, relevance.unwrap_or(&gm))?;
             let scores = if r.ema_beta > 0.0 {
                 let s = match &st.smoothed {
                     Some(prev) => r.smooth(prev, &scores)?,

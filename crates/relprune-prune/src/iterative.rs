@@ -13,7 +13,7 @@ use relprune_core::SelectiveDecay;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, PhaseStart};
-use crate::threshold::{search_global, BisectionConfig, Bounds};
+use crate::threshold::{search_global, BisectionConfig, Bounds, Criterion};
 use crate::{Error, Evaluation, LrSchedule, Masks, Result, Snapshot, Split, Task, Trainer};
 
 /// Hyper-parameters of the iterative algorithm.
@@ -400,12 +400,15 @@ impl IterativePruning {
             within_budget: within,
         };
         trainer.log(bar, &format!(
-            "round {} (epoch {epoch}): T = {:.3e}, remaining {:.3}% | valid loss {:.4} (bound {:.4}) {} {:.3}{}",
+            "round {} (epoch {epoch}): T = {:.3e}, remaining {:.3}% | valid loss {:.4}{} {} {:.3}{}",
             round.round,
             search.threshold,
             round.remaining_pct,
             valid.loss,
-            base * (1.0 + cfg.bisection.twt),
+            match cfg.bisection.criterion {
+                Criterion::Loss => format!(" (bound {:.4})", base * (1.0 + cfg.bisection.twt)),
+                Criterion::Metric { tolerance } => format!(" (metric criterion ±{tolerance})"),
+            },
             spec.name,
             valid.metric,
             if within { "" } else { " (over budget)" }

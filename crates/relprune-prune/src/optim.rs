@@ -28,7 +28,18 @@ use crate::{Masks, ParamSet, Result};
 /// and apply the regularizer (if any) in decoupled form to the prunable parameters only.
 pub trait Optimizer: std::fmt::Debug {
     /// One step over every parameter that has a gradient in `grads`.
-    fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()>;
+    fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()> {
+        self.step_scored(params, masks, grads, None)
+    }
+    /// One step whose relevance scores come from `relevance` (by parameter name) instead of the
+    /// gradient: what [`Relevance::OutputSensitivity`] needs (see [`crate::Trainer::train_epoch`]).
+    fn step_scored(
+        &mut self,
+        params: &ParamSet,
+        masks: &Masks,
+        grads: &GradStore,
+        relevance: Option<&HashMap<String, Tensor>>,
+    ) -> Result<()>;
     /// The current learning rate.
     fn lr(&self) -> f64;
     /// Sets the learning rate (schedules call this each epoch).
@@ -107,6 +118,8 @@ pub(crate) struct StepInput<'a> {
     pub(crate) reg: Option<SelectiveDecay>,
     /// Whether the fused CPU kernels can update it (f32, contiguous, on the CPU).
     pub(crate) fusable: bool,
+    /// Precomputed relevance (e.g. output sensitivity), masked, when the regularizer scores by it.
+    pub(crate) relevance: Option<Tensor>,
 }
 
 /// Calls `f` for every parameter that has a gradient, with the mask and regularizer that apply.
@@ -115,6 +128,7 @@ pub(crate) fn for_each_step_input(
     masks: &Masks,
     grads: &GradStore,
     regularizer: Option<SelectiveDecay>,
+    relevance: Option<&HashMap<String, Tensor>>,
     mut f: impl FnMut(StepInput<'_>) -> Result<()>,
 ) -> Result<()> {
     for p in params.iter() {
@@ -122,22 +136,43 @@ pub(crate) fn for_each_step_input(
             continue;
         };
         let w = p.var.as_tensor();
+        let reg = if p.prunable {
+            regularizer.filter(|r| r.lambda > 0.0)
+        } else {
+            None
+        };
+        let mask = if p.prunable {
+            masks.get_partial(&p.name)
+        } else {
+            None
+        };
+        let relevance = match reg.filter(|r| r.relevance.needs_outputs()) {
+            None => None,
+            Some(_) => {
+                let s = relevance.and_then(|m| m.get(&p.name)).ok_or_else(|| {
+                    crate::Error::Config(format!(
+                        "the output-sensitivity relevance needs precomputed scores for `{}`: \
+                         train through Trainer (Task::batch_loss_and_outputs) or call step_scored",
+                        p.name
+                    ))
+                })?;
+                let s = s.to_dtype(w.dtype())?;
+                // Pruned weights still have a sensitivity; they must not count in the statistics.
+                Some(match mask {
+                    Some(m) => (s * m.to_dtype(w.dtype())?)?.contiguous()?,
+                    None => s.contiguous()?,
+                })
+            }
+        };
         f(StepInput {
             param: p,
             grad,
-            mask: if p.prunable {
-                masks.get_partial(&p.name)
-            } else {
-                None
-            },
-            reg: if p.prunable {
-                regularizer.filter(|r| r.lambda > 0.0)
-            } else {
-                None
-            },
+            mask,
+            reg,
             fusable: matches!(w.device(), Device::Cpu)
                 && w.dtype() == DType::F32
                 && w.is_contiguous(),
+            relevance,
         })?;
     }
     Ok(())
@@ -245,15 +280,22 @@ impl Optimizer for MaskedSgd {
         Ok(())
     }
 
-    fn step(&mut self, params: &ParamSet, masks: &Masks, grads: &GradStore) -> Result<()> {
+    fn step_scored(
+        &mut self,
+        params: &ParamSet,
+        masks: &Masks,
+        grads: &GradStore,
+        relevance: Option<&HashMap<String, Tensor>>,
+    ) -> Result<()> {
         let (cfg, regularizer, fused) = (self.cfg, self.regularizer, self.fused);
-        for_each_step_input(params, masks, grads, regularizer, |x| {
+        for_each_step_input(params, masks, grads, regularizer, relevance, |x| {
             let state = self.state.entry(x.param.name.clone()).or_default();
             let w = x.param.var.as_tensor();
             if fused && x.fusable {
-                fused_step(cfg, x.reg, w, x.grad, x.mask, state)
+                fused_step(cfg, x.reg, w, x.grad, x.mask, x.relevance.as_ref(), state)
             } else {
-                let new_w = generic_step(cfg, x.reg, w, x.grad, x.mask, state)?;
+                let new_w =
+                    generic_step(cfg, x.reg, w, x.grad, x.mask, x.relevance.as_ref(), state)?;
                 Ok(x.param.var.set(&new_w)?)
             }
         })
@@ -266,10 +308,12 @@ fn fused_step(
     w: &Tensor,
     g: &Tensor,
     mask: Option<&Tensor>,
+    relevance: Option<&Tensor>,
     state: &mut State,
 ) -> Result<()> {
     let g = g.to_dtype(DType::F32)?.contiguous()?;
-    let smoothing = reg.filter(|r| r.ema_beta > 0.0);
+    // Precomputed relevance goes through the smoothing buffer (β = 0 without smoothing).
+    let smoothing = reg.filter(|r| r.ema_beta > 0.0 || relevance.is_some());
     let nesterov = cfg.nesterov && cfg.momentum > 0.0;
     // With smoothing and Nesterov the update is written into our own buffer, so copy even unmasked.
     let gm = if mask.is_some() || (smoothing.is_some() && nesterov) {
@@ -289,7 +333,7 @@ fn fused_step(
                 beta: if first { 0.0 } else { r.ema_beta as f32 },
                 relevance: r.relevance,
             };
-            s.inplace_op3(w, &gm, &op)?;
+            s.inplace_op3(w, relevance.unwrap_or(&gm), &op)?;
             Some(s)
         }
         None => None,
@@ -345,6 +389,7 @@ fn generic_step(
     w: &Tensor,
     g: &Tensor,
     mask: Option<&Tensor>,
+    relevance: Option<&Tensor>,
     state: &mut State,
 ) -> Result<Tensor> {
     let g = g.to_dtype(w.dtype())?;
@@ -372,7 +417,7 @@ fn generic_step(
     };
     let mut new_w = match reg.filter(|r| r.lambda > 0.0) {
         Some(r) => {
-            let scores = r.scores(w, &gm)?;
+            let scores = r.scores(w, relevance.unwrap_or(&gm))?;
             let scores = if r.ema_beta > 0.0 {
                 let s = match &state.smoothed {
                     Some(prev) => r.smooth(prev, &scores)?,

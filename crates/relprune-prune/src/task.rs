@@ -47,6 +47,19 @@ pub trait Task {
     fn begin_epoch(&mut self, epoch: usize) -> crate::Result<usize>;
     /// The scalar training loss of batch `index` of the current epoch, in training mode.
     fn batch_loss(&mut self, index: usize) -> crate::Result<candle_core::Tensor>;
+    /// [`Task::batch_loss`] plus the network outputs `y` of the batch, outputs on the last
+    /// dimension (e.g. softmax probabilities), for the output-sensitivity relevance.
+    fn batch_loss_and_outputs(
+        &mut self,
+        index: usize,
+    ) -> crate::Result<(candle_core::Tensor, candle_core::Tensor)> {
+        let _ = index;
+        Err(crate::Error::Task(
+            "this task does not expose its network outputs, which the output-sensitivity \
+             relevance needs (implement Task::batch_loss_and_outputs)"
+                .into(),
+        ))
+    }
     /// Loss and metric on a held-out split, in evaluation mode.
     fn evaluate(&mut self, split: Split) -> crate::Result<Evaluation>;
     /// Puts the task's random state where it is after `epochs` training epochs (on resume).

@@ -20,6 +20,21 @@ pub enum Scope {
     PerLayer,
 }
 
+/// What a pruning threshold must preserve.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Criterion {
+    /// The validation loss stays `≤ base·(1+TWT)` (the default; METHOD.md).
+    #[default]
+    Loss,
+    /// The task metric (error, BLEU, ...) stays within `tolerance` units of the unpruned model's:
+    /// for tasks whose loss is a poor proxy of the metric that matters.
+    Metric {
+        /// Allowed worsening, in metric units (e.g. 0.1 error points, 0.5 BLEU).
+        tolerance: f64,
+    },
+}
+
 /// Settings of the bisection.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BisectionConfig {
@@ -41,6 +56,9 @@ pub struct BisectionConfig {
     /// Global threshold or per-layer thresholds.
     #[serde(default)]
     pub scope: Scope,
+    /// Judge a threshold by the validation loss or by the task metric.
+    #[serde(default)]
+    pub criterion: Criterion,
 }
 
 fn default_rel_bracket() -> f64 {
@@ -57,6 +75,7 @@ impl Default for BisectionConfig {
             max_metric_worsening: None,
             rel_bracket: default_rel_bracket(),
             scope: Scope::Global,
+            criterion: Criterion::Loss,
         }
     }
 }
@@ -158,7 +177,9 @@ pub struct Bounds {
 }
 
 /// Bisection for the largest global threshold `T` whose pruning keeps the validation loss
-/// `≤ base·(1+TWT)` (and, if configured, the metric within its bound of the reference).
+/// `≤ base·(1+TWT)` (or, with [`Criterion::Metric`], the metric within its tolerance of the
+/// unpruned model's, which costs one extra evaluation) and, if configured, the metric within its
+/// bound of the reference.
 ///
 /// `eval_at(thresholds)` must return the validation evaluation of the model with every alive
 /// `|w|` below its layer's threshold zeroed (and leave the model as it found it). Zeroing below the smallest alive magnitude
@@ -183,19 +204,29 @@ pub fn search_global(
             evaluations: 0,
         });
     };
+    let mut evals = 0;
+    let metric_base = match cfg.criterion {
+        Criterion::Loss => None,
+        Criterion::Metric { tolerance } => {
+            // Below the smallest alive magnitude nothing is pruned: the unpruned model's metric.
+            evals += 1;
+            Some((eval_at(&per_layer(0.0))?.metric, tolerance))
+        }
+    };
     let bound = base * (1.0 + cfg.twt);
     let headroom = (base * cfg.twt).abs();
     let feasible = |e: &Evaluation| {
-        e.loss.is_finite()
-            && e.loss <= bound
-            && cfg
-                .max_metric_worsening
-                .is_none_or(|m| bounds.metric.worsening(e.metric, bounds.reference_metric) <= m)
+        let main = match metric_base {
+            None => e.loss.is_finite() && e.loss <= bound,
+            Some((m0, tol)) => e.metric.is_finite() && bounds.metric.worsening(e.metric, m0) <= tol,
+        };
+        main && cfg
+            .max_metric_worsening
+            .is_none_or(|m| bounds.metric.worsening(e.metric, bounds.reference_metric) <= m)
     };
     let (mut lo, mut lo_loss) = (min_w, base);
     let (mut hi, mut hi_loss) = (max_w, f64::INFINITY);
     let mut t = start.clamp(min_w, max_w);
-    let mut evals = 0;
     while evals < cfg.max_evals {
         let e = eval_at(&per_layer(t))?;
         evals += 1;
@@ -213,7 +244,7 @@ pub fn search_global(
         }
         let losses_close = (hi_loss - lo_loss).abs() < cfg.rel_stop * headroom;
         let bracket_narrow = hi - lo <= cfg.rel_bracket * hi;
-        let done = if cfg.max_metric_worsening.is_some() {
+        let done = if cfg.max_metric_worsening.is_some() || metric_base.is_some() {
             // The metric is a step function of T: only the bracket tells when to stop.
             bracket_narrow || (losses_close && hi_loss > bound)
         } else {

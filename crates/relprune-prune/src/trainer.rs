@@ -1,5 +1,6 @@
 //! Training epochs: forward, backward, masked regularized step, with progress and NaN checks.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -192,8 +193,17 @@ impl Trainer {
             return Err(Error::Task("the training set yields no batch".into()));
         }
         let mut sum = 0.0f64;
+        let by_outputs = self
+            .optim
+            .regularizer()
+            .is_some_and(|r| r.lambda > 0.0 && r.relevance.needs_outputs());
         for i in 0..n {
-            let loss = task.batch_loss(i)?;
+            let (loss, outputs) = if by_outputs {
+                let (l, y) = task.batch_loss_and_outputs(i)?;
+                (l, Some(y))
+            } else {
+                (task.batch_loss(i)?, None)
+            };
             let l = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !l.is_finite() {
                 return Err(Error::NonFinite {
@@ -204,7 +214,14 @@ impl Trainer {
             }
             sum += l;
             let grads = loss.backward()?;
-            self.optim.step(&self.params, &self.masks, &grads)?;
+            match outputs {
+                None => self.optim.step(&self.params, &self.masks, &grads)?,
+                Some(y) => {
+                    let scores = self.output_sensitivity(&y)?;
+                    self.optim
+                        .step_scored(&self.params, &self.masks, &grads, Some(&scores))?
+                }
+            }
             if let Some(b) = bar {
                 b.set_message(format!(
                     "epoch {epoch} batch {}/{n} loss {:.4}",
@@ -214,6 +231,18 @@ impl Trainer {
             }
         }
         Ok(sum / n as f64)
+    }
+
+    /// The output sensitivity of every prunable parameter (one backward pass per output).
+    fn output_sensitivity(&self, outputs: &Tensor) -> Result<HashMap<String, Tensor>> {
+        let prunable: Vec<&crate::Param> = self.params.prunable().collect();
+        let vars: Vec<&Tensor> = prunable.iter().map(|p| p.var.as_tensor()).collect();
+        let scores = relprune_core::output_sensitivity(outputs, &vars)?;
+        Ok(prunable
+            .iter()
+            .zip(scores)
+            .filter_map(|(p, s)| s.map(|s| (p.name.clone(), s)))
+            .collect())
     }
 
     /// Evaluates `task` on `split`, failing on a non-finite loss.

@@ -375,6 +375,40 @@ fn bisection_finds_the_largest_threshold_within_tolerance() {
 }
 
 #[test]
+fn bisection_against_the_task_metric_ignores_the_loss_and_bounds_the_metric() {
+    use relprune_prune::threshold::Criterion;
+    let (_vm, ps) = tiny_model(5);
+    let masks = Masks::dense(&ps).unwrap();
+    let cfg = BisectionConfig {
+        criterion: Criterion::Metric { tolerance: 0.3 },
+        rel_bracket: 0.001,
+        ..Default::default()
+    };
+    let bounds = Bounds {
+        base_loss: 1.0,
+        reference_metric: 1.0,
+        metric: MetricSpec {
+            name: "bleu".into(),
+            higher_is_better: true,
+        },
+    };
+    // BLEU = 30 − 4·T (the unpruned model: 30 at T = 0); the loss rises steeply and would stop
+    // a loss search near T = 0. Within 0.3 BLEU of 30 → T ≤ 0.075.
+    let mut calls = 0;
+    let s = search_global(&ps, &masks, &bounds, &cfg, |th| {
+        calls += 1;
+        let t = th["lin.weight"];
+        Ok(Evaluation {
+            loss: 1.0 + 100.0 * t,
+            metric: 30.0 - 4.0 * t,
+        })
+    })
+    .unwrap();
+    assert!((s.threshold - 0.075).abs() < 2e-4, "{s:?}");
+    assert_eq!(s.evaluations, calls, "the base evaluation is counted");
+}
+
+#[test]
 fn sparse_format_round_trips_and_a_dense_file_is_rejected() {
     let (_vm, ps) = tiny_model(7);
     let masks = half_pruned(&ps);
@@ -625,4 +659,120 @@ fn per_layer_scope_scales_each_layers_threshold_by_its_mean_magnitude() {
     m.prune_below_per_layer(&ps, &s.thresholds).unwrap();
     let alive: Vec<usize> = m.alive_counts().unwrap().iter().map(|c| c.2).collect();
     assert_eq!(alive, vec![2, 2]);
+}
+
+/// The outputs `tanh(x Wᵀ + b)` of the tiny model (what the output sensitivity differentiates).
+fn outputs(ps: &ParamSet, step: usize) -> Tensor {
+    let get = |n: &str| {
+        ps.iter()
+            .find(|p| p.name == n)
+            .unwrap()
+            .var
+            .as_tensor()
+            .clone()
+    };
+    input(step)
+        .matmul(&get("lin.weight").t().unwrap())
+        .unwrap()
+        .broadcast_add(&get("lin.bias"))
+        .unwrap()
+        .tanh()
+        .unwrap()
+}
+
+fn run_scored(opt: &mut dyn Optimizer, steps: usize) -> (Vec<f32>, Masks) {
+    let (_vm, ps) = tiny_model(3);
+    let masks = half_pruned(&ps);
+    for s in 0..steps {
+        let grads = loss(&ps, s).backward().unwrap();
+        let w = ps.iter().find(|p| p.name == "lin.weight").unwrap();
+        let sens = relprune_core::output_sensitivity(&outputs(&ps, s), &[w.var.as_tensor()])
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        let scores = [("lin.weight".to_string(), sens)].into_iter().collect();
+        opt.step_scored(&ps, &masks, &grads, Some(&scores)).unwrap();
+    }
+    (values(&ps, "lin.weight"), masks)
+}
+
+#[test]
+fn output_sensitivity_steps_agree_fused_and_tensor_and_keep_pruned_weights_zero() {
+    let regs = [
+        SelectiveDecay::output_sensitivity(0.05),
+        SelectiveDecay {
+            relevance: relprune_core::Relevance::OutputSensitivity,
+            ema_beta: 0.8,
+            ..SelectiveDecay::default().with_lambda(0.05)
+        },
+    ];
+    for reg in regs {
+        for nesterov in [false, true] {
+            let cfg = SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                nesterov,
+            };
+            let mut a = MaskedSgd::new(cfg, Some(reg)).unwrap();
+            let mut b = MaskedSgd::new(cfg, Some(reg)).unwrap();
+            b.set_fused(false);
+            let (w1, masks) = run_scored(&mut a, 20);
+            let (w2, _) = run_scored(&mut b, 20);
+            assert_close(&w1, &w2, 1e-6);
+            let m: Vec<f32> = masks
+                .get("lin.weight")
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(m.contains(&0.0));
+            for (w, m) in w1.iter().zip(&m) {
+                if *m == 0.0 {
+                    assert_eq!(*w, 0.0);
+                }
+            }
+        }
+        let adam = AdamConfig {
+            lr: 0.01,
+            ..AdamConfig::default()
+        };
+        let mut a = MaskedAdam::new(adam, Some(reg)).unwrap();
+        let mut b = MaskedAdam::new(adam, Some(reg)).unwrap();
+        b.set_fused(false);
+        // Adam's division by √v amplifies rounding differences of the two paths.
+        assert_close(&run_scored(&mut a, 20).0, &run_scored(&mut b, 20).0, 1e-5);
+    }
+}
+
+#[test]
+fn output_sensitivity_decays_differently_from_the_gradient_rule() {
+    // Same gate and λ, scores from the outputs instead of the loss: a different trajectory,
+    // so the scores really are used.
+    let cfg = SgdConfig::default();
+    let sens = SelectiveDecay::output_sensitivity(0.05);
+    let grad = SelectiveDecay::lobster(0.05);
+    let (w_sens, _) = run_scored(&mut MaskedSgd::new(cfg, Some(sens)).unwrap(), 10);
+    let (_vm, ps) = tiny_model(3);
+    let masks = half_pruned(&ps);
+    let mut opt = MaskedSgd::new(cfg, Some(grad)).unwrap();
+    for s in 0..10 {
+        let grads = loss(&ps, s).backward().unwrap();
+        opt.step(&ps, &masks, &grads).unwrap();
+    }
+    assert_ne!(w_sens, values(&ps, "lin.weight"));
+}
+
+#[test]
+fn output_sensitivity_without_precomputed_scores_is_a_clear_error() {
+    let (_vm, ps) = tiny_model(3);
+    let masks = Masks::dense(&ps).unwrap();
+    let reg = SelectiveDecay::output_sensitivity(0.05);
+    let mut opt = MaskedSgd::new(SgdConfig::default(), Some(reg)).unwrap();
+    let grads = loss(&ps, 0).backward().unwrap();
+    let err = opt.step(&ps, &masks, &grads).unwrap_err().to_string();
+    assert!(
+        err.contains("output-sensitivity") && err.contains("lin.weight"),
+        "{err}"
+    );
 }
