@@ -1,6 +1,6 @@
-//! An in-memory labelled image dataset with seeded splits and batching.
+//! An in-memory labelled image dataset with seeded splits, batching and per-channel normalization.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 /// An in-memory labelled image dataset on the CPU.
 #[derive(Clone, Debug)]
 pub struct ImageDataset {
-    /// Images as (N, C*H*W) f32 with values in [0, 1].
+    /// Images as (N, C*H*W) f32, each row (C, H, W) row-major; values in [0, 1] as loaded,
+    /// centred per channel after [`ImageDataset::normalize`].
     pub images: Tensor,
     /// Labels as (N,) u32.
     pub labels: Tensor,
@@ -169,6 +170,111 @@ impl ImageDataset {
         })
     }
 
+    /// Per-channel mean and (population) standard deviation of the pixels, computed in f64.
+    ///
+    /// Compute these on the training split and pass them to [`ImageDataset::normalize`] for every
+    /// split: statistics from validation or test data would leak them into training. A constant
+    /// channel has standard deviation 0, which `normalize` rejects.
+    pub fn channel_stats(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (c, h, w) = self.shape;
+        let plane = h * w;
+        let n = self.len();
+        if n == 0 || c == 0 || plane == 0 {
+            return Err(Error::Invalid(format!(
+                "channel_stats: dataset of {n} images of shape {:?} has no pixels",
+                self.shape
+            )));
+        }
+        self.check_image_dims("channel_stats")?;
+        let images = self.images.to_device(&Device::Cpu)?;
+        // Per channel: mean and sum of squared deviations (M2), merged chunk by chunk (Chan et
+        // al.), so there is no host copy of the whole tensor and no E[x²]−E[x]² cancellation.
+        let mut count = 0f64;
+        let mut mean = vec![0f64; c];
+        let mut m2 = vec![0f64; c];
+        for start in (0..n).step_by(STATS_CHUNK_ROWS) {
+            let rows = STATS_CHUNK_ROWS.min(n - start);
+            let chunk = images
+                .narrow(0, start, rows)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let k = (rows * plane) as f64;
+            for ch in 0..c {
+                let values = chunk
+                    .chunks_exact(c * plane)
+                    .flat_map(|image| &image[ch * plane..(ch + 1) * plane]);
+                let chunk_mean = values.clone().map(|&v| f64::from(v)).sum::<f64>() / k;
+                let chunk_m2: f64 = values.map(|&v| (f64::from(v) - chunk_mean).powi(2)).sum();
+                let total = count + k;
+                let delta = chunk_mean - mean[ch];
+                mean[ch] += delta * k / total;
+                m2[ch] += chunk_m2 + delta * delta * count * k / total;
+            }
+            count += k;
+        }
+        let mean_f32 = mean.iter().map(|&m| m as f32).collect();
+        let std_f32 = m2.iter().map(|&s| (s / count).sqrt() as f32).collect();
+        Ok((mean_f32, std_f32))
+    }
+
+    /// A copy with every pixel of channel c replaced by (x − mean[c]) / std[c].
+    ///
+    /// Use the training split's [`ImageDataset::channel_stats`] for all splits, so train, valid
+    /// and test go through the same transform. `mean` and `std` need one finite entry per
+    /// channel, and every `std` must be positive.
+    pub fn normalize(&self, mean: &[f32], std: &[f32]) -> Result<Self> {
+        let (c, h, w) = self.shape;
+        if mean.len() != c || std.len() != c {
+            return Err(Error::Invalid(format!(
+                "normalize: {c} channels need {c} means and {c} stds, got {} and {}",
+                mean.len(),
+                std.len()
+            )));
+        }
+        if let Some((ch, &m)) = mean.iter().enumerate().find(|(_, m)| !m.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "normalize: mean {m} of channel {ch} is not finite"
+            )));
+        }
+        // A negated positive test, so NaN is rejected too.
+        if let Some((ch, &s)) = std
+            .iter()
+            .enumerate()
+            .find(|(_, &s)| !(s > 0.0 && s.is_finite()))
+        {
+            return Err(Error::Invalid(format!(
+                "normalize: std {s} of channel {ch} must be positive and finite"
+            )));
+        }
+        self.check_image_dims("normalize")?;
+        let device = self.images.device();
+        let n = self.len();
+        let mean_t = Tensor::from_slice(mean, (1, c, 1), device)?;
+        let std_t = Tensor::from_slice(std, (1, c, 1), device)?;
+        let images = self
+            .images
+            .reshape((n, c, h * w))?
+            .broadcast_sub(&mean_t)?
+            .broadcast_div(&std_t)?
+            .reshape((n, c * h * w))?;
+        Ok(self.with_tensors(images, self.labels.clone()))
+    }
+
+    /// Checks that `images` is (N, C*H*W) f32 for `shape`, since the fields are public.
+    fn check_image_dims(&self, what: &str) -> Result<()> {
+        let (c, h, w) = self.shape;
+        let expected = [self.len(), c * h * w];
+        if self.images.dims() != expected || self.images.dtype() != DType::F32 {
+            return Err(Error::Invalid(format!(
+                "{what}: images are {:?} {:?}, expected {expected:?} f32 for shape {:?}",
+                self.images.dims(),
+                self.images.dtype(),
+                self.shape
+            )));
+        }
+        Ok(())
+    }
+
     /// A copy with images and labels on `device`.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         Ok(self.with_tensors(
@@ -187,6 +293,9 @@ impl ImageDataset {
         }
     }
 }
+
+/// Rows per host copy in [`ImageDataset::channel_stats`]: about 12 MB for CIFAR-sized images.
+const STATS_CHUNK_ROWS: usize = 1024;
 
 /// `0..len` as u32 indices, which is what `index_select` takes.
 fn index_range(len: usize) -> Result<Vec<u32>> {

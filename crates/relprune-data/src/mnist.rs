@@ -56,7 +56,7 @@ impl fmt::Display for DatasetKind {
 /// Where a dataset's files come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataSource {
-    /// A directory of IDX files (raw or gzipped).
+    /// A directory of data files: IDX (raw or gzipped) for the MNIST family, binary batches for CIFAR-10.
     Dir(PathBuf),
     /// The MNIST subset compiled into this crate.
     Embedded,
