@@ -8,6 +8,9 @@ pub mod checkpoint;
 pub mod error;
 pub mod init;
 pub mod lenet;
+pub mod lenet5;
+pub mod ops;
 
 pub use error::{Error, Result};
 pub use lenet::Lenet300;
+pub use lenet5::Lenet5;
