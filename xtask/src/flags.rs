@@ -93,6 +93,12 @@ pub struct Reproduce {
     /// Override the metric budget δ (validation metric units, e.g. error points).
     #[arg(long)]
     pub delta: Option<f64>,
+    /// Override the fine-tune's epoch count.
+    #[arg(long)]
+    pub finetune_epochs: Option<usize>,
+    /// Override the fine-tune's starting learning rate (cosine decay).
+    #[arg(long)]
+    pub finetune_lr: Option<f64>,
     /// Override the per-round validation-loss tolerance TWT.
     #[arg(long)]
     pub twt: Option<f64>,

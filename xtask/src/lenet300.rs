@@ -131,6 +131,12 @@ pub fn run(f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     if let Some(d) = f.delta {
         cfg.prune.delta = d;
     }
+    if let Some(e) = f.finetune_epochs {
+        cfg.prune.finetune_epochs = e;
+    }
+    if let Some(lr) = f.finetune_lr {
+        cfg.prune.finetune_lr = lr;
+    }
     if let Some(t) = f.twt {
         cfg.prune.bisection.twt = t;
     }
