@@ -20,7 +20,7 @@ pub struct Xtask {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Regenerate a paper-style result: train dense, regularize and prune, report.
-    Reproduce(Reproduce),
+    Reproduce(Box<Reproduce>),
     /// Time training epochs against the PyTorch reference.
     Bench(Bench),
     /// Rebuild the embedded MNIST subset of relprune-data from a real MNIST directory.

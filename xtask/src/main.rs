@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("xtask is not inside the workspace"))?;
     std::env::set_current_dir(root)?;
     match flags.cmd {
-        flags::Cmd::Reproduce(f) => reproduce::run(f),
+        flags::Cmd::Reproduce(f) => reproduce::run(*f),
         flags::Cmd::Bench(f) => bench::run(f),
         flags::Cmd::Ablate(f) => ablate::run(f),
         flags::Cmd::EmbedMnist(f) => {
