@@ -13,8 +13,8 @@ use candle_nn::VarMap;
 use relprune_core::SelectiveDecay;
 use relprune_data::{DataSource, DatasetKind};
 use relprune_eval::{write_atomic, ImageClassification};
-use relprune_models::Lenet300;
-use relprune_prune::{MaskedSgd, Masks, ParamSet, Selection, SgdConfig, Trainer};
+use relprune_models::{Lenet300, Lenet5};
+use relprune_prune::{MaskedSgd, Masks, ParamSet, Selection, SgdConfig, Task, Trainer};
 use serde::Serialize;
 
 use crate::flags;
@@ -27,17 +27,44 @@ struct Row {
     ratio_vs_torch_median: Option<f64>,
 }
 
-/// Our LeNet-300-100 epoch (600 steps of batch 100, SGD lr 0.1), plain or with selective decay + 90% masks.
+/// The tasks, named as in the PyTorch reference.
+const TASKS: [&str; 3] = ["lenet300-epoch", "lenet300-swd-epoch", "lenet5-epoch"];
+
+/// One of our training epochs (600 steps of batch 100, SGD lr 0.1): LeNet-300-100 plain or with
+/// selective decay + 90% masks, or LeNet-5-Caffe plain.
 struct OurEpoch {
     trainer: Trainer,
-    task: ImageClassification<Lenet300>,
+    task: Box<dyn Task>,
 }
 
 impl OurEpoch {
-    fn new(data: &relprune_data::ImageSplits, swd: bool) -> Result<Self> {
+    fn new(data: &relprune_data::ImageSplits, name: &str) -> Result<Self> {
         let device = Device::Cpu;
         let varmap = VarMap::new();
-        let model = Lenet300::new(&varmap, 0, &device)?;
+        let swd = name == "lenet300-swd-epoch";
+        let d = &data.train;
+        let (small_a, small_b) = (d.take_first(100)?, d.take_first(100)?);
+        let task: Box<dyn Task> = if name == "lenet5-epoch" {
+            let model = Lenet5::new(&varmap, 0, &device)?;
+            Box::new(ImageClassification::new(
+                model,
+                d.clone(),
+                small_a,
+                small_b,
+                100,
+                0,
+            ))
+        } else {
+            let model = Lenet300::new(&varmap, 0, &device)?;
+            Box::new(ImageClassification::new(
+                model,
+                d.clone(),
+                small_a,
+                small_b,
+                100,
+                0,
+            ))
+        };
         let params = ParamSet::from_varmap(&varmap, &Selection::default())?;
         let mut masks = Masks::dense(&params)?;
         let reg = if swd {
@@ -67,21 +94,12 @@ impl OurEpoch {
         };
         let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, reg)?)?;
         trainer.quiet = true;
-        let d = &data.train;
-        let task = ImageClassification::new(
-            model,
-            d.clone(),
-            d.take_first(100)?,
-            d.take_first(100)?,
-            100,
-            0,
-        );
         Ok(Self { trainer, task })
     }
 
     fn epoch_seconds(&mut self) -> Result<f64> {
         let t = Instant::now();
-        self.trainer.train_epoch(&mut self.task, 1, None)?;
+        self.trainer.train_epoch(self.task.as_mut(), 1, None)?;
         Ok(t.elapsed().as_secs_f64())
     }
 }
@@ -148,22 +166,28 @@ pub fn run(f: flags::Bench) -> Result<()> {
             );
         }
     }
-    let mut plain = OurEpoch::new(&data, false)?;
-    let mut swd = OurEpoch::new(&data, true)?;
-    // Warm-up: first-touch allocations and thread pools.
-    plain.epoch_seconds()?;
-    swd.epoch_seconds()?;
-
-    let tasks = ["lenet300-epoch", "lenet300-swd-epoch"];
-    let mut ours: [Vec<f64>; 2] = Default::default();
-    let mut torch: [Vec<f64>; 2] = Default::default();
+    for t in &f.tasks {
+        if !TASKS.contains(&t.as_str()) {
+            bail!("unknown bench task `{t}` ({})", TASKS.join(", "));
+        }
+    }
+    let tasks: Vec<&str> = TASKS
+        .iter()
+        .copied()
+        .filter(|t| f.tasks.is_empty() || f.tasks.iter().any(|x| x == t))
+        .collect();
+    let mut runs = Vec::new();
+    for t in &tasks {
+        let mut e = OurEpoch::new(&data, t)?;
+        // Warm-up: first-touch allocations and thread pools.
+        e.epoch_seconds()?;
+        runs.push(e);
+    }
+    let mut ours: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
+    let mut torch: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
     for round in 1..=f.rounds {
         for (i, task) in tasks.iter().enumerate() {
-            let s = if i == 0 {
-                plain.epoch_seconds()?
-            } else {
-                swd.epoch_seconds()?
-            };
+            let s = runs[i].epoch_seconds()?;
             ours[i].push(s);
             let t = match &python {
                 Some(py) => Some(torch_seconds(py, &f.torch_script, &mnist, task)?),
@@ -190,8 +214,11 @@ pub fn run(f: flags::Bench) -> Result<()> {
             ratio_vs_torch_median: median(ratios),
         });
     }
-    let overhead: Vec<f64> = ours[1].iter().zip(&ours[0]).map(|(s, p)| s / p).collect();
-    let overhead = median(overhead);
+    let at = |name: &str| tasks.iter().position(|t| *t == name);
+    let overhead = match (at("lenet300-swd-epoch"), at("lenet300-epoch")) {
+        (Some(s), Some(p)) => median(ours[s].iter().zip(&ours[p]).map(|(s, p)| s / p).collect()),
+        _ => None,
+    };
 
     let mut md = String::from("# relprune bench\n\nMedians over interleaved rounds; ratios < 1 mean relprune is faster.\n\n");
     md.push_str("| task | ours median (s) | torch median (s) | ours / torch (median of ratios) |\n|---|---:|---:|---:|\n");

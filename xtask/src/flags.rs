@@ -93,6 +93,10 @@ pub struct Reproduce {
     /// Override the metric budget δ (validation metric units, e.g. error points).
     #[arg(long)]
     pub delta: Option<f64>,
+    /// Override the no-progress stop rule: stop after K rounds that each prune less than this
+    /// fraction of the prunable weights.
+    #[arg(long)]
+    pub min_round_gain: Option<f64>,
     /// Override the fine-tune's epoch count.
     #[arg(long)]
     pub finetune_epochs: Option<usize>,
@@ -163,6 +167,9 @@ pub struct Bench {
     /// Output directory for bench.json and bench.md.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
+    /// Only these tasks (comma-separated: lenet300-epoch, lenet300-swd-epoch, lenet5-epoch).
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
 }
 
 /// Flags of `embed-mnist`.

@@ -2,8 +2,8 @@
 
 mod ablate;
 mod bench;
+mod classify;
 mod flags;
-mod lenet300;
 mod reproduce;
 
 use clap::Parser;

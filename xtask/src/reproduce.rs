@@ -15,16 +15,28 @@ pub struct Experiment {
     pub name: &'static str,
     /// One line on what it does.
     pub about: &'static str,
-    /// Runs it into `out` and returns the results.
-    pub run: fn(&flags::Reproduce, &Path) -> Result<RunResults>,
+    /// Runs experiment `name` into `out` and returns the results.
+    pub run: fn(&str, &flags::Reproduce, &Path) -> Result<RunResults>,
 }
 
 /// Every experiment, in the order `--list` shows them.
-pub const EXPERIMENTS: &[Experiment] = &[Experiment {
-    name: "lenet300-mnist",
-    about: "LeNet-300-100 on MNIST: dense training, selective decay + iterative pruning, fine-tune",
-    run: crate::lenet300::run,
-}];
+pub const EXPERIMENTS: &[Experiment] = &[
+    Experiment {
+        name: crate::classify::EXPERIMENTS[0].0,
+        about: crate::classify::EXPERIMENTS[0].3,
+        run: crate::classify::run,
+    },
+    Experiment {
+        name: crate::classify::EXPERIMENTS[1].0,
+        about: crate::classify::EXPERIMENTS[1].3,
+        run: crate::classify::run,
+    },
+    Experiment {
+        name: crate::classify::EXPERIMENTS[2].0,
+        about: crate::classify::EXPERIMENTS[2].3,
+        run: crate::classify::run,
+    },
+];
 
 pub fn run(f: flags::Reproduce) -> Result<()> {
     if f.list || f.experiment.is_none() {
@@ -48,7 +60,7 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         (None, None) => PathBuf::from("target/reproduce").join(exp.name),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let results = (exp.run)(&f, &out)?;
+    let results = (exp.run)(exp.name, &f, &out)?;
     write_outputs(&results, &out)?;
     println!(
         "{}: {} {:.3} dense -> {:.3} pruned, {:.2}% of weights left ({:.1}x), {:.0}s; see {}",
