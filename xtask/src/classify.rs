@@ -308,10 +308,15 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
         }
     }
     let kind = dataset_kind(&cfg)?;
-    let source = if f.quick && f.data_dir.is_none() && kind == DatasetKind::Mnist {
+    // With --all, --data-dir is the MNIST directory; Fashion-MNIST keeps its own default.
+    let data_dir = match (f.all, kind) {
+        (true, DatasetKind::FashionMnist) => None,
+        _ => f.data_dir.as_deref(),
+    };
+    let source = if f.quick && data_dir.is_none() && kind == DatasetKind::Mnist {
         DataSource::Embedded
     } else {
-        relprune_data::resolve_source(kind, f.data_dir.as_deref())?
+        relprune_data::resolve_source(kind, data_dir)?
     };
     cfg.data_source = source.to_string();
     cfg.data_dir = match &source {

@@ -69,10 +69,15 @@ pub struct Reproduce {
     /// List the experiments and exit.
     #[arg(long)]
     pub list: bool,
+    /// Run every experiment (into OUT/NAME, OUT = --out or target/reproduce) and write
+    /// OUT/summary.md beside the published anchors.
+    #[arg(long)]
+    pub all: bool,
     /// The quick configuration: the embedded data subset and a small epoch budget (minutes).
     #[arg(long)]
     pub quick: bool,
-    /// Dataset directory (else $RELPRUNE_DATA_DIR, else the dataset's default).
+    /// Dataset directory (else $RELPRUNE_DATA_DIR, else the dataset's default); with --all, the
+    /// MNIST directory (Fashion-MNIST then comes from its default).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Output directory (default target/reproduce/<experiment>).

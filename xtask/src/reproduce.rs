@@ -38,7 +38,92 @@ pub const EXPERIMENTS: &[Experiment] = &[
     },
 ];
 
+/// Published results to compare with (METHOD.md's anchors): (experiment, method, error %, ×).
+pub const ANCHORS: &[(&str, &str, f64, f64)] = &[
+    ("lenet300-mnist", "dense", 1.64, 1.0),
+    ("lenet300-mnist", "Han et al. 2015", 1.59, 12.0),
+    ("lenet300-mnist", "DNS", 1.99, 56.0),
+    ("lenet300-mnist", "soft weight sharing", 1.94, 23.0),
+    ("lenet300-mnist", "sparse variational dropout", 1.92, 68.0),
+    ("lenet5-mnist", "dense", 0.80, 1.0),
+    ("lenet5-mnist", "Han et al. 2015", 0.77, 12.0),
+    ("lenet5-mnist", "DNS", 0.91, 111.0),
+    ("lenet5-mnist", "soft weight sharing", 0.97, 200.0),
+    ("lenet5-mnist", "sparse variational dropout", 0.75, 280.0),
+];
+
+/// `--all`: every experiment into `<out>/<name>`, then `<out>/summary.{md,json}`.
+fn run_all(f: &flags::Reproduce) -> Result<()> {
+    let root = f
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/reproduce"));
+    let mut rows: Vec<(&str, std::result::Result<RunResults, String>)> = Vec::new();
+    for exp in EXPERIMENTS {
+        let out = root.join(exp.name);
+        eprintln!("== {} ({})", exp.name, out.display());
+        let r = std::fs::create_dir_all(&out)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| (exp.run)(exp.name, f, &out))
+            .and_then(|r| write_outputs(&r, &out).map(|_| r));
+        if let Err(e) = &r {
+            eprintln!("{}: failed: {e:#}", exp.name);
+        }
+        rows.push((exp.name, r.map_err(|e| format!("{e:#}"))));
+    }
+    let mut md = format!(
+        "# Reproduction summary ({})\n\n| experiment | metric | dense | pruned | remaining % | compression × | wall s |\n|---|---|---:|---:|---:|---:|---:|\n",
+        if f.quick { "quick configurations" } else { "full configurations" }
+    );
+    let mut json = Vec::new();
+    for (name, r) in &rows {
+        match r {
+            Ok(r) => {
+                md.push_str(&format!(
+                    "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |\n",
+                    r.metric,
+                    r.dense.value,
+                    r.pruned.value,
+                    r.pruned.remaining_pct,
+                    r.pruned.compression,
+                    r.wall_seconds
+                ));
+                json.push(serde_json::json!({"experiment": name, "results": r}));
+            }
+            Err(e) => {
+                md.push_str(&format!(
+                    "| {name} | failed: {} | | | | | |\n",
+                    e.replace('|', "/")
+                ));
+                json.push(serde_json::json!({"experiment": name, "error": e}));
+            }
+        }
+    }
+    md.push_str("\nPublished (METHOD.md's anchors, test error % at compression ×):\n\n| experiment | method | error % | compression × |\n|---|---|---:|---:|\n");
+    for (e, m, err, x) in ANCHORS {
+        md.push_str(&format!("| {e} | {m} | {err:.2} | {x:.0} |\n"));
+    }
+    std::fs::create_dir_all(&root)?;
+    write_atomic(&root.join("summary.md"), md.as_bytes())?;
+    write_atomic(
+        &root.join("summary.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    println!("{md}");
+    let failed: Vec<&str> = rows.iter().filter(|r| r.1.is_err()).map(|r| r.0).collect();
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
 pub fn run(f: flags::Reproduce) -> Result<()> {
+    if f.all {
+        if f.experiment.is_some() || f.resume.is_some() {
+            bail!("--all runs every experiment: give no name and no --resume");
+        }
+        return run_all(&f);
+    }
     if f.list || f.experiment.is_none() {
         println!("experiments (cargo xtask reproduce NAME [--quick]):");
         for e in EXPERIMENTS {
