@@ -708,6 +708,30 @@ mod tests {
     }
 
     #[test]
+    fn lenet5_prunes_its_conv_and_fc_weights_end_to_end_and_the_file_agrees() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::preset("lenet5-mnist", true).unwrap();
+        cfg.train_limit = Some(600);
+        cfg.n_valid = 100;
+        cfg.dense_epochs = 2;
+        cfg.prune.max_epochs = 2;
+        cfg.prune.patience = 1;
+        // Every epoch counts as a plateau, so the short run prunes.
+        cfg.prune.min_improvement = 0.99;
+        cfg.prune.finetune_epochs = 1;
+        cfg.prune.delta = 100.0;
+        let r = run_config(cfg, &DataSource::Embedded, dir.path(), false).unwrap();
+        let names: Vec<&str> = r.layers.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+        );
+        assert_eq!(r.pruned.params, 500 + 25_000 + 400_000 + 5_000);
+        assert!(r.pruned.remaining_pct < 100.0, "{:?}", r.rounds);
+        assert!(r.layers.iter().all(|l| l.nonzero <= l.params));
+    }
+
+    #[test]
     fn target_sparsity_mode_prunes_exactly_the_target() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = tiny_config();
