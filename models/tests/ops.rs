@@ -225,3 +225,21 @@ fn bad_shapes_are_errors_not_panics() {
     assert!(max_pool2d(x.as_tensor(), 5, 1).is_err());
     assert!(max_pool2d(x.as_tensor(), 2, 0).is_err());
 }
+
+#[test]
+fn conv2d_without_bias_and_on_a_computed_input_matches_candle() {
+    // The input is an intermediate result of a variable (like a second layer's input).
+    let v = rand_var(&[2, 3, 9, 9], 20);
+    let x = v.as_tensor().relu().unwrap();
+    let w = rand_var(&[4, 3, 3, 3], 21);
+    let ours = conv2d(&x, w.as_tensor(), None, 2, 1).unwrap();
+    let theirs = x.conv2d(w.as_tensor(), 1, 2, 1, 1).unwrap();
+    assert_close(&vec(&ours), &vec(&theirs), 1e-5, "forward");
+    let g1 = weighted_sum(&ours, 22).backward().unwrap();
+    let g2 = weighted_sum(&theirs, 22).backward().unwrap();
+    for (name, t) in [("v", v.as_tensor()), ("w", w.as_tensor())] {
+        let a = vec(g1.get(t).unwrap());
+        let e = vec(g2.get(t).unwrap());
+        assert_close(&a, &e, 1e-4, name);
+    }
+}

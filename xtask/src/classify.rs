@@ -371,6 +371,10 @@ pub fn run_config(
     };
     let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, None)?)?;
     let mut task = ImageClassification::new(model, train, valid, test, cfg.batch_size, cfg.seed);
+    if cfg.model != "lenet300" {
+        // Convolutions' im2col buffers grow with the batch: keep them under glibc's mmap limit.
+        task.eval_batch_size = 250;
+    }
     let checkpoints = out.join(CHECKPOINT_DIR);
     if resume {
         trainer.resume(&checkpoints, &mut task)?;
