@@ -8,6 +8,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A model configuration that does not exist (e.g. a ResNet depth that is not 6n + 2).
+    #[error("invalid model configuration: {0}")]
+    Config(String),
     /// A checkpoint file could not be used.
     #[error("{path}: {msg}")]
     Checkpoint {

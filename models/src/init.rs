@@ -60,3 +60,20 @@ pub fn linear(
     )?;
     Ok(candle_nn::Linear::new(w, Some(b)))
 }
+
+/// A tensor of `shape` drawn from N(0, std²) (Box–Muller on the seeded generator).
+pub fn normal(shape: &[usize], std: f64, rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut data = Vec::with_capacity(n + 1);
+    while data.len() < n {
+        // 1 − u keeps the logarithm finite.
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let t = 2.0 * std::f64::consts::PI * u2;
+        data.push((r * t.cos()) as f32);
+        data.push((r * t.sin()) as f32);
+    }
+    data.truncate(n);
+    Ok(Tensor::from_vec(data, shape, device)?)
+}

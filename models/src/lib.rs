@@ -5,12 +5,14 @@
 //! mask and export them, and [`checkpoint`] saves and loads them as safetensors.
 
 pub mod checkpoint;
+pub mod cifar;
 pub mod error;
 pub mod init;
 pub mod lenet;
 pub mod lenet5;
 pub mod ops;
 
+pub use cifar::{CifarResNet, Shortcut, Vgg16};
 pub use error::{Error, Result};
 pub use lenet::Lenet300;
 pub use lenet5::Lenet5;
