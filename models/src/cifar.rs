@@ -139,13 +139,17 @@ pub enum Shortcut {
     B,
 }
 
+/// A block's shortcut when the shape changes: the option, its projection (option B) and the
+/// number of channels added.
+type Downsample = (Shortcut, Option<(Conv2d, BatchNorm)>, usize);
+
 #[derive(Clone, Debug)]
 struct Block {
     conv1: Conv2d,
     bn1: BatchNorm,
     conv2: Conv2d,
     bn2: BatchNorm,
-    down: Option<(Shortcut, Option<(Conv2d, BatchNorm)>, usize)>,
+    down: Option<Downsample>,
 }
 
 impl Block {
