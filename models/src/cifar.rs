@@ -201,7 +201,7 @@ impl CifarResNet {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        if depth < 8 || (depth - 2) % 6 != 0 {
+        if depth < 8 || !(depth - 2).is_multiple_of(6) {
             return Err(Error::Config(format!(
                 "a CIFAR ResNet has 6n + 2 layers (20, 32, 56, ...), not {depth}"
             )));
