@@ -14,7 +14,7 @@ use relprune_eval::{
     DatasetInfo, ImageClassification, MetricValue, PrunedSummary, RoundRecord, RunResults,
     SizesBytes, SparsityReport,
 };
-use relprune_models::{Lenet300, Lenet5};
+use relprune_models::{CifarResNet, Lenet300, Lenet5, Shortcut, Vgg16};
 use relprune_prune::baselines::{self, Finetune};
 use relprune_prune::threshold::BisectionConfig;
 use relprune_prune::{
@@ -33,24 +33,50 @@ pub enum Net {
     Lenet300(Lenet300),
     /// LeNet-5-Caffe.
     Lenet5(Lenet5),
+    /// VGG-16 with batch norm (CIFAR).
+    Vgg16(Vgg16),
+    /// A CIFAR ResNet (option-A shortcuts).
+    Resnet(CifarResNet),
 }
 
 impl Net {
-    /// A freshly initialized `name` (`lenet300` or `lenet5`) with its parameters in `varmap`.
+    /// A freshly initialized `name` (`lenet300`, `lenet5`, `vgg16`, `resnet20|32|56`) with its
+    /// parameters in `varmap`.
     pub fn new(name: &str, varmap: &VarMap, seed: u64, device: &Device) -> Result<Self> {
         Ok(match name {
             "lenet300" => Net::Lenet300(Lenet300::new(varmap, seed, device)?),
             "lenet5" => Net::Lenet5(Lenet5::new(varmap, seed, device)?),
-            other => anyhow::bail!("unknown model `{other}` (lenet300, lenet5)"),
+            "vgg16" => Net::Vgg16(Vgg16::new(varmap, 10, seed, device)?),
+            "resnet20" | "resnet32" | "resnet56" => {
+                let depth = name["resnet".len()..].parse()?;
+                Net::Resnet(CifarResNet::new(
+                    varmap,
+                    depth,
+                    Shortcut::A,
+                    10,
+                    seed,
+                    device,
+                )?)
+            }
+            other => {
+                anyhow::bail!("unknown model `{other}` (lenet300, lenet5, vgg16, resnet20/32/56)")
+            }
         })
     }
 }
 
-impl candle_core::Module for Net {
-    fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+impl candle_core::ModuleT for Net {
+    fn forward_t(
+        &self,
+        x: &candle_core::Tensor,
+        train: bool,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        use candle_core::Module;
         match self {
             Net::Lenet300(m) => m.forward(x),
             Net::Lenet5(m) => m.forward(x),
+            Net::Vgg16(m) => m.forward_t(x, train),
+            Net::Resnet(m) => m.forward_t(x, train),
         }
     }
 }
@@ -95,7 +121,7 @@ fn default_dataset() -> String {
 }
 
 /// The experiments of this module: (name, model, dataset, what it is).
-pub const EXPERIMENTS: [(&str, &str, &str, &str); 3] = [
+pub const EXPERIMENTS: [(&str, &str, &str, &str); 5] = [
     (
         "lenet300-mnist",
         "lenet300",
@@ -113,6 +139,18 @@ pub const EXPERIMENTS: [(&str, &str, &str, &str); 3] = [
         "lenet5",
         "fashion-mnist",
         "LeNet-5-Caffe on Fashion-MNIST (Debian package dataset-fashion-mnist)",
+    ),
+    (
+        "vgg16-cifar10",
+        "vgg16",
+        "cifar10",
+        "VGG-16-BN on CIFAR-10 (--data-dir with the binary batches; full run: GPU-sized)",
+    ),
+    (
+        "resnet32-cifar10",
+        "resnet32",
+        "cifar10",
+        "ResNet-32 on CIFAR-10 (--data-dir with the binary batches; full run: GPU-sized)",
     ),
 ];
 
@@ -134,6 +172,19 @@ impl Config {
             cfg.dense_epochs = if quick { 8 } else { 20 };
             cfg.prune.max_epochs = if quick { 60 } else { 200 };
             cfg.prune.delta = if quick { 0.8 } else { 0.3 };
+        }
+        if dataset == "cifar10" {
+            // The usual CIFAR recipe (SGD 0.1, momentum 0.9, cosine, crop + flip); the quick
+            // configuration is CPU-sized: the first 1,200 training images, a handful of epochs.
+            cfg.dense_lr = 0.1;
+            cfg.batch_size = if quick { 50 } else { 128 };
+            cfg.dense_epochs = if quick { 3 } else { 160 };
+            cfg.n_valid = if quick { 200 } else { 5000 };
+            cfg.train_limit = if quick { Some(1200) } else { None };
+            cfg.prune.max_epochs = if quick { 6 } else { 300 };
+            cfg.prune.patience = if quick { 1 } else { 3 };
+            cfg.prune.delta = if quick { 5.0 } else { 0.5 };
+            cfg.prune.finetune_epochs = if quick { 1 } else { 20 };
         }
         if dataset == "fashion-mnist" && quick {
             // The package has the full 60k; the quick run uses the first 10k (8k train, 2k valid).
@@ -188,12 +239,24 @@ impl Config {
 /// Where a run keeps its checkpoint, inside its output directory.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 
-/// The dataset of a configuration.
-fn dataset_kind(cfg: &Config) -> Result<DatasetKind> {
+/// The IDX dataset of a configuration (`None` for CIFAR-10).
+fn dataset_kind(cfg: &Config) -> Result<Option<DatasetKind>> {
     Ok(match cfg.dataset.as_str() {
-        "mnist" => DatasetKind::Mnist,
-        "fashion-mnist" => DatasetKind::FashionMnist,
-        other => anyhow::bail!("unknown dataset `{other}` (mnist, fashion-mnist)"),
+        "mnist" => Some(DatasetKind::Mnist),
+        "fashion-mnist" => Some(DatasetKind::FashionMnist),
+        "cifar10" => None,
+        other => anyhow::bail!("unknown dataset `{other}` (mnist, fashion-mnist, cifar10)"),
+    })
+}
+
+/// The train and test splits of a configuration's dataset from `source`.
+fn load_splits(cfg: &Config, source: &DataSource) -> Result<relprune_data::ImageSplits> {
+    Ok(match (dataset_kind(cfg)?, source) {
+        (Some(kind), _) => relprune_data::load(kind, source)
+            .with_context(|| format!("loading {} from {source}", kind.name()))?,
+        (None, DataSource::Dir(dir)) => relprune_data::load_cifar10_dir(dir)
+            .with_context(|| format!("loading CIFAR-10 from {}", dir.display()))?,
+        (None, DataSource::Embedded) => anyhow::bail!("CIFAR-10 has no embedded subset"),
     })
 }
 
@@ -307,16 +370,25 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
             anyhow::bail!("--tau needs a hard gate");
         }
     }
-    let kind = dataset_kind(&cfg)?;
-    // With --all, --data-dir is the MNIST directory; Fashion-MNIST keeps its own default.
-    let data_dir = match (f.all, kind) {
-        (true, DatasetKind::FashionMnist) => None,
+    // With --all, --data-dir is the MNIST directory; the other datasets keep their defaults.
+    let data_dir = match (f.all, cfg.dataset.as_str()) {
+        (true, "fashion-mnist" | "cifar10") => None,
         _ => f.data_dir.as_deref(),
     };
-    let source = if f.quick && data_dir.is_none() && kind == DatasetKind::Mnist {
-        DataSource::Embedded
-    } else {
-        relprune_data::resolve_source(kind, data_dir)?
+    let source = match dataset_kind(&cfg)? {
+        Some(DatasetKind::Mnist) if f.quick && data_dir.is_none() => DataSource::Embedded,
+        Some(kind) => relprune_data::resolve_source(kind, data_dir)?,
+        None => {
+            let dir = data_dir
+                .map(std::path::Path::to_path_buf)
+                .or_else(|| std::env::var_os("RELPRUNE_CIFAR10_DIR").map(Into::into))
+                .context(
+                    "CIFAR-10 cannot be downloaded here: pass --data-dir DIR (or set \
+                     RELPRUNE_CIFAR10_DIR) with the binary version's data_batch_1.bin .. \
+                     data_batch_5.bin and test_batch.bin",
+                )?;
+            DataSource::Dir(dir)
+        }
     };
     cfg.data_source = source.to_string();
     cfg.data_dir = match &source {
@@ -336,25 +408,31 @@ pub fn run_config(
 ) -> Result<RunResults> {
     let t0 = Instant::now();
     let device = Device::Cpu;
-    let kind = dataset_kind(&cfg)?;
-    let splits = relprune_data::load(kind, source)
-        .with_context(|| format!("loading {} from {source}", kind.name()))?;
+    let splits = load_splits(&cfg, source)?;
     let train_all = match cfg.train_limit {
         Some(n) => splits.train.take_first(n)?,
         None => splits.train,
     };
-    let (train, valid) = train_all.split(cfg.n_valid, cfg.seed)?;
-    let test = splits.test;
+    let (mut train, mut valid) = train_all.split(cfg.n_valid, cfg.seed)?;
+    let mut test = splits.test;
+    let cifar = cfg.dataset == "cifar10";
+    if cifar {
+        // Per-channel normalization with the training split's statistics, for every split.
+        let (mean, std) = train.channel_stats()?;
+        train = train.normalize(&mean, &std)?;
+        valid = valid.normalize(&mean, &std)?;
+        test = test.normalize(&mean, &std)?;
+    }
     eprintln!(
         "{}: {} from {source}: {} train, {} valid, {} test",
         cfg.experiment,
-        kind.name(),
+        cfg.dataset,
         train.len(),
         valid.len(),
         test.len()
     );
     let dataset = DatasetInfo {
-        name: kind.name().into(),
+        name: cfg.dataset.clone(),
         train: train.len(),
         valid: valid.len(),
         test: test.len(),
@@ -373,7 +451,10 @@ pub fn run_config(
     let mut task = ImageClassification::new(model, train, valid, test, cfg.batch_size, cfg.seed);
     if cfg.model != "lenet300" {
         // Convolutions' im2col buffers grow with the batch: keep them under glibc's mmap limit.
-        task.eval_batch_size = 250;
+        task.eval_batch_size = if cifar { 50 } else { 250 };
+    }
+    if cifar {
+        task.augment = Some(relprune_data::Augment::CIFAR10);
     }
     let checkpoints = out.join(CHECKPOINT_DIR);
     if resume {
@@ -733,6 +814,91 @@ mod tests {
         assert_eq!(r.pruned.params, 500 + 25_000 + 400_000 + 5_000);
         assert!(r.pruned.remaining_pct < 100.0, "{:?}", r.rounds);
         assert!(r.layers.iter().all(|l| l.nonzero <= l.params));
+    }
+
+    /// A CIFAR-10 directory in the real binary format: `per_batch` images per training batch.
+    fn fake_cifar(dir: &Path, per_batch: usize) {
+        let mut k = 0u32;
+        let mut batch = |n: usize| {
+            let mut images = Vec::with_capacity(n * 3072);
+            let mut labels = Vec::with_capacity(n);
+            for _ in 0..n {
+                let label = (k % 10) as u8;
+                for p in 0..3072u32 {
+                    // A class-dependent pattern plus noise, so something can be learned.
+                    let v = (p * 7 + k * 13) % 61
+                        + if (p / 32) % 10 == label as u32 {
+                            150
+                        } else {
+                            0
+                        };
+                    images.push(v.min(255) as u8);
+                }
+                labels.push(label);
+                k += 1;
+            }
+            (images, labels)
+        };
+        for name in relprune_data::cifar::TRAIN_BATCHES {
+            let (i, l) = batch(per_batch);
+            relprune_data::write_cifar_batch(&dir.join(name), &i, &l).unwrap();
+        }
+        let (i, l) = batch(per_batch);
+        relprune_data::write_cifar_batch(&dir.join(relprune_data::cifar::TEST_BATCH), &i, &l)
+            .unwrap();
+    }
+
+    #[test]
+    fn cifar_entries_run_end_to_end_on_files_in_the_real_format() {
+        let data = tempfile::tempdir().unwrap();
+        fake_cifar(data.path(), 40);
+        for (experiment, limit) in [("resnet32-cifar10", 100), ("vgg16-cifar10", 60)] {
+            let out = tempfile::tempdir().unwrap();
+            let mut cfg = Config::preset(experiment, true).unwrap();
+            cfg.train_limit = Some(limit);
+            cfg.n_valid = 20;
+            cfg.batch_size = 20;
+            cfg.dense_epochs = 1;
+            cfg.prune.max_epochs = 2;
+            cfg.prune.min_improvement = 0.99;
+            cfg.prune.finetune_epochs = 1;
+            cfg.prune.delta = 100.0;
+            let source = DataSource::Dir(data.path().to_path_buf());
+            let r = run_config(cfg, &source, out.path(), false).unwrap();
+            assert_eq!(r.dataset.name, "cifar10");
+            assert_eq!(r.dataset.test, 40);
+            assert!(
+                r.pruned.remaining_pct < 100.0,
+                "{experiment}: {:?}",
+                r.rounds
+            );
+            // Only conv and linear weights are pruned; batch-norm parameters are not.
+            assert!(r
+                .layers
+                .iter()
+                .all(|l| l.name.ends_with("weight") && !l.name.contains("bn")));
+            // (run_config itself checks that the reloaded model file, batch-norm statistics
+            // included, gives the in-memory model's test error.)
+        }
+        // Without a directory the error says what to do.
+        let cli = {
+            use clap::Parser;
+            crate::flags::Xtask::parse_from([
+                "cargo xtask",
+                "reproduce",
+                "resnet32-cifar10",
+                "--quick",
+            ])
+        };
+        let crate::flags::Cmd::Reproduce(f) = cli.cmd else {
+            panic!("not a reproduce command")
+        };
+        if std::env::var_os("RELPRUNE_CIFAR10_DIR").is_none() {
+            let err = run("resnet32-cifar10", &f, tempfile::tempdir().unwrap().path())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--data-dir"), "{err}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use candle_nn::ModuleT;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use relprune_data::ImageDataset;
+use relprune_data::{Augment, ImageDataset};
 use relprune_prune::{Evaluation, MetricSpec, Split, Task};
 
 /// The metric name image classification reports.
@@ -25,7 +25,11 @@ pub struct ImageClassification<M: ModuleT> {
     pub batch_size: usize,
     /// Evaluation batch size.
     pub eval_batch_size: usize,
+    /// Random crops and flips of the training batches (`None`: the images as they are).
+    pub augment: Option<Augment>,
     rng: StdRng,
+    seed: u64,
+    epoch: usize,
     order: Option<Tensor>,
 }
 
@@ -46,7 +50,10 @@ impl<M: ModuleT> ImageClassification<M> {
             test,
             batch_size: batch_size.max(1),
             eval_batch_size: 1000,
+            augment: None,
             rng: StdRng::seed_from_u64(seed),
+            seed,
+            epoch: 0,
             order: None,
         }
     }
@@ -91,7 +98,8 @@ impl<M: ModuleT> Task for ImageClassification<M> {
         }
     }
 
-    fn begin_epoch(&mut self, _epoch: usize) -> relprune_prune::Result<usize> {
+    fn begin_epoch(&mut self, epoch: usize) -> relprune_prune::Result<usize> {
+        self.epoch = epoch;
         let n = self.train.len();
         let mut order: Vec<u32> = (0..n as u32).collect();
         order.shuffle(&mut self.rng);
@@ -133,8 +141,18 @@ impl<M: ModuleT> ImageClassification<M> {
             )));
         }
         let ids = order.narrow(0, start, self.batch_size.min(n - start))?;
-        let x = self.train.images.index_select(&ids, 0)?;
+        let mut x = self.train.images.index_select(&ids, 0)?;
         let y = self.train.labels.index_select(&ids, 0)?;
+        if let Some(aug) = &self.augment {
+            // Seeded by (seed, epoch, batch), not drawn from a running stream, so a resumed run
+            // augments exactly as an uninterrupted one.
+            let key = (self.epoch as u64) << 32 | index as u64;
+            let mut rng =
+                StdRng::seed_from_u64(self.seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            x = aug
+                .apply(&x, self.train.shape, &mut rng)
+                .map_err(|e| relprune_prune::Error::Task(e.to_string()))?;
+        }
         let logits = self.model.forward_t(&x, true)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
         Ok((logits, loss))
