@@ -776,3 +776,30 @@ fn output_sensitivity_without_precomputed_scores_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn the_dense_file_stores_pruned_weights_as_positive_zeros() {
+    let (_vm, ps) = tiny_model(9);
+    // A negative weight masked to zero becomes -0.0 in memory.
+    let w = ps.iter().find(|p| p.name == "lin.weight").unwrap();
+    let mut v = values(&ps, "lin.weight");
+    v[0] = -0.0;
+    v[1] = -0.0;
+    w.var
+        .set(&Tensor::from_vec(v, (6, 8), &Device::Cpu).unwrap())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    export::save_dense(&ps, &path).unwrap();
+    let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let bits: Vec<u32> = back["lin.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    assert_eq!(&bits[..2], &[0, 0], "negative zeros must be written as +0.0");
+    assert!(!bits.contains(&0x8000_0000));
+}
