@@ -196,7 +196,8 @@ impl Config {
     /// The LeNet-300-100 on MNIST configuration, full (paper-scale) or quick.
     pub fn new(quick: bool) -> Self {
         let prune = PruneConfig {
-            regularizer: SelectiveDecay::default(),
+            // LOBSTER's soft gate: ahead of the hard gate in both ablation budgets (docs/ABLATION.md).
+            regularizer: SelectiveDecay::lobster(1e-4),
             lr: 0.01,
             // The small quick training set overfits sooner: prune more gently per round.
             bisection: BisectionConfig {

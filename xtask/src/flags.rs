@@ -125,9 +125,10 @@ pub struct Reproduce {
     /// Also bound each pruning round's validation metric to this many units worse than the dense model.
     #[arg(long)]
     pub metric_bound: Option<f64>,
-    /// The regularizer: selective (the default hard gate on |g|), taylor (hard gate on |w·g|),
-    /// lobster (soft gate 1−|g|), sensitivity (Tartaglione et al.: soft gate 1−S on the output
-    /// sensitivity; one extra backward pass per class each step), l2 (classical weight decay), l1.
+    /// The regularizer: lobster (the default: soft gate 1−|g|), selective (hard gate
+    /// |g| < τ·max|g|), taylor (hard gate on |w·g|), sensitivity (Tartaglione et al.: soft gate
+    /// 1−S on the output sensitivity; one extra backward pass per class each step), l2
+    /// (classical weight decay), l1.
     #[arg(long, value_parser = ["selective", "taylor", "lobster", "sensitivity", "l2", "l1"])]
     pub regularizer: Option<String>,
     /// Smooth the relevance over steps with this β (0 = none).

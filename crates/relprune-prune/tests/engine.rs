@@ -800,6 +800,10 @@ fn the_dense_file_stores_pruned_weights_as_positive_zeros() {
         .iter()
         .map(|x| x.to_bits())
         .collect();
-    assert_eq!(&bits[..2], &[0, 0], "negative zeros must be written as +0.0");
+    assert_eq!(
+        &bits[..2],
+        &[0, 0],
+        "negative zeros must be written as +0.0"
+    );
     assert!(!bits.contains(&0x8000_0000));
 }
