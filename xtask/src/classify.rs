@@ -293,7 +293,9 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
     if let Some(e) = f.dense_epochs {
         cfg.dense_epochs = e;
     }
-    cfg.train_limit = f.train_limit;
+    if let Some(n) = f.train_limit {
+        cfg.train_limit = Some(n);
+    }
     if let Some(d) = f.delta {
         cfg.prune.delta = d;
     }
