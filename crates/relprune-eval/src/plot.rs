@@ -63,13 +63,40 @@ pub fn line_chart_svg(
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         if log_x {
-            draw(&root, pad_log(x).log_scale(), y, &labels, &series)?;
+            let x = pad_log(x);
+            let ticks = log_ticks(&x);
+            draw(
+                &root,
+                x.log_scale().with_key_points(ticks),
+                y,
+                &labels,
+                &series,
+            )?;
         } else {
             draw(&root, pad_linear(x), y, &labels, &series)?;
         }
         root.present().map_err(plot_err)?;
     }
     write_atomic(path, svg.as_bytes())
+}
+
+/// Labelled ticks of a log axis: 1, 2 and 5 times each power of ten inside `r` (plotters' own
+/// log axis labels only the powers of ten, leaving e.g. 1%–10% unlabelled).
+fn log_ticks(r: &Range<f64>) -> Vec<f64> {
+    let (lo, hi) = (r.start.min(r.end), r.start.max(r.end));
+    if !(lo > 0.0 && hi.is_finite()) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for e in lo.log10().floor() as i32..=hi.log10().ceil() as i32 {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * 10f64.powi(e);
+            if v >= lo && v <= hi {
+                out.push(v);
+            }
+        }
+    }
+    out
 }
 
 /// Title and axis labels of a chart.
@@ -176,6 +203,15 @@ fn pad_log(r: Range<f64>) -> Range<f64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn log_ticks_label_one_two_five_of_every_decade_in_range() {
+        assert_eq!(
+            super::log_ticks(&(0.8..120.0)),
+            vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
+        );
+        assert!(super::log_ticks(&(0.0..10.0)).is_empty());
+    }
+
     use super::*;
 
     fn curve() -> Vec<Series> {
