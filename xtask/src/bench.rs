@@ -13,7 +13,6 @@ use candle_nn::VarMap;
 use relprune_core::SelectiveDecay;
 use relprune_data::{DataSource, DatasetKind};
 use relprune_eval::{write_atomic, ImageClassification};
-use relprune_models::{Lenet300, Lenet5};
 use relprune_prune::{MaskedSgd, Masks, ParamSet, Selection, SgdConfig, Task, Trainer};
 use serde::Serialize;
 
@@ -44,27 +43,20 @@ impl OurEpoch {
         let swd = name == "lenet300-swd-epoch";
         let d = &data.train;
         let (small_a, small_b) = (d.take_first(100)?, d.take_first(100)?);
-        let task: Box<dyn Task> = if name == "lenet5-epoch" {
-            let model = Lenet5::new(&varmap, 0, &device)?;
-            Box::new(ImageClassification::new(
-                model,
-                d.clone(),
-                small_a,
-                small_b,
-                100,
-                0,
-            ))
+        let net = if name == "lenet5-epoch" {
+            "lenet5"
         } else {
-            let model = Lenet300::new(&varmap, 0, &device)?;
-            Box::new(ImageClassification::new(
-                model,
-                d.clone(),
-                small_a,
-                small_b,
-                100,
-                0,
-            ))
+            "lenet300"
         };
+        let model = crate::classify::Net::new(net, &varmap, 0, &device)?;
+        let task: Box<dyn Task> = Box::new(ImageClassification::new(
+            model,
+            d.clone(),
+            small_a,
+            small_b,
+            100,
+            0,
+        ));
         let params = ParamSet::from_varmap(&varmap, &Selection::default())?;
         let mut masks = Masks::dense(&params)?;
         let reg = if swd {
