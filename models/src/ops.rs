@@ -7,10 +7,11 @@
 //! `max_pool2d` backward only works when the kernel equals the stride, and divides the gradient by
 //! the window size (it averages the max mask). Here:
 //!
-//! - the convolution is one custom op: `im2col`, one `(O, C·kh·kw) × (C·kh·kw, B·OH·OW)` gemm and
-//!   the bias; its backward is two more gemms (weight and input gradients, the latter through
-//!   `col2im`) and a sum (bias), and skips every gradient whose tensor tracks no variable — the
-//!   images' in particular;
+//! - the convolution is one custom op, computed image by image: `im2col` into a per-thread
+//!   buffer, one `(O, C·kh·kw) × (C·kh·kw, OH·OW)` gemm written straight into the output (bias
+//!   first); its backward is two more gemms per image (weight and input gradients, the latter
+//!   through `col2im`) and a sum (bias), and skips every gradient whose tensor tracks no
+//!   variable — the images' in particular;
 //! - max pooling keeps each window's first maximum (PyTorch's tie rule) from the forward pass and
 //!   routes the gradient there.
 //!
@@ -67,10 +68,6 @@ impl Window {
         self.c * self.kh * self.kw
     }
 
-    fn cols(&self) -> usize {
-        self.b * self.oh * self.ow
-    }
-
     /// Input coordinate of output `o` at kernel offset `k`, if inside the (unpadded) input.
     #[inline]
     fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
@@ -90,56 +87,74 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f3
     }
 }
 
-/// `(B, C, H, W)` → `(C·kh·kw, B·OH·OW)`: every receptive field as a column.
-fn im2col(x: &[f32], g: &Window) -> Vec<f32> {
-    let (rows, n, plane) = (g.rows(), g.cols(), g.h * g.w);
-    let per_img = g.oh * g.ow;
-    let mut out = vec![0f32; rows * n];
-    out.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
-        let (c, k) = (r / (g.kh * g.kw), r % (g.kh * g.kw));
-        let (ki, kj) = (k / g.kw, k % g.kw);
-        for b in 0..g.b {
-            let src = &x[(b * g.c + c) * plane..][..plane];
-            let dst = &mut row[b * per_img..][..per_img];
-            for oy in 0..g.oh {
-                let Some(iy) = g.src(oy, ki, g.h) else {
-                    continue;
-                };
-                let src_row = &src[iy * g.w..][..g.w];
-                let dst_row = &mut dst[oy * g.ow..][..g.ow];
-                if g.stride == 1 && kj >= g.pad && kj - g.pad + g.ow <= g.w {
-                    // The whole output row reads one contiguous input span.
-                    dst_row.copy_from_slice(&src_row[kj - g.pad..][..g.ow]);
-                    continue;
-                }
-                for (ox, d) in dst_row.iter_mut().enumerate() {
-                    if let Some(ix) = g.src(ox, kj, g.w) {
-                        *d = src_row[ix];
-                    }
-                }
-            }
+/// `dst.copy_from_slice(src)` for the short rows of im2col (often 8–32 floats): fixed-size
+/// 8-float copies inline to vector moves, where `copy_from_slice` calls `memcpy` once per row
+/// (≈ 20% of a LeNet-5 convolution went there).
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    assert_eq!(n, src.len());
+    if n < 8 {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s;
         }
-    });
-    out
+        return;
+    }
+    for (d, s) in dst.chunks_exact_mut(8).zip(src.chunks_exact(8)) {
+        let block: [f32; 8] = [s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]];
+        d.copy_from_slice(&block);
+    }
+    if n % 8 != 0 {
+        // The tail as the last 8 elements, overlapping what is already copied.
+        let block: [f32; 8] = src[n - 8..].try_into().expect("8 elements");
+        dst[n - 8..].copy_from_slice(&block);
+    }
 }
 
-/// `(C·kh·kw, B·OH·OW)` → `(B, C, H, W)`, summing overlapping fields: the adjoint of [`im2col`].
-fn col2im(cols: &[f32], g: &Window) -> Vec<f32> {
-    let (n, plane, per_img) = (g.cols(), g.h * g.w, g.oh * g.ow);
-    let mut out = vec![0f32; g.b * g.c * plane];
-    // One task per (image, channel) plane: no two tasks write the same element.
-    out.par_chunks_mut(plane).enumerate().for_each(|(bc, dst)| {
-        let (b, c) = (bc / g.c, bc % g.c);
+/// One image `(C, H, W)` → its columns `(C·kh·kw, OH·OW)`, one receptive field per column.
+/// Every element is written (zeros where the window overhangs the padding), so callers reuse one
+/// scratch buffer per thread.
+fn im2col_image(x: &[f32], g: &Window, out: &mut [f32]) {
+    let (l, plane) = (g.oh * g.ow, g.h * g.w);
+    for (r, row) in out.chunks_mut(l).enumerate() {
+        let (c, k) = (r / (g.kh * g.kw), r % (g.kh * g.kw));
+        let (ki, kj) = (k / g.kw, k % g.kw);
+        let src = &x[c * plane..][..plane];
+        let span = g.stride == 1 && kj >= g.pad && kj - g.pad + g.ow <= g.w;
+        for oy in 0..g.oh {
+            let dst = &mut row[oy * g.ow..][..g.ow];
+            let Some(iy) = g.src(oy, ki, g.h) else {
+                dst.fill(0.0);
+                continue;
+            };
+            let src_row = &src[iy * g.w..][..g.w];
+            if span {
+                // The whole output row reads one contiguous input span.
+                copy_short(dst, &src_row[kj - g.pad..][..g.ow]);
+                continue;
+            }
+            for (ox, d) in dst.iter_mut().enumerate() {
+                *d = g.src(ox, kj, g.w).map_or(0.0, |ix| src_row[ix]);
+            }
+        }
+    }
+}
+
+/// Adds one image's column gradients `(C·kh·kw, OH·OW)` into its input gradient `(C, H, W)`,
+/// summing overlapping fields: the adjoint of [`im2col_image`].
+fn col2im_image(cols: &[f32], g: &Window, dst: &mut [f32]) {
+    let (l, plane) = (g.oh * g.ow, g.h * g.w);
+    for (c, d_plane) in dst.chunks_mut(plane).enumerate() {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let r = (c * g.kh + ki) * g.kw + kj;
-                let src = &cols[r * n + b * per_img..][..per_img];
+                let src = &cols[r * l..][..l];
                 let span = g.stride == 1 && kj >= g.pad && kj - g.pad + g.ow <= g.w;
                 for oy in 0..g.oh {
                     let Some(iy) = g.src(oy, ki, g.h) else {
                         continue;
                     };
-                    let d = &mut dst[iy * g.w..][..g.w];
+                    let d = &mut d_plane[iy * g.w..][..g.w];
                     let s = &src[oy * g.ow..][..g.ow];
                     if span {
                         // The output row maps onto one contiguous input span.
@@ -156,22 +171,87 @@ fn col2im(cols: &[f32], g: &Window) -> Vec<f32> {
                 }
             }
         }
-    });
-    out
+    }
 }
 
-fn host(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
+/// A row-major or transposed view of an `m×n` matrix in a slice: element `(i, j)` at
+/// `i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
 }
+
+impl Mat<'_> {
+    /// Panics unless every element of an `m×n` view lies inside the slice (the gemm below reads
+    /// through raw pointers).
+    fn check(&self, m: usize, n: usize) {
+        if m > 0 && n > 0 {
+            assert!((m - 1) * self.rs + (n - 1) * self.cs < self.data.len());
+        }
+    }
+}
+
+/// `dst (m×n, row-major) = [dst +] a (m×k) · b (k×n)`, single-threaded: the callers run one
+/// product per image in parallel, on matrices small enough to stay in cache.
+fn gemm_into(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
+    assert!(dst.len() >= m * n);
+    a.check(m, k);
+    b.check(k, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the three views were bounds-checked above; `dst` is borrowed mutably and does not
+    // alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor, without copying it.
+fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => f(contiguous_f32(s, layout, op)?),
+        _ => candle_core::bail!("{op}: expected a CPU tensor"),
+    }
+}
+
+/// Images per weight-gradient accumulator: a fixed split, so that the sum's order, and with it
+/// every bit of the result, does not depend on the number of threads.
+const IMAGES_PER_ACCUMULATOR: usize = 8;
 
 /// The whole convolution as one op, `(x, weight, bias)` → `y`, with its own backward: fewer
 /// graph nodes (candle's backward allocates and adds a gradient buffer per node) and no input
-/// gradient for inputs that track no variable.
+/// gradient for inputs that track no variable. Work is split by image: each image's columns
+/// are built in a per-thread scratch buffer that stays in cache, and the products are written
+/// straight into the `(B, O, OH, OW)` output, so no full-batch column matrix or transposed copy
+/// is ever made.
 struct ConvOp {
     g: Window,
     o: usize,
-    // The forward's im2col, reused by the backward (what PyTorch keeps too).
-    cols: std::sync::Mutex<Option<Tensor>>,
 }
 
 impl CustomOp3 for ConvOp {
@@ -192,25 +272,30 @@ impl CustomOp3 for ConvOp {
         let x = contiguous_f32(s1, l1, "conv2d")?;
         let w = contiguous_f32(s2, l2, "conv2d")?;
         let bias = contiguous_f32(s3, l3, "conv2d")?;
-        let dev = Device::Cpu;
-        let cols = Tensor::from_vec(im2col(x, &g), (g.rows(), g.cols()), &dev)?;
-        let wm = Tensor::from_slice(w, (o, g.rows()), &dev)?;
-        let y = host(&wm.matmul(&cols)?)?;
-        if let Ok(mut slot) = self.cols.lock() {
-            *slot = Some(cols);
-        }
-        // (O, B·L) → (B, O, L) with the bias added on the way.
-        let (n, per_img) = (g.cols(), g.oh * g.ow);
-        let mut out = vec![0f32; g.b * o * per_img];
-        out.par_chunks_mut(per_img)
-            .enumerate()
-            .for_each(|(bo, dst)| {
-                let (b, oc) = (bo / o, bo % o);
-                let src = &y[oc * n + b * per_img..][..per_img];
-                for (d, v) in dst.iter_mut().zip(src) {
-                    *d = v + bias[oc];
-                }
-            });
+        let (r, l, img) = (g.rows(), g.oh * g.ow, g.c * g.h * g.w);
+        let wm = Mat {
+            data: w,
+            rs: r,
+            cs: 1,
+        };
+        let mut out = vec![0f32; g.b * o * l];
+        out.par_chunks_mut(o * l)
+            .zip(x.par_chunks(img))
+            .for_each_init(
+                || vec![0f32; r * l],
+                |cols, (dst, xb)| {
+                    im2col_image(xb, &g, cols);
+                    for (row, &b) in dst.chunks_mut(l).zip(bias) {
+                        row.fill(b);
+                    }
+                    let cm = Mat {
+                        data: cols,
+                        rs: l,
+                        cs: 1,
+                    };
+                    gemm_into(o, l, r, dst, true, wm, cm);
+                },
+            );
         Ok((CpuStorage::F32(out), Shape::from((g.b, o, g.oh, g.ow))))
     }
 
@@ -223,44 +308,91 @@ impl CustomOp3 for ConvOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (g, o) = (self.g, self.o);
-        let (n, per_img) = (g.cols(), g.oh * g.ow);
-        let gy = host(grad)?;
-        // (B, O, L) → (O, B·L), and the bias gradient: the sum over images and positions.
-        let mut gy_on = vec![0f32; o * n];
-        gy_on.par_chunks_mut(n).enumerate().for_each(|(oc, dst)| {
-            for bi in 0..g.b {
-                let src = &gy[(bi * o + oc) * per_img..][..per_img];
-                dst[bi * per_img..][..per_img].copy_from_slice(src);
-            }
-        });
-        let grad_b = if b.track_op() {
-            let sums: Vec<f32> = gy_on.chunks(n).map(|r| r.iter().sum()).collect();
-            Some(Tensor::from_vec(sums, o, b.device())?)
-        } else {
-            None
-        };
-        let gy_t = Tensor::from_vec(gy_on, (o, n), &Device::Cpu)?;
-        let grad_w = if w.track_op() {
-            let cached = self.cols.lock().ok().and_then(|mut c| c.take());
-            let cols = match cached {
-                Some(c) => c,
-                None => {
-                    Tensor::from_vec(im2col(&host(x)?, &g), (g.rows(), g.cols()), &Device::Cpu)?
+        let (r, l, img) = (g.rows(), g.oh * g.ow, g.c * g.h * g.w);
+        let dev = x.device().clone();
+        with_f32(grad, "conv2d backward", |gy| {
+            let grad_b = if b.track_op() {
+                let mut sums = vec![0f32; o];
+                for per_img in gy.chunks(o * l) {
+                    for (s, row) in sums.iter_mut().zip(per_img.chunks(l)) {
+                        *s += row.iter().sum::<f32>();
+                    }
                 }
+                Some(Tensor::from_vec(sums, o, &dev)?)
+            } else {
+                None
             };
-            Some(gy_t.matmul(&cols.t()?)?.reshape(w.shape())?)
-        } else {
-            None
-        };
-        let grad_x = if x.track_op() {
-            let wt = w.detach().reshape((o, g.rows()))?.t()?;
-            let gc = host(&wt.matmul(&gy_t)?)?;
-            let gx = col2im(&gc, &g);
-            Some(Tensor::from_vec(gx, (g.b, g.c, g.h, g.w), x.device())?)
-        } else {
-            None
-        };
-        Ok((grad_x, grad_w, grad_b))
+            let grad_w = if w.track_op() {
+                let gw = with_f32(x, "conv2d backward", |x| {
+                    // Σ over images of gy_b (O×L) · cols_bᵀ (L×R), one accumulator per fixed
+                    // group of images, the groups summed in order.
+                    let partial: Vec<Vec<f32>> = x
+                        .par_chunks(img * IMAGES_PER_ACCUMULATOR)
+                        .zip(gy.par_chunks(o * l * IMAGES_PER_ACCUMULATOR))
+                        .map(|(xs, gys)| {
+                            let mut acc = vec![0f32; o * r];
+                            let mut cols = vec![0f32; r * l];
+                            for (xb, gyb) in xs.chunks(img).zip(gys.chunks(o * l)) {
+                                im2col_image(xb, &g, &mut cols);
+                                let a = Mat {
+                                    data: gyb,
+                                    rs: l,
+                                    cs: 1,
+                                };
+                                let bt = Mat {
+                                    data: &cols,
+                                    rs: 1,
+                                    cs: l,
+                                };
+                                gemm_into(o, r, l, &mut acc, true, a, bt);
+                            }
+                            acc
+                        })
+                        .collect();
+                    let mut parts = partial.into_iter();
+                    let mut total = parts.next().unwrap_or_else(|| vec![0f32; o * r]);
+                    for p in parts {
+                        for (t, v) in total.iter_mut().zip(&p) {
+                            *t += v;
+                        }
+                    }
+                    Ok(total)
+                })?;
+                Some(Tensor::from_vec(gw, w.shape(), &dev)?)
+            } else {
+                None
+            };
+            let grad_x = if x.track_op() {
+                let gx = with_f32(&w.detach(), "conv2d backward", |w| {
+                    // Per image: Wᵀ (R×O) · gy_b (O×L), then scattered back onto the image.
+                    let wt = Mat {
+                        data: w,
+                        rs: 1,
+                        cs: r,
+                    };
+                    let mut gx = vec![0f32; g.b * img];
+                    gx.par_chunks_mut(img)
+                        .zip(gy.par_chunks(o * l))
+                        .for_each_init(
+                            || vec![0f32; r * l],
+                            |gcols, (dst, gyb)| {
+                                let gm = Mat {
+                                    data: gyb,
+                                    rs: l,
+                                    cs: 1,
+                                };
+                                gemm_into(r, l, o, gcols, false, wt, gm);
+                                col2im_image(gcols, &g, dst);
+                            },
+                        );
+                    Ok(gx)
+                })?;
+                Some(Tensor::from_vec(gx, (g.b, g.c, g.h, g.w), &dev)?)
+            } else {
+                None
+            };
+            Ok((grad_x, grad_w, grad_b))
+        })
     }
 }
 
@@ -294,11 +426,7 @@ pub fn conv2d(
                 zero
             }
         };
-        let op = ConvOp {
-            g,
-            o,
-            cols: std::sync::Mutex::new(None),
-        };
+        let op = ConvOp { g, o };
         return x.contiguous()?.apply_op3_arc(
             &weight.contiguous()?,
             &b,
@@ -318,6 +446,80 @@ struct MaxPool {
     s: (usize, usize),
     // Each output's argmax within its plane, kept by the forward for the backward.
     argmax: std::sync::Mutex<Option<Vec<u32>>>,
+}
+
+/// Whether candidate `p` replaces the running maximum `v`: `>` keeps the first of equal maxima
+/// (PyTorch's rule); a NaN wins so that it propagates, and then stays. Callers select with it
+/// instead of branching: the comparisons are data-dependent and would mispredict.
+#[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn takes(p: f32, v: f32) -> bool {
+    !(p <= v) & !v.is_nan()
+}
+
+/// One `(H, W)` plane's pooling geometry.
+#[derive(Clone, Copy)]
+struct PoolPlane {
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl PoolPlane {
+    /// Max and argmax of every 2×2 window at stride 2: two input rows per output row, four
+    /// candidates per window, no loop-carried reloads.
+    fn pool_2x2(self, plane: &[f32], dst: &mut [f32], arg: &mut [u32]) {
+        let Self { w, oh, ow } = self;
+        for oy in 0..oh {
+            let i0 = 2 * oy * w;
+            let (r0, r1) = (&plane[i0..][..2 * ow], &plane[i0 + w..][..2 * ow]);
+            let (d, a) = (&mut dst[oy * ow..][..ow], &mut arg[oy * ow..][..ow]);
+            let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+            let (w1, w2) = (w as u32, w as u32 + 1);
+            for (ox, ((d, a), (x0, x1))) in d.iter_mut().zip(a.iter_mut()).zip(windows).enumerate()
+            {
+                // Selects on offsets rather than a table lookup: the loop vectorizes.
+                let base = (i0 + 2 * ox) as u32;
+                let (mut v, mut off) = (x0[0], 0u32);
+                for (p, o) in [(x0[1], 1), (x1[0], w1), (x1[1], w2)] {
+                    let t = takes(p, v);
+                    v = if t { p } else { v };
+                    off = if t { o } else { off };
+                }
+                *d = v;
+                *a = base + off;
+            }
+        }
+    }
+
+    /// Max and argmax of every window.
+    #[inline(always)]
+    fn pool_dyn(
+        self,
+        (kh, kw): (usize, usize),
+        (sh, sw): (usize, usize),
+        plane: &[f32],
+        dst: &mut [f32],
+        arg: &mut [u32],
+    ) {
+        let Self { w, oh, ow } = self;
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let start = oy * sh * w + ox * sw;
+                let (mut v, mut at) = (plane[start], start);
+                for ky in 0..kh {
+                    let row = &plane[start + ky * w..][..kw];
+                    for (kx, &p) in row.iter().enumerate() {
+                        let take = takes(p, v);
+                        v = if take { p } else { v };
+                        at = if take { start + ky * w + kx } else { at };
+                    }
+                }
+                dst[oy * ow + ox] = v;
+                arg[oy * ow + ox] = at as u32;
+            }
+        }
+    }
 }
 
 /// Output geometry `(B, C, H, W, OH, OW)` of a pooling of `dims`.
@@ -351,24 +553,11 @@ impl CustomOp1 for MaxPool {
             .zip(idx.par_chunks_mut(oh * ow))
             .zip(x.par_chunks(h * w))
             .for_each(|((dst, arg), plane)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let (y0, x0) = (oy * sh, ox * sw);
-                        let mut best = y0 * w + x0;
-                        let mut v = plane[best];
-                        for y in y0..y0 + kh {
-                            for (i, &p) in plane[y * w + x0..][..kw].iter().enumerate() {
-                                // `>` keeps the first of equal maxima (PyTorch's rule); a NaN
-                                // wins so that it propagates.
-                                if p > v || (p.is_nan() && !v.is_nan()) {
-                                    v = p;
-                                    best = y * w + x0 + i;
-                                }
-                            }
-                        }
-                        dst[oy * ow + ox] = v;
-                        arg[oy * ow + ox] = best as u32;
-                    }
+                let p = PoolPlane { w, oh, ow };
+                match (kh, kw, sh, sw) {
+                    // The common case gets constant loop bounds (unrolled, no reloads).
+                    (2, 2, 2, 2) => p.pool_2x2(plane, dst, arg),
+                    _ => p.pool_dyn((kh, kw), (sh, sw), plane, dst, arg),
                 }
             });
         if let Ok(mut slot) = self.argmax.lock() {
@@ -391,16 +580,18 @@ impl CustomOp1 for MaxPool {
                     .ok_or_else(|| candle_core::Error::Msg("max_pool2d: no argmax".into()))?
             }
         };
-        let gy = host(grad)?;
         let mut gx = vec![0f32; b * c * h * w];
-        gx.par_chunks_mut(h * w)
-            .zip(idx.par_chunks(oh * ow))
-            .zip(gy.par_chunks(oh * ow))
-            .for_each(|((dst, arg), g)| {
-                for (&i, &v) in arg.iter().zip(g) {
-                    dst[i as usize] += v;
-                }
-            });
+        with_f32(grad, "max_pool2d backward", |gy| {
+            gx.par_chunks_mut(h * w)
+                .zip(idx.par_chunks(oh * ow))
+                .zip(gy.par_chunks(oh * ow))
+                .for_each(|((dst, arg), g)| {
+                    for (&i, &v) in arg.iter().zip(g) {
+                        dst[i as usize] += v;
+                    }
+                });
+            Ok(())
+        })?;
         Ok(Some(Tensor::from_vec(gx, (b, c, h, w), arg.device())?))
     }
 }

@@ -243,3 +243,51 @@ fn conv2d_without_bias_and_on_a_computed_input_matches_candle() {
         assert_close(&a, &e, 1e-4, name);
     }
 }
+
+#[test]
+fn max_pool_propagates_a_nan_and_routes_its_window_gradient_to_it() {
+    // Window 1 holds a NaN after a larger value; window 2 a NaN first, then larger values.
+    let x = Var::from_vec(
+        vec![1.0, f32::NAN, 9.0, 2.0, /**/ f32::NAN, 5.0, 7.0, 8.0],
+        (1, 2, 2, 2),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let y = max_pool2d(x.as_tensor(), 2, 2).unwrap();
+    assert!(vec(&y).iter().all(|v| v.is_nan()), "{:?}", vec(&y));
+    // NaN outputs would poison a sum; route a plain gradient of ones instead.
+    let grads = (y.ones_like().unwrap() * &y)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = vec(grads.get(x.as_tensor()).unwrap());
+    let routed: Vec<bool> = g.iter().map(|v| *v != 0.0).collect();
+    assert_eq!(
+        routed,
+        vec![false, true, false, false, true, false, false, false]
+    );
+}
+
+#[test]
+fn max_pool_2x2_ties_route_the_gradient_to_the_first_maximum_in_row_major_order() {
+    // Windows: all equal; max at the last two (bottom row); max at top-right and bottom-left.
+    let x = Var::from_vec(
+        vec![
+            3.0f32, 3.0, 1.0, 2.0, 0.0, 4.0, //
+            3.0, 3.0, 5.0, 5.0, 4.0, 0.0,
+        ],
+        (1, 1, 2, 6),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let y = max_pool2d(x.as_tensor(), 2, 2).unwrap();
+    assert_eq!(vec(&y), vec![3.0, 5.0, 4.0]);
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let g = vec(grads.get(x.as_tensor()).unwrap());
+    assert_eq!(
+        g,
+        vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    );
+}
