@@ -6,7 +6,7 @@ use candle_nn::{Linear, VarMap};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::ops::{max_pool2d, Conv2d};
+use crate::ops::Conv2d;
 use crate::{init, Result};
 
 /// LeNet-5-Caffe on 1×28×28 images; parameters `conv{1,2}.{weight,bias}`, `fc{1,2}.{weight,bias}`.
@@ -70,8 +70,8 @@ impl Module for Lenet5 {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
         let x = x.reshape((b, 1, 28, 28))?;
-        let x = max_pool2d(&self.conv1.forward(&x)?, 2, 2)?;
-        let x = max_pool2d(&self.conv2.forward(&x)?, 2, 2)?;
+        let x = self.conv1.forward_max_pool(&x, 2, 2)?;
+        let x = self.conv2.forward_max_pool(&x, 2, 2)?;
         let x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
         self.fc2.forward(&x)
     }

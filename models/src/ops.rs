@@ -104,7 +104,7 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
         let block: [f32; 8] = [s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]];
         d.copy_from_slice(&block);
     }
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         // The tail as the last 8 elements, overlapping what is already copied.
         let block: [f32; 8] = src[n - 8..].try_into().expect("8 elements");
         dst[n - 8..].copy_from_slice(&block);
@@ -116,6 +116,17 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
 /// scratch buffer per thread.
 fn im2col_image(x: &[f32], g: &Window, out: &mut [f32]) {
     let (l, plane) = (g.oh * g.ow, g.h * g.w);
+    if g.stride == 1 && g.pad == 0 {
+        // Every output row reads one contiguous input span: no bounds logic per row.
+        for (r, row) in out.chunks_exact_mut(l).enumerate() {
+            let (c, k) = (r / (g.kh * g.kw), r % (g.kh * g.kw));
+            let src = &x[c * plane + (k / g.kw) * g.w + k % g.kw..];
+            for (dst, src) in row.chunks_exact_mut(g.ow).zip(src.chunks(g.w)) {
+                copy_short(dst, &src[..g.ow]);
+            }
+        }
+        return;
+    }
     for (r, row) in out.chunks_mut(l).enumerate() {
         let (c, k) = (r / (g.kh * g.kw), r % (g.kh * g.kw));
         let (ki, kj) = (k / g.kw, k % g.kw);
@@ -144,6 +155,18 @@ fn im2col_image(x: &[f32], g: &Window, out: &mut [f32]) {
 /// summing overlapping fields: the adjoint of [`im2col_image`].
 fn col2im_image(cols: &[f32], g: &Window, dst: &mut [f32]) {
     let (l, plane) = (g.oh * g.ow, g.h * g.w);
+    if g.stride == 1 && g.pad == 0 {
+        for (r, row) in cols.chunks_exact(l).enumerate() {
+            let (c, k) = (r / (g.kh * g.kw), r % (g.kh * g.kw));
+            let d = &mut dst[c * plane + (k / g.kw) * g.w + k % g.kw..];
+            for (s, d) in row.chunks_exact(g.ow).zip(d.chunks_mut(g.w)) {
+                for (d, v) in d[..g.ow].iter_mut().zip(s) {
+                    *d += v;
+                }
+            }
+        }
+        return;
+    }
     for (c, d_plane) in dst.chunks_mut(plane).enumerate() {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
@@ -239,19 +262,54 @@ fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Res
     }
 }
 
-/// Images per weight-gradient accumulator: a fixed split, so that the sum's order, and with it
-/// every bit of the result, does not depend on the number of threads.
-const IMAGES_PER_ACCUMULATOR: usize = 8;
+/// Images per backward task (and weight-gradient accumulator): a fixed split, so that the sum's
+/// order, and with it every bit of the result, does not depend on the number of threads.
+const IMAGES_PER_TASK: usize = 4;
+
+/// A max pooling fused behind a convolution: kernel, stride and the pooled `(PH, PW)`.
+#[derive(Clone, Copy, Debug)]
+struct FusedPool {
+    k: usize,
+    s: usize,
+    ph: usize,
+    pw: usize,
+}
 
 /// The whole convolution as one op, `(x, weight, bias)` → `y`, with its own backward: fewer
 /// graph nodes (candle's backward allocates and adds a gradient buffer per node) and no input
 /// gradient for inputs that track no variable. Work is split by image: each image's columns
 /// are built in a per-thread scratch buffer that stays in cache, and the products are written
 /// straight into the `(B, O, OH, OW)` output, so no full-batch column matrix or transposed copy
-/// is ever made.
+/// is ever made. With a fused max pooling, the unpooled output never leaves the scratch buffer
+/// either: only the pooled maps and each window's argmax are kept.
 struct ConvOp {
     g: Window,
     o: usize,
+    pool: Option<FusedPool>,
+    // Per image and channel, each pooled output's argmax within its `(OH, OW)` map.
+    argmax: std::sync::Mutex<Option<Vec<u32>>>,
+}
+
+impl ConvOp {
+    /// Elements of one image's output.
+    fn out_per_image(&self) -> usize {
+        match self.pool {
+            Some(p) => self.o * p.ph * p.pw,
+            None => self.o * self.g.oh * self.g.ow,
+        }
+    }
+
+    /// One image's unpooled output gradient `(O, OH, OW)` from its pooled one, through the argmax.
+    fn unpool(&self, gy: &[f32], arg: &[u32], dst: &mut [f32]) {
+        let l = self.g.oh * self.g.ow;
+        dst.fill(0.0);
+        let pl = gy.len() / self.o;
+        for ((d, g), a) in dst.chunks_mut(l).zip(gy.chunks(pl)).zip(arg.chunks(pl)) {
+            for (&i, &v) in a.iter().zip(g) {
+                d[i as usize] += v;
+            }
+        }
+    }
 }
 
 impl CustomOp3 for ConvOp {
@@ -278,25 +336,57 @@ impl CustomOp3 for ConvOp {
             rs: r,
             cs: 1,
         };
-        let mut out = vec![0f32; g.b * o * l];
-        out.par_chunks_mut(o * l)
-            .zip(x.par_chunks(img))
-            .for_each_init(
-                || vec![0f32; r * l],
-                |cols, (dst, xb)| {
-                    im2col_image(xb, &g, cols);
-                    for (row, &b) in dst.chunks_mut(l).zip(bias) {
-                        row.fill(b);
-                    }
-                    let cm = Mat {
-                        data: cols,
-                        rs: l,
-                        cs: 1,
-                    };
-                    gemm_into(o, l, r, dst, true, wm, cm);
-                },
-            );
-        Ok((CpuStorage::F32(out), Shape::from((g.b, o, g.oh, g.ow))))
+        let per = self.out_per_image();
+        let mut out = vec![0f32; g.b * per];
+        // The products of one image, into `y` `(O, OH·OW)`.
+        let conv = |xb: &[f32], cols: &mut [f32], y: &mut [f32]| {
+            im2col_image(xb, &g, cols);
+            for (row, &b) in y.chunks_mut(l).zip(bias) {
+                row.fill(b);
+            }
+            let cm = Mat {
+                data: cols,
+                rs: l,
+                cs: 1,
+            };
+            gemm_into(o, l, r, y, true, wm, cm);
+        };
+        let shape = match self.pool {
+            None => {
+                out.par_chunks_mut(per)
+                    .zip(x.par_chunks(img))
+                    .for_each_init(|| vec![0f32; r * l], |cols, (dst, xb)| conv(xb, cols, dst));
+                Shape::from((g.b, o, g.oh, g.ow))
+            }
+            Some(p) => {
+                let mut idx = vec![0u32; g.b * per];
+                let plane = PoolPlane {
+                    w: g.ow,
+                    oh: p.ph,
+                    ow: p.pw,
+                };
+                out.par_chunks_mut(per)
+                    .zip(idx.par_chunks_mut(per))
+                    .zip(x.par_chunks(img))
+                    .for_each_init(
+                        || (vec![0f32; r * l], vec![0f32; o * l]),
+                        |(cols, y), ((dst, arg), xb)| {
+                            conv(xb, cols, y);
+                            let pl = p.ph * p.pw;
+                            for ((ym, d), a) in
+                                y.chunks(l).zip(dst.chunks_mut(pl)).zip(arg.chunks_mut(pl))
+                            {
+                                plane.pool((p.k, p.k), (p.s, p.s), ym, d, a);
+                            }
+                        },
+                    );
+                if let Ok(mut slot) = self.argmax.lock() {
+                    *slot = Some(idx);
+                }
+                Shape::from((g.b, o, p.ph, p.pw))
+            }
+        };
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
@@ -309,12 +399,33 @@ impl CustomOp3 for ConvOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (g, o) = (self.g, self.o);
         let (r, l, img) = (g.rows(), g.oh * g.ow, g.c * g.h * g.w);
+        let per = self.out_per_image();
         let dev = x.device().clone();
+        let (need_x, need_w) = (x.track_op(), w.track_op());
+        let argmax = match self.pool {
+            None => None,
+            Some(_) => match self.argmax.lock().ok().and_then(|mut s| s.take()) {
+                Some(i) => Some(i),
+                // A second backward through the same op: run the forward again for the indices.
+                None => {
+                    x.contiguous()?
+                        .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, self)?;
+                    Some(
+                        self.argmax
+                            .lock()
+                            .ok()
+                            .and_then(|mut s| s.take())
+                            .ok_or_else(|| candle_core::Error::Msg("conv2d: no argmax".into()))?,
+                    )
+                }
+            },
+        };
         with_f32(grad, "conv2d backward", |gy| {
+            // Every pooled gradient lands on one output of its channel: the sums agree.
             let grad_b = if b.track_op() {
                 let mut sums = vec![0f32; o];
-                for per_img in gy.chunks(o * l) {
-                    for (s, row) in sums.iter_mut().zip(per_img.chunks(l)) {
+                for per_img in gy.chunks(per) {
+                    for (s, row) in sums.iter_mut().zip(per_img.chunks(per / o)) {
                         *s += row.iter().sum::<f32>();
                     }
                 }
@@ -322,71 +433,93 @@ impl CustomOp3 for ConvOp {
             } else {
                 None
             };
-            let grad_w = if w.track_op() {
-                let gw = with_f32(x, "conv2d backward", |x| {
-                    // Σ over images of gy_b (O×L) · cols_bᵀ (L×R), one accumulator per fixed
-                    // group of images, the groups summed in order.
-                    let partial: Vec<Vec<f32>> = x
-                        .par_chunks(img * IMAGES_PER_ACCUMULATOR)
-                        .zip(gy.par_chunks(o * l * IMAGES_PER_ACCUMULATOR))
-                        .map(|(xs, gys)| {
-                            let mut acc = vec![0f32; o * r];
+            if !need_x && !need_w {
+                return Ok((None, None, grad_b));
+            }
+            let mut gx = if need_x {
+                vec![0f32; g.b * img]
+            } else {
+                Vec::new()
+            };
+            let tasks = g.b.div_ceil(IMAGES_PER_TASK);
+            let gx_parts: Vec<&mut [f32]> = if need_x {
+                gx.chunks_mut(img * IMAGES_PER_TASK).collect()
+            } else {
+                (0..tasks).map(|_| <&mut [f32]>::default()).collect()
+            };
+            let gw = with_f32(x, "conv2d backward", |x| {
+                with_f32(&w.detach(), "conv2d backward", |wv| {
+                    let wt = Mat {
+                        data: wv,
+                        rs: 1,
+                        cs: r,
+                    };
+                    // Per image: gy_b (O×L) · cols_bᵀ (L×R) into the task's weight-gradient
+                    // accumulator, and Wᵀ (R×O) · gy_b scattered back onto the image.
+                    let partial: Vec<Vec<f32>> = gx_parts
+                        .into_par_iter()
+                        .enumerate()
+                        .map(|(t, gx_part)| {
+                            let first = t * IMAGES_PER_TASK;
+                            let n = IMAGES_PER_TASK.min(g.b - first);
+                            let mut acc = if need_w {
+                                vec![0f32; o * r]
+                            } else {
+                                Vec::new()
+                            };
                             let mut cols = vec![0f32; r * l];
-                            for (xb, gyb) in xs.chunks(img).zip(gys.chunks(o * l)) {
-                                im2col_image(xb, &g, &mut cols);
-                                let a = Mat {
+                            let mut unpooled = match argmax {
+                                Some(_) => vec![0f32; o * l],
+                                None => Vec::new(),
+                            };
+                            for i in 0..n {
+                                let bi = first + i;
+                                let gyp = &gy[bi * per..][..per];
+                                let gyb: &[f32] = match &argmax {
+                                    Some(arg) => {
+                                        self.unpool(gyp, &arg[bi * per..][..per], &mut unpooled);
+                                        &unpooled
+                                    }
+                                    None => gyp,
+                                };
+                                let gm = Mat {
                                     data: gyb,
                                     rs: l,
                                     cs: 1,
                                 };
-                                let bt = Mat {
-                                    data: &cols,
-                                    rs: 1,
-                                    cs: l,
-                                };
-                                gemm_into(o, r, l, &mut acc, true, a, bt);
+                                if need_w {
+                                    im2col_image(&x[bi * img..][..img], &g, &mut cols);
+                                    let bt = Mat {
+                                        data: &cols,
+                                        rs: 1,
+                                        cs: l,
+                                    };
+                                    gemm_into(o, r, l, &mut acc, true, gm, bt);
+                                }
+                                if need_x {
+                                    gemm_into(r, l, o, &mut cols, false, wt, gm);
+                                    col2im_image(&cols, &g, &mut gx_part[i * img..][..img]);
+                                }
                             }
                             acc
                         })
                         .collect();
                     let mut parts = partial.into_iter();
-                    let mut total = parts.next().unwrap_or_else(|| vec![0f32; o * r]);
+                    let mut total = parts.next().unwrap_or_default();
                     for p in parts {
                         for (t, v) in total.iter_mut().zip(&p) {
                             *t += v;
                         }
                     }
                     Ok(total)
-                })?;
+                })
+            })?;
+            let grad_w = if need_w {
                 Some(Tensor::from_vec(gw, w.shape(), &dev)?)
             } else {
                 None
             };
-            let grad_x = if x.track_op() {
-                let gx = with_f32(&w.detach(), "conv2d backward", |w| {
-                    // Per image: Wᵀ (R×O) · gy_b (O×L), then scattered back onto the image.
-                    let wt = Mat {
-                        data: w,
-                        rs: 1,
-                        cs: r,
-                    };
-                    let mut gx = vec![0f32; g.b * img];
-                    gx.par_chunks_mut(img)
-                        .zip(gy.par_chunks(o * l))
-                        .for_each_init(
-                            || vec![0f32; r * l],
-                            |gcols, (dst, gyb)| {
-                                let gm = Mat {
-                                    data: gyb,
-                                    rs: l,
-                                    cs: 1,
-                                };
-                                gemm_into(r, l, o, gcols, false, wt, gm);
-                                col2im_image(gcols, &g, dst);
-                            },
-                        );
-                    Ok(gx)
-                })?;
+            let grad_x = if need_x {
                 Some(Tensor::from_vec(gx, (g.b, g.c, g.h, g.w), &dev)?)
             } else {
                 None
@@ -405,6 +538,36 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    conv2d_op(x, weight, bias, stride, padding, None)
+}
+
+/// [`conv2d`] followed by [`max_pool2d`] with `pool_kernel` and `pool_stride`, as one op on the
+/// CPU: the unpooled output is never materialized (nor its gradient).
+pub fn conv2d_max_pool(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    (stride, padding): (usize, usize),
+    (pool_kernel, pool_stride): (usize, usize),
+) -> Result<Tensor> {
+    conv2d_op(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        Some((pool_kernel, pool_stride)),
+    )
+}
+
+fn conv2d_op(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    pool: Option<(usize, usize)>,
+) -> Result<Tensor> {
     let (o, c, kh, kw) = weight.dims4()?;
     let f32_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
     if f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu) {
@@ -412,6 +575,13 @@ pub fn conv2d(
         if g.c != c {
             candle_core::bail!("conv2d: input has {} channels, weight expects {c}", g.c)
         }
+        let pool = match pool {
+            None => None,
+            Some((k, s)) => {
+                let (_, _, _, _, ph, pw) = pool_dims((k, k), (s, s), &[g.b, o, g.oh, g.ow])?;
+                Some(FusedPool { k, s, ph, pw })
+            }
+        };
         let zero;
         let b = match bias {
             Some(b) => {
@@ -426,7 +596,12 @@ pub fn conv2d(
                 zero
             }
         };
-        let op = ConvOp { g, o };
+        let op = ConvOp {
+            g,
+            o,
+            pool,
+            argmax: std::sync::Mutex::new(None),
+        };
         return x.contiguous()?.apply_op3_arc(
             &weight.contiguous()?,
             &b,
@@ -434,8 +609,12 @@ pub fn conv2d(
         );
     }
     let y = x.conv2d(weight, padding, stride, 1, 1)?;
-    match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1))?),
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1))?)?,
+        None => y,
+    };
+    match pool {
+        Some((k, s)) => y.max_pool2d_with_stride(k, s),
         None => Ok(y),
     }
 }
@@ -489,6 +668,21 @@ impl PoolPlane {
                 *d = v;
                 *a = base + off;
             }
+        }
+    }
+
+    /// Max and argmax of every window (indices within the plane).
+    fn pool(
+        self,
+        k: (usize, usize),
+        s: (usize, usize),
+        plane: &[f32],
+        dst: &mut [f32],
+        arg: &mut [u32],
+    ) {
+        match (k, s) {
+            ((2, 2), (2, 2)) => self.pool_2x2(plane, dst, arg),
+            _ => self.pool_dyn(k, s, plane, dst, arg),
         }
     }
 
@@ -553,12 +747,7 @@ impl CustomOp1 for MaxPool {
             .zip(idx.par_chunks_mut(oh * ow))
             .zip(x.par_chunks(h * w))
             .for_each(|((dst, arg), plane)| {
-                let p = PoolPlane { w, oh, ow };
-                match (kh, kw, sh, sw) {
-                    // The common case gets constant loop bounds (unrolled, no reloads).
-                    (2, 2, 2, 2) => p.pool_2x2(plane, dst, arg),
-                    _ => p.pool_dyn((kh, kw), (sh, sw), plane, dst, arg),
-                }
+                PoolPlane { w, oh, ow }.pool((kh, kw), (sh, sw), plane, dst, arg)
             });
         if let Ok(mut slot) = self.argmax.lock() {
             *slot = Some(idx);
@@ -620,6 +809,20 @@ pub struct Conv2d {
     pub stride: usize,
     /// Zero padding on every side.
     pub padding: usize,
+}
+
+impl Conv2d {
+    /// This convolution followed by a `kernel`×`kernel` max pooling at `stride`, fused
+    /// ([`conv2d_max_pool`]).
+    pub fn forward_max_pool(&self, x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+        conv2d_max_pool(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            (self.stride, self.padding),
+            (kernel, stride),
+        )
+    }
 }
 
 impl Module for Conv2d {

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use relprune_models::ops::{conv2d, max_pool2d};
+use relprune_models::ops::{conv2d, conv2d_max_pool, max_pool2d};
 
 fn rand_var(shape: &[usize], seed: u64) -> Var {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -290,4 +290,43 @@ fn max_pool_2x2_ties_route_the_gradient_to_the_first_maximum_in_row_major_order(
         g,
         vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     );
+}
+
+#[test]
+fn fused_conv_and_max_pool_equal_the_two_ops_in_sequence_with_all_gradients() {
+    // 2×2/2 (the vectorized path), overlapping 3×3/2, and a strided, padded convolution; the
+    // input is computed from a variable, so its gradient flows too.
+    for (case, (stride, pad), (k, s)) in [
+        (0, (1, 0), (2, 2)),
+        (1, (1, 1), (3, 2)),
+        (2, (2, 1), (2, 1)),
+    ] {
+        let v = rand_var(&[3, 2, 11, 11], 40 + case);
+        let x = (v.as_tensor() * 2.0).unwrap();
+        let w = rand_var(&[4, 2, 3, 3], 50 + case);
+        let b = rand_var(&[4], 60 + case);
+        let fused = conv2d_max_pool(
+            &x,
+            w.as_tensor(),
+            Some(b.as_tensor()),
+            (stride, pad),
+            (k, s),
+        )
+        .unwrap();
+        let conv = conv2d(&x, w.as_tensor(), Some(b.as_tensor()), stride, pad).unwrap();
+        let seq = max_pool2d(&conv, k, s).unwrap();
+        assert_eq!(fused.dims(), seq.dims(), "case {case}");
+        assert_close(&vec(&fused), &vec(&seq), 1e-6, "forward");
+        let g1 = weighted_sum(&fused, 70 + case).backward().unwrap();
+        let g2 = weighted_sum(&seq, 70 + case).backward().unwrap();
+        for (name, t) in [
+            ("x", v.as_tensor()),
+            ("w", w.as_tensor()),
+            ("b", b.as_tensor()),
+        ] {
+            let a = vec(g1.get(t).unwrap());
+            let e = vec(g2.get(t).unwrap());
+            assert_close(&a, &e, 1e-5, &format!("case {case}: gradient of {name}"));
+        }
+    }
 }
