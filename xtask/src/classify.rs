@@ -243,6 +243,20 @@ impl Config {
     }
 }
 
+/// Whether `experiment` trains on CIFAR-10 (which only the user can provide).
+pub fn needs_cifar(experiment: &str) -> bool {
+    EXPERIMENTS
+        .iter()
+        .any(|e| e.0 == experiment && e.2 == "cifar10")
+}
+
+/// The CIFAR-10 directory of `--all`: `--cifar-dir`, else `$RELPRUNE_CIFAR10_DIR`.
+pub fn cifar_dir(f: &flags::Reproduce) -> Option<std::path::PathBuf> {
+    f.cifar_dir
+        .clone()
+        .or_else(|| std::env::var_os("RELPRUNE_CIFAR10_DIR").map(Into::into))
+}
+
 /// Where a run keeps its checkpoint, inside its output directory.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 
@@ -379,9 +393,11 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
             anyhow::bail!("--tau needs a hard gate");
         }
     }
-    // With --all, --data-dir is the MNIST directory; the other datasets keep their defaults.
+    // With --all, --data-dir is the MNIST directory, --cifar-dir CIFAR-10's; Fashion-MNIST keeps
+    // its default.
     let data_dir = match (f.all, cfg.dataset.as_str()) {
-        (true, "fashion-mnist" | "cifar10") => None,
+        (true, "fashion-mnist") => None,
+        (true, "cifar10") => f.cifar_dir.as_deref(),
         _ => f.data_dir.as_deref(),
     };
     let source = match dataset_kind(&cfg)? {

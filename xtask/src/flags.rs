@@ -80,6 +80,10 @@ pub struct Reproduce {
     /// MNIST directory (Fashion-MNIST then comes from its default).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// With --all, the CIFAR-10 directory (binary batches) for the CIFAR entries; without it
+    /// (and without $RELPRUNE_CIFAR10_DIR) they are reported as skipped.
+    #[arg(long)]
+    pub cifar_dir: Option<PathBuf>,
     /// Output directory (default target/reproduce/<experiment>).
     #[arg(long)]
     pub out: Option<PathBuf>,

@@ -36,6 +36,16 @@ pub const EXPERIMENTS: &[Experiment] = &[
         about: crate::classify::EXPERIMENTS[2].3,
         run: crate::classify::run,
     },
+    Experiment {
+        name: crate::classify::EXPERIMENTS[3].0,
+        about: crate::classify::EXPERIMENTS[3].3,
+        run: crate::classify::run,
+    },
+    Experiment {
+        name: crate::classify::EXPERIMENTS[4].0,
+        about: crate::classify::EXPERIMENTS[4].3,
+        run: crate::classify::run,
+    },
 ];
 
 /// Published results to compare with (METHOD.md's anchors): (experiment, method, error %, ×).
@@ -59,8 +69,17 @@ fn run_all(f: &flags::Reproduce) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("target/reproduce"));
     let mut rows: Vec<(&str, std::result::Result<RunResults, String>)> = Vec::new();
+    let mut skipped: Vec<(&str, String)> = Vec::new();
     for exp in EXPERIMENTS {
         let out = root.join(exp.name);
+        if crate::classify::needs_cifar(exp.name) && crate::classify::cifar_dir(f).is_none() {
+            // CIFAR-10 cannot be embedded or downloaded here: the user's copy or nothing.
+            skipped.push((
+                exp.name,
+                "no CIFAR-10 directory (--cifar-dir DIR or RELPRUNE_CIFAR10_DIR)".into(),
+            ));
+            continue;
+        }
         eprintln!("== {} ({})", exp.name, out.display());
         let r = std::fs::create_dir_all(&out)
             .map_err(anyhow::Error::from)
@@ -98,6 +117,10 @@ fn run_all(f: &flags::Reproduce) -> Result<()> {
                 json.push(serde_json::json!({"experiment": name, "error": e}));
             }
         }
+    }
+    for (name, why) in &skipped {
+        md.push_str(&format!("| {name} | skipped: {why} | | | | | |\n"));
+        json.push(serde_json::json!({"experiment": name, "skipped": why}));
     }
     md.push_str("\nPublished (METHOD.md's anchors, test error % at compression ×):\n\n| experiment | method | error % | compression × |\n|---|---|---:|---:|\n");
     for (e, m, err, x) in ANCHORS {
