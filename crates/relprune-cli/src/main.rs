@@ -1,0 +1,41 @@
+//! `relprune`: the user's command line. One module per subcommand; `main` only parses the
+//! arguments, dispatches, and turns errors into a message and a non-zero exit code.
+
+mod bleu;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// relprune: sparse networks by regularization-based pruning, and the tools around them.
+#[derive(Debug, Parser)]
+#[command(name = "relprune", version)]
+struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands; each one's arguments and code live in the module of the same name.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Corpus BLEU of a translation against one or more references, exactly as sacreBLEU 2.x.
+    Bleu(bleu::BleuArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bleu(args) => bleu::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole context chain on one line. Ignoring a failed write to
+            // stderr is all that is left to do at this point (and must not panic).
+            let _ = writeln!(std::io::stderr(), "relprune: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

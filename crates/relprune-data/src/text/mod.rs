@@ -1,0 +1,24 @@
+//! Text data for the sequence-to-sequence half of relprune: Hugging Face tokenizers, parallel
+//! text (translation), Taskmaster-style dialogues turned into (context, response) pairs, and
+//! length-bucketed, token-budgeted batches of tokenized pairs.
+//!
+//! The pipeline is `TextPair`s (from [`parallel`] or [`dialogue`]) → [`TextTokenizer`] →
+//! [`TokenizedPair`]s → [`TokenBatcher`] → [`TextBatch`]es (plain `Vec`s, or candle tensors with
+//! [`TextBatch::to_tensors`]).
+
+pub mod batching;
+pub mod dialogue;
+pub mod parallel;
+pub mod tokenizer;
+
+pub use batching::{
+    tokenize_pairs, BatchConfig, BatchTensors, Oversize, TextBatch, TokenBatcher, TokenizedPair,
+};
+pub use dialogue::{
+    parse_taskmaster, read_taskmaster, read_taskmaster_split_ids, DialogueOptions, DialoguePair,
+};
+pub use parallel::{
+    gettext_en_de, parse_parallel, parse_tsv, read_parallel_files, read_tsv, EmptyPairs,
+    ParallelText, Split, TextPair,
+};
+pub use tokenizer::{SpecialIds, TextTokenizer};

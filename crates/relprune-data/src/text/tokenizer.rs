@@ -1,0 +1,205 @@
+//! Hugging Face `tokenizer.json` files (WordPiece, BPE, Unigram, with their normalizers,
+//! pre-tokenizers and post-processors) loaded through the `tokenizers` crate.
+//!
+//! Padding and truncation settings stored in the file are switched off at load: padding is the
+//! batcher's job (it pads to the longest in the batch, not to a fixed length such as
+//! all-MiniLM-L6-v2's 128), and a silent cut would hide over-long examples that
+//! [`crate::text::TokenBatcher`] reports or skips explicitly.
+
+use std::fs;
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// The usual spellings of each special token, SentencePiece style first, then BERT style.
+const PAD_TOKENS: [&str; 2] = ["<pad>", "[PAD]"];
+const EOS_TOKENS: [&str; 2] = ["</s>", "[SEP]"];
+const BOS_TOKENS: [&str; 2] = ["<s>", "[CLS]"];
+const UNK_TOKENS: [&str; 2] = ["<unk>", "[UNK]"];
+
+/// Ids of the special tokens a seq2seq trainer needs; `None` when the vocabulary has none of the usual spellings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpecialIds {
+    /// Padding: `<pad>` or `[PAD]`.
+    pub pad: Option<u32>,
+    /// End of sequence: `</s>` or, for BERT vocabularies, `[SEP]`.
+    pub eos: Option<u32>,
+    /// Beginning of sequence: `<s>` or, for BERT vocabularies, `[CLS]`.
+    pub bos: Option<u32>,
+    /// Unknown token: `<unk>` or `[UNK]`.
+    pub unk: Option<u32>,
+}
+
+/// A Hugging Face tokenizer with the file it came from, its special ids and its id range.
+#[derive(Clone, Debug)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    source_name: String,
+    special: SpecialIds,
+    vocab_size: usize,
+}
+
+impl TextTokenizer {
+    /// Loads a `tokenizer.json` file; errors name the file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Parses `tokenizer.json` contents already in memory; `source_name` names them in errors.
+    pub fn from_bytes(bytes: &[u8], source_name: &str) -> Result<Self> {
+        let mut inner = Tokenizer::from_bytes(bytes).map_err(|e| {
+            Error::format(
+                source_name,
+                None,
+                format!("not a valid Hugging Face tokenizer.json: {e}"),
+            )
+        })?;
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| {
+            Error::format(
+                source_name,
+                None,
+                format!("cannot switch off truncation: {e}"),
+            )
+        })?;
+        let vocab = inner.get_vocab(true);
+        // Ids need not be contiguous (added tokens may sit anywhere), so the range that an
+        // embedding table must cover is the largest id + 1, not the number of tokens.
+        let vocab_size = vocab.values().max().map_or(0, |&m| m as usize + 1);
+        if vocab_size == 0 {
+            return Err(Error::format(source_name, None, "the vocabulary is empty"));
+        }
+        let find = |names: &[&str]| names.iter().find_map(|t| inner.token_to_id(t));
+        let special = SpecialIds {
+            pad: find(&PAD_TOKENS),
+            eos: find(&EOS_TOKENS),
+            bos: find(&BOS_TOKENS),
+            unk: find(&UNK_TOKENS),
+        };
+        Ok(Self {
+            inner,
+            source_name: source_name.to_string(),
+            special,
+            vocab_size,
+        })
+    }
+
+    /// The file (or name) the tokenizer was loaded from.
+    pub fn source_name(&self) -> &str {
+        &self.source_name
+    }
+
+    /// The underlying `tokenizers` tokenizer, for anything this wrapper does not cover.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Ids of `text` with the file's special tokens added (`[CLS] … [SEP]` for BERT, `… </s>` for Marian and T5).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// Ids of `text`, with or without the special tokens of the file's post-processor.
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, add_special_tokens).map_err(|e| {
+            Error::Invalid(format!("{}: cannot encode {text:?}: {e}", self.source_name))
+        })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Ids of each text, with special tokens, in order.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        texts.iter().map(|t| self.encode(t)).collect()
+    }
+
+    /// The text of `ids`; `skip_special_tokens` leaves out padding, `</s>`, `[CLS]` and the like.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "{}: cannot decode id {bad}: the vocabulary has ids 0..{}",
+                self.source_name, self.vocab_size
+            )));
+        }
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| {
+            Error::Invalid(format!("{}: cannot decode {ids:?}: {e}", self.source_name))
+        })
+    }
+
+    /// The id of `token` (exact vocabulary entry, e.g. `"▁the"` or `"##s"`), if it has one.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The vocabulary entry of `id`, if there is one.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The special ids found in the vocabulary.
+    pub fn special_ids(&self) -> SpecialIds {
+        self.special
+    }
+
+    /// The padding id (`<pad>` or `[PAD]`), if the vocabulary has one.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.special.pad
+    }
+
+    /// The end-of-sequence id (`</s>`, else `[SEP]`), if the vocabulary has one.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.special.eos
+    }
+
+    /// The beginning-of-sequence id (`<s>`, else `[CLS]`), if the vocabulary has one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.special.bos
+    }
+
+    /// The unknown-token id (`<unk>` or `[UNK]`), if the vocabulary has one.
+    pub fn unk_id(&self) -> Option<u32> {
+        self.special.unk
+    }
+
+    /// The padding id, or an error naming the file when the vocabulary has none.
+    pub fn require_pad_id(&self) -> Result<u32> {
+        self.special.pad.ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: no padding token (looked for {PAD_TOKENS:?}); pass a pad id explicitly",
+                self.source_name
+            ))
+        })
+    }
+
+    /// Size of the id range: the largest id (vocabulary or added token) + 1.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Checks that every id this tokenizer can produce indexes a row of a model's embedding of
+    /// `model_vocab_size` rows.
+    ///
+    /// A larger model vocabulary is fine (T5 checkpoints pad theirs to a multiple of 128); a
+    /// smaller one means the tokenizer belongs to another model, and the first id past the end
+    /// would fail or, on some backends, read garbage.
+    pub fn check_vocab(&self, model_vocab_size: usize) -> Result<()> {
+        if self.vocab_size <= model_vocab_size {
+            return Ok(());
+        }
+        let out_of_range = self
+            .inner
+            .get_vocab(true)
+            .values()
+            .filter(|&&id| id as usize >= model_vocab_size)
+            .count();
+        Err(Error::Invalid(format!(
+            "{}: the tokenizer's ids go up to {} but the model's vocabulary has {model_vocab_size} \
+             entries ({out_of_range} token(s) would be out of range): this tokenizer does not \
+             belong to this model",
+            self.source_name,
+            self.vocab_size - 1
+        )))
+    }
+}
