@@ -2,6 +2,8 @@
 //! arguments, dispatches, and turns errors into a message and a non-zero exit code.
 
 mod bleu;
+mod embed;
+mod forward;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -22,12 +24,18 @@ struct Cli {
 enum Command {
     /// Corpus BLEU of a translation against one or more references, exactly as sacreBLEU 2.x.
     Bleu(bleu::BleuArgs),
+    /// One forward pass of a Hugging Face BERT checkpoint on token ids from JSON; writes `last_hidden_state`.
+    Forward(forward::ForwardArgs),
+    /// Sentence embeddings (mean pooling, L2-normalized) of a text file's lines with a BERT checkpoint.
+    Embed(embed::EmbedArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bleu(args) => bleu::run(&args),
+        Command::Forward(args) => forward::run(&args),
+        Command::Embed(args) => embed::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

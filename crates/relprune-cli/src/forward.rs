@@ -1,0 +1,232 @@
+//! `relprune forward`: one forward pass of a Hugging Face checkpoint on token ids from a JSON
+//! file, written as JSON in the layout `transformers`' outputs are dumped (`last_hidden_state` as
+//! nested arrays), so the two can be compared number by number.
+//!
+//! The input is an object with `input_ids` and optionally `attention_mask` and
+//! `token_type_ids`, each a list of equally long rows of integers; a whole reference file with
+//! such an object under `inputs` is accepted too. Only BERT encoders are supported for now.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use relprune_models::hf::bert::BertModel;
+use serde_json::Value;
+
+/// The `model_type`s `relprune forward` and `relprune embed` can run.
+pub const SUPPORTED: &[&str] = &["bert"];
+
+/// Arguments of `relprune forward`.
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// The model directory (`config.json` and `model.safetensors`, as `save_pretrained` writes them).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// JSON with `input_ids` (and optionally `attention_mask`, `token_type_ids`).
+    #[arg(long, value_name = "IN.json")]
+    pub input: PathBuf,
+    /// Where to write `{"last_hidden_state": [...]}`.
+    #[arg(long, value_name = "OUT.json")]
+    pub out: PathBuf,
+}
+
+/// Runs `relprune forward`.
+pub fn run(args: &ForwardArgs) -> Result<()> {
+    let model = load_bert(&args.model)?;
+    let text = std::fs::read_to_string(&args.input)
+        .with_context(|| format!("cannot read input file {}", args.input.display()))?;
+    let inputs =
+        parse_inputs(&text).with_context(|| format!("input file {}", args.input.display()))?;
+    let device = Device::Cpu;
+    let tensor = |rows: &Vec<Vec<u32>>| -> Result<Tensor> {
+        let (b, t) = (rows.len(), rows[0].len());
+        Ok(Tensor::from_vec(rows.concat(), (b, t), &device)?)
+    };
+    let ids = tensor(&inputs.input_ids)?;
+    let mask = inputs.attention_mask.as_ref().map(tensor).transpose()?;
+    let types = inputs.token_type_ids.as_ref().map(tensor).transpose()?;
+    let hidden = model
+        .forward(&ids, mask.as_ref(), types.as_ref())
+        .with_context(|| format!("forward pass of {}", args.model.display()))?;
+    let hidden: Vec<Vec<Vec<f32>>> = hidden.to_vec3()?;
+    write_json_atomic(
+        &args.out,
+        &serde_json::json!({ "last_hidden_state": hidden }),
+    )
+}
+
+/// Loads the BERT checkpoint in `dir`, after checking that its `model_type` is one this command
+/// line supports (so a Marian or T5 directory gets that answer, not a missing-field error).
+pub fn load_bert(dir: &Path) -> Result<BertModel> {
+    if !dir.is_dir() {
+        bail!("model directory {} does not exist", dir.display());
+    }
+    let config = dir.join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let value: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", config.display()))?;
+    match value.get("model_type").and_then(Value::as_str) {
+        Some(t) if SUPPORTED.contains(&t) => {}
+        Some(t) => bail!(
+            "{}: model_type {t:?} is not supported yet (supported: {})",
+            config.display(),
+            SUPPORTED.join(", ")
+        ),
+        None => bail!(
+            "{}: no model_type (supported: {})",
+            config.display(),
+            SUPPORTED.join(", ")
+        ),
+    }
+    Ok(BertModel::load(dir, &Device::Cpu)?)
+}
+
+/// The token ids of one forward pass, as rectangular row-major matrices.
+#[derive(Debug, PartialEq)]
+struct Inputs {
+    input_ids: Vec<Vec<u32>>,
+    attention_mask: Option<Vec<Vec<u32>>>,
+    token_type_ids: Option<Vec<Vec<u32>>>,
+}
+
+/// Parses and checks the input JSON (the object itself or a reference file's `inputs`).
+fn parse_inputs(text: &str) -> Result<Inputs> {
+    let value: Value = serde_json::from_str(text).context("not valid JSON")?;
+    let obj = match value.get("inputs") {
+        Some(inner) if inner.is_object() => inner,
+        _ => &value,
+    };
+    if !obj.is_object() {
+        bail!("expected a JSON object with `input_ids`");
+    }
+    if obj.get("decoder_input_ids").is_some() {
+        bail!("`decoder_input_ids` given, but only encoder models (BERT) are supported yet");
+    }
+    let input_ids = match obj.get("input_ids") {
+        Some(v) => matrix(v, "input_ids")?,
+        None => bail!("no `input_ids`"),
+    };
+    let (b, t) = (input_ids.len(), input_ids[0].len());
+    let optional = |name: &str| -> Result<Option<Vec<Vec<u32>>>> {
+        match obj.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => {
+                let m = matrix(v, name)?;
+                if m.len() != b || m[0].len() != t {
+                    bail!(
+                        "`{name}` is {}×{} but `input_ids` is {b}×{t}",
+                        m.len(),
+                        m[0].len()
+                    );
+                }
+                Ok(Some(m))
+            }
+        }
+    };
+    let attention_mask = optional("attention_mask")?;
+    if let Some(m) = &attention_mask {
+        if m.iter().flatten().any(|&x| x > 1) {
+            bail!("`attention_mask` may only hold 0 and 1");
+        }
+    }
+    let token_type_ids = optional("token_type_ids")?;
+    Ok(Inputs {
+        input_ids,
+        attention_mask,
+        token_type_ids,
+    })
+}
+
+/// A non-empty list of equally long, non-empty rows of non-negative integers.
+fn matrix(v: &Value, name: &str) -> Result<Vec<Vec<u32>>> {
+    let rows = v
+        .as_array()
+        .with_context(|| format!("`{name}` must be a list of rows"))?;
+    if rows.is_empty() {
+        bail!("`{name}` has no rows");
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let row = row
+            .as_array()
+            .with_context(|| format!("`{name}` row {i} is not a list"))?;
+        let row = row
+            .iter()
+            .enumerate()
+            .map(|(j, x)| {
+                x.as_u64()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .with_context(|| format!("`{name}`[{i}][{j}] = {x} is not a token id"))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        if row.is_empty() {
+            bail!("`{name}` row {i} is empty");
+        }
+        if let Some(first) = out.first().map(Vec::len) {
+            if row.len() != first {
+                bail!(
+                    "`{name}` row {i} has {} entries, row 0 has {first}: pad the rows to one length",
+                    row.len()
+                );
+            }
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// Writes `value` to `path` through a temporary file in the same directory and a rename, so a
+/// reader never sees half a file.
+pub fn write_json_atomic(path: &Path, value: &Value) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("output path {} has no file name", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let text = serde_json::to_string(value)?;
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot rename {} to {}", tmp.display(), path.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_are_read_from_the_object_or_its_inputs_field() {
+        let a =
+            parse_inputs(r#"{"input_ids": [[2, 5, 3]], "attention_mask": [[1, 1, 0]]}"#).unwrap();
+        let b = parse_inputs(
+            r#"{"inputs": {"input_ids": [[2, 5, 3]], "attention_mask": [[1, 1, 0]]}, "outputs": {}}"#,
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.input_ids, [[2, 5, 3]]);
+        assert_eq!(a.token_type_ids, None);
+    }
+
+    #[test]
+    fn malformed_inputs_are_named() {
+        let e = |s: &str| format!("{:#}", parse_inputs(s).unwrap_err());
+        assert!(e("[1, 2").contains("not valid JSON"));
+        assert!(e("{}").contains("no `input_ids`"));
+        assert!(e(r#"{"input_ids": [[1, 2], [3]]}"#).contains("row 1 has 1 entries"));
+        assert!(e(r#"{"input_ids": [[1, -2]]}"#).contains("`input_ids`[0][1] = -2"));
+        assert!(e(r#"{"input_ids": [[1, 2]], "attention_mask": [[1]]}"#)
+            .contains("`attention_mask` is 1×1 but `input_ids` is 1×2"));
+        assert!(
+            e(r#"{"input_ids": [[1]], "decoder_input_ids": [[1]]}"#).contains("decoder_input_ids")
+        );
+    }
+}

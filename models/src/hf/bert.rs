@@ -1,0 +1,775 @@
+//! BERT encoders as Hugging Face `transformers` writes them (`BertModel`, and the encoder of
+//! `BertFor*` checkpoints): `config.json` + `model.safetensors`, the same tensor names, the same
+//! numbers (post-LN, learned absolute positions, additive attention mask), and sentence-transformers
+//! mean pooling on top.
+//!
+//! Every parameter is a [`candle_core::Var`] in a [`VarMap`] under its HF name
+//! (`encoder.layer.0.attention.self.query.weight`, ...), so the engine can train, mask and prune
+//! the model, and [`BertModel::save_pretrained`] writes a checkpoint `transformers` loads back.
+//! The forward pass only uses ops with a backward (no fused layer norm or softmax kernels).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_nn::{Embedding, Linear, VarMap};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::{init, Error, Result};
+
+/// The `model_type` values this module can load.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["bert"];
+
+/// The `hidden_act` values this module implements.
+pub const SUPPORTED_ACTIVATIONS: &[&str] = &["gelu", "gelu_new", "relu"];
+
+/// A BERT `config.json`: the fields that shape the network; every other key is ignored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Must be `"bert"`.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// The `transformers` classes the checkpoint was saved from (`BertModel`, `BertForMaskedLM`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
+    /// Rows of the word embedding table.
+    pub vocab_size: usize,
+    /// Width of every token representation.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer; must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: usize,
+    /// Feed-forward activation: `gelu` (exact, erf), `gelu_new` (tanh approximation; also
+    /// accepted as `gelu_pytorch_tanh`) or `relu`.
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    /// Rows of the position embedding table: the longest input.
+    pub max_position_embeddings: usize,
+    /// Rows of the token type (segment) embedding table.
+    #[serde(default = "default_type_vocab_size")]
+    pub type_vocab_size: usize,
+    /// Epsilon of every layer norm.
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// Id of the padding token.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Only `absolute` (learned positions) is supported.
+    #[serde(default = "default_position_embedding_type")]
+    pub position_embedding_type: String,
+    /// Dropout on embeddings and sub-layer outputs in training ([`BertModel::forward_t`]).
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities in training.
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    /// Standard deviation of fresh weights ([`BertModel::new`]); not used when loading.
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f64,
+}
+
+fn default_hidden_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab_size() -> usize {
+    2
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn default_position_embedding_type() -> String {
+    "absolute".into()
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_initializer_range() -> f64 {
+    0.02
+}
+
+/// The feed-forward activations of [`SUPPORTED_ACTIVATIONS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: x·Φ(x) with the exact normal CDF (erf), as `torch.nn.functional.gelu`.
+    GeluErf,
+    /// `gelu_new`: the tanh approximation of GELU.
+    GeluTanh,
+    /// `relu`.
+    Relu,
+}
+
+impl Activation {
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+impl BertConfig {
+    /// A configuration with BERT's defaults for everything but the sizes.
+    pub fn new(
+        vocab_size: usize,
+        hidden_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        intermediate_size: usize,
+        max_position_embeddings: usize,
+    ) -> Self {
+        Self {
+            model_type: Some("bert".into()),
+            architectures: Some(vec!["BertModel".into()]),
+            vocab_size,
+            hidden_size,
+            num_hidden_layers,
+            num_attention_heads,
+            intermediate_size,
+            hidden_act: default_hidden_act(),
+            max_position_embeddings,
+            type_vocab_size: default_type_vocab_size(),
+            layer_norm_eps: default_layer_norm_eps(),
+            pad_token_id: Some(0),
+            position_embedding_type: default_position_embedding_type(),
+            hidden_dropout_prob: default_dropout(),
+            attention_probs_dropout_prob: default_dropout(),
+            initializer_range: default_initializer_range(),
+        }
+    }
+
+    /// Reads and checks a `config.json`; errors name the file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let err = |msg: String| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        Self::from_json(&text).map_err(|e| match e {
+            Error::Config(msg) => err(msg),
+            other => other,
+        })
+    }
+
+    /// Parses and checks the text of a `config.json`.
+    pub fn from_json(text: &str) -> Result<Self> {
+        // The model type first: a Marian or T5 config would otherwise fail on a missing BERT
+        // field, which hides the real problem.
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("not valid JSON: {e}")))?;
+        let model_type = value.get("model_type").and_then(|v| v.as_str());
+        check_model_type(model_type)?;
+        let config: Self = serde_json::from_value(value)
+            .map_err(|e| Error::Config(format!("not a BERT config: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that this module can build the network the configuration describes.
+    pub fn validate(&self) -> Result<()> {
+        check_model_type(self.model_type.as_deref())?;
+        self.activation()?;
+        if self.position_embedding_type != "absolute" {
+            return Err(Error::Config(format!(
+                "position_embedding_type {:?} is not supported (only \"absolute\")",
+                self.position_embedding_type
+            )));
+        }
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Config(format!("{name} must be positive")));
+        }
+        if self.head_dim() * self.num_attention_heads != self.hidden_size {
+            return Err(Error::Config(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        for (name, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::Config(format!("{name} {p} must be in [0, 1)")));
+            }
+        }
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps < 0.0 {
+            return Err(Error::Config(format!(
+                "layer_norm_eps {} must be non-negative",
+                self.layer_norm_eps
+            )));
+        }
+        Ok(())
+    }
+
+    /// The feed-forward activation `hidden_act` names.
+    pub fn activation(&self) -> Result<Activation> {
+        match self.hidden_act.as_str() {
+            "gelu" => Ok(Activation::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+            "relu" => Ok(Activation::Relu),
+            other => Err(Error::Config(format!(
+                "hidden_act {other:?} is not supported (supported: {})",
+                SUPPORTED_ACTIVATIONS.join(", ")
+            ))),
+        }
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Every parameter of the encoder (without the pooler) as (HF name, shape), in network order.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let mut out = vec![
+            (
+                "embeddings.word_embeddings.weight".to_string(),
+                vec![self.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![self.max_position_embeddings, h],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![self.type_vocab_size, h],
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            for (name, out_dim, in_dim) in [
+                ("attention.self.query", h, h),
+                ("attention.self.key", h, h),
+                ("attention.self.value", h, h),
+                ("attention.output.dense", h, h),
+                ("intermediate.dense", i, h),
+                ("output.dense", h, i),
+            ] {
+                out.push((format!("{p}.{name}.weight"), vec![out_dim, in_dim]));
+                out.push((format!("{p}.{name}.bias"), vec![out_dim]));
+            }
+            for name in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                out.push((format!("{p}.{name}.weight"), vec![h]));
+                out.push((format!("{p}.{name}.bias"), vec![h]));
+            }
+        }
+        out
+    }
+
+    /// The pooler's parameters (dense layer on the `[CLS]` token), present in `BertModel` checkpoints.
+    pub fn pooler_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        vec![
+            ("pooler.dense.weight".into(), vec![h, h]),
+            ("pooler.dense.bias".into(), vec![h]),
+        ]
+    }
+}
+
+fn check_model_type(model_type: Option<&str>) -> Result<()> {
+    match model_type {
+        Some(t) if SUPPORTED_MODEL_TYPES.contains(&t) => Ok(()),
+        Some(t) => Err(Error::Config(format!(
+            "model_type {t:?} is not supported by the BERT encoder (supported: {})",
+            SUPPORTED_MODEL_TYPES.join(", ")
+        ))),
+        None => Err(Error::Config(format!(
+            "no model_type (supported: {})",
+            SUPPORTED_MODEL_TYPES.join(", ")
+        ))),
+    }
+}
+
+/// A layer norm made of differentiable ops: candle_nn's `LayerNorm` module dispatches to a fused
+/// kernel that has no backward.
+#[derive(Clone, Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// One post-LN encoder layer.
+#[derive(Clone, Debug)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// A BERT encoder whose parameters live in a [`VarMap`] under their Hugging Face names.
+#[derive(Clone)]
+pub struct BertModel {
+    config: BertConfig,
+    activation: Activation,
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    pooler: Option<Linear>,
+    varmap: VarMap,
+}
+
+impl std::fmt::Debug for BertModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BertModel")
+            .field("config", &self.config)
+            .field("pooler", &self.pooler.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BertModel {
+    /// Loads `dir/config.json` and `dir/model.safetensors` (memory-mapped) into a fresh [`VarMap`].
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_into(&VarMap::new(), dir, device)
+    }
+
+    /// Loads the checkpoint in `dir`, registering its parameters in `varmap` under the HF names
+    /// (without a `bert.` prefix). On error `varmap` is unchanged.
+    ///
+    /// Tensor names may carry a `bert.` prefix (`BertFor*` checkpoints; their heads are ignored)
+    /// and layer norms may be called `gamma`/`beta` (old TensorFlow conversions). Half-precision
+    /// weights are converted to f32.
+    pub fn load_into(varmap: &VarMap, dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                msg: "no such model directory".into(),
+            });
+        }
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        let tensors = read_weights(&config, &path, device)?;
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+            for (name, t) in tensors {
+                data.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+        Self::from_varmap(config, varmap)
+    }
+
+    /// A network with fresh seeded weights (HF's init: weights of standard deviation
+    /// `initializer_range`, drawn uniform here, zero biases, unit layer norms) registered in `varmap`.
+    pub fn new(
+        config: BertConfig,
+        with_pooler: bool,
+        varmap: &VarMap,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        // U(-a, a) has standard deviation a/√3.
+        let bound = config.initializer_range * 3f64.sqrt();
+        let mut shapes = config.parameter_shapes();
+        if with_pooler {
+            shapes.extend(config.pooler_shapes());
+        }
+        for (name, shape) in shapes {
+            if name.contains("LayerNorm") || name.ends_with(".bias") {
+                let fill = if name.ends_with("LayerNorm.weight") {
+                    1.0
+                } else {
+                    0.0
+                };
+                let t = (Tensor::ones(shape.as_slice(), DType::F32, device)? * fill)?;
+                varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?
+                    .insert(name, Var::from_tensor(&t)?);
+            } else {
+                init::uniform_var(varmap, &name, &shape, bound, &mut rng, device)?;
+            }
+        }
+        Self::from_varmap(config, varmap)
+    }
+
+    /// Builds the modules on the variables already in `varmap` (as [`Self::new`] or
+    /// [`Self::load_into`] put them there); the pooler is used when its variables are present.
+    pub fn from_varmap(config: BertConfig, varmap: &VarMap) -> Result<Self> {
+        config.validate()?;
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        let get = |name: &str| -> Result<Tensor> {
+            data.get(name)
+                .map(|v| v.as_tensor().clone())
+                .ok_or_else(|| Error::Config(format!("the VarMap has no variable `{name}`")))
+        };
+        let linear = |prefix: &str| -> Result<Linear> {
+            Ok(Linear::new(
+                get(&format!("{prefix}.weight"))?,
+                Some(get(&format!("{prefix}.bias"))?),
+            ))
+        };
+        let eps = config.layer_norm_eps as f32;
+        let norm = |prefix: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: get(&format!("{prefix}.weight"))?,
+                bias: get(&format!("{prefix}.bias"))?,
+                eps,
+            })
+        };
+        let h = config.hidden_size;
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let p = format!("encoder.layer.{l}");
+                Ok(Layer {
+                    query: linear(&format!("{p}.attention.self.query"))?,
+                    key: linear(&format!("{p}.attention.self.key"))?,
+                    value: linear(&format!("{p}.attention.self.value"))?,
+                    attn_out: linear(&format!("{p}.attention.output.dense"))?,
+                    attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+                    intermediate: linear(&format!("{p}.intermediate.dense"))?,
+                    output: linear(&format!("{p}.output.dense"))?,
+                    out_norm: norm(&format!("{p}.output.LayerNorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pooler = if data.contains_key("pooler.dense.weight") {
+            Some(linear("pooler.dense")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            activation: config.activation()?,
+            word: Embedding::new(get("embeddings.word_embeddings.weight")?, h),
+            position: Embedding::new(get("embeddings.position_embeddings.weight")?, h),
+            token_type: Embedding::new(get("embeddings.token_type_embeddings.weight")?, h),
+            emb_norm: norm("embeddings.LayerNorm")?,
+            layers,
+            pooler,
+            varmap: varmap.clone(),
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// The variables (HF names), for optimizers, masks and export.
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// Whether the checkpoint had a pooler (`pooler.dense.*`).
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
+    }
+
+    /// Writes `dir/config.json` and `dir/model.safetensors` (atomically) in the layout
+    /// `transformers`' `BertModel.from_pretrained` reads.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let err = |path: PathBuf, msg: String| Error::Checkpoint { path, msg };
+        std::fs::create_dir_all(dir).map_err(|e| err(dir.into(), format!("cannot create: {e}")))?;
+        crate::checkpoint::save(&self.varmap, &dir.join("model.safetensors"))?;
+        let path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&self.config)
+            .map_err(|e| err(path.clone(), format!("cannot serialize: {e}")))?;
+        let tmp = dir.join("config.json.tmp");
+        std::fs::write(&tmp, text).map_err(|e| err(tmp.clone(), format!("cannot write: {e}")))?;
+        std::fs::rename(&tmp, &path).map_err(|e| err(path, format!("cannot rename: {e}")))
+    }
+
+    /// `last_hidden_state` (B, T, H) of `input_ids` (B, T) (u32 or i64).
+    ///
+    /// `attention_mask` (B, T) holds 1 for real tokens and 0 for padding (default: all ones);
+    /// padded keys get the dtype's minimum added to their scores, as `transformers` does, so they
+    /// receive zero attention. `token_type_ids` (B, T) default to zeros. Positions are 0..T.
+    /// No dropout: this is `transformers`' `model.eval()`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        token_type_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_t(input_ids, attention_mask, token_type_ids, false)
+    }
+
+    /// [`Self::forward`], with the config's dropout where `transformers` applies it when `train`
+    /// (after the embeddings, on attention probabilities, on each sub-layer's output).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        token_type_ids: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2().map_err(|_| {
+            Error::Config(format!(
+                "input_ids must be (batch, length), got shape {:?}",
+                input_ids.dims()
+            ))
+        })?;
+        if b == 0 || t == 0 {
+            return Err(Error::Config(format!(
+                "input_ids is empty (shape [{b}, {t}])"
+            )));
+        }
+        if t > self.config.max_position_embeddings {
+            return Err(Error::Config(format!(
+                "input length {t} exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let check = |what: &str, x: &Tensor| -> Result<()> {
+            if x.dims() != [b, t] {
+                return Err(Error::Config(format!(
+                    "{what} has shape {:?}, input_ids has [{b}, {t}]",
+                    x.dims()
+                )));
+            }
+            Ok(())
+        };
+        let device = input_ids.device();
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let max_id = ids.max_all()?.to_scalar::<u32>()?;
+        if max_id as usize >= self.config.vocab_size {
+            return Err(Error::Config(format!(
+                "token id {max_id} is outside the vocabulary (vocab_size {})",
+                self.config.vocab_size
+            )));
+        }
+        let types = match token_type_ids {
+            Some(tt) => {
+                check("token_type_ids", tt)?;
+                let tt = tt.to_dtype(DType::U32)?;
+                let max = tt.max_all()?.to_scalar::<u32>()?;
+                if max as usize >= self.config.type_vocab_size {
+                    return Err(Error::Config(format!(
+                        "token type id {max} is outside type_vocab_size {}",
+                        self.config.type_vocab_size
+                    )));
+                }
+                tt
+            }
+            None => Tensor::zeros((b, t), DType::U32, device)?,
+        };
+        let positions = Tensor::arange(0u32, t as u32, device)?;
+        let x = self
+            .word
+            .forward(&ids)?
+            .broadcast_add(&self.position.forward(&positions)?)?
+            .add(&self.token_type.forward(&types)?)?;
+        let mut x = dropout(&self.emb_norm.forward(&x)?, self.hidden_p(train))?;
+
+        let bias = match attention_mask {
+            Some(m) => {
+                check("attention_mask", m)?;
+                // (1 - m)·min: exactly 0 for kept keys and the dtype's minimum for padded ones,
+                // like transformers' `(1.0 - mask) * torch.finfo(dtype).min`.
+                let min = f32::MIN as f64;
+                Some(
+                    m.to_dtype(DType::F32)?
+                        .affine(-min, min)?
+                        .reshape((b, 1, 1, t))?,
+                )
+            }
+            None => None,
+        };
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, bias.as_ref(), train)?;
+        }
+        Ok(x)
+    }
+
+    fn hidden_p(&self, train: bool) -> f64 {
+        if train {
+            self.config.hidden_dropout_prob
+        } else {
+            0.0
+        }
+    }
+
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let p = self.hidden_p(train);
+        let attn_p = if train {
+            self.config.attention_probs_dropout_prob
+        } else {
+            0.0
+        };
+        let (b, t, h) = x.dims3()?;
+        let (nh, hd) = (self.config.num_attention_heads, self.config.head_dim());
+        let heads = |y: Tensor| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(l.query.forward(x)?)?;
+        let k = heads(l.key.forward(x)?)?;
+        let v = heads(l.value.forward(x)?)?;
+        let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        // `softmax_last_dim` is a fused kernel without a backward; this one is made of plain ops.
+        let probs = dropout(&candle_nn::ops::softmax(&scores, D::Minus1)?, attn_p)?;
+        let ctx = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, h))?;
+        let x = l
+            .attn_norm
+            .forward(&(dropout(&l.attn_out.forward(&ctx)?, p)? + x)?)?;
+        let inner = self.activation.apply(&l.intermediate.forward(&x)?)?;
+        Ok(l.out_norm
+            .forward(&(dropout(&l.output.forward(&inner)?, p)? + &x)?)?)
+    }
+
+    /// `pooler_output` (B, H): tanh of the pooler's dense layer on the first (`[CLS]`) token;
+    /// `None` for checkpoints without a pooler.
+    pub fn pool(&self, hidden: &Tensor) -> Result<Option<Tensor>> {
+        match &self.pooler {
+            None => Ok(None),
+            Some(dense) => {
+                let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+                Ok(Some(dense.forward(&cls)?.tanh()?))
+            }
+        }
+    }
+}
+
+/// Inverted dropout (kept values scaled by 1/(1-p)); the identity, without a random draw, at p = 0.
+fn dropout(x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
+    if p > 0.0 {
+        candle_nn::ops::dropout(x, p as f32)
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// Mean of `hidden` (B, T, H) over the positions where `mask` (B, T) is 1 (sentence-transformers'
+/// mean pooling; the count is clamped at 1e-9 as there, so an all-padding row gives zeros).
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::INFINITY)?;
+    Ok(sum.broadcast_div(&count)?)
+}
+
+/// Each row of `x` (B, H) divided by its L2 norm (at least 1e-12, as `torch.nn.functional.normalize`).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+/// Sentence embeddings as sentence-transformers computes them: mean pooling, then L2 normalization.
+pub fn sentence_embeddings(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    l2_normalize(&mean_pool(hidden, mask)?)
+}
+
+/// Reads, renames and checks every tensor the configuration needs from `path`; errors name the
+/// tensor and the file.
+fn read_weights(
+    config: &BertConfig,
+    path: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let err = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if !path.is_file() {
+        return Err(err(
+            "no such file (only model.safetensors checkpoints are read)".into(),
+        ));
+    }
+    // SAFETY: the map is only read while this function runs, and every tensor is copied out of
+    // it into its own storage before it is dropped; the remaining risk, another process
+    // truncating the file meanwhile, is the one every mmap-based loader (transformers' included)
+    // accepts.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+        .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
+    let names: std::collections::HashSet<String> =
+        st.tensors().into_iter().map(|(name, _)| name).collect();
+    let prefix = ["", "bert."]
+        .into_iter()
+        .find(|p| names.contains(&format!("{p}embeddings.word_embeddings.weight")))
+        .ok_or_else(|| err("missing tensor `embeddings.word_embeddings.weight`".into()))?;
+    let mut wanted = config.parameter_shapes();
+    if names.contains(&format!("{prefix}pooler.dense.weight")) {
+        wanted.extend(config.pooler_shapes());
+    }
+    let mut out = HashMap::with_capacity(wanted.len());
+    for (name, shape) in wanted {
+        let mut candidates = vec![format!("{prefix}{name}")];
+        if let Some(base) = name.strip_suffix("LayerNorm.weight") {
+            candidates.push(format!("{prefix}{base}LayerNorm.gamma"));
+        } else if let Some(base) = name.strip_suffix("LayerNorm.bias") {
+            candidates.push(format!("{prefix}{base}LayerNorm.beta"));
+        }
+        let stored = candidates
+            .iter()
+            .find(|c| names.contains(*c))
+            .ok_or_else(|| err(format!("missing tensor `{}`", candidates[0])))?;
+        let t = st
+            .load(stored, device)
+            .map_err(|e| err(format!("tensor `{stored}`: {e}")))?;
+        if t.dims() != shape.as_slice() {
+            return Err(err(format!(
+                "tensor `{stored}` has shape {:?}, the config expects {shape:?}",
+                t.dims()
+            )));
+        }
+        let t = match t.dtype() {
+            DType::F32 => t,
+            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+            other => {
+                return Err(err(format!(
+                    "tensor `{stored}` has dtype {other:?}, expected a float type"
+                )))
+            }
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}

@@ -1,0 +1,860 @@
+//! Marian (`MarianMTModel` of `transformers`): the opus-mt translation transformer, trainable.
+//!
+//! The layout follows `modeling_marian.py`: token embeddings scaled by √d_model when
+//! `scale_embedding`, static sinusoidal positions (sin in the first half of the features, cos in
+//! the second), post-layer-norm layers (sub-layer → residual → LayerNorm), no final encoder or
+//! decoder layer norm, the language-model head tied to `model.shared.weight` and
+//! `final_logits_bias` added to the logits. Parameters live in a [`VarMap`] under the Hugging Face
+//! names, so a checkpoint saved with [`crate::checkpoint::save`] loads back in `transformers`.
+//!
+//! Every op on the training path has a backward: candle's fused `softmax_last_dim` and
+//! `LayerNorm` ops have none, so attention uses [`candle_nn::ops::softmax`] and layer norm is
+//! written out with plain tensor ops.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{Linear, Module, VarMap};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::{init, Error, Result};
+
+/// Model types this module can run (`config.json`'s `model_type`).
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["marian"];
+
+/// Activation names accepted in `activation_function` (those of `transformers`' `ACT2FN` we run).
+pub const SUPPORTED_ACTIVATIONS: &[&str] = &[
+    "swish",
+    "silu",
+    "gelu",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "relu",
+];
+
+/// Layer-norm epsilon of `nn.LayerNorm`'s default, which Marian uses everywhere.
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// Additive mask value for hidden keys: large enough that `exp` underflows to exactly 0, finite
+/// so that a row never becomes `-inf - -inf = NaN`.
+const MASKED: f32 = -1e9;
+
+/// The names under which the tied embedding (`model.shared.weight`) may be stored.
+const SHARED_ALIASES: &[&str] = &[
+    "model.shared.weight",
+    "model.encoder.embed_tokens.weight",
+    "model.decoder.embed_tokens.weight",
+    "lm_head.weight",
+];
+
+fn default_true() -> bool {
+    true
+}
+
+/// The `config.json` of a Marian checkpoint (fields we use; defaults as in `MarianConfig`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MarianConfig {
+    /// Must be `"marian"`.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Source (and, when shared, target) vocabulary size.
+    pub vocab_size: usize,
+    /// Target vocabulary size; must equal `vocab_size` (shared embeddings).
+    #[serde(default)]
+    pub decoder_vocab_size: Option<usize>,
+    /// Hidden size.
+    pub d_model: usize,
+    /// Encoder layers.
+    pub encoder_layers: usize,
+    /// Decoder layers.
+    pub decoder_layers: usize,
+    /// Attention heads of the encoder.
+    pub encoder_attention_heads: usize,
+    /// Attention heads of the decoder.
+    pub decoder_attention_heads: usize,
+    /// Inner size of the encoder's feed-forward blocks.
+    pub encoder_ffn_dim: usize,
+    /// Inner size of the decoder's feed-forward blocks.
+    pub decoder_ffn_dim: usize,
+    /// Longest sequence the position table covers.
+    pub max_position_embeddings: usize,
+    /// Feed-forward activation (see [`SUPPORTED_ACTIVATIONS`]).
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    /// Whether token embeddings are multiplied by √d_model.
+    #[serde(default)]
+    pub scale_embedding: bool,
+    /// Padding token id (also the mask of the embedding in `transformers`).
+    pub pad_token_id: u32,
+    /// End-of-sentence token id.
+    pub eos_token_id: u32,
+    /// First decoder token.
+    pub decoder_start_token_id: u32,
+    /// Whether the LM head is the shared embedding (otherwise `lm_head.weight` is its own tensor).
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    /// Whether encoder and decoder share one embedding; only `true` is supported.
+    #[serde(default = "default_true")]
+    pub share_encoder_decoder_embeddings: bool,
+    /// Standard deviation of fresh weights ([`MarianModel::new`]).
+    #[serde(default = "default_init_std")]
+    pub init_std: f64,
+    /// Pre-layer-norm flag of old Bart-style configs; Marian is post-norm, `true` is rejected.
+    #[serde(default)]
+    pub normalize_before: Option<bool>,
+    /// Layer norm after the embeddings in old configs; Marian has none, `true` is rejected.
+    #[serde(default)]
+    pub normalize_embedding: Option<bool>,
+    /// Final encoder/decoder layer norm in old configs; Marian has none, `true` is rejected.
+    #[serde(default)]
+    pub add_final_layer_norm: Option<bool>,
+}
+
+fn default_activation() -> String {
+    "gelu".into()
+}
+
+fn default_init_std() -> f64 {
+    0.02
+}
+
+impl MarianConfig {
+    /// Reads and checks `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let err = |msg: String| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let config: Self =
+            serde_json::from_str(&text).map_err(|e| err(format!("invalid config: {e}")))?;
+        config.validate().map_err(|e| match e {
+            Error::Config(msg) => err(msg),
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks that this is a Marian configuration the implementation can run.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        match self.model_type.as_deref() {
+            Some("marian") => {}
+            Some(other) => {
+                return bad(format!(
+                "model_type `{other}` is not supported here; supported: {SUPPORTED_MODEL_TYPES:?}"
+            ))
+            }
+            None => {
+                return bad(format!(
+                    "model_type is missing; supported: {SUPPORTED_MODEL_TYPES:?}"
+                ))
+            }
+        }
+        if !SUPPORTED_ACTIVATIONS.contains(&self.activation_function.as_str()) {
+            return bad(format!(
+                "activation_function `{}` is not supported; supported: {SUPPORTED_ACTIVATIONS:?}",
+                self.activation_function
+            ));
+        }
+        for (name, value) in [
+            ("normalize_before", self.normalize_before),
+            ("normalize_embedding", self.normalize_embedding),
+            ("add_final_layer_norm", self.add_final_layer_norm),
+        ] {
+            if value == Some(true) {
+                return bad(format!("{name} = true is not Marian's architecture"));
+            }
+        }
+        if !self.share_encoder_decoder_embeddings {
+            return bad("share_encoder_decoder_embeddings = false is not supported".into());
+        }
+        if let Some(v) = self.decoder_vocab_size {
+            if v != self.vocab_size {
+                return bad(format!(
+                    "decoder_vocab_size {v} differs from vocab_size {} (separate vocabularies are not supported)",
+                    self.vocab_size
+                ));
+            }
+        }
+        if self.d_model == 0 || self.vocab_size == 0 {
+            return bad("d_model and vocab_size must be positive".into());
+        }
+        for (what, heads) in [
+            ("encoder_attention_heads", self.encoder_attention_heads),
+            ("decoder_attention_heads", self.decoder_attention_heads),
+        ] {
+            if heads == 0 || !self.d_model.is_multiple_of(heads) {
+                return bad(format!(
+                    "d_model {} is not divisible by {what} {heads}",
+                    self.d_model
+                ));
+            }
+        }
+        for (what, id) in [
+            ("pad_token_id", self.pad_token_id),
+            ("eos_token_id", self.eos_token_id),
+            ("decoder_start_token_id", self.decoder_start_token_id),
+        ] {
+            if id as usize >= self.vocab_size {
+                return bad(format!(
+                    "{what} {id} is outside the vocabulary ({})",
+                    self.vocab_size
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn embed_scale(&self) -> f64 {
+        if self.scale_embedding {
+            (self.d_model as f64).sqrt()
+        } else {
+            1.0
+        }
+    }
+}
+
+/// Feed-forward activation.
+#[derive(Clone, Copy, Debug)]
+enum Activation {
+    Silu,
+    GeluErf,
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "swish" | "silu" => Self::Silu,
+            "gelu" => Self::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
+            "relu" => Self::Relu,
+            other => {
+                return Err(Error::Config(format!(
+                    "activation_function `{other}` is not supported; supported: {SUPPORTED_ACTIVATIONS:?}"
+                )))
+            }
+        })
+    }
+
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Silu => x.silu(),
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+/// `nn.LayerNorm` over the last dimension, from differentiable ops.
+#[derive(Clone, Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Multi-head attention with `q_proj`, `k_proj`, `v_proj`, `out_proj` (all with bias).
+#[derive(Clone, Debug)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// (B, L, D) → (B, H, L, head_dim).
+    fn split(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        x.reshape((b, l, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Keys and values of `x`, split into heads.
+    fn kv(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.split(&self.k.forward(x)?)?,
+            self.split(&self.v.forward(x)?)?,
+        ))
+    }
+
+    /// Attends `x` (B, T, D) to split keys/values with an additive mask broadcastable to
+    /// (B, H, T, S).
+    fn attend(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        // transformers scales q by head_dim^-0.5 before the product; the same numbers.
+        let q = self.split(&(self.q.forward(x)? * (self.head_dim as f64).powf(-0.5))?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let ctx = probs
+            .matmul(v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, d))?;
+        self.out.forward(&ctx)
+    }
+}
+
+/// One encoder layer: self-attention → residual → LN; FFN → residual → LN.
+#[derive(Clone, Debug)]
+struct EncoderLayer {
+    self_attn: Attention,
+    self_attn_layer_norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    final_layer_norm: LayerNorm,
+}
+
+/// One decoder layer: causal self-attention, cross-attention, FFN, each post-norm.
+#[derive(Clone, Debug)]
+struct DecoderLayer {
+    self_attn: Attention,
+    self_attn_layer_norm: LayerNorm,
+    encoder_attn: Attention,
+    encoder_attn_layer_norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    final_layer_norm: LayerNorm,
+}
+
+fn ffn(
+    act: Activation,
+    fc1: &Linear,
+    fc2: &Linear,
+    ln: &LayerNorm,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let h = fc2.forward(&act.apply(&fc1.forward(x)?)?)?;
+    ln.forward(&(x + h)?)
+}
+
+/// Cached keys and values of one decoder layer.
+#[derive(Clone, Debug, Default)]
+struct LayerCache {
+    self_kv: Option<(Tensor, Tensor)>,
+    cross_kv: Option<(Tensor, Tensor)>,
+}
+
+/// The state of incremental decoding: per layer the self-attention keys/values of the tokens
+/// decoded so far, and the cross-attention keys/values of the encoder output (computed once).
+#[derive(Clone, Debug)]
+pub struct DecoderCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl DecoderCache {
+    /// An empty cache for `model`.
+    pub fn new(model: &MarianModel) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); model.decoder_layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Target tokens decoded so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing has been decoded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// `MarianMTModel`: encoder, decoder and tied LM head, parameters in a [`VarMap`].
+#[derive(Clone, Debug)]
+pub struct MarianModel {
+    config: MarianConfig,
+    act: Activation,
+    shared: Tensor,
+    lm_head: Tensor,
+    final_logits_bias: Tensor,
+    encoder_positions: Tensor,
+    decoder_positions: Tensor,
+    encoder_layers: Vec<EncoderLayer>,
+    decoder_layers: Vec<DecoderLayer>,
+}
+
+/// The sinusoidal table of `MarianSinusoidalPositionalEmbedding`: row `p`, column `j < d/2` is
+/// `sin(p / 10000^(2j/d))`, column `d/2 + j` the cosine of the same angle (for odd `d` the sine
+/// half has one column more, as in `transformers`).
+pub fn sinusoidal_positions(n_pos: usize, dim: usize, device: &Device) -> Result<Tensor> {
+    let sentinel = dim / 2 + dim % 2;
+    let mut data = vec![0f32; n_pos * dim];
+    for p in 0..n_pos {
+        let row = &mut data[p * dim..(p + 1) * dim];
+        for (j, col) in (0..dim).step_by(2).enumerate() {
+            let angle = p as f64 / 10000f64.powf(2.0 * (col / 2) as f64 / dim as f64);
+            row[j] = angle.sin() as f32;
+            if sentinel + j < dim {
+                row[sentinel + j] = angle.cos() as f32;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (n_pos, dim), device)?)
+}
+
+/// Every parameter name and shape of a model with `config` (the shared embedding once, as
+/// `model.shared.weight`), in a fixed order.
+pub fn parameter_shapes(config: &MarianConfig) -> Vec<(String, Vec<usize>)> {
+    let d = config.d_model;
+    let mut out = vec![
+        (
+            "model.shared.weight".to_string(),
+            vec![config.vocab_size, d],
+        ),
+        ("final_logits_bias".to_string(), vec![1, config.vocab_size]),
+    ];
+    if !config.tie_word_embeddings {
+        out.push(("lm_head.weight".into(), vec![config.vocab_size, d]));
+    }
+    let linear = |out: &mut Vec<(String, Vec<usize>)>, p: String, i: usize, o: usize| {
+        out.push((format!("{p}.weight"), vec![o, i]));
+        out.push((format!("{p}.bias"), vec![o]));
+    };
+    let ln = |out: &mut Vec<(String, Vec<usize>)>, p: String| {
+        out.push((format!("{p}.weight"), vec![d]));
+        out.push((format!("{p}.bias"), vec![d]));
+    };
+    let stacks = [
+        ("encoder", config.encoder_layers, config.encoder_ffn_dim),
+        ("decoder", config.decoder_layers, config.decoder_ffn_dim),
+    ];
+    for (stack, layers, ffn) in stacks {
+        for l in 0..layers {
+            let p = format!("model.{stack}.layers.{l}");
+            let mut attns = vec!["self_attn"];
+            if stack == "decoder" {
+                attns.push("encoder_attn");
+            }
+            for a in attns {
+                for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                    linear(&mut out, format!("{p}.{a}.{proj}"), d, d);
+                }
+                ln(&mut out, format!("{p}.{a}_layer_norm"));
+            }
+            linear(&mut out, format!("{p}.fc1"), d, ffn);
+            linear(&mut out, format!("{p}.fc2"), ffn, d);
+            ln(&mut out, format!("{p}.final_layer_norm"));
+        }
+    }
+    out
+}
+
+impl MarianModel {
+    /// Loads `dir/config.json` and `dir/model.safetensors`, registering every parameter in
+    /// `varmap` under its Hugging Face name.
+    ///
+    /// The tied embedding may be stored once or under any of its aliases; the position tables
+    /// are read when present and recomputed otherwise. A missing tensor, a wrong shape or a
+    /// corrupt or truncated file is an error naming the tensor and the file.
+    pub fn load(dir: &Path, varmap: &VarMap, device: &Device) -> Result<Self> {
+        let config = MarianConfig::from_file(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        let err = |msg: String| Error::Checkpoint {
+            path: path.clone(),
+            msg,
+        };
+        let bytes = std::fs::read(&path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
+        let get = |name: &str| -> Result<Option<Tensor>> {
+            match st.tensor(name) {
+                Ok(view) => {
+                    let t = candle_core::safetensors::Load::load(&view, device)
+                        .and_then(|t| t.to_dtype(DType::F32))
+                        .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+                    Ok(Some(t))
+                }
+                Err(_) => Ok(None),
+            }
+        };
+        let mut tensors = HashMap::new();
+        for (name, shape) in parameter_shapes(&config) {
+            let t = if name == "model.shared.weight" {
+                let aliases: &[&str] = if config.tie_word_embeddings {
+                    SHARED_ALIASES
+                } else {
+                    &SHARED_ALIASES[..3]
+                };
+                let mut found = None;
+                for alias in aliases {
+                    if let Some(t) = get(alias)? {
+                        found = Some((alias, t));
+                        break;
+                    }
+                }
+                let (alias, t) = found.ok_or_else(|| {
+                    err(format!(
+                        "missing tensor `model.shared.weight` (or an alias: {aliases:?})"
+                    ))
+                })?;
+                if t.dims() != shape.as_slice() {
+                    return Err(err(format!(
+                        "tensor `{alias}` has shape {:?}, the config implies {shape:?}",
+                        t.dims()
+                    )));
+                }
+                t
+            } else {
+                let t = get(&name)?.ok_or_else(|| err(format!("missing tensor `{name}`")))?;
+                if t.dims() != shape.as_slice() {
+                    return Err(err(format!(
+                        "tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                        t.dims()
+                    )));
+                }
+                t
+            };
+            tensors.insert(name, t);
+        }
+        let positions = |stack: &str| -> Result<Option<Tensor>> {
+            let name = format!("model.{stack}.embed_positions.weight");
+            match get(&name)? {
+                None => Ok(None),
+                Some(t) => {
+                    let want = [config.max_position_embeddings, config.d_model];
+                    if t.dims() != want {
+                        return Err(err(format!(
+                            "tensor `{name}` has shape {:?}, the config implies {want:?}",
+                            t.dims()
+                        )));
+                    }
+                    Ok(Some(t))
+                }
+            }
+        };
+        let enc_pos = positions("encoder")?;
+        let dec_pos = positions("decoder")?;
+        Self::from_tensors(config, tensors, enc_pos, dec_pos, varmap, device)
+    }
+
+    /// A model with fresh seeded weights (N(0, init_std²) matrices, zero biases, unit layer
+    /// norms, zero `final_logits_bias`, as `transformers` initializes it).
+    pub fn new(config: MarianConfig, varmap: &VarMap, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut tensors = HashMap::new();
+        for (name, shape) in parameter_shapes(&config) {
+            let t = if name.ends_with("layer_norm.weight") {
+                Tensor::ones(shape.as_slice(), DType::F32, device)?
+            } else if shape.len() == 2 && name != "final_logits_bias" {
+                init::normal(&shape, config.init_std, &mut rng, device)?
+            } else {
+                Tensor::zeros(shape.as_slice(), DType::F32, device)?
+            };
+            tensors.insert(name, t);
+        }
+        Self::from_tensors(config, tensors, None, None, varmap, device)
+    }
+
+    fn from_tensors(
+        config: MarianConfig,
+        mut tensors: HashMap<String, Tensor>,
+        encoder_positions: Option<Tensor>,
+        decoder_positions: Option<Tensor>,
+        varmap: &VarMap,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let act = Activation::parse(&config.activation_function)?;
+        let mut vars = HashMap::new();
+        for (name, _) in parameter_shapes(&config) {
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| Error::Config(format!("missing tensor `{name}`")))?;
+            let var = Var::from_tensor(&t)?;
+            vars.insert(name, var);
+        }
+        let take = |name: &str| -> Tensor { vars[name].as_tensor().clone() };
+        let linear = |p: &str| {
+            Linear::new(
+                take(&format!("{p}.weight")),
+                Some(take(&format!("{p}.bias"))),
+            )
+        };
+        let ln = |p: &str| LayerNorm {
+            weight: take(&format!("{p}.weight")),
+            bias: take(&format!("{p}.bias")),
+        };
+        let attention = |p: &str, heads: usize| Attention {
+            q: linear(&format!("{p}.q_proj")),
+            k: linear(&format!("{p}.k_proj")),
+            v: linear(&format!("{p}.v_proj")),
+            out: linear(&format!("{p}.out_proj")),
+            heads,
+            head_dim: config.d_model / heads,
+        };
+        let encoder_layers = (0..config.encoder_layers)
+            .map(|l| {
+                let p = format!("model.encoder.layers.{l}");
+                EncoderLayer {
+                    self_attn: attention(&format!("{p}.self_attn"), config.encoder_attention_heads),
+                    self_attn_layer_norm: ln(&format!("{p}.self_attn_layer_norm")),
+                    fc1: linear(&format!("{p}.fc1")),
+                    fc2: linear(&format!("{p}.fc2")),
+                    final_layer_norm: ln(&format!("{p}.final_layer_norm")),
+                }
+            })
+            .collect();
+        let decoder_layers = (0..config.decoder_layers)
+            .map(|l| {
+                let p = format!("model.decoder.layers.{l}");
+                DecoderLayer {
+                    self_attn: attention(&format!("{p}.self_attn"), config.decoder_attention_heads),
+                    self_attn_layer_norm: ln(&format!("{p}.self_attn_layer_norm")),
+                    encoder_attn: attention(
+                        &format!("{p}.encoder_attn"),
+                        config.decoder_attention_heads,
+                    ),
+                    encoder_attn_layer_norm: ln(&format!("{p}.encoder_attn_layer_norm")),
+                    fc1: linear(&format!("{p}.fc1")),
+                    fc2: linear(&format!("{p}.fc2")),
+                    final_layer_norm: ln(&format!("{p}.final_layer_norm")),
+                }
+            })
+            .collect();
+        let shared = take("model.shared.weight");
+        let lm_head = if config.tie_word_embeddings {
+            shared.clone()
+        } else {
+            take("lm_head.weight")
+        };
+        // transformers keeps final_logits_bias as a buffer, saved but not trained: it lives in the
+        // VarMap so checkpoints are complete, and is detached so it gets no gradient.
+        let final_logits_bias = take("final_logits_bias").detach();
+        let table = || sinusoidal_positions(config.max_position_embeddings, config.d_model, device);
+        let encoder_positions = match encoder_positions {
+            Some(t) => t,
+            None => table()?,
+        };
+        let decoder_positions = match decoder_positions {
+            Some(t) => t,
+            None => table()?,
+        };
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        data.extend(vars);
+        drop(data);
+        Ok(Self {
+            config,
+            act,
+            shared,
+            lm_head,
+            final_logits_bias,
+            encoder_positions,
+            decoder_positions,
+            encoder_layers,
+            decoder_layers,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MarianConfig {
+        &self.config
+    }
+
+    /// Scaled token embeddings plus the positions starting at `offset`.
+    fn embed(&self, ids: &Tensor, positions: &Tensor, offset: usize) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        if offset + l > self.config.max_position_embeddings {
+            return Err(Error::Config(format!(
+                "sequence of {} positions exceeds max_position_embeddings {}",
+                offset + l,
+                self.config.max_position_embeddings
+            )));
+        }
+        let ids = ids.flatten_all()?.to_dtype(DType::U32)?;
+        let tok = self
+            .shared
+            .index_select(&ids, 0)?
+            .reshape((b, l, self.config.d_model))?;
+        let tok = (tok * self.config.embed_scale())?;
+        let pos = positions.narrow(0, offset, l)?;
+        Ok(tok.broadcast_add(&pos)?)
+    }
+
+    /// The additive key mask (B, 1, 1, S) of a 0/1 attention mask (B, S): 0 where 1, very
+    /// negative where 0.
+    pub fn key_mask(attention_mask: &Tensor) -> Result<Tensor> {
+        let (b, s) = attention_mask.dims2()?;
+        let m = attention_mask.to_dtype(DType::F32)?;
+        Ok(((1.0 - m)? * MASKED as f64)?.reshape((b, 1, 1, s))?)
+    }
+
+    /// Causal mask (1, 1, T, past + T) of queries at positions `past..past+T`.
+    fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+        let total = past + t;
+        let data: Vec<f32> = (0..t)
+            .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
+            .collect();
+        Ok(Tensor::from_vec(data, (1, 1, t, total), device)?)
+    }
+
+    /// The encoder's last hidden state (B, S, D) of `input_ids` (B, S) with a 0/1
+    /// `attention_mask` (B, S) hiding padding.
+    pub fn encode(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let mask = Self::key_mask(attention_mask)?;
+        let mut h = self.embed(input_ids, &self.encoder_positions, 0)?;
+        for layer in &self.encoder_layers {
+            let (k, v) = layer.self_attn.kv(&h)?;
+            let a = layer.self_attn.attend(&h, &k, &v, Some(&mask))?;
+            h = layer.self_attn_layer_norm.forward(&(h + a)?)?;
+            h = ffn(
+                self.act,
+                &layer.fc1,
+                &layer.fc2,
+                &layer.final_layer_norm,
+                &h,
+            )?;
+        }
+        Ok(h)
+    }
+
+    /// Logits (B, T, V) of `decoder_input_ids` (B, T) given the encoder output (B, S, D) and the
+    /// source's 0/1 mask (B, S) (teacher forcing, causal).
+    pub fn decode(
+        &self,
+        decoder_input_ids: &Tensor,
+        encoder_hidden: &Tensor,
+        src_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let mut cache = DecoderCache::new(self);
+        self.decode_step(decoder_input_ids, encoder_hidden, src_mask, &mut cache)
+    }
+
+    /// Logits (B, t, V) of the next `t` target tokens after those in `cache`, which is extended
+    /// with their keys and values. The cross-attention keys/values are computed from
+    /// `encoder_hidden` on the first call and reused after, so later calls must pass the same
+    /// encoder output (it is not read again).
+    pub fn decode_step(
+        &self,
+        ids: &Tensor,
+        encoder_hidden: &Tensor,
+        src_mask: &Tensor,
+        cache: &mut DecoderCache,
+    ) -> Result<Tensor> {
+        if cache.layers.len() != self.decoder_layers.len() {
+            return Err(Error::Config(format!(
+                "cache has {} layers, the decoder {}",
+                cache.layers.len(),
+                self.decoder_layers.len()
+            )));
+        }
+        let (_, t) = ids.dims2()?;
+        let past = cache.len;
+        let src = Self::key_mask(src_mask)?;
+        let causal = Self::causal_mask(t, past, ids.device())?;
+        let mut h = self.embed(ids, &self.decoder_positions, past)?;
+        for (layer, lc) in self.decoder_layers.iter().zip(cache.layers.iter_mut()) {
+            let (k, v) = layer.self_attn.kv(&h)?;
+            let (k, v) = match lc.self_kv.take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            };
+            let a = layer.self_attn.attend(&h, &k, &v, Some(&causal))?;
+            lc.self_kv = Some((k, v));
+            h = layer.self_attn_layer_norm.forward(&(h + a)?)?;
+            if lc.cross_kv.is_none() {
+                lc.cross_kv = Some(layer.encoder_attn.kv(encoder_hidden)?);
+            }
+            let (ck, cv) = lc.cross_kv.as_ref().expect("set above");
+            let a = layer.encoder_attn.attend(&h, ck, cv, Some(&src))?;
+            h = layer.encoder_attn_layer_norm.forward(&(h + a)?)?;
+            h = ffn(
+                self.act,
+                &layer.fc1,
+                &layer.fc2,
+                &layer.final_layer_norm,
+                &h,
+            )?;
+        }
+        cache.len += t;
+        let logits = h.broadcast_matmul(&self.lm_head.t()?)?;
+        Ok(logits.broadcast_add(&self.final_logits_bias)?)
+    }
+
+    /// `(logits (B, T, V), encoder_last_hidden_state (B, S, D))`, as `MarianMTModel.forward`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        decoder_input_ids: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let enc = self.encode(input_ids, attention_mask)?;
+        let logits = self.decode(decoder_input_ids, &enc, attention_mask)?;
+        Ok((logits, enc))
+    }
+
+    /// Greedy decoding with the KV cache: per sentence, `decoder_start_token_id` followed by up to
+    /// `max_len` argmax tokens; a sentence stops at `eos_token_id` and is padded with
+    /// `pad_token_id` while others go on (as `generate` without logits processors).
+    pub fn greedy(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        max_len: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        let (b, _) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let enc = self.encode(input_ids, attention_mask)?;
+        let mut cache = DecoderCache::new(self);
+        let mut out: Vec<Vec<u32>> = vec![vec![self.config.decoder_start_token_id]; b];
+        let mut done = vec![false; b];
+        let mut next = Tensor::from_vec(out.iter().map(|s| s[0]).collect(), (b, 1), device)?;
+        for _ in 0..max_len {
+            let logits = self.decode_step(&next, &enc, attention_mask, &mut cache)?;
+            let ids: Vec<u32> = logits.squeeze(1)?.argmax(D::Minus1)?.to_vec1()?;
+            for (i, &id) in ids.iter().enumerate() {
+                let tok = if done[i] {
+                    self.config.pad_token_id
+                } else {
+                    id
+                };
+                out[i].push(tok);
+                done[i] |= tok == self.config.eos_token_id;
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            let last: Vec<u32> = out.iter().map(|s| *s.last().expect("non-empty")).collect();
+            next = Tensor::from_vec(last, (b, 1), device)?;
+        }
+        Ok(out)
+    }
+}
