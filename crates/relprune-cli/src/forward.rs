@@ -2,20 +2,27 @@
 //! file, written as JSON in the layout `transformers`' outputs are dumped (`last_hidden_state` as
 //! nested arrays), so the two can be compared number by number.
 //!
-//! The input is an object with `input_ids` and optionally `attention_mask` and
-//! `token_type_ids`, each a list of equally long rows of integers; a whole reference file with
-//! such an object under `inputs` is accepted too. Only BERT encoders are supported for now.
+//! The input is an object with `input_ids` and optionally `attention_mask`, `token_type_ids`
+//! (BERT) and `decoder_input_ids` (Marian), each a list of equally long rows of integers; a whole
+//! reference file with such an object under `inputs` is accepted too. The model is chosen by
+//! `config.json`'s `model_type`: BERT writes `last_hidden_state`, Marian `logits` and
+//! `encoder_last_hidden_state`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 use clap::Args;
 use relprune_models::hf::bert::BertModel;
+use relprune_models::hf::marian::MarianModel;
 use serde_json::Value;
 
-/// The `model_type`s `relprune forward` and `relprune embed` can run.
+/// The `model_type`s `relprune embed` can run.
 pub const SUPPORTED: &[&str] = &["bert"];
+
+/// The `model_type`s `relprune forward` can run.
+pub const FORWARD_SUPPORTED: &[&str] = &["bert", "marian"];
 
 /// Arguments of `relprune forward`.
 #[derive(Debug, Args)]
@@ -23,29 +30,48 @@ pub struct ForwardArgs {
     /// The model directory (`config.json` and `model.safetensors`, as `save_pretrained` writes them).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// JSON with `input_ids` (and optionally `attention_mask`, `token_type_ids`).
+    /// JSON with `input_ids` (and optionally `attention_mask`, `token_type_ids`; for Marian
+    /// `decoder_input_ids`).
     #[arg(long, value_name = "IN.json")]
     pub input: PathBuf,
-    /// Where to write `{"last_hidden_state": [...]}`.
+    /// Where to write `{"last_hidden_state": [...]}` (BERT) or `{"logits": [...],
+    /// "encoder_last_hidden_state": [...]}` (Marian).
     #[arg(long, value_name = "OUT.json")]
     pub out: PathBuf,
 }
 
 /// Runs `relprune forward`.
 pub fn run(args: &ForwardArgs) -> Result<()> {
-    let model = load_bert(&args.model)?;
+    let model_type = model_type(&args.model, FORWARD_SUPPORTED)?;
     let text = std::fs::read_to_string(&args.input)
         .with_context(|| format!("cannot read input file {}", args.input.display()))?;
     let inputs =
         parse_inputs(&text).with_context(|| format!("input file {}", args.input.display()))?;
-    let device = Device::Cpu;
-    let tensor = |rows: &Vec<Vec<u32>>| -> Result<Tensor> {
-        let (b, t) = (rows.len(), rows[0].len());
-        Ok(Tensor::from_vec(rows.concat(), (b, t), &device)?)
-    };
+    match model_type.as_str() {
+        "marian" => run_marian(args, &inputs),
+        _ => run_bert(args, &inputs),
+    }
+}
+
+/// A rectangular id matrix as a (B, T) u32 tensor.
+fn tensor(rows: &[Vec<u32>]) -> Result<Tensor> {
+    let (b, t) = (rows.len(), rows[0].len());
+    Ok(Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu)?)
+}
+
+/// The BERT forward pass: `last_hidden_state`.
+fn run_bert(args: &ForwardArgs, inputs: &Inputs) -> Result<()> {
+    if inputs.decoder_input_ids.is_some() {
+        bail!(
+            "input file {}: `decoder_input_ids` given, but {} is a BERT encoder",
+            args.input.display(),
+            args.model.display()
+        );
+    }
+    let model = load_bert(&args.model)?;
     let ids = tensor(&inputs.input_ids)?;
-    let mask = inputs.attention_mask.as_ref().map(tensor).transpose()?;
-    let types = inputs.token_type_ids.as_ref().map(tensor).transpose()?;
+    let mask = inputs.attention_mask.as_deref().map(tensor).transpose()?;
+    let types = inputs.token_type_ids.as_deref().map(tensor).transpose()?;
     let hidden = model
         .forward(&ids, mask.as_ref(), types.as_ref())
         .with_context(|| format!("forward pass of {}", args.model.display()))?;
@@ -56,9 +82,67 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     )
 }
 
-/// Loads the BERT checkpoint in `dir`, after checking that its `model_type` is one this command
-/// line supports (so a Marian or T5 directory gets that answer, not a missing-field error).
-pub fn load_bert(dir: &Path) -> Result<BertModel> {
+/// The Marian forward pass: `logits` and `encoder_last_hidden_state`.
+fn run_marian(args: &ForwardArgs, inputs: &Inputs) -> Result<()> {
+    if inputs.token_type_ids.is_some() {
+        bail!(
+            "input file {}: `token_type_ids` given, but Marian has none",
+            args.input.display()
+        );
+    }
+    let dec = inputs.decoder_input_ids.as_deref().with_context(|| {
+        format!(
+            "input file {}: a Marian forward pass needs `decoder_input_ids`",
+            args.input.display()
+        )
+    })?;
+    if dec.len() != inputs.input_ids.len() {
+        bail!(
+            "input file {}: `decoder_input_ids` has {} rows but `input_ids` {}",
+            args.input.display(),
+            dec.len(),
+            inputs.input_ids.len()
+        );
+    }
+    let model = load_marian(&args.model)?;
+    let vocab = model.config().vocab_size;
+    for (name, m) in [
+        ("input_ids", inputs.input_ids.as_slice()),
+        ("decoder_input_ids", dec),
+    ] {
+        if let Some(bad) = m.iter().flatten().find(|&&id| id as usize >= vocab) {
+            bail!(
+                "input file {}: `{name}` holds token id {bad}, outside the vocabulary of {vocab}",
+                args.input.display()
+            );
+        }
+    }
+    let ids = tensor(&inputs.input_ids)?;
+    // Without a mask every source token is attended to, as transformers does.
+    let mask = match &inputs.attention_mask {
+        Some(m) => tensor(m)?,
+        None => Tensor::ones(ids.dims(), candle_core::DType::U32, &Device::Cpu)?,
+    };
+    let (logits, enc) = model
+        .forward(&ids, &mask, &tensor(dec)?)
+        .with_context(|| format!("forward pass of {}", args.model.display()))?;
+    let logits: Vec<Vec<Vec<f32>>> = logits.to_vec3()?;
+    let enc: Vec<Vec<Vec<f32>>> = enc.to_vec3()?;
+    write_json_atomic(
+        &args.out,
+        &serde_json::json!({ "logits": logits, "encoder_last_hidden_state": enc }),
+    )
+}
+
+/// Loads the Marian checkpoint in `dir` (after [`model_type`] accepted it).
+pub fn load_marian(dir: &Path) -> Result<MarianModel> {
+    // The VarMap only registers the parameters for training; inference needs just the model.
+    Ok(MarianModel::load(dir, &VarMap::new(), &Device::Cpu)?)
+}
+
+/// The `model_type` of `dir/config.json`, if it is one of `supported`; otherwise an error naming
+/// the file and listing them (so a T5 directory gets that answer, not a missing-field error).
+pub fn model_type(dir: &Path, supported: &[&str]) -> Result<String> {
     if !dir.is_dir() {
         bail!("model directory {} does not exist", dir.display());
     }
@@ -68,18 +152,23 @@ pub fn load_bert(dir: &Path) -> Result<BertModel> {
     let value: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", config.display()))?;
     match value.get("model_type").and_then(Value::as_str) {
-        Some(t) if SUPPORTED.contains(&t) => {}
+        Some(t) if supported.contains(&t) => Ok(t.to_string()),
         Some(t) => bail!(
             "{}: model_type {t:?} is not supported yet (supported: {})",
             config.display(),
-            SUPPORTED.join(", ")
+            supported.join(", ")
         ),
         None => bail!(
             "{}: no model_type (supported: {})",
             config.display(),
-            SUPPORTED.join(", ")
+            supported.join(", ")
         ),
     }
+}
+
+/// Loads the BERT checkpoint in `dir`, after checking that its `model_type` is `bert`.
+pub fn load_bert(dir: &Path) -> Result<BertModel> {
+    model_type(dir, SUPPORTED)?;
     Ok(BertModel::load(dir, &Device::Cpu)?)
 }
 
@@ -89,6 +178,7 @@ struct Inputs {
     input_ids: Vec<Vec<u32>>,
     attention_mask: Option<Vec<Vec<u32>>>,
     token_type_ids: Option<Vec<Vec<u32>>>,
+    decoder_input_ids: Option<Vec<Vec<u32>>>,
 }
 
 /// Parses and checks the input JSON (the object itself or a reference file's `inputs`).
@@ -100,9 +190,6 @@ fn parse_inputs(text: &str) -> Result<Inputs> {
     };
     if !obj.is_object() {
         bail!("expected a JSON object with `input_ids`");
-    }
-    if obj.get("decoder_input_ids").is_some() {
-        bail!("`decoder_input_ids` given, but only encoder models (BERT) are supported yet");
     }
     let input_ids = match obj.get("input_ids") {
         Some(v) => matrix(v, "input_ids")?,
@@ -132,10 +219,16 @@ fn parse_inputs(text: &str) -> Result<Inputs> {
         }
     }
     let token_type_ids = optional("token_type_ids")?;
+    // The target may be as long as it likes; only its rows must be equally long.
+    let decoder_input_ids = match obj.get("decoder_input_ids") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(matrix(v, "decoder_input_ids")?),
+    };
     Ok(Inputs {
         input_ids,
         attention_mask,
         token_type_ids,
+        decoder_input_ids,
     })
 }
 
@@ -226,7 +319,10 @@ mod tests {
         assert!(e(r#"{"input_ids": [[1, 2]], "attention_mask": [[1]]}"#)
             .contains("`attention_mask` is 1×1 but `input_ids` is 1×2"));
         assert!(
-            e(r#"{"input_ids": [[1]], "decoder_input_ids": [[1]]}"#).contains("decoder_input_ids")
+            e(r#"{"input_ids": [[1]], "decoder_input_ids": [[1], [2, 3]]}"#)
+                .contains("`decoder_input_ids` row 1 has 2 entries")
         );
+        let ok = parse_inputs(r#"{"input_ids": [[1]], "decoder_input_ids": [[4, 5, 6]]}"#).unwrap();
+        assert_eq!(ok.decoder_input_ids, Some(vec![vec![4, 5, 6]]));
     }
 }

@@ -4,6 +4,7 @@
 mod bleu;
 mod embed;
 mod forward;
+mod translate;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -24,10 +25,12 @@ struct Cli {
 enum Command {
     /// Corpus BLEU of a translation against one or more references, exactly as sacreBLEU 2.x.
     Bleu(bleu::BleuArgs),
-    /// One forward pass of a Hugging Face BERT checkpoint on token ids from JSON; writes `last_hidden_state`.
+    /// One forward pass of a Hugging Face BERT or Marian checkpoint on token ids from JSON; writes its outputs as JSON.
     Forward(forward::ForwardArgs),
     /// Sentence embeddings (mean pooling, L2-normalized) of a text file's lines with a BERT checkpoint.
     Embed(embed::EmbedArgs),
+    /// Translates stdin line by line with a Hugging Face Marian checkpoint (greedy or beam search).
+    Translate(translate::TranslateArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         Command::Bleu(args) => bleu::run(&args),
         Command::Forward(args) => forward::run(&args),
         Command::Embed(args) => embed::run(&args),
+        Command::Translate(args) => translate::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -175,13 +175,14 @@ fn bad_inputs_fail_with_a_clear_message() {
 
     let marian = dir.path().join("marian");
     std::fs::create_dir(&marian).unwrap();
-    std::fs::write(marian.join("config.json"), "{\"model_type\": \"marian\"}").unwrap();
+    // Marian is supported by `forward` now; an unsupported type is still named.
+    std::fs::write(marian.join("config.json"), "{\"model_type\": \"gpt2\"}").unwrap();
     std::fs::write(&input, "{\"input_ids\": [[2, 5, 3]]}").unwrap();
     let out = forward(&marian, &input);
     assert!(!out.status.success());
     let e = stderr(&out);
     assert!(
-        e.contains("\"marian\"") && e.contains("supported: bert"),
+        e.contains("\"gpt2\"") && e.contains("supported: bert, marian"),
         "{e}"
     );
     assert!(!out_path.exists());

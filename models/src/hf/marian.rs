@@ -392,6 +392,24 @@ impl DecoderCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Keeps, for row `i` of the batch, the cached keys and values of row `indices[i]` (a u32
+    /// vector), as beam search needs when it continues some beams and drops others.
+    pub fn reorder(&mut self, indices: &Tensor) -> Result<()> {
+        let pick = |kv: &mut Option<(Tensor, Tensor)>| -> Result<()> {
+            if let Some((k, v)) = kv.take() {
+                *kv = Some((k.index_select(indices, 0)?, v.index_select(indices, 0)?));
+            }
+            Ok(())
+        };
+        for layer in &mut self.layers {
+            pick(&mut layer.self_kv)?;
+            // The encoder rows are reordered too, so a beam may move to another sentence's row
+            // without the caller having to know that they are usually equal.
+            pick(&mut layer.cross_kv)?;
+        }
+        Ok(())
+    }
 }
 
 /// `MarianMTModel`: encoder, decoder and tied LM head, parameters in a [`VarMap`].

@@ -2,4 +2,6 @@
 //! `save_pretrained`, with the same tensor names, so checkpoints move both ways unchanged.
 
 pub mod bert;
+pub mod generate;
 pub mod marian;
+pub mod t5;
