@@ -298,3 +298,19 @@ fn bad_settings_are_errors() {
     let e = generate(&m, &ids, &mask, &config).unwrap_err().to_string();
     assert!(e.contains("max_position_embeddings"), "{e}");
 }
+
+#[test]
+fn t5_greedy_and_one_beam_equal_t5_greedy_and_transformers() {
+    let dir = fixture("t5-tiny");
+    let m = relprune_models::hf::t5::T5Model::load(&dir, &VarMap::new(), &Device::Cpu).unwrap();
+    let r = reference(&dir);
+    let ids = tensor(&rows(&r["inputs"]["input_ids"]));
+    let mask = tensor(&rows(&r["inputs"]["attention_mask"]));
+    let config = GenerateConfig::new(m.special_tokens(), 8);
+    let pad = m.config().pad_token_id;
+    let got = pad_rows(&generate(&m, &ids, &mask, &config).unwrap(), pad);
+    assert_eq!(got, m.greedy(&ids, &mask, 8).unwrap());
+    assert_eq!(got, rows(&r["greedy"]["ids"]));
+    let beam = pad_rows(&beam_search(&m, &ids, &mask, &config).unwrap(), pad);
+    assert_eq!(beam, got);
+}

@@ -3,9 +3,9 @@
 //! nested arrays), so the two can be compared number by number.
 //!
 //! The input is an object with `input_ids` and optionally `attention_mask`, `token_type_ids`
-//! (BERT) and `decoder_input_ids` (Marian), each a list of equally long rows of integers; a whole
+//! (BERT) and `decoder_input_ids` (Marian, T5), each a list of equally long rows of integers; a whole
 //! reference file with such an object under `inputs` is accepted too. The model is chosen by
-//! `config.json`'s `model_type`: BERT writes `last_hidden_state`, Marian `logits` and
+//! `config.json`'s `model_type`: BERT writes `last_hidden_state`, Marian and T5 `logits` and
 //! `encoder_last_hidden_state`.
 
 use std::path::{Path, PathBuf};
@@ -16,13 +16,14 @@ use candle_nn::VarMap;
 use clap::Args;
 use relprune_models::hf::bert::BertModel;
 use relprune_models::hf::marian::MarianModel;
+use relprune_models::hf::t5::T5Model;
 use serde_json::Value;
 
 /// The `model_type`s `relprune embed` can run.
 pub const SUPPORTED: &[&str] = &["bert"];
 
 /// The `model_type`s `relprune forward` can run.
-pub const FORWARD_SUPPORTED: &[&str] = &["bert", "marian"];
+pub const FORWARD_SUPPORTED: &[&str] = &["bert", "marian", "t5"];
 
 /// Arguments of `relprune forward`.
 #[derive(Debug, Args)]
@@ -48,7 +49,12 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let inputs =
         parse_inputs(&text).with_context(|| format!("input file {}", args.input.display()))?;
     match model_type.as_str() {
-        "marian" => run_marian(args, &inputs),
+        "marian" => run_seq2seq(
+            args,
+            &inputs,
+            &Seq2SeqModel::Marian(load_marian(&args.model)?),
+        ),
+        "t5" => run_seq2seq(args, &inputs, &Seq2SeqModel::T5(load_t5(&args.model)?)),
         _ => run_bert(args, &inputs),
     }
 }
@@ -82,17 +88,47 @@ fn run_bert(args: &ForwardArgs, inputs: &Inputs) -> Result<()> {
     )
 }
 
-/// The Marian forward pass: `logits` and `encoder_last_hidden_state`.
-fn run_marian(args: &ForwardArgs, inputs: &Inputs) -> Result<()> {
+/// A loaded encoder-decoder checkpoint.
+enum Seq2SeqModel {
+    Marian(MarianModel),
+    T5(T5Model),
+}
+
+impl Seq2SeqModel {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Marian(_) => "Marian",
+            Self::T5(_) => "T5",
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Self::Marian(m) => m.config().vocab_size,
+            Self::T5(m) => m.config().vocab_size,
+        }
+    }
+
+    fn forward(&self, ids: &Tensor, mask: &Tensor, dec: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Self::Marian(m) => m.forward(ids, mask, dec)?,
+            Self::T5(m) => m.forward(ids, mask, dec)?,
+        })
+    }
+}
+
+/// The encoder-decoder forward pass (Marian, T5): `logits` and `encoder_last_hidden_state`.
+fn run_seq2seq(args: &ForwardArgs, inputs: &Inputs, model: &Seq2SeqModel) -> Result<()> {
+    let name = model.name();
     if inputs.token_type_ids.is_some() {
         bail!(
-            "input file {}: `token_type_ids` given, but Marian has none",
+            "input file {}: `token_type_ids` given, but {name} has none",
             args.input.display()
         );
     }
     let dec = inputs.decoder_input_ids.as_deref().with_context(|| {
         format!(
-            "input file {}: a Marian forward pass needs `decoder_input_ids`",
+            "input file {}: a {name} forward pass needs `decoder_input_ids`",
             args.input.display()
         )
     })?;
@@ -104,8 +140,7 @@ fn run_marian(args: &ForwardArgs, inputs: &Inputs) -> Result<()> {
             inputs.input_ids.len()
         );
     }
-    let model = load_marian(&args.model)?;
-    let vocab = model.config().vocab_size;
+    let vocab = model.vocab_size();
     for (name, m) in [
         ("input_ids", inputs.input_ids.as_slice()),
         ("decoder_input_ids", dec),
@@ -132,6 +167,11 @@ fn run_marian(args: &ForwardArgs, inputs: &Inputs) -> Result<()> {
         &args.out,
         &serde_json::json!({ "logits": logits, "encoder_last_hidden_state": enc }),
     )
+}
+
+/// Loads the T5 checkpoint in `dir` (after [`model_type`] accepted it).
+pub fn load_t5(dir: &Path) -> Result<T5Model> {
+    Ok(T5Model::load(dir, &VarMap::new(), &Device::Cpu)?)
 }
 
 /// Loads the Marian checkpoint in `dir` (after [`model_type`] accepted it).

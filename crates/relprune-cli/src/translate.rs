@@ -17,10 +17,10 @@ use relprune_data::text::TextTokenizer;
 use relprune_models::hf::generate::{generate, EarlyStopping, GenerateConfig, Seq2Seq};
 use serde_json::Value;
 
-use crate::forward::{load_marian, model_type};
+use crate::forward::{load_marian, load_t5, model_type};
 
 /// The `model_type`s `relprune translate` can run.
-pub const SUPPORTED: &[&str] = &["marian"];
+pub const SUPPORTED: &[&str] = &["marian", "t5"];
 
 /// Longest output when neither the model's files nor `--max-len` say otherwise.
 const DEFAULT_MAX_LEN: usize = 256;
@@ -71,32 +71,41 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
             tok_path.display()
         );
     }
-    let model = load_marian(&args.model)?;
     let tokenizer = TextTokenizer::from_file(&tok_path)?;
-    tokenizer
-        .check_vocab(model.config().vocab_size)
-        .context("the tokenizer does not fit the model")?;
-    let config = settings(
-        &args.model,
-        args,
-        GenerateConfig::new(model.special_tokens(), DEFAULT_MAX_LEN),
-        model.config().max_position_embeddings,
-    )?;
     let mut input = Vec::new();
     std::io::stdin()
         .read_to_end(&mut input)
         .context("cannot read stdin")?;
     let lines = lines(&input).context("stdin")?;
-    let out = translate(
-        &model,
-        &tokenizer,
-        &lines,
-        &config,
-        args.batch_size,
-        model.config().max_position_embeddings,
-        model.config().pad_token_id,
-        args.ids,
-    )?;
+    let out = match model_type(&args.model, SUPPORTED)?.as_str() {
+        "t5" => {
+            let model = load_t5(&args.model)?;
+            let c = model.config();
+            // Relative positions: no table bounds the length; T5's usual limit instead.
+            run_model(
+                args,
+                &model,
+                &tokenizer,
+                &lines,
+                c.vocab_size,
+                T5_MAX_POSITIONS,
+                c.pad_token_id,
+            )?
+        }
+        _ => {
+            let model = load_marian(&args.model)?;
+            let c = model.config();
+            run_model(
+                args,
+                &model,
+                &tokenizer,
+                &lines,
+                c.vocab_size,
+                c.max_position_embeddings,
+                c.pad_token_id,
+            )?
+        }
+    };
     let stdout = std::io::stdout();
     let mut w = BufWriter::new(stdout.lock());
     for line in out {
@@ -104,6 +113,41 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
     }
     w.flush().context("cannot write to stdout")
 }
+
+/// Checks the tokenizer against `model` and translates `lines` with the settings of `args` and the
+/// model's files.
+fn run_model<M: Seq2Seq>(
+    args: &TranslateArgs,
+    model: &M,
+    tokenizer: &TextTokenizer,
+    lines: &[String],
+    vocab_size: usize,
+    max_positions: usize,
+    pad: u32,
+) -> Result<Vec<String>> {
+    tokenizer
+        .check_vocab(vocab_size)
+        .context("the tokenizer does not fit the model")?;
+    let config = settings(
+        &args.model,
+        args,
+        GenerateConfig::new(model.special_tokens(), DEFAULT_MAX_LEN),
+        max_positions,
+    )?;
+    translate(
+        model,
+        tokenizer,
+        lines,
+        &config,
+        args.batch_size,
+        max_positions,
+        pad,
+        args.ids,
+    )
+}
+
+/// T5's customary length limit (its `n_positions`): relative positions have no table to bound it.
+const T5_MAX_POSITIONS: usize = 512;
 
 /// Decodes `lines` in batches of `batch_size`, in order: the text of each (special tokens
 /// skipped), or its generated ids when `ids`.

@@ -20,6 +20,7 @@
 use candle_core::{Tensor, D};
 
 use super::marian::{DecoderCache, MarianModel};
+use super::t5::{DecoderCache as T5Cache, T5Model};
 use crate::{Error, Result};
 
 /// Score that rules a beam out (as `transformers`' `-1e9` for the initial copies of beam 0).
@@ -88,6 +89,43 @@ impl Seq2Seq for MarianModel {
     }
 
     fn reorder_cache(&self, cache: &mut DecoderCache, indices: &Tensor) -> Result<()> {
+        cache.reorder(indices)
+    }
+
+    fn special_tokens(&self) -> SpecialTokens {
+        let c = self.config();
+        SpecialTokens {
+            pad: c.pad_token_id,
+            eos: c.eos_token_id,
+            decoder_start: c.decoder_start_token_id,
+        }
+    }
+}
+
+impl Seq2Seq for T5Model {
+    type Cache = T5Cache;
+
+    fn encode(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        T5Model::encode(self, input_ids, attention_mask)
+    }
+
+    fn new_cache(&self) -> T5Cache {
+        T5Cache::new(self)
+    }
+
+    fn decode_step(
+        &self,
+        ids: &Tensor,
+        encoder_hidden: &Tensor,
+        src_mask: &Tensor,
+        cache: &mut T5Cache,
+    ) -> Result<Tensor> {
+        let logits = T5Model::decode_step(self, ids, encoder_hidden, src_mask, cache)?;
+        let t = logits.dim(1)?;
+        Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    fn reorder_cache(&self, cache: &mut T5Cache, indices: &Tensor) -> Result<()> {
         cache.reorder(indices)
     }
 
