@@ -8,6 +8,7 @@
 pub mod accuracy;
 pub mod bleu;
 pub mod error;
+pub mod loss;
 pub mod plot;
 pub mod report;
 pub mod results;
@@ -20,6 +21,7 @@ pub use bleu::{
     corpus_bleu, tokenize_13a, BleuConfig, BleuScore, Smoothing, Tokenizer, SACREBLEU_VERSION,
 };
 pub use error::{Error, Result};
+pub use loss::label_smoothed_cross_entropy;
 pub use plot::{line_chart_svg, Series};
 pub use report::render_markdown;
 pub use results::{
