@@ -12,6 +12,7 @@ pub mod init;
 pub mod lenet;
 pub mod lenet5;
 pub mod ops;
+pub mod transformer;
 
 pub use cifar::{CifarResNet, Shortcut, Vgg16};
 pub use error::{Error, Result};
