@@ -23,6 +23,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::generate::{pad_rows, GenerateConfig, Seq2Seq};
 use crate::{init, Error, Result};
 
 /// Model types this module can run (`config.json`'s `model_type`).
@@ -989,39 +990,18 @@ impl T5Model {
 
     /// Greedy decoding with the KV cache: per sentence, `decoder_start_token_id` followed by up to
     /// `max_len` argmax tokens; a sentence stops at `eos_token_id` and is padded with
-    /// `pad_token_id` while others go on (as `generate` without logits processors).
+    /// `pad_token_id` while others go on (as `generate` without logits processors); a shorthand for
+    /// [`super::generate::greedy`].
     pub fn greedy(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
         max_len: usize,
     ) -> Result<Vec<Vec<u32>>> {
-        let (b, _) = input_ids.dims2()?;
-        let device = input_ids.device();
-        let enc = self.encode(input_ids, attention_mask)?;
-        let mut cache = DecoderCache::new(self);
-        let mut out: Vec<Vec<u32>> = vec![vec![self.config.decoder_start_token_id]; b];
-        let mut done = vec![false; b];
-        let mut next = Tensor::from_vec(out.iter().map(|s| s[0]).collect(), (b, 1), device)?;
-        for _ in 0..max_len {
-            let logits = self.decode_step(&next, &enc, attention_mask, &mut cache)?;
-            let ids: Vec<u32> = logits.squeeze(1)?.argmax(D::Minus1)?.to_vec1()?;
-            for (i, &id) in ids.iter().enumerate() {
-                let tok = if done[i] {
-                    self.config.pad_token_id
-                } else {
-                    id
-                };
-                out[i].push(tok);
-                done[i] |= tok == self.config.eos_token_id;
-            }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-            let last: Vec<u32> = out.iter().map(|s| *s.last().expect("non-empty")).collect();
-            next = Tensor::from_vec(last, (b, 1), device)?;
-        }
-        Ok(out)
+        // The one greedy loop of the crate, shared with beam search's callers.
+        let config = GenerateConfig::new(self.special_tokens(), max_len);
+        let out = super::generate::greedy(self, input_ids, attention_mask, &config)?;
+        Ok(pad_rows(&out, self.config.pad_token_id))
     }
 }
 
