@@ -10,6 +10,7 @@ pub mod batching;
 pub mod dialogue;
 pub mod parallel;
 pub mod tokenizer;
+pub mod train;
 
 pub use batching::{
     tokenize_pairs, BatchConfig, BatchTensors, Oversize, TextBatch, TokenBatcher, TokenizedPair,
@@ -22,3 +23,4 @@ pub use parallel::{
     ParallelText, Split, TextPair,
 };
 pub use tokenizer::{SpecialIds, TextTokenizer};
+pub use train::{train_bpe, BpeOptions, TRAINED_SPECIALS};
