@@ -876,4 +876,14 @@ impl Seq2Seq for Transformer {
             decoder_start: self.config.bos_id,
         }
     }
+
+    fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        decoder_input_ids: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        Transformer::forward_t(self, input_ids, attention_mask, decoder_input_ids, train)
+    }
 }

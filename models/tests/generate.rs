@@ -211,6 +211,25 @@ impl Seq2Seq for Toy {
             decoder_start: 3,
         }
     }
+
+    /// Step by step through a fresh cache: the toy has no batched teacher-forced pass.
+    fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        decoder_input_ids: &Tensor,
+        _train: bool,
+    ) -> Result<Tensor> {
+        let enc = self.encode(input_ids, attention_mask)?;
+        let mut cache = self.new_cache();
+        let steps = (0..decoder_input_ids.dim(1)?)
+            .map(|t| {
+                let ids = decoder_input_ids.narrow(1, t, 1)?;
+                self.decode_step(&ids, &enc, attention_mask, &mut cache)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&steps, 1)?)
+    }
 }
 
 fn toy_run(toy: &Toy, beam: usize, lp: f64, max_len: usize) -> Vec<u32> {

@@ -63,6 +63,17 @@ pub trait Seq2Seq {
 
     /// The model's pad, EOS and decoder start ids.
     fn special_tokens(&self) -> SpecialTokens;
+
+    /// Teacher-forced logits (B, T, V) of `decoder_input_ids` (B, T) for `input_ids` (B, S) with
+    /// a 0/1 `attention_mask` (B, S): the training forward pass, differentiable in every weight;
+    /// `train` switches on the model's dropout (where it has any).
+    fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        decoder_input_ids: &Tensor,
+        train: bool,
+    ) -> Result<Tensor>;
 }
 
 impl Seq2Seq for MarianModel {
@@ -100,6 +111,17 @@ impl Seq2Seq for MarianModel {
             decoder_start: c.decoder_start_token_id,
         }
     }
+
+    /// Marian has no dropout here (inference-style layers), so `train` changes nothing.
+    fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        decoder_input_ids: &Tensor,
+        _train: bool,
+    ) -> Result<Tensor> {
+        Ok(MarianModel::forward(self, input_ids, attention_mask, decoder_input_ids)?.0)
+    }
 }
 
 impl Seq2Seq for T5Model {
@@ -136,6 +158,16 @@ impl Seq2Seq for T5Model {
             eos: c.eos_token_id,
             decoder_start: c.decoder_start_token_id,
         }
+    }
+
+    fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        decoder_input_ids: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        Ok(T5Model::forward_t(self, input_ids, attention_mask, decoder_input_ids, train)?.0)
     }
 }
 
