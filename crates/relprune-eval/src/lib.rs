@@ -12,6 +12,7 @@ pub mod loss;
 pub mod plot;
 pub mod report;
 pub mod results;
+pub mod seq2seq;
 pub mod sizes;
 pub mod sparsity;
 pub mod task;
@@ -27,6 +28,7 @@ pub use report::render_markdown;
 pub use results::{
     write_atomic, DatasetInfo, MetricValue, PrunedSummary, RoundRecord, RunResults, SizesBytes,
 };
+pub use seq2seq::{DecodeConfig, EvalSplit, Seq2SeqConfig, Seq2SeqTask};
 pub use sizes::{compressed_sizes, FileSizes};
 pub use sparsity::{LayerStats, SparsityReport};
 pub use task::ImageClassification;
