@@ -5,6 +5,7 @@ mod bench;
 mod classify;
 mod flags;
 mod reproduce;
+mod translate;
 
 use clap::Parser;
 

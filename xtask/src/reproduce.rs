@@ -46,6 +46,11 @@ pub const EXPERIMENTS: &[Experiment] = &[
         about: crate::classify::EXPERIMENTS[4].3,
         run: crate::classify::run,
     },
+    Experiment {
+        name: crate::translate::NAME,
+        about: crate::translate::ABOUT,
+        run: crate::translate::run,
+    },
 ];
 
 /// Published results to compare with (METHOD.md's anchors): (experiment, method, error %, ×).

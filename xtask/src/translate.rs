@@ -1,0 +1,685 @@
+//! The language-generation experiment: a small Transformer trained from scratch on the
+//! gettext-en-de corpus (English → German software messages), then regularized and pruned —
+//! attention projections, feed-forward layers and the (shared) embeddings alike — and judged by
+//! BLEU on the test split.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::Device;
+use candle_nn::VarMap;
+use relprune_core::SelectiveDecay;
+use relprune_data::text::{
+    gettext_en_de, tokenize_pairs, train_bpe, BatchConfig, BpeOptions, Oversize,
+    Split as TextSplit, TextPair, TextTokenizer,
+};
+use relprune_eval::seq2seq::BLEU;
+use relprune_eval::{
+    write_atomic, DatasetInfo, DecodeConfig, EvalSplit, LayerStats, MetricValue, PrunedSummary,
+    RoundRecord, RunResults, Seq2SeqConfig, Seq2SeqTask, SizesBytes, SparsityReport,
+};
+use relprune_models::transformer::{Embeddings, Positions, Transformer, TransformerConfig};
+use relprune_prune::threshold::BisectionConfig;
+use relprune_prune::{
+    export, AdamConfig, IterativePruning, LrSchedule, MaskedAdam, Masks, ParamSet, PruneConfig,
+    Selection, Split, Trainer,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::flags;
+use crate::reproduce::measure_sizes;
+
+/// The experiment's name.
+pub const NAME: &str = "transformer-gettext-en-de";
+
+/// One line on what it does.
+pub const ABOUT: &str = "Transformer trained from scratch on gettext-en-de (English→German), \
+                         pruned incl. attention and embeddings; BLEU before/after";
+
+/// Where the corpus is looked for when neither `--data-dir` nor `$RELPRUNE_GETTEXT_DIR` is given.
+const DEFAULT_DATA_DIR: &str = "../shared/data/gettext-en-de";
+
+/// Where a run keeps its checkpoint, inside its output directory.
+const CHECKPOINT_DIR: &str = "checkpoint";
+
+/// The trained tokenizer, written beside the model so that a resumed run and users reuse it.
+const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Everything that defines a run (written into results.json so it can be repeated).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    pub experiment: String,
+    pub quick: bool,
+    pub seed: u64,
+    /// The corpus directory (`{train,valid,test}.{en,de}`).
+    pub data_dir: PathBuf,
+    /// Use only the first N training pairs.
+    pub train_limit: Option<usize>,
+    /// Use only the first N validation pairs (the metric decodes all of them every evaluation).
+    pub valid_limit: Option<usize>,
+    /// Joint English–German BPE vocabulary size.
+    pub vocab_size: usize,
+    /// The model; its vocabulary sizes are set from the trained tokenizer.
+    pub model: TransformerConfig,
+    /// Token budget of a training batch (padding included).
+    pub max_tokens: usize,
+    pub label_smoothing: f64,
+    pub dense_epochs: usize,
+    /// Adam's learning rate for the dense phase (cosine decay).
+    pub dense_lr: f64,
+    pub selection: Selection,
+    pub prune: PruneConfig,
+    /// Decoding for the metric (validation and test).
+    pub decode: DecodeConfig,
+    pub threads: Option<String>,
+}
+
+impl Config {
+    /// The full or quick configuration.
+    pub fn preset(quick: bool) -> Self {
+        let model = TransformerConfig {
+            d_model: if quick { 64 } else { 128 },
+            heads: 4,
+            ffn_dim: if quick { 256 } else { 512 },
+            encoder_layers: if quick { 1 } else { 2 },
+            decoder_layers: if quick { 1 } else { 2 },
+            dropout: if quick { 0.0 } else { 0.1 },
+            attention_dropout: 0.0,
+            positions: Positions::Sinusoidal,
+            max_len: 256,
+            embeddings: Embeddings::SharedAll,
+            pre_norm: true,
+            scale_embedding: true,
+            ..TransformerConfig::base(0, 0)
+        };
+        let prune = PruneConfig {
+            // METHOD.md's starting rule (|g|, max, τ = 0.1) with relevance averaged over steps:
+            // an embedding row only gets a gradient in batches where its token occurs.
+            regularizer: SelectiveDecay {
+                ema_beta: 0.9,
+                ..SelectiveDecay::default().with_lambda(if quick { 1e-3 } else { 5e-4 })
+            },
+            lr: if quick { 1e-3 } else { 5e-4 },
+            bisection: BisectionConfig {
+                twt: 0.05,
+                // Every evaluation decodes the validation split: cap the search's cost, and keep
+                // validation BLEU from drifting round after round.
+                max_evals: 16,
+                max_metric_worsening: if quick { None } else { Some(0.8) },
+                ..Default::default()
+            },
+            // In BLEU points, against the dense model's validation BLEU.
+            delta: if quick { 5.0 } else { 0.8 },
+            patience: 1,
+            min_improvement: 0.01,
+            max_epochs: if quick { 6 } else { 12 },
+            target_sparsity: None,
+            stop_rounds: 4,
+            min_round_gain: 0.001,
+            finetune_epochs: 1,
+            finetune_lr: if quick { 5e-4 } else { 2e-4 },
+        };
+        Self {
+            experiment: NAME.into(),
+            quick,
+            seed: 1,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            train_limit: if quick { Some(6000) } else { None },
+            valid_limit: if quick { Some(200) } else { None },
+            vocab_size: if quick { 1000 } else { 4000 },
+            model,
+            max_tokens: if quick { 384 } else { 2048 },
+            label_smoothing: 0.1,
+            dense_epochs: 8,
+            dense_lr: if quick { 3e-3 } else { 1e-3 },
+            selection: Selection::default(),
+            prune,
+            decode: DecodeConfig::default(),
+            threads: std::env::var("RAYON_NUM_THREADS").ok(),
+        }
+    }
+}
+
+/// The corpus directory: `--data-dir`, else `$RELPRUNE_GETTEXT_DIR`, else the shared copy.
+fn data_dir(f: &flags::Reproduce) -> PathBuf {
+    // With --all, --data-dir is MNIST's.
+    let given = if f.all { None } else { f.data_dir.clone() };
+    given
+        .or_else(|| std::env::var_os("RELPRUNE_GETTEXT_DIR").map(Into::into))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+}
+
+/// `cargo xtask reproduce transformer-gettext-en-de`.
+pub fn run(_experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
+    if let Some(dir) = &f.resume {
+        let saved = relprune_prune::checkpoint::read(&dir.join(CHECKPOINT_DIR), &Device::Cpu)?;
+        let cfg: Config = serde_json::from_value(saved.journal.run["config"].clone())
+            .with_context(|| {
+                format!(
+                    "{}: the checkpoint holds no {NAME} configuration",
+                    dir.display()
+                )
+            })?;
+        eprintln!(
+            "resuming {NAME} in {} after {} epochs",
+            dir.display(),
+            saved.journal.epochs_trained
+        );
+        return run_config(cfg, out, true);
+    }
+    let mut cfg = Config::preset(f.quick);
+    cfg.data_dir = std::path::absolute(data_dir(f))?;
+    if let Some(s) = f.seed {
+        cfg.seed = s;
+    }
+    if let Some(e) = f.prune_epochs {
+        cfg.prune.max_epochs = e;
+    }
+    if let Some(e) = f.dense_epochs {
+        cfg.dense_epochs = e;
+    }
+    if let Some(n) = f.train_limit {
+        cfg.train_limit = Some(n);
+    }
+    if let Some(d) = f.delta {
+        cfg.prune.delta = d;
+    }
+    if let Some(g) = f.min_round_gain {
+        cfg.prune.min_round_gain = g;
+    }
+    if let Some(e) = f.finetune_epochs {
+        cfg.prune.finetune_epochs = e;
+    }
+    if let Some(lr) = f.finetune_lr {
+        cfg.prune.finetune_lr = lr;
+    }
+    if let Some(t) = f.twt {
+        cfg.prune.bisection.twt = t;
+    }
+    if let Some(tolerance) = f.search_metric {
+        cfg.prune.bisection.criterion = relprune_prune::threshold::Criterion::Metric { tolerance };
+    }
+    if let Some(m) = f.metric_bound {
+        cfg.prune.bisection.max_metric_worsening = Some(m);
+    }
+    if let Some(b) = f.ema_beta {
+        cfg.prune.regularizer.ema_beta = b;
+    }
+    if let Some(l) = f.lambda {
+        cfg.prune.regularizer.lambda = l;
+    }
+    if let Some(t) = f.tau {
+        if let relprune_core::Gate::Hard { tau, .. } = &mut cfg.prune.regularizer.gate {
+            *tau = t;
+        } else {
+            anyhow::bail!("--tau needs a hard gate");
+        }
+    }
+    if let Some(m) = &f.method {
+        ensure!(
+            m == "selective",
+            "{NAME} runs the method only (--method selective); the baselines are wired for the \
+             image experiments"
+        );
+    }
+    run_config(cfg, out, false)
+}
+
+/// Reads a split, keeping its first `limit` pairs.
+fn read_split(dir: &Path, split: TextSplit, limit: Option<usize>) -> Result<Vec<TextPair>> {
+    let mut pairs = gettext_en_de(dir, split)
+        .with_context(|| {
+            format!(
+                "reading the gettext-en-de {split} split from {} (pass --data-dir DIR or set \
+                 RELPRUNE_GETTEXT_DIR)",
+                dir.display()
+            )
+        })?
+        .pairs;
+    if let Some(n) = limit {
+        pairs.truncate(n);
+    }
+    ensure!(
+        !pairs.is_empty(),
+        "{}: the {split} split is empty",
+        dir.display()
+    );
+    Ok(pairs)
+}
+
+/// The run's tokenizer: the one saved in `out` by an earlier start of the same run, else a joint
+/// BPE learned from the training pairs (and saved).
+fn tokenizer(cfg: &Config, train: &[TextPair], out: &Path) -> Result<TextTokenizer> {
+    let path = out.join(TOKENIZER_FILE);
+    if path.exists() {
+        return Ok(TextTokenizer::from_file(&path)?);
+    }
+    let texts = train
+        .iter()
+        .flat_map(|p| [p.source.as_str(), p.target.as_str()]);
+    let tok = train_bpe(
+        texts,
+        &BpeOptions {
+            vocab_size: cfg.vocab_size,
+            ..BpeOptions::default()
+        },
+    )?;
+    let json = tok
+        .inner()
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("cannot serialize the tokenizer: {e}"))?;
+    write_atomic(&path, json.as_bytes())?;
+    Ok(tok)
+}
+
+/// The layer type a parameter belongs to, for the per-type table.
+pub fn layer_type(name: &str) -> &'static str {
+    if name.contains("_attn.") {
+        "attention"
+    } else if name.contains(".fc1.") || name.contains(".fc2.") {
+        "feed-forward"
+    } else if name.contains("embed_") || name.starts_with("output_projection") {
+        "embeddings"
+    } else {
+        "other"
+    }
+}
+
+/// Sums the per-tensor counts by layer type.
+pub fn by_layer_type(layers: &[LayerStats]) -> BTreeMap<&'static str, LayerStats> {
+    let mut out: BTreeMap<&'static str, LayerStats> = BTreeMap::new();
+    for l in layers {
+        let t = layer_type(&l.name);
+        let e = out.entry(t).or_insert_with(|| LayerStats {
+            name: t.into(),
+            params: 0,
+            nonzero: 0,
+        });
+        e.params += l.params;
+        e.nonzero += l.nonzero;
+    }
+    out
+}
+
+/// Runs one configuration end to end, writing the model files into `out`; checkpoints every epoch
+/// into `out/checkpoint`, and with `resume` continues from there.
+pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResults> {
+    let t0 = Instant::now();
+    let device = Device::Cpu;
+    let train_text = read_split(&cfg.data_dir, TextSplit::Train, cfg.train_limit)?;
+    let valid_text = read_split(&cfg.data_dir, TextSplit::Valid, cfg.valid_limit)?;
+    let test_text = read_split(&cfg.data_dir, TextSplit::Test, None)?;
+    std::fs::create_dir_all(out)?;
+    let tok = tokenizer(&cfg, &train_text, out)?;
+    let special = tok.special_ids();
+    let (Some(pad), Some(bos), Some(eos)) = (special.pad, special.bos, special.eos) else {
+        anyhow::bail!(
+            "{}: the tokenizer lacks <pad>, <s> or </s>",
+            tok.source_name()
+        );
+    };
+    cfg.model.src_vocab = tok.vocab_size();
+    cfg.model.tgt_vocab = tok.vocab_size();
+    cfg.model.pad_id = pad;
+    cfg.model.bos_id = bos;
+    cfg.model.eos_id = eos;
+    let train = tokenize_pairs(&train_text, &tok, &tok)?;
+    let eval_split = |text: &[TextPair]| -> Result<EvalSplit> {
+        let pairs = tokenize_pairs(text, &tok, &tok)?;
+        let refs = text.iter().map(|p| p.target.clone()).collect();
+        Ok(EvalSplit::new(pairs, refs)?)
+    };
+    let (valid, test) = (eval_split(&valid_text)?, eval_split(&test_text)?);
+    // Sinusoidal positions cost nothing to extend: make room for the longest segment and the
+    // longest translation the decoder may produce, so no input is ever cut or refused.
+    let longest_source = train
+        .iter()
+        .chain(&valid.pairs)
+        .chain(&test.pairs)
+        .map(|p| p.source.len())
+        .max()
+        .unwrap_or(0);
+    let longest = train
+        .iter()
+        .chain(&valid.pairs)
+        .chain(&test.pairs)
+        .map(|p| p.max_len())
+        .max()
+        .unwrap_or(0);
+    if cfg.model.positions == Positions::Sinusoidal {
+        cfg.model.max_len = cfg
+            .model
+            .max_len
+            .max(longest)
+            .max(cfg.decode.limit(longest_source) + 1);
+    }
+    eprintln!(
+        "{NAME}: {} train, {} valid, {} test pairs from {}; joint BPE vocabulary {}",
+        train.len(),
+        valid.pairs.len(),
+        test.pairs.len(),
+        cfg.data_dir.display(),
+        tok.vocab_size()
+    );
+    let dataset = DatasetInfo {
+        name: "gettext-en-de".into(),
+        train: train.len(),
+        valid: valid.pairs.len(),
+        test: test.pairs.len(),
+    };
+
+    let varmap = VarMap::new();
+    let model = Transformer::new(cfg.model.clone(), &varmap, cfg.seed, &device)?;
+    let params = ParamSet::from_varmap(&varmap, &cfg.selection)?;
+    let masks = Masks::dense(&params)?;
+    let adam = AdamConfig {
+        lr: cfg.dense_lr,
+        beta2: 0.98,
+        ..AdamConfig::default()
+    };
+    let mut trainer = Trainer::new(params, masks, MaskedAdam::new(adam, None)?)?;
+    let task_config = Seq2SeqConfig {
+        batch: BatchConfig {
+            max_tokens: cfg.max_tokens,
+            max_batch_size: None,
+            // A segment longer than the budget trains alone rather than failing the run.
+            oversize: Oversize::OwnBatch,
+            seed: cfg.seed,
+        },
+        label_smoothing: cfg.label_smoothing,
+        decode: cfg.decode,
+        ..Seq2SeqConfig::default()
+    };
+    let mut task = Seq2SeqTask::new(
+        model,
+        tok.clone(),
+        train,
+        valid,
+        test,
+        task_config.clone(),
+        &device,
+    )?;
+    let checkpoints = out.join(CHECKPOINT_DIR);
+    if resume {
+        trainer.resume(&checkpoints, &mut task)?;
+    } else {
+        trainer.checkpoint_into(&checkpoints, serde_json::json!({ "config": &cfg }))?;
+    }
+
+    // 1. The dense reference.
+    let schedule = LrSchedule::Cosine {
+        lr: cfg.dense_lr,
+        epochs: cfg.dense_epochs,
+    };
+    trainer.fit(&mut task, schedule, cfg.dense_epochs, false, "dense")?;
+    let (dense_valid, dense_test) = trainer.once("dense evaluation", |trainer| {
+        let valid = trainer.evaluate(&mut task, Split::Valid)?;
+        let (test_bleu, hyps) = task.bleu(Split::Test)?;
+        export::save_dense(&trainer.params, &out.join("dense.safetensors"))?;
+        write_lines(&out.join("test.dense.de"), &hyps)
+            .map_err(|e| relprune_prune::Error::Task(format!("{e:#}")))?;
+        Ok((valid, test_bleu.score))
+    })?;
+    eprintln!(
+        "dense: valid BLEU {:.2} (loss {:.4}), test BLEU {dense_test:.2}",
+        dense_valid.metric, dense_valid.loss
+    );
+
+    // 2. Regularize and prune iteratively, then fine-tune.
+    let outcome = IterativePruning::new(cfg.prune.clone())?.run(&mut trainer, &mut task)?;
+    let model_file = "model.safetensors";
+    export::save_dense(&trainer.params, &out.join(model_file))?;
+    export::save_sparse(&trainer.params, &out.join("model.sparse.safetensors"))?;
+
+    // 3. Judge the saved file: reload it into a fresh model and translate the test split.
+    let reloaded = VarMap::new();
+    let fresh = Transformer::new(
+        cfg.model.clone(),
+        &reloaded,
+        cfg.seed.wrapping_add(1),
+        &device,
+    )?;
+    relprune_models::checkpoint::load(&reloaded, &out.join(model_file))?;
+    let judge = Seq2SeqTask::new(
+        fresh,
+        tok.clone(),
+        tokenize_pairs(&train_text[..1], &tok, &tok)?,
+        eval_split(&valid_text)?,
+        eval_split(&test_text)?,
+        task_config,
+        &device,
+    )?;
+    let (pruned_test, hyps) = judge.bleu(Split::Test)?;
+    write_lines(&out.join("test.pruned.de"), &hyps)?;
+    write_lines(
+        &out.join("test.ref.de"),
+        &test_text
+            .iter()
+            .map(|p| p.target.clone())
+            .collect::<Vec<_>>(),
+    )?;
+    let prunable: Vec<String> = trainer.params.prunable().map(|p| p.name.clone()).collect();
+    let report = SparsityReport::from_safetensors(&out.join(model_file), &prunable)?;
+    let total = report.total();
+    let (_, alive) = trainer.masks.totals()?;
+    ensure!(
+        total.nonzero <= alive,
+        "the model file has {} non-zeros but the masks allow only {alive}",
+        total.nonzero
+    );
+    let types = by_layer_type(&report.layers);
+    eprintln!("remaining by layer type (from {model_file}):");
+    for (t, s) in &types {
+        eprintln!(
+            "  {t:<13} {:>9} / {:>9} = {:6.2}%",
+            s.nonzero,
+            s.params,
+            s.remaining_pct()
+        );
+    }
+
+    let rounds = outcome
+        .rounds
+        .iter()
+        .map(|r| RoundRecord {
+            round: r.round,
+            epoch: r.epoch,
+            threshold: r.threshold,
+            remaining_pct: r.remaining_pct,
+            val_loss: r.valid.loss,
+            val_metric: r.valid.metric,
+        })
+        .collect();
+    let mut extra = serde_json::Map::new();
+    extra.insert("method".into(), "selective".into());
+    extra.insert("dense_valid_metric".into(), dense_valid.metric.into());
+    extra.insert("dense_valid_loss".into(), dense_valid.loss.into());
+    extra.insert(
+        "bleu_signature".into(),
+        pruned_test.signature.clone().into(),
+    );
+    extra.insert(
+        "test_bleu_pruned_detail".into(),
+        serde_json::to_value(&pruned_test)?,
+    );
+    extra.insert(
+        "remaining_by_layer_type".into(),
+        serde_json::to_value(
+            types
+                .iter()
+                .map(|(t, s)| {
+                    (
+                        t.to_string(),
+                        serde_json::json!({
+                            "params": s.params,
+                            "nonzero": s.nonzero,
+                            "remaining_pct": s.remaining_pct(),
+                        }),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>(),
+        )?,
+    );
+    extra.insert(
+        "reference_valid".into(),
+        serde_json::to_value(outcome.reference)?,
+    );
+    extra.insert(
+        "result_round".into(),
+        serde_json::to_value(outcome.result_round)?,
+    );
+    extra.insert("pruning_epochs".into(), outcome.epochs.into());
+    extra.insert(
+        "stop_reason".into(),
+        serde_json::to_value(outcome.stop_reason)?,
+    );
+    extra.insert(
+        "valid_before_finetune".into(),
+        serde_json::to_value(outcome.before_finetune)?,
+    );
+    extra.insert(
+        "valid_after_finetune".into(),
+        serde_json::to_value(outcome.after_finetune)?,
+    );
+    let mut results = RunResults {
+        experiment: cfg.experiment.clone(),
+        dataset,
+        metric: BLEU.into(),
+        higher_is_better: true,
+        dense: MetricValue { value: dense_test },
+        pruned: PrunedSummary::new(pruned_test.score, &total),
+        layers: report.layers.clone(),
+        sizes_bytes: SizesBytes {
+            dense_safetensors: 0,
+            pruned_safetensors: 0,
+            pruned_gzip: 0,
+            pruned_bzip2: 0,
+            sparse_format: 0,
+        },
+        model_file: model_file.into(),
+        wall_seconds: 0.0,
+        config: serde_json::to_value(&cfg)?,
+        rounds,
+        extra,
+    };
+    measure_sizes(
+        &mut results,
+        out,
+        "dense.safetensors",
+        "model.sparse.safetensors",
+    )?;
+    results.wall_seconds = t0.elapsed().as_secs_f64();
+    Ok(results)
+}
+
+/// Writes one line per entry, atomically.
+fn write_lines(path: &Path, lines: &[String]) -> Result<()> {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared_corpus() -> Option<PathBuf> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/gettext-en-de");
+        dir.join("train.en").exists().then_some(dir)
+    }
+
+    #[test]
+    fn layer_types_cover_attention_feed_forward_and_embeddings() {
+        assert_eq!(
+            layer_type("decoder.layers.0.encoder_attn.q_proj.weight"),
+            "attention"
+        );
+        assert_eq!(
+            layer_type("encoder.layers.2.self_attn.out_proj.weight"),
+            "attention"
+        );
+        assert_eq!(layer_type("encoder.layers.0.fc2.weight"), "feed-forward");
+        assert_eq!(layer_type("encoder.embed_tokens.weight"), "embeddings");
+        assert_eq!(layer_type("output_projection.weight"), "embeddings");
+        // Every prunable parameter of the model has a type.
+        let cfg = Config::preset(false);
+        for (name, shape) in relprune_models::transformer::parameter_shapes(&TransformerConfig {
+            src_vocab: 100,
+            tgt_vocab: 100,
+            ..cfg.model
+        }) {
+            if cfg.selection.is_prunable(&name, &shape) {
+                assert_ne!(layer_type(&name), "other", "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_tiny_run_prunes_attention_ffn_and_embeddings_and_the_file_agrees() {
+        let Some(data) = shared_corpus() else {
+            eprintln!("skipped: ../shared/data/gettext-en-de is not there");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::preset(true);
+        cfg.data_dir = data;
+        cfg.train_limit = Some(300);
+        cfg.valid_limit = Some(30);
+        cfg.vocab_size = 300;
+        cfg.model.d_model = 32;
+        cfg.model.ffn_dim = 64;
+        cfg.dense_epochs = 2;
+        cfg.prune.max_epochs = 2;
+        cfg.prune.patience = 1;
+        // Every epoch counts as a plateau, so the short run prunes.
+        cfg.prune.min_improvement = 0.99;
+        cfg.prune.finetune_epochs = 1;
+        cfg.prune.delta = 100.0;
+        cfg.prune.bisection.twt = 0.5;
+        let r = run_config(cfg, dir.path(), false).unwrap();
+        crate::reproduce::write_outputs(&r, dir.path()).unwrap();
+        assert_eq!(r.metric, "bleu");
+        assert_eq!(r.dataset.test, 1000);
+        assert!(r.pruned.remaining_pct < 100.0, "{:?}", r.rounds);
+        // The shared table (source, target, output projection) is one tensor, counted and
+        // pruned once.
+        let names: Vec<&str> = r.layers.iter().map(|l| l.name.as_str()).collect();
+        assert!(names.contains(&"encoder.embed_tokens.weight"), "{names:?}");
+        assert!(!names
+            .iter()
+            .any(|n| n.starts_with("decoder.embed_tokens") || n.starts_with("output_projection")));
+        let types = r.extra["remaining_by_layer_type"].as_object().unwrap();
+        for t in ["attention", "feed-forward", "embeddings"] {
+            let pct = types[t]["remaining_pct"].as_f64().unwrap();
+            assert!(pct < 100.0, "{t} was not pruned: {pct}");
+        }
+        // The hypotheses files hold one line per test sentence, and BLEU on them is the
+        // reported score.
+        let hyps: Vec<String> = std::fs::read_to_string(dir.path().join("test.pruned.de"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        let refs: Vec<String> = std::fs::read_to_string(dir.path().join("test.ref.de"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        assert_eq!(hyps.len(), 1000);
+        let score =
+            relprune_eval::corpus_bleu(&hyps, &[refs], &relprune_eval::BleuConfig::default())
+                .unwrap();
+        assert!((score.score - r.pruned.value).abs() < 1e-9);
+        for f in [
+            "results.json",
+            "report.md",
+            "tokenizer.json",
+            "model.sparse.safetensors",
+        ] {
+            assert!(dir.path().join(f).exists(), "{f}");
+        }
+    }
+}
