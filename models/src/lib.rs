@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod cifar;
 pub mod error;
+pub mod fused;
 pub mod hf;
 pub mod init;
 pub mod lenet;

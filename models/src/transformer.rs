@@ -19,15 +19,16 @@
 //! generator, which cannot be seeded on the CPU, so training with dropout is not bit-reproducible.
 //!
 //! Every op on the training path has a backward: candle's fused `softmax_last_dim` and
-//! `LayerNorm` ops have none, so attention uses [`candle_nn::ops::softmax`] and layer norm is
-//! written out with plain tensor ops.
+//! `LayerNorm` kernels have none, so attention's softmax and the layer norms are this crate's
+//! fused CPU ops with their own backward ([`crate::fused`]; plain tensor ops on other devices).
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Linear, Module, VarMap};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::fused::{softmax_last_dim, LayerNorm};
 use crate::hf::generate::{Seq2Seq, SpecialTokens};
 use crate::hf::marian::sinusoidal_positions;
 use crate::{init, Error, Result};
@@ -319,25 +320,6 @@ fn initial(
     Ok(Tensor::from_vec(data, shape, device)?)
 }
 
-/// `nn.LayerNorm` over the last dimension, from differentiable ops.
-#[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-}
-
 /// Dropout when training with `p > 0`, the identity otherwise.
 ///
 /// candle draws the mask from the device's generator, which cannot be seeded on the CPU: runs
@@ -392,7 +374,7 @@ impl Attention {
         let (b, t, d) = x.dims3()?;
         let q = self.split(&(self.q.forward(x)? * (self.head_dim as f64).powf(-0.5))?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = softmax_last_dim(&scores)?;
         let probs = dropout(&probs, self.dropout, train)?;
         let ctx = probs
             .matmul(v)?
@@ -535,9 +517,12 @@ impl Transformer {
                 Some(take(&format!("{p}.bias"))),
             )
         };
-        let ln = |p: &str| LayerNorm {
-            weight: take(&format!("{p}.weight")),
-            bias: take(&format!("{p}.bias")),
+        let ln = |p: &str| {
+            LayerNorm::new(
+                take(&format!("{p}.weight")),
+                take(&format!("{p}.bias")),
+                LAYER_NORM_EPS,
+            )
         };
         let attention = |p: &str| Attention {
             q: linear(&format!("{p}.q_proj")),

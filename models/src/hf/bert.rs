@@ -6,7 +6,8 @@
 //! Every parameter is a [`candle_core::Var`] in a [`VarMap`] under its HF name
 //! (`encoder.layer.0.attention.self.query.weight`, ...), so the engine can train, mask and prune
 //! the model, and [`BertModel::save_pretrained`] writes a checkpoint `transformers` loads back.
-//! The forward pass only uses ops with a backward (no fused layer norm or softmax kernels).
+//! The forward pass only uses ops with a backward: layer norm and softmax are this crate's fused
+//! CPU ops with their own backward ([`crate::fused`]), not candle's kernels, which have none.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::fused::{softmax_last_dim, LayerNorm};
 use crate::{init, Error, Result};
 
 /// The `model_type` values this module can load.
@@ -299,21 +301,6 @@ fn check_model_type(model_type: Option<&str>) -> Result<()> {
     }
 }
 
-/// A layer norm made of differentiable ops: candle_nn's `LayerNorm` module dispatches to a fused
-/// kernel that has no backward.
-#[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
-    }
-}
-
 /// One post-LN encoder layer.
 #[derive(Clone, Debug)]
 struct Layer {
@@ -440,13 +427,13 @@ impl BertModel {
                 Some(get(&format!("{prefix}.bias"))?),
             ))
         };
-        let eps = config.layer_norm_eps as f32;
+        let eps = config.layer_norm_eps;
         let norm = |prefix: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm {
-                weight: get(&format!("{prefix}.weight"))?,
-                bias: get(&format!("{prefix}.bias"))?,
+            Ok(LayerNorm::new(
+                get(&format!("{prefix}.weight"))?,
+                get(&format!("{prefix}.bias"))?,
                 eps,
-            })
+            ))
         };
         let h = config.hidden_size;
         let layers = (0..config.num_hidden_layers)
@@ -646,8 +633,7 @@ impl BertModel {
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }
-        // `softmax_last_dim` is a fused kernel without a backward; this one is made of plain ops.
-        let probs = dropout(&candle_nn::ops::softmax(&scores, D::Minus1)?, attn_p)?;
+        let probs = dropout(&softmax_last_dim(&scores)?, attn_p)?;
         let ctx = probs
             .matmul(&v)?
             .transpose(1, 2)?

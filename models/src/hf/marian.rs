@@ -8,19 +8,20 @@
 //! names, so a checkpoint saved with [`crate::checkpoint::save`] loads back in `transformers`.
 //!
 //! Every op on the training path has a backward: candle's fused `softmax_last_dim` and
-//! `LayerNorm` ops have none, so attention uses [`candle_nn::ops::softmax`] and layer norm is
-//! written out with plain tensor ops.
+//! `LayerNorm` kernels have none, so attention's softmax and the layer norms are this crate's
+//! fused CPU ops with their own backward ([`crate::fused`]; plain tensor ops on other devices).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Linear, Module, VarMap};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::generate::{pad_rows, GenerateConfig, Seq2Seq};
+use crate::fused::{softmax_last_dim, LayerNorm};
 use crate::{init, Error, Result};
 
 /// Model types this module can run (`config.json`'s `model_type`).
@@ -253,25 +254,6 @@ impl Activation {
     }
 }
 
-/// `nn.LayerNorm` over the last dimension, from differentiable ops.
-#[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-}
-
 /// Multi-head attention with `q_proj`, `k_proj`, `v_proj`, `out_proj` (all with bias).
 #[derive(Clone, Debug)]
 struct Attention {
@@ -317,7 +299,7 @@ impl Attention {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = softmax_last_dim(&scores)?;
         let ctx = probs
             .matmul(v)?
             .transpose(1, 2)?
@@ -625,9 +607,12 @@ impl MarianModel {
                 Some(take(&format!("{p}.bias"))),
             )
         };
-        let ln = |p: &str| LayerNorm {
-            weight: take(&format!("{p}.weight")),
-            bias: take(&format!("{p}.bias")),
+        let ln = |p: &str| {
+            LayerNorm::new(
+                take(&format!("{p}.weight")),
+                take(&format!("{p}.bias")),
+                LAYER_NORM_EPS,
+            )
         };
         let attention = |p: &str, heads: usize| Attention {
             q: linear(&format!("{p}.q_proj")),

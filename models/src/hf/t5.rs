@@ -10,20 +10,22 @@
 //! checkpoint saved with [`T5Model::save_pretrained`] loads back in `transformers`.
 //!
 //! Every op on the training path has a backward: candle's fused `softmax_last_dim` and RMS-norm
-//! ops have none, so attention uses [`candle_nn::ops::softmax`] and the norm is written out with
-//! plain tensor ops. Dropout (`dropout_rate`, at the places `transformers` applies it) is only
-//! active in [`T5Model::forward_t`] with `train = true`; everything else is `model.eval()`.
+//! kernels have none, so attention's softmax and the RMS norms are this crate's fused CPU ops with
+//! their own backward ([`crate::fused`]; plain tensor ops on other devices). Dropout
+//! (`dropout_rate`, at the places `transformers` applies it) is only active in
+//! [`T5Model::forward_t`] with `train = true`; everything else is `model.eval()`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Linear, Module, VarMap};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::generate::{pad_rows, GenerateConfig, Seq2Seq};
+use crate::fused::{softmax_last_dim, RmsNorm};
 use crate::{init, Error, Result};
 
 /// Model types this module can run (`config.json`'s `model_type`).
@@ -373,21 +375,6 @@ pub fn relative_position_bucket(
     bucket as usize
 }
 
-/// T5's layer norm: RMS normalization without mean subtraction and without bias.
-#[derive(Clone, Debug)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)
-    }
-}
-
 /// Multi-head attention with bias-free `q`, `k`, `v`, `o` and no score scaling.
 #[derive(Clone, Debug)]
 struct Attention {
@@ -429,7 +416,7 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let q = self.split(&self.q.forward(x)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let probs = dropout(&candle_nn::ops::softmax(&scores, D::Minus1)?, p)?;
+        let probs = dropout(&softmax_last_dim(&scores)?, p)?;
         let ctx = probs.matmul(v)?.transpose(1, 2)?.contiguous()?.reshape((
             b,
             t,
@@ -677,9 +664,11 @@ impl T5Model {
             .collect();
         let take = |name: &str| -> Tensor { params[name].clone() };
         let linear = |name: String| Linear::new(take(&name), None);
-        let norm = |p: &str| RmsNorm {
-            weight: take(&format!("{p}.layer_norm.weight")),
-            eps: config.layer_norm_epsilon,
+        let norm = |p: &str| {
+            RmsNorm::new(
+                take(&format!("{p}.layer_norm.weight")),
+                config.layer_norm_epsilon,
+            )
         };
         let attention = |p: &str| Attention {
             q: linear(format!("{p}.q.weight")),
@@ -747,9 +736,11 @@ impl T5Model {
         };
         let encoder_bias = bias("encoder")?;
         let decoder_bias = bias("decoder")?;
-        let final_norm = |stack: &str| RmsNorm {
-            weight: take(&format!("{stack}.final_layer_norm.weight")),
-            eps: config.layer_norm_epsilon,
+        let final_norm = |stack: &str| {
+            RmsNorm::new(
+                take(&format!("{stack}.final_layer_norm.weight")),
+                config.layer_norm_epsilon,
+            )
         };
         let encoder_norm = final_norm("encoder");
         let decoder_norm = final_norm("decoder");
