@@ -74,7 +74,7 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
 
 /// The longest input: the position table's size, or sentence-transformers' `max_seq_length`
 /// (`sentence_bert_config.json`) when the directory has one and it is smaller.
-fn max_length(dir: &Path, max_positions: usize) -> Result<usize> {
+pub(crate) fn max_length(dir: &Path, max_positions: usize) -> Result<usize> {
     let path = dir.join("sentence_bert_config.json");
     if !path.exists() {
         return Ok(max_positions);
@@ -91,7 +91,7 @@ fn max_length(dir: &Path, max_positions: usize) -> Result<usize> {
 
 /// Cuts `ids` to `max_len` tokens keeping the last one, as the tokenizer's own truncation keeps
 /// the closing `[SEP]`.
-fn truncate(mut ids: Vec<u32>, max_len: usize) -> Vec<u32> {
+pub(crate) fn truncate(mut ids: Vec<u32>, max_len: usize) -> Vec<u32> {
     if ids.len() > max_len && max_len > 0 {
         let last = ids[ids.len() - 1];
         ids.truncate(max_len - 1);

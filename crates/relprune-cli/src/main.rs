@@ -4,6 +4,7 @@
 mod bleu;
 mod embed;
 mod forward;
+mod prune_hf;
 mod translate;
 
 use std::io::Write;
@@ -29,6 +30,8 @@ enum Command {
     Forward(forward::ForwardArgs),
     /// Sentence embeddings (mean pooling, L2-normalized) of a text file's lines with a BERT checkpoint.
     Embed(embed::EmbedArgs),
+    /// Prunes a pretrained Hugging Face checkpoint (BERT, Marian, T5) with the method; writes a directory HF libraries load.
+    PruneHf(Box<prune_hf::PruneHfArgs>),
     /// Translates stdin line by line with a Hugging Face Marian checkpoint (greedy or beam search).
     Translate(translate::TranslateArgs),
 }
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => forward::run(&args),
         Command::Embed(args) => embed::run(&args),
         Command::Translate(args) => translate::run(&args),
+        Command::PruneHf(args) => prune_hf::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,250 @@
+//! Distillation of a BERT encoder against its own dense self: the training loss of a batch is
+//! `1 − cos` between the student's sentence embedding (mean pooling, L2-normalized, as
+//! sentence-transformers computes it) and the frozen dense model's, computed once before any
+//! weight changes; the metric is the mean cosine similarity on a held-out split.
+
+use candle_core::{DType, Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use relprune_models::hf::bert::{sentence_embeddings, BertModel};
+use relprune_prune::{Evaluation, MetricSpec, Split, Task};
+
+/// The metric name in reports.
+pub const COSINE: &str = "cosine_similarity";
+
+/// Sentences as token ids with the dense model's embeddings of them.
+#[derive(Debug)]
+pub struct Sentences {
+    /// Token ids per sentence (special tokens included, truncated).
+    pub ids: Vec<Vec<u32>>,
+    /// Batches of sentence indices, each of similar lengths (less padding).
+    pub batches: Vec<Vec<usize>>,
+    /// The teacher's embeddings, one row per sentence (N, H); `None` until computed.
+    pub teacher: Option<Tensor>,
+}
+
+impl Sentences {
+    /// `ids` grouped into batches of at most `batch_size` sentences of similar lengths.
+    pub fn new(ids: Vec<Vec<u32>>, batch_size: usize) -> Self {
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        // Stable sort by length: deterministic batches with little padding.
+        order.sort_by_key(|&i| ids[i].len());
+        let batches = order
+            .chunks(batch_size.max(1))
+            .map(<[usize]>::to_vec)
+            .collect();
+        Self {
+            ids,
+            batches,
+            teacher: None,
+        }
+    }
+
+    /// Number of sentences.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Padded `(input_ids, attention_mask)` of the sentences `rows` of `ids`.
+pub fn pad_batch(
+    ids: &[Vec<u32>],
+    rows: &[usize],
+    pad: u32,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let t = rows.iter().map(|&i| ids[i].len()).max().unwrap_or(0).max(1);
+    let mut flat = Vec::with_capacity(rows.len() * t);
+    let mut mask = Vec::with_capacity(rows.len() * t);
+    for &i in rows {
+        let row = &ids[i];
+        flat.extend(row.iter().copied().chain(std::iter::repeat(pad)).take(t));
+        mask.extend((0..t).map(|j| u32::from(j < row.len())));
+    }
+    Ok((
+        Tensor::from_vec(flat, (rows.len(), t), device)?,
+        Tensor::from_vec(mask, (rows.len(), t), device)?,
+    ))
+}
+
+/// The encoder-distillation task (see the module documentation).
+#[derive(Debug)]
+pub struct EncoderDistill {
+    /// The student: the model being pruned (its variables are the trainer's parameters).
+    pub model: BertModel,
+    /// Training sentences.
+    pub train: Sentences,
+    /// Validation sentences (the algorithm's judge).
+    pub valid: Sentences,
+    /// Test sentences for the report (`None`: the validation split is reported).
+    pub test: Option<Sentences>,
+    /// Padding id (masked out, any valid id works).
+    pub pad: u32,
+    /// Seed of the batch order.
+    pub seed: u64,
+    /// The batch order of the current epoch.
+    order: Vec<usize>,
+    /// Test hook: fail at the start of training epoch `n + 1` (an interruption after `n` epochs).
+    pub interrupt_after: Option<usize>,
+}
+
+impl EncoderDistill {
+    /// The task; computes the dense teacher's embeddings of every split now, with `model` as it is.
+    pub fn new(
+        model: BertModel,
+        mut train: Sentences,
+        mut valid: Sentences,
+        mut test: Option<Sentences>,
+        pad: u32,
+        seed: u64,
+        progress: &indicatif::ProgressBar,
+    ) -> relprune_prune::Result<Self> {
+        for s in [Some(&mut train), Some(&mut valid), test.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            s.teacher = Some(embed(&model, s, pad, progress)?);
+        }
+        Ok(Self {
+            model,
+            train,
+            valid,
+            test,
+            pad,
+            seed,
+            order: Vec::new(),
+            interrupt_after: None,
+        })
+    }
+
+    /// The same task (splits, teacher embeddings) on another model, e.g. the saved one reloaded.
+    pub fn with_model(self, model: BertModel) -> Self {
+        Self { model, ..self }
+    }
+
+    /// `(1 − cos)` per sentence of batch `rows` of `split` (student against teacher), no reduction.
+    fn distances(&self, split: &Sentences, rows: &[usize]) -> relprune_prune::Result<Tensor> {
+        let device = self.device();
+        let (ids, mask) = pad_batch(&split.ids, rows, self.pad, &device)?;
+        // No dropout: the student must match the deterministic teacher, and a dropout-free loss
+        // keeps the plateau detection and the threshold search on the same footing.
+        let hidden = self
+            .model
+            .forward_t(&ids, Some(&mask), None, false)
+            .map_err(task_err)?;
+        let student = sentence_embeddings(&hidden, &mask).map_err(task_err)?;
+        let teacher = split
+            .teacher
+            .as_ref()
+            .ok_or_else(|| relprune_prune::Error::Task("teacher embeddings missing".into()))?;
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &device,
+        )?;
+        let t = teacher.index_select(&idx, 0)?;
+        let cos = (student * t)?.sum(1)?;
+        Ok(cos.affine(-1.0, 1.0)?)
+    }
+
+    fn device(&self) -> Device {
+        self.model
+            .varmap()
+            .all_vars()
+            .first()
+            .map(|v| v.device().clone())
+            .unwrap_or(Device::Cpu)
+    }
+
+    /// Mean loss and mean cosine over a whole split.
+    pub fn evaluate_on(&self, split: &Sentences) -> relprune_prune::Result<Evaluation> {
+        let mut sum = 0.0f64;
+        for rows in &split.batches {
+            let d = self.distances(split, rows)?;
+            sum += d.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        }
+        let loss = sum / split.len().max(1) as f64;
+        Ok(Evaluation {
+            loss,
+            metric: 1.0 - loss,
+        })
+    }
+}
+
+/// The model's sentence embeddings (N, H) of every sentence of `s`, rows in sentence order.
+fn embed(
+    model: &BertModel,
+    s: &Sentences,
+    pad: u32,
+    progress: &indicatif::ProgressBar,
+) -> relprune_prune::Result<Tensor> {
+    let device = Device::Cpu;
+    let h = model.config().hidden_size;
+    let mut rows: Vec<Option<Vec<f32>>> = vec![None; s.len()];
+    for batch in &s.batches {
+        let (ids, mask) = pad_batch(&s.ids, batch, pad, &device)?;
+        let hidden = model.forward(&ids, Some(&mask), None).map_err(task_err)?;
+        let e = sentence_embeddings(&hidden, &mask)
+            .map_err(task_err)?
+            .to_vec2::<f32>()?;
+        for (&i, v) in batch.iter().zip(e) {
+            rows[i] = Some(v);
+        }
+        progress.inc(batch.len() as u64);
+    }
+    let flat: Vec<f32> = rows
+        .into_iter()
+        .flat_map(|r| r.unwrap_or_default())
+        .collect();
+    Ok(Tensor::from_vec(flat, (s.len(), h), &device)?)
+}
+
+fn task_err(e: relprune_models::Error) -> relprune_prune::Error {
+    relprune_prune::Error::Task(e.to_string())
+}
+
+impl Task for EncoderDistill {
+    fn metric(&self) -> MetricSpec {
+        MetricSpec {
+            name: COSINE.into(),
+            higher_is_better: true,
+        }
+    }
+
+    fn begin_epoch(&mut self, epoch: usize) -> relprune_prune::Result<usize> {
+        if let Some(n) = self.interrupt_after {
+            if epoch > n {
+                return Err(relprune_prune::Error::Task(format!(
+                    "interrupted before training epoch {epoch} (RELPRUNE_INTERRUPT_AFTER_EPOCHS={n})"
+                )));
+            }
+        }
+        // The order depends on (seed, epoch) only, so a resumed run rebuilds any epoch directly.
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37));
+        self.order = (0..self.train.batches.len()).collect();
+        self.order.shuffle(&mut rng);
+        Ok(self.order.len())
+    }
+
+    fn batch_loss(&mut self, index: usize) -> relprune_prune::Result<Tensor> {
+        let b = *self
+            .order
+            .get(index)
+            .ok_or_else(|| relprune_prune::Error::Task(format!("batch {index} out of range")))?;
+        let rows = self.train.batches[b].clone();
+        Ok(self.distances(&self.train, &rows)?.mean_all()?)
+    }
+
+    fn evaluate(&mut self, split: Split) -> relprune_prune::Result<Evaluation> {
+        match (split, &self.test) {
+            (Split::Test, Some(test)) => self.evaluate_on(test),
+            _ => self.evaluate_on(&self.valid),
+        }
+    }
+
+    fn skip_epochs(&mut self, _epochs: usize) -> relprune_prune::Result<()> {
+        // Nothing to replay: the order of epoch e is a function of (seed, e).
+        Ok(())
+    }
+}
