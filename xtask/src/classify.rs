@@ -307,29 +307,12 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
     if let Some(s) = f.seed {
         cfg.seed = s;
     }
-    if let Some(e) = f.prune_epochs {
-        cfg.prune.max_epochs = e;
-    }
+    crate::reproduce::apply_prune_flags(f, &mut cfg.prune);
     if let Some(e) = f.dense_epochs {
         cfg.dense_epochs = e;
     }
     if let Some(n) = f.train_limit {
         cfg.train_limit = Some(n);
-    }
-    if let Some(d) = f.delta {
-        cfg.prune.delta = d;
-    }
-    if let Some(g) = f.min_round_gain {
-        cfg.prune.min_round_gain = g;
-    }
-    if let Some(e) = f.finetune_epochs {
-        cfg.prune.finetune_epochs = e;
-    }
-    if let Some(lr) = f.finetune_lr {
-        cfg.prune.finetune_lr = lr;
-    }
-    if let Some(t) = f.twt {
-        cfg.prune.bisection.twt = t;
     }
     if let Some(m) = &f.method {
         cfg.method = m.clone();
@@ -339,12 +322,6 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
     }
     if f.per_layer {
         cfg.prune.bisection.scope = relprune_prune::threshold::Scope::PerLayer;
-    }
-    if let Some(tolerance) = f.search_metric {
-        cfg.prune.bisection.criterion = relprune_prune::threshold::Criterion::Metric { tolerance };
-    }
-    if let Some(m) = f.metric_bound {
-        cfg.prune.bisection.max_metric_worsening = Some(m);
     }
     if let Some(name) = &f.regularizer {
         let lambda = cfg.prune.regularizer.lambda;
@@ -599,18 +576,7 @@ fn prune_phase(
     let baseline = match cfg.method.as_str() {
         "selective" => {
             let outcome = IterativePruning::new(cfg.prune.clone())?.run(trainer, task)?;
-            let rounds = outcome
-                .rounds
-                .iter()
-                .map(|r| RoundRecord {
-                    round: r.round,
-                    epoch: r.epoch,
-                    threshold: r.threshold,
-                    remaining_pct: r.remaining_pct,
-                    val_loss: r.valid.loss,
-                    val_metric: r.valid.metric,
-                })
-                .collect();
+            let rounds = outcome.rounds.iter().map(RoundRecord::from).collect();
             extra.insert(
                 "reference_valid".into(),
                 serde_json::to_value(outcome.reference)?,

@@ -189,6 +189,36 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
     Ok(())
 }
 
+/// Applies the engine flags every experiment shares (`--prune-epochs`, `--delta`,
+/// `--min-round-gain`, `--finetune-epochs`, `--finetune-lr`, `--twt`, `--search-metric`,
+/// `--metric-bound`) to `prune`.
+pub fn apply_prune_flags(f: &flags::Reproduce, prune: &mut relprune_prune::PruneConfig) {
+    if let Some(e) = f.prune_epochs {
+        prune.max_epochs = e;
+    }
+    if let Some(d) = f.delta {
+        prune.delta = d;
+    }
+    if let Some(g) = f.min_round_gain {
+        prune.min_round_gain = g;
+    }
+    if let Some(e) = f.finetune_epochs {
+        prune.finetune_epochs = e;
+    }
+    if let Some(lr) = f.finetune_lr {
+        prune.finetune_lr = lr;
+    }
+    if let Some(t) = f.twt {
+        prune.bisection.twt = t;
+    }
+    if let Some(tolerance) = f.search_metric {
+        prune.bisection.criterion = relprune_prune::threshold::Criterion::Metric { tolerance };
+    }
+    if let Some(m) = f.metric_bound {
+        prune.bisection.max_metric_worsening = Some(m);
+    }
+}
+
 /// Fills in the model-file sizes of `results` from the files in `out`.
 pub fn measure_sizes(
     results: &mut RunResults,

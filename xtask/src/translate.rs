@@ -174,35 +174,12 @@ pub fn run(_experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunRes
     if let Some(s) = f.seed {
         cfg.seed = s;
     }
-    if let Some(e) = f.prune_epochs {
-        cfg.prune.max_epochs = e;
-    }
+    crate::reproduce::apply_prune_flags(f, &mut cfg.prune);
     if let Some(e) = f.dense_epochs {
         cfg.dense_epochs = e;
     }
     if let Some(n) = f.train_limit {
         cfg.train_limit = Some(n);
-    }
-    if let Some(d) = f.delta {
-        cfg.prune.delta = d;
-    }
-    if let Some(g) = f.min_round_gain {
-        cfg.prune.min_round_gain = g;
-    }
-    if let Some(e) = f.finetune_epochs {
-        cfg.prune.finetune_epochs = e;
-    }
-    if let Some(lr) = f.finetune_lr {
-        cfg.prune.finetune_lr = lr;
-    }
-    if let Some(t) = f.twt {
-        cfg.prune.bisection.twt = t;
-    }
-    if let Some(tolerance) = f.search_metric {
-        cfg.prune.bisection.criterion = relprune_prune::threshold::Criterion::Metric { tolerance };
-    }
-    if let Some(m) = f.metric_bound {
-        cfg.prune.bisection.max_metric_worsening = Some(m);
     }
     if let Some(b) = f.ema_beta {
         cfg.prune.regularizer.ema_beta = b;
@@ -480,18 +457,7 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
         );
     }
 
-    let rounds = outcome
-        .rounds
-        .iter()
-        .map(|r| RoundRecord {
-            round: r.round,
-            epoch: r.epoch,
-            threshold: r.threshold,
-            remaining_pct: r.remaining_pct,
-            val_loss: r.valid.loss,
-            val_metric: r.valid.metric,
-        })
-        .collect();
+    let rounds = outcome.rounds.iter().map(RoundRecord::from).collect();
     let mut extra = serde_json::Map::new();
     extra.insert("method".into(), "selective".into());
     extra.insert("dense_valid_metric".into(), dense_valid.metric.into());

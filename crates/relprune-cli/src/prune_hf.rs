@@ -597,18 +597,7 @@ pub fn prune_phases<T: Task + ?Sized>(
         "valid_after_pruning".into(),
         serde_json::to_value(outcome.before_finetune)?,
     );
-    let rounds = outcome
-        .rounds
-        .iter()
-        .map(|r| RoundRecord {
-            round: r.round,
-            epoch: r.epoch,
-            threshold: r.threshold,
-            remaining_pct: r.remaining_pct,
-            val_loss: r.valid.loss,
-            val_metric: r.valid.metric,
-        })
-        .collect();
+    let rounds = outcome.rounds.iter().map(RoundRecord::from).collect();
     // Without a metric budget the target is a promise: whatever the rounds reached, every
     // prunable matrix is brought to at least the target by magnitude (then fine-tuned).
     if let (Some(target), None) = (cfg.target_sparsity, cfg.max_drop) {

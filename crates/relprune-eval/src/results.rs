@@ -111,6 +111,20 @@ pub struct RoundRecord {
     pub val_metric: f64,
 }
 
+impl From<&relprune_prune::RoundRecord> for RoundRecord {
+    /// The report's view of one round of `IterativePruning`.
+    fn from(r: &relprune_prune::RoundRecord) -> Self {
+        Self {
+            round: r.round,
+            epoch: r.epoch,
+            threshold: r.threshold,
+            remaining_pct: r.remaining_pct,
+            val_loss: r.valid.loss,
+            val_metric: r.valid.metric,
+        }
+    }
+}
+
 /// Everything a run reports; serialized as `results.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RunResults {
