@@ -30,6 +30,7 @@ use relprune_eval::{
     DatasetInfo, MetricValue, PrunedSummary, RoundRecord, RunResults, SizesBytes, SparsityReport,
 };
 use relprune_models::hf::bert::BertModel;
+use relprune_prune::reconstruct::{obs_prune, Gram, ObsConfig};
 use relprune_prune::threshold::{BisectionConfig, Criterion, Scope};
 use relprune_prune::{
     export, AdamConfig, IterativePruning, LrSchedule, MaskedAdam, Masks, ParamSet, PruneConfig,
@@ -109,6 +110,10 @@ pub struct PruneHfArgs {
     /// vocabulary would be pruned by magnitude alone, blind to what the model does with them.
     #[arg(long)]
     pub prune_embeddings: bool,
+    /// How the step after the method brings every matrix to --target-sparsity: reconstruct
+    /// (layer-wise, SparseGPT, from the layer inputs on the training text; BERT) or magnitude.
+    #[arg(long, value_enum, default_value_t = FinalStep::Reconstruct)]
+    pub final_step: FinalStep,
     /// Epoch budget of the pruning phase.
     #[arg(long, value_name = "N", default_value_t = 12)]
     pub epochs: usize,
@@ -183,12 +188,15 @@ pub struct Config {
     pub selection: Selection,
     /// The algorithm's configuration.
     pub prune: PruneConfig,
-    /// Fine-tune epochs after the pruning phase (and the final magnitude step, if any).
+    /// Fine-tune epochs after the pruning phase (and the final step, if any).
     pub finetune_epochs: usize,
     /// Starting learning rate of that fine-tune.
     pub finetune_lr: f64,
     /// `--sparse`.
     pub sparse: bool,
+    /// `--final-step`.
+    #[serde(default)]
+    pub final_step: FinalStep,
 }
 
 /// Runs `relprune prune-hf`.
@@ -375,7 +383,7 @@ fn config_from_args(args: &PruneHfArgs) -> Result<Config> {
         target_sparsity: args.target_sparsity,
         stop_rounds: 3,
         min_round_gain: 0.001,
-        // The fine-tune runs after the (optional) final magnitude step, outside the engine.
+        // The fine-tune runs after the (optional) final step, outside the engine.
         finetune_epochs: 0,
         finetune_lr: args.lr * 0.5,
     };
@@ -398,6 +406,7 @@ fn config_from_args(args: &PruneHfArgs) -> Result<Config> {
         finetune_epochs: args.finetune_epochs,
         finetune_lr: args.lr * 0.5,
         sparse: args.sparse,
+        final_step: args.final_step,
     })
 }
 
@@ -571,12 +580,31 @@ pub struct Pruned {
     pub extra: serde_json::Map<String, Value>,
 }
 
-/// The method, then (target mode) a final per-layer magnitude step to the target, then the
-/// fine-tune; leaves the result in the trainer.
+/// How the final step brings every prunable matrix to the target sparsity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalStep {
+    /// Layer-wise reconstruction (SparseGPT) from the second moment of each layer's inputs on
+    /// the training text: choose by `w²/[H⁻¹]ᵢᵢ` and update the survivors. Models that cannot
+    /// report their layer inputs (Marian, T5 for now) use magnitude.
+    #[default]
+    Reconstruct,
+    /// The smallest magnitudes of each matrix.
+    Magnitude,
+}
+
+/// Computes the input second moments of the named linear layers on the task's training data.
+pub type Calibrate<'a, T> =
+    &'a mut dyn FnMut(&mut T, &[String]) -> relprune_prune::Result<BTreeMap<String, Gram>>;
+
+/// The method, then (target mode) a final per-layer step to the target (reconstruction where
+/// `calibrate` is given and asked for, else magnitude), then the fine-tune; leaves the result in
+/// the trainer.
 pub fn prune_phases<T: Task + ?Sized>(
     cfg: &Config,
     trainer: &mut Trainer,
     task: &mut T,
+    mut calibrate: Option<Calibrate<'_, T>>,
 ) -> Result<Pruned> {
     let outcome = IterativePruning::new(cfg.prune.clone())?.run(trainer, task)?;
     let mut extra = serde_json::Map::new();
@@ -599,21 +627,35 @@ pub fn prune_phases<T: Task + ?Sized>(
     );
     let rounds = outcome.rounds.iter().map(RoundRecord::from).collect();
     // Without a metric budget the target is a promise: whatever the rounds reached, every
-    // prunable matrix is brought to at least the target by magnitude (then fine-tuned).
+    // prunable matrix is brought to at least the target (then fine-tuned).
     if let (Some(target), None) = (cfg.target_sparsity, cfg.max_drop) {
-        let step = trainer.once("final magnitude step", |trainer| {
+        let reconstruct = cfg.final_step == FinalStep::Reconstruct;
+        let calibrate = calibrate.as_mut().filter(|_| reconstruct);
+        let step = trainer.once("final step", |trainer| {
             let before = 1.0 - trainer.masks.remaining_fraction()?;
+            let method = match calibrate {
+                Some(calibrate) => {
+                    let names: Vec<String> =
+                        trainer.params.prunable().map(|p| p.name.clone()).collect();
+                    let grams = calibrate(task, &names)?;
+                    reconstruct_per_layer(trainer, &grams, target)?;
+                    "reconstruct"
+                }
+                None => "magnitude",
+            };
+            // Whatever reconstruction did not cover (no calibration inputs) goes by magnitude.
             let pruned = top_up_per_layer(trainer, target)?;
             trainer.optim.reset_state();
             let valid = trainer.evaluate(task, Split::Valid)?;
             Ok(serde_json::json!({
+                "method": method,
                 "sparsity_before": before,
                 "sparsity_after": 1.0 - trainer.masks.remaining_fraction()?,
-                "weights_pruned": pruned,
+                "weights_pruned_by_magnitude": pruned,
                 "valid": valid,
             }))
         })?;
-        extra.insert("final_magnitude_step".into(), step);
+        extra.insert("final_step".into(), step);
     }
     trainer.optim.set_regularizer(None)?;
     let schedule = LrSchedule::Cosine {
@@ -627,6 +669,47 @@ pub fn prune_phases<T: Task + ?Sized>(
         serde_json::to_value(trainer.evaluate(task, Split::Valid)?)?,
     );
     Ok(Pruned { rounds, extra })
+}
+
+/// Brings every prunable matrix that has calibration statistics in `grams` to at least `target`
+/// sparsity by reconstruction pruning ([`obs_prune`]); the others are left as they are.
+fn reconstruct_per_layer(
+    trainer: &mut Trainer,
+    grams: &BTreeMap<String, Gram>,
+    target: f64,
+) -> relprune_prune::Result<()> {
+    let mut masks = BTreeMap::new();
+    for p in trainer.params.prunable() {
+        let m = trainer
+            .masks
+            .get(&p.name)
+            .ok_or_else(|| relprune_prune::Error::Param {
+                name: p.name.clone(),
+                msg: "prunable but has no mask".into(),
+            })?;
+        let new_mask = match grams.get(&p.name) {
+            Some(g) if g.rows() > 0 => {
+                let r = obs_prune(
+                    p.var.as_tensor(),
+                    m,
+                    &g.mean()?,
+                    target,
+                    &ObsConfig::default(),
+                )
+                .map_err(|e| relprune_prune::Error::Param {
+                    name: p.name.clone(),
+                    msg: e.to_string(),
+                })?;
+                p.var.set(&r.weight)?;
+                r.mask
+            }
+            _ => m.clone(),
+        };
+        masks.insert(p.name.clone(), new_mask);
+    }
+    trainer.masks = Masks::from_tensors(masks)?;
+    trainer.masks.apply(&trainer.params)?;
+    Ok(())
 }
 
 /// Prunes, in every prunable tensor sparser than `1 − target` alive, its smallest alive
@@ -1196,7 +1279,14 @@ fn run_bert(cfg: Config, opts: &RunOptions) -> Result<()> {
     bar.finish_and_clear();
     task.interrupt_after = opts.interrupt_after;
     let mut trainer = make_trainer(&cfg, opts, &varmap, &mut task)?;
-    let pruned = prune_phases(&cfg, &mut trainer, &mut task)?;
+    let bar = item_bar(task.train.len() as u64, "calibration", opts.quiet);
+    let mut calibrate = |task: &mut EncoderDistill, names: &[String]| {
+        bar.reset();
+        let grams = task.input_grams(names, &bar);
+        bar.finish_and_clear();
+        grams
+    };
+    let pruned = prune_phases(&cfg, &mut trainer, &mut task, Some(&mut calibrate))?;
     let test_eval = trainer.evaluate(&mut task, Split::Test)?;
 
     let stage = Staging::new(&opts.out)?;

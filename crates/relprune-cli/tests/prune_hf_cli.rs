@@ -234,6 +234,7 @@ fn prune_hf_prunes_tiny_bert_into_a_loadable_directory() {
     assert!(linear >= 50.0, "{linear}");
     let cos = report["pruned"]["value"].as_f64().unwrap();
     assert!(cos > 0.0 && cos <= 1.0 + 1e-6, "{cos}");
+    assert_eq!(report["extra"]["final_step"]["method"], "reconstruct");
 
     // `relprune embed` and `relprune forward` run on the result.
     let emb = dir.path().join("emb.json");
@@ -266,6 +267,59 @@ fn prune_hf_prunes_tiny_bert_into_a_loadable_directory() {
         &[],
     );
     assert!(r.status.success(), "{}", stderr(&r));
+}
+
+#[test]
+fn the_reconstruction_step_keeps_embeddings_closer_than_magnitude() {
+    let dir = TempDir::new().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, sentences(64, 0)).unwrap();
+    let held_out = dir.path().join("held_out.txt");
+    std::fs::write(&held_out, sentences(16, 100)).unwrap();
+    let cosine = |step: &str| {
+        let out = dir.path().join(step);
+        // No rounds and no fine-tune: the final step alone takes every matrix to 70%.
+        let run = relprune(
+            &[
+                "prune-hf",
+                "--model",
+                s(&fixture("bert-tiny")),
+                "--text",
+                s(&text),
+                "--eval-text",
+                s(&held_out),
+                "--out",
+                s(&out),
+                "--final-step",
+                step,
+                "--target-sparsity",
+                "0.7",
+                "--epochs",
+                "0",
+                "--finetune-epochs",
+                "0",
+                "--quiet",
+            ],
+            &[],
+        );
+        assert!(run.status.success(), "{}", stderr(&run));
+        let report: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("relprune_report.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["extra"]["final_step"]["method"], step);
+        let linear = report["extra"]["sparsity_by_type"]["linear (all but embeddings)"]
+            ["sparsity_pct"]
+            .as_f64()
+            .unwrap();
+        assert!(linear >= 70.0, "{step}: {linear}");
+        report["pruned"]["value"].as_f64().unwrap()
+    };
+    let (rec, mag) = (cosine("reconstruct"), cosine("magnitude"));
+    assert!(
+        rec > mag,
+        "held-out cosine: reconstruct {rec}, magnitude {mag}"
+    );
 }
 
 /// Runs prune-hf on a broken copy of bert-tiny and checks the error and that nothing is left.

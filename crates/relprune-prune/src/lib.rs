@@ -8,6 +8,7 @@
 //! - [`Trainer`]: epochs with progress and NaN checks; [`IterativePruning`]: the pruning algorithm
 //!   (plateau, restore best, threshold bisection on the validation loss, stop rules, fine-tune).
 //! - [`baselines`]: one-shot and gradual magnitude pruning, Han et al.'s prune-and-retrain, SNIP.
+//! - [`reconstruct`]: layer-wise reconstruction pruning (SparseGPT) from the inputs' second moment.
 //! - [`export`]: the pruned checkpoint, dense and in a compact sparse format.
 //! - [`checkpoint`]: a checkpoint after every epoch, and resuming a run exactly where it stopped.
 
@@ -20,6 +21,7 @@ pub mod iterative;
 pub mod mask;
 pub mod optim;
 pub mod params;
+pub mod reconstruct;
 pub mod schedule;
 pub mod task;
 pub mod threshold;

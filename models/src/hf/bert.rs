@@ -18,6 +18,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::LinearHook;
 use crate::fused::{softmax_last_dim, LayerNorm};
 use crate::{init, Error, Result};
 
@@ -326,6 +327,7 @@ pub struct BertModel {
     layers: Vec<Layer>,
     pooler: Option<Linear>,
     varmap: VarMap,
+    hook: Option<LinearHook>,
 }
 
 impl std::fmt::Debug for BertModel {
@@ -465,8 +467,22 @@ impl BertModel {
             layers,
             pooler,
             varmap: varmap.clone(),
+            hook: None,
             config,
         })
+    }
+
+    /// Calls `hook` with the input of every encoder linear layer (keyed by its weight name) on
+    /// each forward pass from now on; `None` removes it.
+    pub fn set_linear_hook(&mut self, hook: Option<LinearHook>) {
+        self.hook = hook;
+    }
+
+    fn linear(&self, layer: usize, name: &str, lin: &Linear, x: &Tensor) -> Result<Tensor> {
+        if let Some(hook) = &self.hook {
+            hook(&format!("encoder.layer.{layer}.{name}.weight"), x)?;
+        }
+        Ok(lin.forward(x)?)
     }
 
     /// The configuration.
@@ -594,8 +610,8 @@ impl BertModel {
             }
             None => None,
         };
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, bias.as_ref(), train)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(i, layer, &x, bias.as_ref(), train)?;
         }
         Ok(x)
     }
@@ -610,6 +626,7 @@ impl BertModel {
 
     fn layer_forward(
         &self,
+        i: usize,
         l: &Layer,
         x: &Tensor,
         bias: Option<&Tensor>,
@@ -626,9 +643,9 @@ impl BertModel {
         let heads = |y: Tensor| -> candle_core::Result<Tensor> {
             y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(l.query.forward(x)?)?;
-        let k = heads(l.key.forward(x)?)?;
-        let v = heads(l.value.forward(x)?)?;
+        let q = heads(self.linear(i, "attention.self.query", &l.query, x)?)?;
+        let k = heads(self.linear(i, "attention.self.key", &l.key, x)?)?;
+        let v = heads(self.linear(i, "attention.self.value", &l.value, x)?)?;
         let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
@@ -639,12 +656,17 @@ impl BertModel {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, h))?;
-        let x = l
-            .attn_norm
-            .forward(&(dropout(&l.attn_out.forward(&ctx)?, p)? + x)?)?;
-        let inner = self.activation.apply(&l.intermediate.forward(&x)?)?;
-        Ok(l.out_norm
-            .forward(&(dropout(&l.output.forward(&inner)?, p)? + &x)?)?)
+        let x = l.attn_norm.forward(
+            &(dropout(
+                &self.linear(i, "attention.output.dense", &l.attn_out, &ctx)?,
+                p,
+            )? + x)?,
+        )?;
+        let inner =
+            self.activation
+                .apply(&self.linear(i, "intermediate.dense", &l.intermediate, &x)?)?;
+        let out = self.linear(i, "output.dense", &l.output, &inner)?;
+        Ok(l.out_norm.forward(&(dropout(&out, p)? + &x)?)?)
     }
 
     /// `pooler_output` (B, H): tanh of the pooler's dense layer on the first (`[CLS]`) token;

@@ -3,11 +3,16 @@
 //! sentence-transformers computes it) and the frozen dense model's, computed once before any
 //! weight changes; the metric is the mean cosine similarity on a held-out split.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use relprune_models::hf::bert::{sentence_embeddings, BertModel};
+use relprune_models::hf::LinearHook;
+use relprune_prune::reconstruct::Gram;
 use relprune_prune::{Evaluation, MetricSpec, Split, Task};
 
 /// The metric name in reports.
@@ -169,6 +174,75 @@ impl EncoderDistill {
             loss,
             metric: 1.0 - loss,
         })
+    }
+}
+
+impl EncoderDistill {
+    /// The second moment of the inputs of every encoder linear layer named in `names` over the
+    /// training sentences, padding excluded (the calibration data of reconstruction pruning).
+    pub fn input_grams(
+        &mut self,
+        names: &[String],
+        progress: &indicatif::ProgressBar,
+    ) -> relprune_prune::Result<BTreeMap<String, Gram>> {
+        type Shared<T> = Arc<Mutex<T>>;
+        let grams: Shared<BTreeMap<String, Gram>> = Arc::default();
+        let keep: Shared<Option<Tensor>> = Arc::default();
+        let failure: Shared<Option<String>> = Arc::default();
+        let wanted: BTreeSet<String> = names.iter().cloned().collect();
+        let hook: LinearHook = {
+            let (grams, keep, failure) = (grams.clone(), keep.clone(), failure.clone());
+            Arc::new(move |name: &str, x: &Tensor| {
+                if !wanted.contains(name) {
+                    return Ok(());
+                }
+                let d = x.dims().last().copied().unwrap_or(0);
+                let mut grams = grams
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+                let g = grams
+                    .entry(name.to_string())
+                    .or_insert_with(|| Gram::new(d));
+                let keep = keep
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+                if let Err(e) = g.add(x, keep.as_ref()) {
+                    if let Ok(mut f) = failure.lock() {
+                        f.get_or_insert_with(|| format!("{name}: {e}"));
+                    }
+                }
+                Ok(())
+            })
+        };
+        self.model.set_linear_hook(Some(hook));
+        let device = self.device();
+        let result = (|| -> relprune_prune::Result<()> {
+            for rows in &self.train.batches {
+                let (ids, mask) = pad_batch(&self.train.ids, rows, self.pad, &device)?;
+                *keep
+                    .lock()
+                    .map_err(|_| relprune_prune::Error::Task("poisoned".into()))? =
+                    Some(mask.clone());
+                self.model
+                    .forward(&ids, Some(&mask), None)
+                    .map_err(task_err)?;
+                progress.inc(rows.len() as u64);
+            }
+            Ok(())
+        })();
+        self.model.set_linear_hook(None);
+        result?;
+        if let Some(e) = failure.lock().ok().and_then(|f| f.clone()) {
+            return Err(relprune_prune::Error::Task(format!(
+                "calibration statistics: {e}"
+            )));
+        }
+        let grams = std::mem::take(
+            &mut *grams
+                .lock()
+                .map_err(|_| relprune_prune::Error::Task("poisoned".into()))?,
+        );
+        Ok(grams)
     }
 }
 

@@ -282,7 +282,7 @@ fn run_model<M: HfSeq2Seq>(cfg: Config, opts: &RunOptions) -> Result<()> {
     let dense = trainer.once("dense evaluation", |trainer| {
         trainer.evaluate(&mut task, Split::Test)
     })?;
-    let pruned = prune_phases(&cfg, &mut trainer, &mut task)?;
+    let pruned = prune_phases(&cfg, &mut trainer, &mut task, None)?;
     let after = trainer.evaluate(&mut task, Split::Test)?;
 
     let stage = Staging::new(&opts.out)?;
