@@ -106,6 +106,10 @@ pub struct Reproduce {
     /// fraction of the prunable weights.
     #[arg(long)]
     pub min_round_gain: Option<f64>,
+    /// Stop the selective method once this fraction of the weights is pruned (the last round
+    /// lands on it exactly); 0 removes the experiment's own target.
+    #[arg(long, value_name = "S")]
+    pub stop_at_sparsity: Option<f64>,
     /// Override the fine-tune's epoch count.
     #[arg(long)]
     pub finetune_epochs: Option<usize>,

@@ -202,6 +202,9 @@ pub fn apply_prune_flags(f: &flags::Reproduce, prune: &mut relprune_prune::Prune
     if let Some(g) = f.min_round_gain {
         prune.min_round_gain = g;
     }
+    if let Some(s) = f.stop_at_sparsity {
+        prune.target_sparsity = (s > 0.0).then_some(s);
+    }
     if let Some(e) = f.finetune_epochs {
         prune.finetune_epochs = e;
     }
@@ -288,4 +291,39 @@ pub fn write_outputs(results: &RunResults, out: &Path) -> Result<()> {
         render_markdown(results, plot).as_bytes(),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::flags::{Cmd, Xtask};
+
+    fn prune_config(args: &[&str]) -> relprune_prune::PruneConfig {
+        let mut argv = vec!["cargo xtask", "reproduce", "lenet5-mnist"];
+        argv.extend_from_slice(args);
+        let Cmd::Reproduce(f) = Xtask::parse_from(argv).cmd else {
+            unreachable!("parsed a reproduce command")
+        };
+        let mut prune = relprune_prune::PruneConfig {
+            target_sparsity: Some(0.5),
+            ..Default::default()
+        };
+        apply_prune_flags(&f, &mut prune);
+        prune
+    }
+
+    #[test]
+    fn stop_at_sparsity_sets_and_zero_clears_the_target() {
+        assert_eq!(
+            prune_config(&["--stop-at-sparsity", "0.985"]).target_sparsity,
+            Some(0.985)
+        );
+        assert_eq!(
+            prune_config(&["--stop-at-sparsity", "0"]).target_sparsity,
+            None
+        );
+        assert_eq!(prune_config(&[]).target_sparsity, Some(0.5));
+    }
 }
