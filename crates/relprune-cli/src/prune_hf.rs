@@ -117,10 +117,14 @@ pub struct PruneHfArgs {
     /// Epoch budget of the pruning phase.
     #[arg(long, value_name = "N", default_value_t = 12)]
     pub epochs: usize,
-    /// Fine-tuning epochs after pruning (masks fixed, no regularizer).
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    /// Fine-tuning epochs after pruning (masks fixed, no regularizer; the best validation epoch
+    /// is kept).
+    #[arg(long, value_name = "N", default_value_t = 10)]
     pub finetune_epochs: usize,
-    /// Adam learning rate of the pruning phase (the fine-tune starts at half of it, cosine).
+    /// Starting learning rate of the fine-tune (Adam, cosine decay).
+    #[arg(long, value_name = "LR", default_value_t = 1e-4)]
+    pub finetune_lr: f64,
+    /// Adam learning rate of the pruning phase.
     #[arg(long, value_name = "LR", default_value_t = 1e-4)]
     pub lr: f64,
     /// Strength λ of the regularizer (LOBSTER's soft gate, decoupled, per step).
@@ -385,7 +389,7 @@ fn config_from_args(args: &PruneHfArgs) -> Result<Config> {
         min_round_gain: 0.001,
         // The fine-tune runs after the (optional) final step, outside the engine.
         finetune_epochs: 0,
-        finetune_lr: args.lr * 0.5,
+        finetune_lr: args.finetune_lr,
     };
     Ok(Config {
         model_arg,
@@ -404,7 +408,7 @@ fn config_from_args(args: &PruneHfArgs) -> Result<Config> {
         selection,
         prune,
         finetune_epochs: args.finetune_epochs,
-        finetune_lr: args.lr * 0.5,
+        finetune_lr: args.finetune_lr,
         sparse: args.sparse,
         final_step: args.final_step,
     })
