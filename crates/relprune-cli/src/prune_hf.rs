@@ -675,6 +675,14 @@ pub fn prune_phases<T: Task + ?Sized>(
     Ok(Pruned { rounds, extra })
 }
 
+/// The mask of prunable parameter `name` (every prunable parameter has one).
+fn mask_of<'a>(masks: &'a Masks, name: &str) -> relprune_prune::Result<&'a Tensor> {
+    masks.get(name).ok_or_else(|| relprune_prune::Error::Param {
+        name: name.to_string(),
+        msg: "prunable but has no mask".into(),
+    })
+}
+
 /// Brings every prunable matrix that has calibration statistics in `grams` to at least `target`
 /// sparsity by reconstruction pruning ([`obs_prune`]); the others are left as they are.
 fn reconstruct_per_layer(
@@ -684,13 +692,7 @@ fn reconstruct_per_layer(
 ) -> relprune_prune::Result<()> {
     let mut masks = BTreeMap::new();
     for p in trainer.params.prunable() {
-        let m = trainer
-            .masks
-            .get(&p.name)
-            .ok_or_else(|| relprune_prune::Error::Param {
-                name: p.name.clone(),
-                msg: "prunable but has no mask".into(),
-            })?;
+        let m = mask_of(&trainer.masks, &p.name)?;
         let new_mask = match grams.get(&p.name) {
             Some(g) if g.rows() > 0 => {
                 let r = obs_prune(
@@ -723,13 +725,7 @@ fn top_up_per_layer(trainer: &mut Trainer, target: f64) -> relprune_prune::Resul
     let mut masks = BTreeMap::new();
     let mut pruned = 0usize;
     for p in trainer.params.prunable() {
-        let m = trainer
-            .masks
-            .get(&p.name)
-            .ok_or_else(|| relprune_prune::Error::Param {
-                name: p.name.clone(),
-                msg: "prunable but has no mask".into(),
-            })?;
+        let m = mask_of(&trainer.masks, &p.name)?;
         let mut mv = m.flatten_all()?.to_vec1::<f32>()?;
         let w = p
             .var

@@ -270,12 +270,12 @@ impl Checkpointer {
         let json = serde_json::to_string(&self.journal)
             .map_err(|e| file_err(&self.path, format!("cannot encode the journal: {e}")))?;
         meta.insert(META_KEY.to_string(), json);
-        let bytes = safetensors::serialize(tensors, Some(meta))
-            .map_err(|e| file_err(&self.path, format!("cannot encode: {e}")))?;
         let mut tmp = self.path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, &bytes)
+        // Streamed tensor by tensor: an in-memory image of the whole file (weights, masks,
+        // optimizer moments, snapshots) would be the run's peak memory on a large model.
+        safetensors::serialize_to_file(tensors, Some(meta), &tmp)
             .map_err(|e| file_err(&tmp, format!("cannot write the checkpoint: {e}")))?;
         std::fs::rename(&tmp, &self.path).map_err(|e| {
             file_err(
