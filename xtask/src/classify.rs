@@ -576,28 +576,8 @@ fn prune_phase(
     let baseline = match cfg.method.as_str() {
         "selective" => {
             let outcome = IterativePruning::new(cfg.prune.clone())?.run(trainer, task)?;
-            let rounds = outcome.rounds.iter().map(RoundRecord::from).collect();
-            extra.insert(
-                "reference_valid".into(),
-                serde_json::to_value(outcome.reference)?,
-            );
-            extra.insert(
-                "result_round".into(),
-                serde_json::to_value(outcome.result_round)?,
-            );
-            extra.insert("pruning_epochs".into(), outcome.epochs.into());
-            extra.insert(
-                "stop_reason".into(),
-                serde_json::to_value(outcome.stop_reason)?,
-            );
-            extra.insert(
-                "valid_before_finetune".into(),
-                serde_json::to_value(outcome.before_finetune)?,
-            );
-            extra.insert(
-                "valid_after_finetune".into(),
-                serde_json::to_value(outcome.after_finetune)?,
-            );
+            let (rounds, phase) = relprune_eval::phase_report(&outcome);
+            extra.extend(phase);
             return Ok(Phase { rounds, extra });
         }
         // Every baseline gets the method's budget: `max_epochs` of pruning-phase training, then the

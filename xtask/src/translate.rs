@@ -18,7 +18,7 @@ use relprune_data::text::{
 use relprune_eval::seq2seq::BLEU;
 use relprune_eval::{
     write_atomic, DatasetInfo, DecodeConfig, EvalSplit, LayerStats, MetricValue, PrunedSummary,
-    RoundRecord, RunResults, Seq2SeqConfig, Seq2SeqTask, SizesBytes, SparsityReport,
+    RunResults, Seq2SeqConfig, Seq2SeqTask, SizesBytes, SparsityReport,
 };
 use relprune_models::transformer::{Embeddings, Positions, Transformer, TransformerConfig};
 use relprune_prune::threshold::BisectionConfig;
@@ -457,8 +457,7 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
         );
     }
 
-    let rounds = outcome.rounds.iter().map(RoundRecord::from).collect();
-    let mut extra = serde_json::Map::new();
+    let (rounds, mut extra) = relprune_eval::phase_report(&outcome);
     extra.insert("method".into(), "selective".into());
     extra.insert("dense_valid_metric".into(), dense_valid.metric.into());
     extra.insert("dense_valid_loss".into(), dense_valid.loss.into());
@@ -487,27 +486,6 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
                 })
                 .collect::<serde_json::Map<_, _>>(),
         )?,
-    );
-    extra.insert(
-        "reference_valid".into(),
-        serde_json::to_value(outcome.reference)?,
-    );
-    extra.insert(
-        "result_round".into(),
-        serde_json::to_value(outcome.result_round)?,
-    );
-    extra.insert("pruning_epochs".into(), outcome.epochs.into());
-    extra.insert(
-        "stop_reason".into(),
-        serde_json::to_value(outcome.stop_reason)?,
-    );
-    extra.insert(
-        "valid_before_finetune".into(),
-        serde_json::to_value(outcome.before_finetune)?,
-    );
-    extra.insert(
-        "valid_after_finetune".into(),
-        serde_json::to_value(outcome.after_finetune)?,
     );
     let mut results = RunResults {
         experiment: cfg.experiment.clone(),

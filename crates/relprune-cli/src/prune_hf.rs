@@ -611,25 +611,7 @@ pub fn prune_phases<T: Task + ?Sized>(
     mut calibrate: Option<Calibrate<'_, T>>,
 ) -> Result<Pruned> {
     let outcome = IterativePruning::new(cfg.prune.clone())?.run(trainer, task)?;
-    let mut extra = serde_json::Map::new();
-    extra.insert(
-        "reference_valid".into(),
-        serde_json::to_value(outcome.reference)?,
-    );
-    extra.insert(
-        "result_round".into(),
-        serde_json::to_value(outcome.result_round)?,
-    );
-    extra.insert("pruning_epochs".into(), outcome.epochs.into());
-    extra.insert(
-        "stop_reason".into(),
-        serde_json::to_value(outcome.stop_reason)?,
-    );
-    extra.insert(
-        "valid_after_pruning".into(),
-        serde_json::to_value(outcome.before_finetune)?,
-    );
-    let rounds = outcome.rounds.iter().map(RoundRecord::from).collect();
+    let (rounds, mut extra) = relprune_eval::phase_report(&outcome);
     // Without a metric budget the target is a promise: whatever the rounds reached, every
     // prunable matrix is brought to at least the target (then fine-tuned).
     if let (Some(target), None) = (cfg.target_sparsity, cfg.max_drop) {

@@ -26,7 +26,8 @@ pub use loss::label_smoothed_cross_entropy;
 pub use plot::{line_chart_svg, Series};
 pub use report::render_markdown;
 pub use results::{
-    write_atomic, DatasetInfo, MetricValue, PrunedSummary, RoundRecord, RunResults, SizesBytes,
+    phase_report, write_atomic, DatasetInfo, MetricValue, PrunedSummary, RoundRecord, RunResults,
+    SizesBytes,
 };
 pub use seq2seq::{DecodeConfig, EvalSplit, Seq2SeqConfig, Seq2SeqTask};
 pub use sizes::{compressed_sizes, FileSizes};

@@ -125,6 +125,35 @@ impl From<&relprune_prune::RoundRecord> for RoundRecord {
     }
 }
 
+/// The rounds and the `extra` entries of an `IterativePruning` phase, under the key names every
+/// report shares: `reference_valid`, `result_round`, `pruning_epochs`, `stop_reason`,
+/// `valid_before_finetune` and `valid_after_finetune`.
+pub fn phase_report(
+    outcome: &relprune_prune::PruneOutcome,
+) -> (Vec<RoundRecord>, serde_json::Map<String, serde_json::Value>) {
+    let rounds = outcome.rounds.iter().map(RoundRecord::from).collect();
+    // Evaluations and the stop reason are plain data: `json!` cannot fail on them.
+    let entries = [
+        ("reference_valid", serde_json::json!(outcome.reference)),
+        ("result_round", serde_json::json!(outcome.result_round)),
+        ("pruning_epochs", serde_json::json!(outcome.epochs)),
+        ("stop_reason", serde_json::json!(outcome.stop_reason)),
+        (
+            "valid_before_finetune",
+            serde_json::json!(outcome.before_finetune),
+        ),
+        (
+            "valid_after_finetune",
+            serde_json::json!(outcome.after_finetune),
+        ),
+    ];
+    let extra = entries
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    (rounds, extra)
+}
+
 /// Everything a run reports; serialized as `results.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RunResults {
@@ -397,5 +426,38 @@ pub(crate) mod tests {
         let err = write_atomic(&path, b"x").unwrap_err();
         assert!(matches!(err, Error::Io { .. }));
         assert!(err.to_string().contains("out.txt"), "{err}");
+    }
+
+    #[test]
+    fn phase_report_carries_rounds_and_the_shared_extra_keys() {
+        use relprune_prune::{Evaluation, PruneOutcome, StopReason};
+        let eval = |loss, metric| Evaluation { loss, metric };
+        let outcome = PruneOutcome {
+            reference: eval(0.1, 1.0),
+            rounds: vec![relprune_prune::RoundRecord {
+                round: 1,
+                epoch: 3,
+                threshold: 0.02,
+                remaining_pct: 40.0,
+                valid: eval(0.2, 1.5),
+                search_evaluations: 4,
+                within_budget: true,
+            }],
+            result_round: Some(1),
+            epochs: 5,
+            stop_reason: StopReason::TargetSparsity,
+            before_finetune: eval(0.2, 1.5),
+            after_finetune: eval(0.15, 1.2),
+            seconds: 9.0,
+        };
+        let (rounds, extra) = phase_report(&outcome);
+        assert_eq!(rounds.len(), 1);
+        assert_eq!((rounds[0].epoch, rounds[0].val_metric), (3, 1.5));
+        assert_eq!(extra["result_round"], 1);
+        assert_eq!(extra["pruning_epochs"], 5);
+        assert_eq!(extra["stop_reason"], "target_sparsity");
+        assert_eq!(extra["valid_before_finetune"]["metric"], 1.5);
+        assert_eq!(extra["valid_after_finetune"]["metric"], 1.2);
+        assert_eq!(extra["reference_valid"]["loss"], 0.1);
     }
 }
