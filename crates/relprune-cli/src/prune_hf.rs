@@ -33,8 +33,8 @@ use relprune_models::hf::bert::BertModel;
 use relprune_prune::reconstruct::{obs_prune, Gram, ObsConfig};
 use relprune_prune::threshold::{BisectionConfig, Criterion, Scope};
 use relprune_prune::{
-    export, AdamConfig, IterativePruning, LrSchedule, MaskedAdam, Masks, ParamSet, PruneConfig,
-    Selection, Split, Task, Trainer,
+    export, AdamConfig, Evaluation, IterativePruning, LrSchedule, MaskedAdam, Masks, ParamSet,
+    PruneConfig, Selection, Split, Task, Trainer,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -1268,43 +1268,82 @@ fn run_bert(cfg: Config, opts: &RunOptions) -> Result<()> {
         bar.finish_and_clear();
         grams
     };
-    let pruned = prune_phases(&cfg, &mut trainer, &mut task, Some(&mut calibrate))?;
-    let test_eval = trainer.evaluate(&mut task, Split::Test)?;
+    let all_f32 = trainer.params.iter().all(|p| p.var.dtype() == DType::F32);
+    let input_weights = cfg.model_dir.join("model.safetensors");
+    let exact = all_f32 && header_is_f32(&input_weights)?;
+    let out = Output {
+        varmap: &varmap,
+        lookup: bert_lookup,
+        // The dense model is the teacher: its cosine with itself is 1 by definition.
+        dense_metric: 1.0,
+        dataset,
+    };
+    // The written directory must load and compute what the trained model computes.
+    let verify = |dir: &Path, task: EncoderDistill, trained: Evaluation| {
+        let check = VarMap::new();
+        let reloaded = BertModel::load_into(&check, dir, &Device::Cpu)
+            .context("the written model does not load back")?;
+        let back = task.with_model(reloaded).evaluate(Split::Test)?;
+        if exact {
+            ensure!(
+                (back.metric - trained.metric).abs() < 1e-5,
+                "the written model's cosine ({}) differs from the trained model's ({})",
+                back.metric,
+                trained.metric
+            );
+        }
+        Ok(())
+    };
+    let calibrate: Calibrate<'_, EncoderDistill> = &mut calibrate;
+    prune_and_write(&cfg, opts, &mut trainer, task, out, Some(calibrate), verify)
+}
 
+/// What an architecture hands to the shared ending of a run.
+pub struct Output<'a> {
+    /// The variables the trainer updates, as the model's loader named them.
+    pub varmap: &'a VarMap,
+    /// Maps a stored tensor name to the loader names it may have.
+    pub lookup: fn(&str) -> Vec<String>,
+    /// The dense model's metric on the reported split.
+    pub dense_metric: f64,
+    /// Dataset description.
+    pub dataset: DatasetInfo,
+}
+
+/// The ending every architecture shares: the pruning phases, the test evaluation, the output
+/// written into a staging directory, `verify(stage, task, test evaluation)` on it, then the
+/// directory committed to `--out` and the summary printed. Nothing reaches `--out` unless
+/// `verify` passes.
+pub fn prune_and_write<T: Task>(
+    cfg: &Config,
+    opts: &RunOptions,
+    trainer: &mut Trainer,
+    mut task: T,
+    out: Output<'_>,
+    calibrate: Option<Calibrate<'_, T>>,
+    verify: impl FnOnce(&Path, T, Evaluation) -> Result<()>,
+) -> Result<()> {
+    let pruned = prune_phases(cfg, trainer, &mut task, calibrate)?;
+    let test_eval = trainer.evaluate(&mut task, Split::Test)?;
     let stage = Staging::new(&opts.out)?;
     let input_weights = cfg.model_dir.join("model.safetensors");
     let results = write_output(
         &stage.dir,
-        &trainer,
-        &varmap,
-        bert_lookup,
+        trainer,
+        out.varmap,
+        out.lookup,
         ReportInput {
-            cfg: &cfg,
+            cfg,
             pruned,
-            // The dense model is the teacher: its cosine with itself is 1 by definition.
-            dense_metric: 1.0,
+            dense_metric: out.dense_metric,
             pruned_metric: test_eval.metric,
             metric: task.metric(),
-            dataset,
+            dataset: out.dataset,
             input_weights: &input_weights,
         },
         opts.t0,
     )?;
-    // The written directory must load and compute what the trained model computes.
-    let check = VarMap::new();
-    let reloaded = BertModel::load_into(&check, &stage.dir, &Device::Cpu)
-        .context("the written model does not load back")?;
-    let all_f32 = trainer.params.iter().all(|p| p.var.dtype() == DType::F32);
-    let mut judge = task.with_model(reloaded);
-    let back = judge.evaluate(Split::Test)?;
-    if all_f32 && header_is_f32(&input_weights)? {
-        ensure!(
-            (back.metric - test_eval.metric).abs() < 1e-5,
-            "the written model's cosine ({}) differs from the trained model's ({})",
-            back.metric,
-            test_eval.metric
-        );
-    }
+    verify(&stage.dir, task, test_eval)?;
     stage.commit(&opts.out)?;
     finish(opts, &results)
 }

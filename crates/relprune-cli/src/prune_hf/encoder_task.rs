@@ -188,30 +188,24 @@ impl EncoderDistill {
         type Shared<T> = Arc<Mutex<T>>;
         let grams: Shared<BTreeMap<String, Gram>> = Arc::default();
         let keep: Shared<Option<Tensor>> = Arc::default();
-        let failure: Shared<Option<String>> = Arc::default();
         let wanted: BTreeSet<String> = names.iter().cloned().collect();
+        let poisoned = || candle_core::Error::Msg("calibration statistics: lock poisoned".into());
         let hook: LinearHook = {
-            let (grams, keep, failure) = (grams.clone(), keep.clone(), failure.clone());
+            let (grams, keep) = (grams.clone(), keep.clone());
             Arc::new(move |name: &str, x: &Tensor| {
                 if !wanted.contains(name) {
                     return Ok(());
                 }
                 let d = x.dims().last().copied().unwrap_or(0);
-                let mut grams = grams
-                    .lock()
-                    .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+                let mut grams = grams.lock().map_err(|_| poisoned())?;
                 let g = grams
                     .entry(name.to_string())
                     .or_insert_with(|| Gram::new(d));
-                let keep = keep
-                    .lock()
-                    .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-                if let Err(e) = g.add(x, keep.as_ref()) {
-                    if let Ok(mut f) = failure.lock() {
-                        f.get_or_insert_with(|| format!("{name}: {e}"));
-                    }
-                }
-                Ok(())
+                let keep = keep.lock().map_err(|_| poisoned())?;
+                // The error ends the forward pass, which reports it.
+                g.add(x, keep.as_ref()).map_err(|e| {
+                    candle_core::Error::Msg(format!("calibration statistics of {name}: {e}"))
+                })
             })
         };
         self.model.set_linear_hook(Some(hook));
@@ -232,11 +226,6 @@ impl EncoderDistill {
         })();
         self.model.set_linear_hook(None);
         result?;
-        if let Some(e) = failure.lock().ok().and_then(|f| f.clone()) {
-            return Err(relprune_prune::Error::Task(format!(
-                "calibration statistics: {e}"
-            )));
-        }
         let grams = std::mem::take(
             &mut *grams
                 .lock()

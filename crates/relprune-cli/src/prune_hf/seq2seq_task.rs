@@ -20,10 +20,7 @@ use relprune_models::hf::marian::MarianModel;
 use relprune_models::hf::t5::T5Model;
 use relprune_prune::{Evaluation, MetricSpec, Split, Task};
 
-use super::{
-    finish, make_trainer, prune_phases, split_indices, write_output, Config, ReportInput,
-    RunOptions, Staging,
-};
+use super::{make_trainer, prune_and_write, split_indices, Config, Output, RunOptions};
 
 /// A Hugging Face encoder–decoder `prune-hf` can load and write back.
 pub trait HfSeq2Seq: Seq2Seq + Sized {
@@ -282,29 +279,16 @@ fn run_model<M: HfSeq2Seq>(cfg: Config, opts: &RunOptions) -> Result<()> {
     let dense = trainer.once("dense evaluation", |trainer| {
         trainer.evaluate(&mut task, Split::Test)
     })?;
-    let pruned = prune_phases(&cfg, &mut trainer, &mut task, None)?;
-    let after = trainer.evaluate(&mut task, Split::Test)?;
-
-    let stage = Staging::new(&opts.out)?;
-    let input_weights = cfg.model_dir.join("model.safetensors");
-    let results = write_output(
-        &stage.dir,
-        &trainer,
-        &varmap,
-        M::lookup,
-        ReportInput {
-            cfg: &cfg,
-            pruned,
-            dense_metric: dense.metric,
-            pruned_metric: after.metric,
-            metric: task.metric(),
-            dataset,
-            input_weights: &input_weights,
-        },
-        opts.t0,
-    )?;
+    let out = Output {
+        varmap: &varmap,
+        lookup: M::lookup,
+        dense_metric: dense.metric,
+        dataset,
+    };
     // The written directory must load back.
-    M::load_dir(&stage.dir, &VarMap::new()).context("the written model does not load back")?;
-    stage.commit(&opts.out)?;
-    finish(opts, &results)
+    let verify = |dir: &Path, _, _| {
+        M::load_dir(dir, &VarMap::new()).context("the written model does not load back")?;
+        Ok(())
+    };
+    prune_and_write(&cfg, opts, &mut trainer, task, out, None, verify)
 }
