@@ -29,6 +29,19 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The `relprune_report.json` of output directory `out`.
+fn read_report(out: &Path) -> Value {
+    let text = std::fs::read_to_string(out.join("relprune_report.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The percentage of zeros over the linear layers (all but embeddings) a report gives.
+fn linear_sparsity_pct(report: &Value) -> f64 {
+    report["extra"]["sparsity_by_type"]["linear (all but embeddings)"]["sparsity_pct"]
+        .as_f64()
+        .unwrap()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -222,15 +235,11 @@ fn prune_hf_prunes_tiny_bert_into_a_loadable_directory() {
         }
     }
 
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("relprune_report.json")).unwrap())
-            .unwrap();
+    let report = read_report(&out);
     assert_eq!(report["metric"], "cosine_similarity");
     assert_eq!(report["higher_is_better"], true);
     assert_eq!(report["dataset"]["test"], 10);
-    let linear = report["extra"]["sparsity_by_type"]["linear (all but embeddings)"]["sparsity_pct"]
-        .as_f64()
-        .unwrap();
+    let linear = linear_sparsity_pct(&report);
     assert!(linear >= 50.0, "{linear}");
     let cos = report["pruned"]["value"].as_f64().unwrap();
     assert!(cos > 0.0 && cos <= 1.0 + 1e-6, "{cos}");
@@ -303,15 +312,9 @@ fn the_reconstruction_step_keeps_embeddings_closer_than_magnitude() {
             &[],
         );
         assert!(run.status.success(), "{}", stderr(&run));
-        let report: Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join("relprune_report.json")).unwrap(),
-        )
-        .unwrap();
+        let report = read_report(&out);
         assert_eq!(report["extra"]["final_step"]["method"], step);
-        let linear = report["extra"]["sparsity_by_type"]["linear (all but embeddings)"]
-            ["sparsity_pct"]
-            .as_f64()
-            .unwrap();
+        let linear = linear_sparsity_pct(&report);
         assert!(linear >= 70.0, "{step}: {linear}");
         report["pruned"]["value"].as_f64().unwrap()
     };
@@ -566,9 +569,7 @@ fn prune_seq2seq(name: &str, data_flag: &str) {
         }
     }
     assert!(checked > 4, "{name}: only {checked} prunable tensors");
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("relprune_report.json")).unwrap())
-            .unwrap();
+    let report = read_report(&out);
     assert_eq!(report["metric"], "bleu");
     let fwd = dir.path().join("fwd.json");
     let r = relprune(
