@@ -284,7 +284,7 @@ impl IterativePruning {
             bar.inc(1);
             if valid.loss < st.best_loss * (1.0 - cfg.min_improvement) {
                 st.best_loss = valid.loss;
-                best = trainer.params.snapshot()?;
+                trainer.params.snapshot_into(&mut best)?;
                 st.since_improvement = 0;
             } else {
                 st.since_improvement += 1;
@@ -352,7 +352,8 @@ impl IterativePruning {
         let before_masks = trainer.masks.clone();
         let base = st.best_loss;
         let search = {
-            let snap = trainer.params.snapshot()?;
+            // The parameters equal `best` now: every probe restores them from it.
+            let snap = &*best;
             let trainer_ref = &*trainer;
             let bounds = Bounds {
                 base_loss: base,
@@ -368,7 +369,7 @@ impl IterativePruning {
                     let mut probe = trainer_ref.masks.clone();
                     probe.prune_below_per_layer(&trainer_ref.params, thresholds)?;
                     let e = task.evaluate(Split::Valid);
-                    trainer_ref.params.restore(&snap)?;
+                    trainer_ref.params.restore(snap)?;
                     e
                 },
             )?
@@ -415,14 +416,12 @@ impl IterativePruning {
         ));
         st.rounds.push(round);
         if within {
-            *result = Candidate {
-                weights: trainer.params.snapshot()?,
-                masks: trainer.masks.clone(),
-                round: Some(st.rounds.len()),
-            };
+            trainer.params.snapshot_into(&mut result.weights)?;
+            result.masks = trainer.masks.clone();
+            result.round = Some(st.rounds.len());
         }
         st.best_loss = valid.loss;
-        *best = trainer.params.snapshot()?;
+        trainer.params.snapshot_into(best)?;
         st.since_improvement = 0;
 
         st.drift_run = if spec.worsening(valid.metric, reference.metric) > 2.0 * cfg.delta {

@@ -17,6 +17,11 @@ pub struct Selection {
     pub min_rank: usize,
     /// Parameters whose name matches any of these patterns are never pruned.
     pub exclude: Vec<String>,
+    /// Parameters whose name matches any of these patterns are not trained at all: they stay
+    /// out of the `ParamSet`, so they have no optimizer state, no snapshots and no checkpoint
+    /// copies (the model should stop gradients into them too, e.g. by detaching its tensors).
+    #[serde(default)]
+    pub frozen: Vec<String>,
 }
 
 impl Default for Selection {
@@ -25,6 +30,7 @@ impl Default for Selection {
             include: vec!["*weight".into()],
             min_rank: 2,
             exclude: vec![],
+            frozen: vec![],
         }
     }
 }
@@ -35,6 +41,12 @@ impl Selection {
         dims.len() >= self.min_rank
             && self.include.iter().any(|p| glob_match(p, name))
             && !self.exclude.iter().any(|p| glob_match(p, name))
+            && !self.is_frozen(name)
+    }
+
+    /// Whether a parameter of this name is left out of training.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.frozen.iter().any(|p| glob_match(p, name))
     }
 }
 
@@ -93,6 +105,9 @@ impl ParamSet {
         let mut params: Vec<Param> = Vec::new();
         let mut seen: std::collections::HashMap<candle_core::TensorId, usize> = Default::default();
         for (name, var) in named {
+            if selection.is_frozen(name) {
+                continue;
+            }
             // Tied weights: one variable under several names is one parameter (the first name).
             if let Some(&i) = seen.get(&var.as_tensor().id()) {
                 params[i].aliases.push(name.clone());
@@ -139,6 +154,18 @@ impl ParamSet {
         Ok(Snapshot(m))
     }
 
+    /// Overwrites `snap` with the current values, replacing one tensor at a time so that no more
+    /// than one parameter's worth of memory is held twice (unlike `*snap = self.snapshot()?`).
+    pub fn snapshot_into(&self, snap: &mut Snapshot) -> Result<()> {
+        snap.0
+            .retain(|name, _| self.params.iter().any(|p| &p.name == name));
+        for p in &self.params {
+            snap.0.remove(&p.name);
+            snap.0.insert(p.name.clone(), p.var.as_tensor().copy()?);
+        }
+        Ok(())
+    }
+
     /// Sets every parameter to its value in `snap`.
     pub fn restore(&self, snap: &Snapshot) -> Result<()> {
         for p in &self.params {
@@ -163,6 +190,7 @@ impl ParamSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn default_selection_prunes_weight_matrices_only() {
@@ -218,5 +246,60 @@ mod tests {
             )]
         );
         assert_eq!(ps.prunable_elems(), 4);
+    }
+
+    #[test]
+    fn frozen_parameters_stay_out_of_the_set_and_are_never_prunable() {
+        let vm = VarMap::new();
+        let dev = candle_core::Device::Cpu;
+        {
+            let mut d = vm.data().lock().unwrap();
+            d.insert(
+                "emb.weight".into(),
+                Var::zeros((5, 2), DType::F32, &dev).unwrap(),
+            );
+            d.insert(
+                "fc.weight".into(),
+                Var::zeros((2, 2), DType::F32, &dev).unwrap(),
+            );
+        }
+        let s = Selection {
+            frozen: vec!["emb.*".into()],
+            ..Default::default()
+        };
+        assert!(!s.is_prunable("emb.weight", &[5, 2]));
+        let ps = ParamSet::from_varmap(&vm, &s).unwrap();
+        let names: Vec<_> = ps.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["fc.weight"]);
+        assert_eq!(ps.snapshot().unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn snapshot_into_equals_a_fresh_snapshot() {
+        let vm = VarMap::new();
+        let dev = candle_core::Device::Cpu;
+        let w = Var::new(&[[1.0f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+        vm.data()
+            .lock()
+            .unwrap()
+            .insert("fc.weight".into(), w.clone());
+        let ps = ParamSet::from_varmap(&vm, &Selection::default()).unwrap();
+        let mut snap = ps.snapshot().unwrap();
+        snap.0.insert(
+            "gone.weight".into(),
+            Tensor::zeros(1, DType::F32, &dev).unwrap(),
+        );
+        w.set(&Tensor::new(&[[5.0f32, 6.0], [7.0, 8.0]], &dev).unwrap())
+            .unwrap();
+        ps.snapshot_into(&mut snap).unwrap();
+        assert_eq!(snap.0.len(), 1);
+        assert_eq!(
+            snap.0["fc.weight"].to_vec2::<f32>().unwrap(),
+            [[5.0, 6.0], [7.0, 8.0]]
+        );
+        // A copy, not the variable's storage.
+        w.set(&Tensor::zeros((2, 2), DType::F32, &dev).unwrap())
+            .unwrap();
+        assert_eq!(snap.0["fc.weight"].to_vec2::<f32>().unwrap()[0], [5.0, 6.0]);
     }
 }

@@ -323,7 +323,7 @@ impl Trainer {
             if let Some((b, snap)) = best {
                 if spec.worsening(valid.metric, *b) < 0.0 {
                     *b = valid.metric;
-                    *snap = self.params.snapshot()?;
+                    self.params.snapshot_into(snap)?;
                 }
             }
             st.records.push(rec);
