@@ -112,6 +112,52 @@ fn gradients_reach_every_parameter() {
     }
 }
 
+#[test]
+fn frozen_embeddings_get_no_gradient_and_change_no_output() {
+    let dir = tiny_dir();
+    let mut model = BertModel::load(&dir, &Device::Cpu).unwrap();
+    let r = reference(&dir);
+    let (input, mask) = (
+        ids(&r["inputs"]["input_ids"]),
+        ids(&r["inputs"]["attention_mask"]),
+    );
+    let before = model.forward(&input, Some(&mask), None).unwrap();
+    model.freeze_embeddings();
+    let hidden = model.forward(&input, Some(&mask), None).unwrap();
+    let d: f32 = (&hidden - &before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(d, 0.0);
+    let grads = hidden.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let data = model.varmap().data().lock().unwrap();
+    for (name, var) in data.iter() {
+        let frozen = name.starts_with("embeddings.") && !name.contains("LayerNorm");
+        if name.starts_with("pooler.") {
+            continue;
+        }
+        assert_eq!(grads.get(var.as_tensor()).is_none(), frozen, "{name}");
+    }
+    // The tables still share storage with their variables: a change shows in the output.
+    let word = data["embeddings.word_embeddings.weight"].clone();
+    drop(data);
+    word.set(&word.as_tensor().zeros_like().unwrap()).unwrap();
+    let after = model.forward(&input, Some(&mask), None).unwrap();
+    let d: f32 = (&after - &before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(d > 1e-3, "{d}");
+}
+
 fn small_config() -> BertConfig {
     let mut c = BertConfig::new(50, 24, 3, 6, 40, 16);
     c.hidden_act = "gelu_new".into();

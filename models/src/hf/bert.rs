@@ -472,6 +472,17 @@ impl BertModel {
         })
     }
 
+    /// Stops gradients into the word, position and token-type tables. They keep sharing storage
+    /// with their variables, so the forward pass is unchanged; backward just no longer computes
+    /// (or allocates) their vocabulary-sized gradients, for training that leaves them as they are.
+    pub fn freeze_embeddings(&mut self) {
+        let h = self.config.hidden_size;
+        let detach = |e: &Embedding| Embedding::new(e.embeddings().detach(), h);
+        self.word = detach(&self.word);
+        self.position = detach(&self.position);
+        self.token_type = detach(&self.token_type);
+    }
+
     /// Calls `hook` with the input of every encoder linear layer (keyed by its weight name) on
     /// each forward pass from now on; `None` removes it.
     pub fn set_linear_hook(&mut self, hook: Option<LinearHook>) {
