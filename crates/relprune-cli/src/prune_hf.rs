@@ -11,6 +11,7 @@
 //! output directory.
 
 pub mod encoder_task;
+pub mod memory;
 pub mod seq2seq_task;
 
 use std::collections::{BTreeMap, HashMap};
@@ -110,6 +111,11 @@ pub struct PruneHfArgs {
     /// vocabulary would be pruned by magnitude alone, blind to what the model does with them.
     #[arg(long)]
     pub prune_embeddings: bool,
+    /// Also train the embedding tables a BERT encoder does not prune. Off by default: a few
+    /// hundred sentences cannot teach a vocabulary-sized table much, and leaving them frozen
+    /// saves their gradients, optimizer state and snapshots (about half of MiniLM's memory).
+    #[arg(long)]
+    pub train_embeddings: bool,
     /// How the step after the method brings every matrix to --target-sparsity: reconstruct
     /// (layer-wise, SparseGPT, from the layer inputs on the training text; BERT) or magnitude.
     #[arg(long, value_enum, default_value_t = FinalStep::Reconstruct)]
@@ -354,6 +360,7 @@ fn config_from_args(args: &PruneHfArgs) -> Result<Config> {
             "*relative_attention_bias*".into(),
             "pooler.*".into(),
         ],
+        frozen: vec![],
     };
     let mut selection = selection;
     if !args.prune_embeddings {
@@ -366,6 +373,15 @@ fn config_from_args(args: &PruneHfArgs) -> Result<Config> {
             ]
             .map(String::from),
         );
+    }
+    if model_type == "bert" && !args.prune_embeddings && !args.train_embeddings {
+        selection.frozen = [
+            "embeddings.word_embeddings.*",
+            "embeddings.position_embeddings.*",
+            "embeddings.token_type_embeddings.*",
+        ]
+        .map(String::from)
+        .to_vec();
     }
     let prune = PruneConfig {
         regularizer: SelectiveDecay::lobster(args.lambda),
@@ -610,8 +626,12 @@ pub fn prune_phases<T: Task + ?Sized>(
     task: &mut T,
     mut calibrate: Option<Calibrate<'_, T>>,
 ) -> Result<Pruned> {
+    let mut memory = serde_json::Map::new();
+    memory::mark(&mut memory, "loaded");
     let outcome = IterativePruning::new(cfg.prune.clone())?.run(trainer, task)?;
     let (rounds, mut extra) = relprune_eval::phase_report(&outcome);
+    extra.extend(memory);
+    memory::mark(&mut extra, "pruning rounds");
     // Without a metric budget the target is a promise: whatever the rounds reached, every
     // prunable matrix is brought to at least the target (then fine-tuned).
     if let (Some(target), None) = (cfg.target_sparsity, cfg.max_drop) {
@@ -623,8 +643,13 @@ pub fn prune_phases<T: Task + ?Sized>(
                 Some(calibrate) => {
                     let names: Vec<String> =
                         trainer.params.prunable().map(|p| p.name.clone()).collect();
-                    let grams = calibrate(task, &names)?;
-                    reconstruct_per_layer(trainer, &grams, target)?;
+                    // Layer by layer in forward order (SparseGPT's sequential mode): a layer's
+                    // inputs come from the layers before it as pruned, and only one layer's
+                    // statistics are in memory at a time.
+                    for group in layer_groups(&names) {
+                        let grams = calibrate(task, &group)?;
+                        reconstruct_per_layer(trainer, &grams, target)?;
+                    }
                     "reconstruct"
                 }
                 None => "magnitude",
@@ -642,6 +667,7 @@ pub fn prune_phases<T: Task + ?Sized>(
             }))
         })?;
         extra.insert("final_step".into(), step);
+        memory::mark(&mut extra, "final step");
     }
     trainer.optim.set_regularizer(None)?;
     let schedule = LrSchedule::Cosine {
@@ -649,12 +675,34 @@ pub fn prune_phases<T: Task + ?Sized>(
         epochs: cfg.finetune_epochs,
     };
     trainer.fit(task, schedule, cfg.finetune_epochs, true, "final fine-tune")?;
+    memory::mark(&mut extra, "fine-tune");
+    // Adam's moments are the largest state left; the output is written without them.
+    trainer.optim.reset_state();
     trainer.masks.apply(&trainer.params)?;
     extra.insert(
         "valid_after_finetune".into(),
         serde_json::to_value(trainer.evaluate(task, Split::Valid)?)?,
     );
     Ok(Pruned { rounds, extra })
+}
+
+/// `names` grouped by layer in forward order: a layer is the prefix up to the first numeric path
+/// segment (`encoder.layer.3`), groups ordered by that number within the same stem; names with
+/// no number form a group each, after the numbered ones.
+pub fn layer_groups(names: &[String]) -> Vec<Vec<String>> {
+    let mut groups: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+    for name in names {
+        let parts: Vec<&str> = name.split('.').collect();
+        let key = match parts.iter().position(|p| p.parse::<u64>().is_ok()) {
+            Some(i) => (parts[..i].join("."), parts[i].parse().unwrap_or(0)),
+            None => (name.clone(), u64::MAX),
+        };
+        groups.entry(key).or_default().push(name.clone());
+    }
+    let (mut numbered, single): (Vec<_>, Vec<_>) =
+        groups.into_iter().partition(|((_, n), _)| *n != u64::MAX);
+    numbered.extend(single);
+    numbered.into_iter().map(|(_, g)| g).collect()
 }
 
 /// The mask of prunable parameter `name` (every prunable parameter has one).
@@ -1241,6 +1289,10 @@ fn run_bert(cfg: Config, opts: &RunOptions) -> Result<()> {
         }
         None => None,
     };
+    let mut model = model;
+    if cfg.selection.is_frozen("embeddings.word_embeddings.weight") {
+        model.freeze_embeddings();
+    }
     let pad = tok.pad_id().or(model.config().pad_token_id).unwrap_or(0);
     let n_test = test.as_ref().map_or(0, Sentences::len);
     let dataset = DatasetInfo {
@@ -1373,8 +1425,11 @@ pub fn finish(opts: &RunOptions, results: &RunResults) -> Result<()> {
         .and_then(|l| l.get("sparsity_pct"))
         .and_then(Value::as_f64)
         .unwrap_or(f64::NAN);
+    let peak = memory::rss_mb()
+        .map(|(_, peak)| format!("; peak RSS {peak:.0} MB"))
+        .unwrap_or_default();
     println!(
-        "{}: {} {:.4} → {:.4}; prunable weights {:.2}% zero (linear layers {:.2}%); {:.0} s",
+        "{}: {} {:.4} → {:.4}; prunable weights {:.2}% zero (linear layers {:.2}%); {:.0} s{peak}",
         opts.out.display(),
         results.metric,
         results.dense.value,
@@ -1389,6 +1444,31 @@ pub fn finish(opts: &RunOptions, results: &RunResults) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layer_groups_follow_the_forward_order_of_numbered_layers() {
+        let names: Vec<String> = [
+            "encoder.layer.10.output.dense.weight",
+            "encoder.layer.2.attention.self.query.weight",
+            "lm_head.weight",
+            "encoder.layer.2.output.dense.weight",
+            "encoder.layer.0.intermediate.dense.weight",
+        ]
+        .map(String::from)
+        .to_vec();
+        let groups = layer_groups(&names);
+        let firsts: Vec<&str> = groups.iter().map(|g| g[0].as_str()).collect();
+        assert_eq!(
+            firsts,
+            [
+                "encoder.layer.0.intermediate.dense.weight",
+                "encoder.layer.2.attention.self.query.weight",
+                "encoder.layer.10.output.dense.weight",
+                "lm_head.weight",
+            ]
+        );
+        assert_eq!(groups[1].len(), 2);
+    }
 
     #[test]
     fn stored_bert_names_map_to_the_loader_names() {

@@ -1,0 +1,66 @@
+//! Resident memory of this process at phase ends, for the report: where a run's peak comes from.
+
+use serde_json::{json, Map, Value};
+
+/// The current and the peak resident set size in MB (Linux `/proc/self/status`: `VmRSS`,
+/// `VmHWM`); `None` where the system does not tell.
+pub fn rss_mb() -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_status(&status)
+}
+
+/// `VmRSS` and `VmHWM` of a `/proc/<pid>/status` text, in MB.
+fn parse_status(status: &str) -> Option<(f64, f64)> {
+    let field = |key: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let kb: f64 = line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Records the memory at the end of `phase` under `extra["memory_mb"][phase]` (nothing where the
+/// system does not tell).
+pub fn mark(extra: &mut Map<String, Value>, phase: &str) {
+    if let Some((rss, peak)) = rss_mb() {
+        let log = extra
+            .entry("memory_mb")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(log) = log {
+            log.insert(phase.into(), json!({ "rss": rss, "peak": peak }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields_are_read_in_megabytes() {
+        let s = "Name:\trelprune\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\nThreads:\t3\n";
+        assert_eq!(parse_status(s), Some((100.0, 200.0)));
+        assert_eq!(parse_status("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn marks_collect_under_memory_mb() {
+        let mut extra = Map::new();
+        mark(&mut extra, "a");
+        mark(&mut extra, "b");
+        if cfg!(target_os = "linux") {
+            let log = extra["memory_mb"].as_object().unwrap();
+            assert_eq!(log.len(), 2);
+            let (rss, peak) = (
+                log["b"]["rss"].as_f64().unwrap(),
+                log["b"]["peak"].as_f64().unwrap(),
+            );
+            assert!(rss > 0.0 && peak >= rss, "{rss} {peak}");
+        }
+    }
+}
