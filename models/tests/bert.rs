@@ -112,6 +112,12 @@ fn gradients_reach_every_parameter() {
     }
 }
 
+/// The largest absolute difference of two tensors of one shape.
+fn tensor_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    d.to_scalar().unwrap()
+}
+
 #[test]
 fn frozen_embeddings_get_no_gradient_and_change_no_output() {
     let dir = tiny_dir();
@@ -124,15 +130,7 @@ fn frozen_embeddings_get_no_gradient_and_change_no_output() {
     let before = model.forward(&input, Some(&mask), None).unwrap();
     model.freeze_embeddings();
     let hidden = model.forward(&input, Some(&mask), None).unwrap();
-    let d: f32 = (&hidden - &before)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    assert_eq!(d, 0.0);
+    assert_eq!(tensor_diff(&hidden, &before), 0.0);
     let grads = hidden.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let data = model.varmap().data().lock().unwrap();
     for (name, var) in data.iter() {
@@ -147,14 +145,7 @@ fn frozen_embeddings_get_no_gradient_and_change_no_output() {
     drop(data);
     word.set(&word.as_tensor().zeros_like().unwrap()).unwrap();
     let after = model.forward(&input, Some(&mask), None).unwrap();
-    let d: f32 = (&after - &before)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d = tensor_diff(&after, &before);
     assert!(d > 1e-3, "{d}");
 }
 
