@@ -109,6 +109,10 @@ pub struct Config {
     pub method: String,
     /// Target sparsity of the baselines that take one (one-shot, gmp, snip).
     pub baseline_sparsity: f64,
+    /// Random shifts of up to this many pixels (zero padding, then a crop) on the training
+    /// images of MNIST-like datasets; 0: none. CIFAR-10 always gets its pad-4 crop and flip.
+    #[serde(default)]
+    pub augment_shift: usize,
     pub threads: Option<String>,
 }
 
@@ -238,6 +242,7 @@ impl Config {
             prune,
             method: "selective".into(),
             baseline_sparsity: 0.98,
+            augment_shift: 0,
             threads: std::env::var("RAYON_NUM_THREADS").ok(),
         }
     }
@@ -319,6 +324,9 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
     }
     if let Some(sp) = f.sparsity {
         cfg.baseline_sparsity = sp;
+    }
+    if let Some(n) = f.augment_shift {
+        cfg.augment_shift = n;
     }
     if f.per_layer {
         cfg.prune.bisection.scope = relprune_prune::threshold::Scope::PerLayer;
@@ -457,6 +465,12 @@ pub fn run_config(
     }
     if cifar {
         task.augment = Some(relprune_data::Augment::CIFAR10);
+    } else if cfg.augment_shift > 0 {
+        // Digits must not be mirrored: shifts only.
+        task.augment = Some(relprune_data::Augment {
+            pad: cfg.augment_shift,
+            flip: false,
+        });
     }
     let checkpoints = out.join(CHECKPOINT_DIR);
     if resume {
@@ -785,6 +799,23 @@ mod tests {
         assert_eq!(r.pruned.params, 500 + 25_000 + 400_000 + 5_000);
         assert!(r.pruned.remaining_pct < 100.0, "{:?}", r.rounds);
         assert!(r.layers.iter().all(|l| l.nonzero <= l.params));
+    }
+
+    #[test]
+    fn augment_shift_changes_what_the_dense_model_learns() {
+        let dense = |shift: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = tiny_config();
+            cfg.dense_epochs = 1;
+            cfg.prune.max_epochs = 1;
+            cfg.prune.finetune_epochs = 0;
+            cfg.augment_shift = shift;
+            run_config(cfg, &DataSource::Embedded, dir.path(), false).unwrap();
+            std::fs::read(dir.path().join("dense.safetensors")).unwrap()
+        };
+        let plain = dense(0);
+        assert_eq!(plain, dense(0), "runs are not deterministic");
+        assert_ne!(plain, dense(2));
     }
 
     /// A CIFAR-10 directory in the real binary format: `per_batch` images per training batch.

@@ -123,6 +123,10 @@ pub struct Reproduce {
     /// fine-tune), gmp (gradual magnitude, cubic schedule), han (iterative prune and retrain), snip.
     #[arg(long, value_parser = ["selective", "one-shot", "gmp", "han", "snip"])]
     pub method: Option<String>,
+    /// Train MNIST / Fashion-MNIST entries on images shifted at random by up to N pixels
+    /// (zero padding, then a crop; seeded); CIFAR-10 entries always use pad 4 and flips.
+    #[arg(long, value_name = "N")]
+    pub augment_shift: Option<usize>,
     /// Target sparsity (fraction pruned) of the one-shot, gmp and snip baselines.
     #[arg(long)]
     pub sparsity: Option<f64>,
