@@ -123,6 +123,10 @@ pub struct Reproduce {
     /// fine-tune), gmp (gradual magnitude, cubic schedule), han (iterative prune and retrain), snip.
     #[arg(long, value_parser = ["selective", "one-shot", "gmp", "han", "snip"])]
     pub method: Option<String>,
+    /// transformer-gettext-en-de: start from the dense model an earlier run wrote into DIR
+    /// (`dense.safetensors`, `tokenizer.json`) and skip the dense phase.
+    #[arg(long, value_name = "DIR")]
+    pub dense_from: Option<std::path::PathBuf>,
     /// Train MNIST / Fashion-MNIST entries on images shifted at random by up to N pixels
     /// (zero padding, then a crop; seeded); CIFAR-10 entries always use pad 4 and flips.
     #[arg(long, value_name = "N")]
