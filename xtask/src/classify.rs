@@ -24,7 +24,7 @@ use relprune_prune::{
 use serde::{Deserialize, Serialize};
 
 use crate::flags;
-use crate::reproduce::measure_sizes;
+use crate::reproduce::{measure_sizes, saved_config, start_dense};
 
 /// The classifiers these experiments prune.
 #[derive(Clone, Debug)]
@@ -262,9 +262,6 @@ pub fn cifar_dir(f: &flags::Reproduce) -> Option<std::path::PathBuf> {
         .or_else(|| std::env::var_os("RELPRUNE_CIFAR10_DIR").map(Into::into))
 }
 
-/// Where a run keeps its checkpoint, inside its output directory.
-pub const CHECKPOINT_DIR: &str = "checkpoint";
-
 /// The IDX dataset of a configuration (`None` for CIFAR-10).
 fn dataset_kind(cfg: &Config) -> Result<Option<DatasetKind>> {
     Ok(match cfg.dataset.as_str() {
@@ -288,14 +285,7 @@ fn load_splits(cfg: &Config, source: &DataSource) -> Result<relprune_data::Image
 
 pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     if let Some(dir) = &f.resume {
-        let saved = relprune_prune::checkpoint::read(&dir.join(CHECKPOINT_DIR), &Device::Cpu)?;
-        let cfg: Config = serde_json::from_value(saved.journal.run["config"].clone())
-            .with_context(|| {
-                format!(
-                    "{}: the checkpoint holds no lenet300 configuration",
-                    dir.display()
-                )
-            })?;
+        let (cfg, epochs): (Config, usize) = saved_config(dir, "image-classification")?;
         let source = match &cfg.data_dir {
             Some(d) => DataSource::Dir(d.clone()),
             None => DataSource::Embedded,
@@ -304,7 +294,7 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
             "resuming {} in {} after {} epochs",
             cfg.experiment,
             dir.display(),
-            saved.journal.epochs_trained
+            epochs
         );
         return run_config(cfg, &source, out, true);
     }
@@ -472,19 +462,9 @@ pub fn run_config(
             flip: false,
         });
     }
-    let checkpoints = out.join(CHECKPOINT_DIR);
-    if resume {
-        trainer.resume(&checkpoints, &mut task)?;
-    } else {
-        trainer.checkpoint_into(&checkpoints, serde_json::json!({ "config": &cfg }))?;
-    }
-
     // 1. The dense reference.
-    let schedule = LrSchedule::Cosine {
-        lr: cfg.dense_lr,
-        epochs: cfg.dense_epochs,
-    };
-    trainer.fit(&mut task, schedule, cfg.dense_epochs, false, "dense")?;
+    let dense = (cfg.dense_lr, cfg.dense_epochs);
+    start_dense(&mut trainer, &mut task, out, &cfg, resume, dense)?;
     let (dense_valid, dense_test) = trainer.once("dense evaluation", |trainer| {
         let valid = trainer.evaluate(&mut task, Split::Valid)?;
         let test = trainer.evaluate(&mut task, Split::Test)?;

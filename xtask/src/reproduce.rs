@@ -191,6 +191,45 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
 
 /// Applies the engine flags every experiment shares (`--prune-epochs`, `--delta`,
 /// `--min-round-gain`, `--finetune-epochs`, `--finetune-lr`, `--twt`, `--search-metric`,
+/// The checkpoint directory inside a run's output directory.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
+/// The configuration stored in the checkpoint of the run in `dir` (for `--resume`), with the
+/// number of epochs it has trained.
+pub fn saved_config<C: serde::de::DeserializeOwned>(dir: &Path, what: &str) -> Result<(C, usize)> {
+    let saved =
+        relprune_prune::checkpoint::read(&dir.join(CHECKPOINT_DIR), &candle_core::Device::Cpu)?;
+    let cfg = serde_json::from_value(saved.journal.run["config"].clone()).with_context(|| {
+        format!(
+            "{}: the checkpoint holds no {what} configuration",
+            dir.display()
+        )
+    })?;
+    Ok((cfg, saved.journal.epochs_trained))
+}
+
+/// Starts checkpointing into `out/checkpoint` (storing `config`), or with `resume` continues the
+/// run checkpointed there; then trains the dense phase (cosine decay from `lr`), which a resumed
+/// run skips as far as it got.
+pub fn start_dense<T: relprune_prune::Task + ?Sized>(
+    trainer: &mut relprune_prune::Trainer,
+    task: &mut T,
+    out: &Path,
+    config: &impl serde::Serialize,
+    resume: bool,
+    (lr, epochs): (f64, usize),
+) -> Result<()> {
+    let checkpoints = out.join(CHECKPOINT_DIR);
+    if resume {
+        trainer.resume(&checkpoints, task)?;
+    } else {
+        trainer.checkpoint_into(&checkpoints, serde_json::json!({ "config": config }))?;
+    }
+    let schedule = relprune_prune::LrSchedule::Cosine { lr, epochs };
+    trainer.fit(task, schedule, epochs, false, "dense")?;
+    Ok(())
+}
+
 /// `--metric-bound`) to `prune`.
 pub fn apply_prune_flags(f: &flags::Reproduce, prune: &mut relprune_prune::PruneConfig) {
     if let Some(e) = f.prune_epochs {

@@ -23,13 +23,13 @@ use relprune_eval::{
 use relprune_models::transformer::{Embeddings, Positions, Transformer, TransformerConfig};
 use relprune_prune::threshold::BisectionConfig;
 use relprune_prune::{
-    export, AdamConfig, IterativePruning, LrSchedule, MaskedAdam, Masks, ParamSet, PruneConfig,
-    Selection, Split, Trainer,
+    export, AdamConfig, IterativePruning, MaskedAdam, Masks, ParamSet, PruneConfig, Selection,
+    Split, Trainer,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::flags;
-use crate::reproduce::measure_sizes;
+use crate::reproduce::{measure_sizes, saved_config, start_dense};
 
 /// The experiment's name.
 pub const NAME: &str = "transformer-gettext-en-de";
@@ -40,9 +40,6 @@ pub const ABOUT: &str = "Transformer trained from scratch on gettext-en-de (Engl
 
 /// Where the corpus is looked for when neither `--data-dir` nor `$RELPRUNE_GETTEXT_DIR` is given.
 const DEFAULT_DATA_DIR: &str = "../shared/data/gettext-en-de";
-
-/// Where a run keeps its checkpoint, inside its output directory.
-const CHECKPOINT_DIR: &str = "checkpoint";
 
 /// The trained tokenizer, written beside the model so that a resumed run and users reuse it.
 const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -162,19 +159,8 @@ fn data_dir(f: &flags::Reproduce) -> PathBuf {
 /// `cargo xtask reproduce transformer-gettext-en-de`.
 pub fn run(_experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     if let Some(dir) = &f.resume {
-        let saved = relprune_prune::checkpoint::read(&dir.join(CHECKPOINT_DIR), &Device::Cpu)?;
-        let cfg: Config = serde_json::from_value(saved.journal.run["config"].clone())
-            .with_context(|| {
-                format!(
-                    "{}: the checkpoint holds no {NAME} configuration",
-                    dir.display()
-                )
-            })?;
-        eprintln!(
-            "resuming {NAME} in {} after {} epochs",
-            dir.display(),
-            saved.journal.epochs_trained
-        );
+        let (cfg, epochs): (Config, usize) = saved_config(dir, NAME)?;
+        eprintln!("resuming {NAME} in {} after {epochs} epochs", dir.display());
         return run_config(cfg, out, true);
     }
     let mut cfg = Config::preset(f.quick);
@@ -427,19 +413,9 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
     if let Some(dir) = &cfg.dense_from {
         load_dense(&trainer.params, &dir.join("dense.safetensors"))?;
     }
-    let checkpoints = out.join(CHECKPOINT_DIR);
-    if resume {
-        trainer.resume(&checkpoints, &mut task)?;
-    } else {
-        trainer.checkpoint_into(&checkpoints, serde_json::json!({ "config": &cfg }))?;
-    }
-
     // 1. The dense reference.
-    let schedule = LrSchedule::Cosine {
-        lr: cfg.dense_lr,
-        epochs: cfg.dense_epochs,
-    };
-    trainer.fit(&mut task, schedule, cfg.dense_epochs, false, "dense")?;
+    let dense = (cfg.dense_lr, cfg.dense_epochs);
+    start_dense(&mut trainer, &mut task, out, &cfg, resume, dense)?;
     let (dense_valid, dense_test) = trainer.once("dense evaluation", |trainer| {
         let valid = trainer.evaluate(&mut task, Split::Valid)?;
         let (test_bleu, hyps) = task.bleu(Split::Test)?;
