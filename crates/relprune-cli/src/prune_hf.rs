@@ -211,6 +211,7 @@ pub struct Config {
 
 /// Runs `relprune prune-hf`.
 pub fn run(args: &PruneHfArgs) -> Result<()> {
+    memory::return_freed_buffers();
     let t0 = Instant::now();
     let out = absolute(&args.out)?;
     ensure!(

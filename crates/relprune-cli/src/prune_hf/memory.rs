@@ -2,6 +2,19 @@
 
 use serde_json::{json, Map, Value};
 
+/// Makes glibc give every large freed buffer back to the system at once. glibc raises its mmap
+/// threshold after each large free, after which a training step's activation buffers come from
+/// the heap and stay resident once freed (MiniLM: 413 MB resident between batches instead of
+/// 275 MB, 5% higher peak), at the price of a page fault per page of every large buffer (about
+/// 13% more CPU time). Call before any other thread exists.
+pub fn return_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; the caller runs before other threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+    }
+}
+
 /// The current and the peak resident set size in MB (Linux `/proc/self/status`: `VmRSS`,
 /// `VmHWM`); `None` where the system does not tell.
 pub fn rss_mb() -> Option<(f64, f64)> {
