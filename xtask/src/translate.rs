@@ -24,7 +24,7 @@ use relprune_models::transformer::{Embeddings, Positions, Transformer, Transform
 use relprune_prune::threshold::BisectionConfig;
 use relprune_prune::{
     export, AdamConfig, IterativePruning, MaskedAdam, Masks, ParamSet, PruneConfig, Selection,
-    Split, Trainer,
+    Snapshot, Split, Trainer,
 };
 use serde::{Deserialize, Serialize};
 
@@ -252,28 +252,11 @@ fn tokenizer(cfg: &Config, train: &[TextPair], out: &Path) -> Result<TextTokeniz
 
 /// Sets every parameter to its tensor in `path` (a `dense.safetensors` of an earlier run).
 fn load_dense(params: &ParamSet, path: &Path) -> Result<()> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("--dense-from: cannot read {}", path.display()))?;
-    for p in params.iter() {
-        let t = tensors.get(&p.name).with_context(|| {
-            format!(
-                "--dense-from: {} has no tensor `{}`",
-                path.display(),
-                p.name
-            )
-        })?;
-        ensure!(
-            t.dims() == p.var.dims(),
-            "--dense-from: `{}` in {} has shape {:?}, the model expects {:?} (another \
-             configuration?)",
-            p.name,
-            path.display(),
-            t.dims(),
-            p.var.dims()
-        );
-        p.var.set(t)?;
-    }
-    Ok(())
+    let context = || format!("--dense-from: {}", path.display());
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(context)?;
+    params
+        .restore(&Snapshot(tensors.into_iter().collect()))
+        .with_context(context)
 }
 
 /// The layer type a parameter belongs to, for the per-type table.

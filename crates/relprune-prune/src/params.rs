@@ -173,6 +173,16 @@ impl ParamSet {
                 name: p.name.clone(),
                 msg: "missing from the snapshot".into(),
             })?;
+            if t.dims() != p.var.dims() {
+                return Err(Error::Param {
+                    name: p.name.clone(),
+                    msg: format!(
+                        "the snapshot holds shape {:?}, the model {:?}",
+                        t.dims(),
+                        p.var.dims()
+                    ),
+                });
+            }
             p.var.set(t)?;
         }
         Ok(())
@@ -301,5 +311,21 @@ mod tests {
         w.set(&Tensor::zeros((2, 2), DType::F32, &dev).unwrap())
             .unwrap();
         assert_eq!(snap.0["fc.weight"].to_vec2::<f32>().unwrap()[0], [5.0, 6.0]);
+    }
+
+    #[test]
+    fn restore_names_a_parameter_of_the_wrong_shape() {
+        let vm = VarMap::new();
+        let dev = candle_core::Device::Cpu;
+        let w = Var::zeros((2, 2), DType::F32, &dev).unwrap();
+        vm.data().lock().unwrap().insert("fc.weight".into(), w);
+        let ps = ParamSet::from_varmap(&vm, &Selection::default()).unwrap();
+        let mut snap = Snapshot(BTreeMap::new());
+        snap.0.insert(
+            "fc.weight".into(),
+            Tensor::zeros((3, 2), DType::F32, &dev).unwrap(),
+        );
+        let err = ps.restore(&snap).unwrap_err().to_string();
+        assert!(err.contains("fc.weight") && err.contains("[3, 2]"), "{err}");
     }
 }
