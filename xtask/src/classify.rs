@@ -18,8 +18,8 @@ use relprune_models::{CifarResNet, Lenet300, Lenet5, Shortcut, Vgg16};
 use relprune_prune::baselines::{self, Finetune};
 use relprune_prune::threshold::BisectionConfig;
 use relprune_prune::{
-    export, IterativePruning, LrSchedule, MaskedSgd, Masks, ParamSet, PruneConfig, Selection,
-    SgdConfig, Split, Task, Trainer,
+    export, IterativePruning, LrSchedule, MaskedSgd, Masks, ParamSet, PruneConfig, RestorePoint,
+    Selection, SgdConfig, Split, Task, Trainer,
 };
 use serde::{Deserialize, Serialize};
 
@@ -215,6 +215,7 @@ impl Config {
             delta: if quick { 0.8 } else { 1.0 },
             patience: 2,
             min_improvement: 0.01,
+            restore: RestorePoint::LastImprovement,
             max_epochs: if quick { 300 } else { 400 },
             target_sparsity: None,
             stop_rounds: 5,

@@ -35,7 +35,7 @@ use relprune_prune::reconstruct::{obs_prune, Gram, ObsConfig};
 use relprune_prune::threshold::{BisectionConfig, Criterion, Scope};
 use relprune_prune::{
     export, AdamConfig, Evaluation, IterativePruning, LrSchedule, MaskedAdam, Masks, ParamSet,
-    PruneConfig, Selection, Split, Task, Trainer,
+    PruneConfig, RestorePoint, Selection, Split, Task, Trainer,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -400,6 +400,7 @@ fn config_from_args(args: &PruneHfArgs) -> Result<Config> {
         delta: args.max_drop.unwrap_or(1e6),
         patience: args.patience,
         min_improvement: args.min_improvement,
+        restore: RestorePoint::LastImprovement,
         max_epochs: args.epochs,
         target_sparsity: args.target_sparsity,
         stop_rounds: 3,

@@ -31,6 +31,9 @@ pub struct PruneConfig {
     pub patience: usize,
     /// Relative decrease of the validation loss that counts as an improvement.
     pub min_improvement: f64,
+    /// Which weights a plateau restores before the threshold search.
+    #[serde(default)]
+    pub restore: RestorePoint,
     /// Epoch budget of the pruning phase.
     pub max_epochs: usize,
     /// Target-sparsity mode: stop once exactly this fraction of the prunable weights is pruned
@@ -56,6 +59,7 @@ impl Default for PruneConfig {
             delta: 0.5,
             patience: 2,
             min_improvement: 0.01,
+            restore: RestorePoint::LastImprovement,
             max_epochs: 180,
             target_sparsity: None,
             stop_rounds: 5,
@@ -64,6 +68,20 @@ impl Default for PruneConfig {
             finetune_lr: 0.01,
         }
     }
+}
+
+/// The weights a plateau restores: METHOD.md's "best weights seen since the last pruning".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestorePoint {
+    /// Those of the last epoch that improved by `min_improvement` (the spec's literal reading:
+    /// "best" is what an improving epoch updates). Epochs that lowered the loss by less are
+    /// thrown away at the plateau.
+    #[default]
+    LastImprovement,
+    /// Those of the epoch with the lowest validation loss since the last pruning, however small
+    /// its gain; `min_improvement` then only decides when a plateau is reached.
+    LowestLoss,
 }
 
 /// One pruning round.
@@ -136,6 +154,10 @@ struct LoopState {
     epoch: usize,
     reference: Evaluation,
     best_loss: f64,
+    /// The loss the plateau rule compares against (`None` in checkpoints written before it
+    /// existed, which read it as `best_loss`).
+    #[serde(default)]
+    plateau_loss: Option<f64>,
     since_improvement: usize,
     result_round: Option<usize>,
     rounds: Vec<RoundRecord>,
@@ -227,6 +249,7 @@ impl IterativePruning {
                     epoch: 0,
                     reference,
                     best_loss: reference.loss,
+                    plateau_loss: Some(reference.loss),
                     since_improvement: 0,
                     result_round: None,
                     rounds: Vec::new(),
@@ -282,11 +305,18 @@ impl IterativePruning {
             let train_loss = trainer.train_epoch(task, epoch, Some(&bar))?;
             let valid = trainer.evaluate(task, Split::Valid)?;
             bar.inc(1);
-            if valid.loss < st.best_loss * (1.0 - cfg.min_improvement) {
+            let plateau_loss = st.plateau_loss.unwrap_or(st.best_loss);
+            let improved = valid.loss < plateau_loss * (1.0 - cfg.min_improvement);
+            let lowest = valid.loss < st.best_loss;
+            if improved || (lowest && cfg.restore == RestorePoint::LowestLoss) {
                 st.best_loss = valid.loss;
                 trainer.params.snapshot_into(&mut best)?;
+            }
+            if improved {
+                st.plateau_loss = Some(valid.loss);
                 st.since_improvement = 0;
             } else {
+                st.plateau_loss = Some(plateau_loss);
                 st.since_improvement += 1;
             }
             bar.set_message(format!(
@@ -421,6 +451,7 @@ impl IterativePruning {
             result.round = Some(st.rounds.len());
         }
         st.best_loss = valid.loss;
+        st.plateau_loss = Some(valid.loss);
         trainer.params.snapshot_into(best)?;
         st.since_improvement = 0;
 

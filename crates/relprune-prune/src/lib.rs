@@ -29,7 +29,9 @@ pub mod trainer;
 
 pub use adam::{AdamConfig, MaskedAdam};
 pub use error::{Error, Result};
-pub use iterative::{IterativePruning, PruneConfig, PruneOutcome, RoundRecord, StopReason};
+pub use iterative::{
+    IterativePruning, PruneConfig, PruneOutcome, RestorePoint, RoundRecord, StopReason,
+};
 pub use mask::Masks;
 pub use optim::{MaskedSgd, Optimizer, SgdConfig};
 pub use params::{Param, ParamSet, Selection, Snapshot};
