@@ -353,3 +353,49 @@ pub(crate) fn restore(
     optim.set_regularizer(saved.journal.regularizer)?;
     Ok(())
 }
+
+/// Writes every parameter's current values to `path` (temp file + rename): a snapshot kept on
+/// disk instead of in memory.
+pub fn write_params_file(path: &Path, params: &ParamSet) -> Result<()> {
+    let tensors = params
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    safetensors::serialize_to_file(tensors, None, &tmp)
+        .map_err(|e| file_err(&tmp, format!("cannot write the weights: {e}")))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| file_err(path, format!("cannot move the weights in place: {e}")))
+}
+
+/// Sets every parameter from a file written by [`write_params_file`].
+pub fn restore_params_file(path: &Path, params: &ParamSet) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| file_err(path, format!("not a valid weights file (truncated?): {e}")))?;
+    for p in params.iter() {
+        let view = st
+            .tensor(&p.name)
+            .map_err(|_| file_err(path, format!("parameter `{}` is missing", p.name)))?;
+        let w = p.var.as_tensor();
+        // One parameter at a time: never a second copy of the whole model.
+        let t = candle_core::safetensors::Load::load(&view, w.device())
+            .map_err(|e| file_err(path, format!("parameter `{}`: {e}", p.name)))?;
+        if t.dims() != w.dims() {
+            return Err(file_err(
+                path,
+                format!(
+                    "parameter `{}` has shape {:?} here but {:?} in the model",
+                    p.name,
+                    t.dims(),
+                    w.dims()
+                ),
+            ));
+        }
+        p.var.set(&t.to_dtype(w.dtype())?)?;
+    }
+    Ok(())
+}

@@ -90,7 +90,7 @@ pub struct ParamSet {
 }
 
 /// Copies of every parameter's values, by name.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Snapshot(pub BTreeMap<String, Tensor>);
 
 impl ParamSet {

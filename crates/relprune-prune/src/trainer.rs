@@ -1,7 +1,7 @@
 //! Training epochs: forward, backward, masked regularized step, with progress and NaN checks.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -12,7 +12,9 @@ use serde_json::Value;
 
 use crate::checkpoint::{self, Checkpointer, PhaseStart, Progress};
 use crate::schedule::LrScheduler;
-use crate::{Error, Evaluation, LrSchedule, Masks, Optimizer, ParamSet, Result, Split, Task};
+use crate::{
+    Error, Evaluation, LrSchedule, Masks, Optimizer, ParamSet, Result, Snapshot, Split, Task,
+};
 
 /// The loop state `fit` checkpoints after each epoch.
 #[derive(Serialize, Deserialize)]
@@ -21,6 +23,15 @@ struct FitState {
     records: Vec<EpochRecord>,
     scheduler: LrScheduler,
     best_metric: Option<f64>,
+    /// The file in the checkpoint directory holding the best weights (`spill_best`).
+    #[serde(default)]
+    best_file: Option<String>,
+}
+
+/// Where `fit` keeps the best epoch's weights.
+enum BestWeights {
+    Memory(Snapshot),
+    File(PathBuf),
 }
 
 fn to_json(v: &impl Serialize) -> Result<Value> {
@@ -68,6 +79,9 @@ pub struct Trainer {
     pub epochs_trained: usize,
     /// Where checkpoints go, if the run is checkpointed.
     pub checkpoints: Option<Checkpointer>,
+    /// Keep `fit`'s best-epoch weights in a file in the checkpoint directory instead of in
+    /// memory (checkpointed runs only): one copy of the trained weights less in RAM.
+    pub spill_best: bool,
 }
 
 impl Trainer {
@@ -81,6 +95,7 @@ impl Trainer {
             quiet: false,
             epochs_trained: 0,
             checkpoints: None,
+            spill_best: false,
         })
     }
 
@@ -275,16 +290,20 @@ impl Trainer {
             PhaseStart::Done(v) => return from_json(v, label),
             PhaseStart::Resume { state, tensors } => {
                 let st: FitState = from_json(state, label)?;
-                let best = match st.best_metric {
-                    Some(m) => Some((m, checkpoint::snapshot_from(&tensors, "best")?)),
-                    None => None,
+                let best = match (st.best_metric, &st.best_file) {
+                    (Some(m), Some(file)) => Some((m, BestWeights::File(self.spill_path(file)?))),
+                    (Some(m), None) => Some((
+                        m,
+                        BestWeights::Memory(checkpoint::snapshot_from(&tensors, "best")?),
+                    )),
+                    (None, _) => None,
                 };
                 (st, best)
             }
             PhaseStart::Fresh => {
                 let best = if keep_best {
                     let e = self.evaluate(task, Split::Valid)?;
-                    Some((e.metric, self.params.snapshot()?))
+                    Some((e.metric, self.keep_weights(label, 0)?))
                 } else {
                     None
                 };
@@ -293,6 +312,7 @@ impl Trainer {
                     records: Vec::with_capacity(epochs),
                     scheduler: LrScheduler::new(schedule),
                     best_metric: None,
+                    best_file: None,
                 };
                 (st, best)
             }
@@ -320,10 +340,22 @@ impl Trainer {
                 "{label} epoch {epoch}/{epochs}: lr {lr:.4} train loss {train_loss:.4} | valid loss {:.4} {} {:.3} | remaining {remaining_pct:.2}% | {:.1}s",
                 valid.loss, spec.name, valid.metric, rec.seconds
             ));
-            if let Some((b, snap)) = best {
+            // A file replaced by a newer best is deleted only once the checkpoint no longer
+            // names it: an interruption in between resumes from the old one.
+            let mut superseded = None;
+            if let Some((b, weights)) = best {
                 if spec.worsening(valid.metric, *b) < 0.0 {
                     *b = valid.metric;
-                    self.params.snapshot_into(snap)?;
+                    let old = std::mem::replace(weights, BestWeights::Memory(Snapshot::default()));
+                    let (new, stale) = match old {
+                        BestWeights::Memory(mut snap) => {
+                            self.params.snapshot_into(&mut snap)?;
+                            (BestWeights::Memory(snap), None)
+                        }
+                        BestWeights::File(path) => (self.keep_weights(label, epoch)?, Some(path)),
+                    };
+                    *weights = new;
+                    superseded = stale;
                 }
             }
             st.records.push(rec);
@@ -331,20 +363,70 @@ impl Trainer {
             bar.inc(1);
             if self.checkpoints.is_some() {
                 st.best_metric = best.as_ref().map(|(m, _)| *m);
-                let tensors = best
-                    .as_ref()
-                    .map(|(_, snap)| checkpoint::snapshot_tensors("best", snap))
-                    .unwrap_or_default();
+                st.best_file = match best {
+                    Some((_, BestWeights::File(p))) => file_name(p),
+                    _ => None,
+                };
+                let tensors = match best {
+                    Some((_, BestWeights::Memory(snap))) => {
+                        checkpoint::snapshot_tensors("best", snap)
+                    }
+                    _ => Vec::new(),
+                };
                 self.phase_save(label, &*st, tensors)?;
+            }
+            if let Some(p) = superseded {
+                // Best effort: a leftover file only costs disk space in the checkpoint directory.
+                let _ = std::fs::remove_file(p);
             }
         }
         bar.finish_and_clear();
         let (st, best) = state;
-        if let Some((_, snap)) = best {
-            self.params.restore(&snap)?;
-        }
+        let spilled = match best {
+            Some((_, BestWeights::Memory(snap))) => {
+                self.params.restore(&snap)?;
+                None
+            }
+            Some((_, BestWeights::File(path))) => {
+                checkpoint::restore_params_file(&path, &self.params)?;
+                Some(path)
+            }
+            None => None,
+        };
         self.phase_end(label, &st.records)?;
+        if let Some(p) = spilled {
+            let _ = std::fs::remove_file(p);
+        }
         Ok(st.records)
+    }
+
+    /// The current weights kept as the best so far: in memory, or (`spill_best` with
+    /// checkpoints) in a new file of the checkpoint directory named after `label` and `epoch`.
+    fn keep_weights(&self, label: &str, epoch: usize) -> Result<BestWeights> {
+        match (&self.checkpoints, self.spill_best) {
+            (Some(_), true) => {
+                let slug: String = label
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                    .collect();
+                let path = self.spill_path(&format!("best-{slug}-{epoch}.safetensors"))?;
+                checkpoint::write_params_file(&path, &self.params)?;
+                Ok(BestWeights::File(path))
+            }
+            _ => Ok(BestWeights::Memory(self.params.snapshot()?)),
+        }
+    }
+
+    /// `file` inside the checkpoint directory.
+    fn spill_path(&self, file: &str) -> Result<PathBuf> {
+        let dir = self
+            .checkpoints
+            .as_ref()
+            .and_then(|c| c.path().parent())
+            .ok_or_else(|| {
+                Error::Config("the best weights are in a file, but no checkpoint directory".into())
+            })?;
+        Ok(dir.join(file))
     }
 
     /// A progress bar over `len` epochs (hidden when `quiet` or when stderr is not a terminal).
@@ -375,4 +457,9 @@ impl Trainer {
             bar.println(line);
         }
     }
+}
+
+/// The last component of `p` as a string.
+fn file_name(p: &Path) -> Option<String> {
+    p.file_name().map(|n| n.to_string_lossy().into_owned())
 }

@@ -3,14 +3,14 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::{toy, weights, Toy};
 use relprune_core::SelectiveDecay;
 use relprune_prune::threshold::BisectionConfig;
 use relprune_prune::{
-    AdamConfig, IterativePruning, LrSchedule, MaskedAdam, MaskedSgd, Masks, Optimizer, ParamSet,
-    PruneConfig, Selection, SgdConfig, Trainer,
+    AdamConfig, Evaluation, IterativePruning, LrSchedule, MaskedAdam, MaskedSgd, Masks, MetricSpec,
+    Optimizer, ParamSet, PruneConfig, Selection, SgdConfig, Split, Task, Trainer,
 };
 
 fn sgd() -> MaskedSgd {
@@ -273,4 +273,88 @@ fn a_phase_label_used_twice_in_one_checkpointed_run_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("used twice"), "{err}");
+}
+
+/// The toy task with a scripted validation metric per epoch (lower is better): the best epoch
+/// is the first, so keeping the best must undo epochs 2 and 3.
+struct BestAtEpochOne {
+    toy: Toy,
+    epoch: usize,
+}
+
+impl Task for BestAtEpochOne {
+    fn metric(&self) -> MetricSpec {
+        self.toy.metric()
+    }
+    fn begin_epoch(&mut self, epoch: usize) -> relprune_prune::Result<usize> {
+        let n = self.toy.begin_epoch(epoch)?;
+        self.epoch = epoch;
+        Ok(n)
+    }
+    fn batch_loss(&mut self, index: usize) -> relprune_prune::Result<Tensor> {
+        self.toy.batch_loss(index)
+    }
+    fn evaluate(&mut self, split: Split) -> relprune_prune::Result<Evaluation> {
+        let e = self.toy.evaluate(split)?;
+        let metric = [50.0, 10.0, 30.0, 40.0][self.epoch.min(3)];
+        Ok(Evaluation { metric, ..e })
+    }
+}
+
+/// `epochs` epochs of a constant-rate fit; with `keep_best` (spilled to `dir` when `spill`),
+/// crashing at the start of epoch `crash` and resuming.
+fn scripted_fit(
+    epochs: usize,
+    keep_best: bool,
+    spill: bool,
+    crash: Option<usize>,
+    dir: &std::path::Path,
+) -> Vec<(String, Vec<f32>)> {
+    let make = |crash| {
+        let (toy, params) = toy(crash);
+        let masks = Masks::dense(&params).unwrap();
+        let mut trainer = Trainer::new(params, masks, sgd()).unwrap();
+        trainer.quiet = true;
+        trainer.spill_best = spill;
+        (BestAtEpochOne { toy, epoch: 0 }, trainer)
+    };
+    let schedule = LrSchedule::Constant { lr: 0.05 };
+    let (mut task, mut trainer) = make(crash);
+    trainer
+        .checkpoint_into(dir, serde_json::Value::Null)
+        .unwrap();
+    if let Err(e) = trainer.fit(&mut task, schedule, epochs, keep_best, "fit") {
+        assert!(e.to_string().contains("simulated crash"), "{e}");
+        let (t, tr) = make(None);
+        (task, trainer) = (t, tr);
+        trainer.resume(dir, &mut task).unwrap();
+        trainer
+            .fit(&mut task, schedule, epochs, keep_best, "fit")
+            .unwrap();
+    }
+    weights(&trainer.params)
+}
+
+/// Files in `dir` whose name starts with `best-`.
+fn best_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("best-"))
+        .collect()
+}
+
+#[test]
+fn the_best_epoch_restored_from_a_file_is_the_best_epoch_also_after_a_resume() {
+    let tmp = || tempfile::tempdir().unwrap();
+    let after_one = scripted_fit(1, false, false, None, tmp().path());
+    let after_three = scripted_fit(3, false, false, None, tmp().path());
+    assert_ne!(after_one, after_three, "epochs 2 and 3 change the weights");
+    assert_eq!(scripted_fit(3, true, false, None, tmp().path()), after_one);
+    let dir = tmp();
+    assert_eq!(scripted_fit(3, true, true, None, dir.path()), after_one);
+    assert!(best_files(dir.path()).is_empty());
+    let dir = tmp();
+    assert_eq!(scripted_fit(3, true, true, Some(3), dir.path()), after_one);
+    assert!(best_files(dir.path()).is_empty());
 }
