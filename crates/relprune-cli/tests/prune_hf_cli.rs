@@ -239,6 +239,13 @@ fn prune_hf_prunes_tiny_bert_into_a_loadable_directory() {
     assert_eq!(report["metric"], "cosine_similarity");
     assert_eq!(report["higher_is_better"], true);
     assert_eq!(report["dataset"]["test"], 10);
+    // The default two distillation variants of every training line (`--augment`).
+    assert_eq!(report["config"]["augment"], 2);
+    let valid = report["dataset"]["valid"].as_u64().unwrap();
+    assert_eq!(
+        report["dataset"]["train"].as_u64().unwrap(),
+        3 * (48 - valid)
+    );
     let linear = linear_sparsity_pct(&report);
     assert!(linear >= 50.0, "{linear}");
     let cos = report["pruned"]["value"].as_f64().unwrap();
@@ -369,6 +376,35 @@ fn an_unsupported_architecture_is_a_clear_error() {
         dir.path(),
         &["config.json", "gpt2", "bert, marian, t5"],
     );
+}
+
+#[test]
+fn augmenting_the_text_of_a_translation_model_is_a_clear_error() {
+    let dir = TempDir::new().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "the cat runs .\nhello .\n").unwrap();
+    let out = dir.path().join("pruned");
+    let run = relprune(
+        &[
+            "prune-hf",
+            "--model",
+            s(&fixture("marian-tiny")),
+            "--text",
+            s(&text),
+            "--target-sparsity",
+            "0.5",
+            "--augment",
+            "1",
+            "--out",
+            s(&out),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(!run.status.success());
+    let err = stderr(&run);
+    assert!(err.contains("--augment") && err.contains("marian"), "{err}");
+    assert!(!out.exists());
 }
 
 #[test]

@@ -30,15 +30,27 @@ pub struct Sentences {
 }
 
 impl Sentences {
-    /// `ids` grouped into batches of at most `batch_size` sentences of similar lengths.
-    pub fn new(ids: Vec<Vec<u32>>, batch_size: usize) -> Self {
+    /// `ids` grouped into batches of similar lengths, each of at most `batch_size` sentences and
+    /// (when `max_tokens > 0`) at most `max_tokens` padded tokens, or a single sentence.
+    pub fn new(ids: Vec<Vec<u32>>, batch_size: usize, max_tokens: usize) -> Self {
         let mut order: Vec<usize> = (0..ids.len()).collect();
         // Stable sort by length: deterministic batches with little padding.
         order.sort_by_key(|&i| ids[i].len());
-        let batches = order
-            .chunks(batch_size.max(1))
-            .map(<[usize]>::to_vec)
-            .collect();
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        let mut current: Vec<usize> = Vec::new();
+        for i in order {
+            // Sorted: the new sentence is the batch's longest, so it sets the padded length.
+            let padded = (current.len() + 1) * ids[i].len();
+            let fits =
+                current.len() < batch_size.max(1) && (max_tokens == 0 || padded <= max_tokens);
+            if !fits && !current.is_empty() {
+                batches.push(std::mem::take(&mut current));
+            }
+            current.push(i);
+        }
+        if !current.is_empty() {
+            batches.push(current);
+        }
         Self {
             ids,
             batches,
@@ -309,5 +321,32 @@ impl Task for EncoderDistill {
     fn skip_epochs(&mut self, _epochs: usize) -> relprune_prune::Result<()> {
         // Nothing to replay: the order of epoch e is a function of (seed, e).
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_the_sentence_and_token_limits_and_cover_every_sentence_once() {
+        let lens = [3usize, 40, 7, 7, 12, 90, 5, 20, 64, 1, 33, 8];
+        let ids: Vec<Vec<u32>> = lens.iter().map(|&n| vec![1; n]).collect();
+        let s = Sentences::new(ids, 4, 64);
+        let mut seen: Vec<usize> = s.batches.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>());
+        for b in &s.batches {
+            let longest = b.iter().map(|&i| lens[i]).max().unwrap();
+            assert!(b.len() <= 4, "{b:?}");
+            // Over the budget only as a batch of one (the 90-token sentence).
+            assert!(b.len() * longest <= 64 || b.len() == 1, "{b:?}");
+        }
+        // The 90-token sentence alone; the short ones share batches.
+        assert!(s.batches.iter().any(|b| b == &vec![5]));
+        assert!(s.batches.iter().any(|b| b.len() == 4));
+        // Without a token limit: chunks of 4 in length order.
+        let ids: Vec<Vec<u32>> = lens.iter().map(|&n| vec![1; n]).collect();
+        assert_eq!(Sentences::new(ids, 4, 0).batches.len(), 3);
     }
 }
