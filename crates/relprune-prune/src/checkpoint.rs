@@ -313,19 +313,7 @@ pub(crate) fn restore(
                 ),
             )
         })?;
-        let w = p.var.as_tensor();
-        if t.dims() != w.dims() {
-            return Err(file_err(
-                path,
-                format!(
-                    "parameter `{}` has shape {:?} here but {:?} in the model",
-                    p.name,
-                    t.dims(),
-                    w.dims()
-                ),
-            ));
-        }
-        p.var.set(&t.to_dtype(w.dtype())?.to_device(w.device())?)?;
+        set_param(p, t, path)?;
     }
     let saved_masks = strip_prefix(&saved.tensors, "mask");
     let mut restored = BTreeMap::new();
@@ -380,22 +368,29 @@ pub fn restore_params_file(path: &Path, params: &ParamSet) -> Result<()> {
         let view = st
             .tensor(&p.name)
             .map_err(|_| file_err(path, format!("parameter `{}` is missing", p.name)))?;
-        let w = p.var.as_tensor();
         // One parameter at a time: never a second copy of the whole model.
-        let t = candle_core::safetensors::Load::load(&view, w.device())
+        let t = candle_core::safetensors::Load::load(&view, p.var.device())
             .map_err(|e| file_err(path, format!("parameter `{}`: {e}", p.name)))?;
-        if t.dims() != w.dims() {
-            return Err(file_err(
-                path,
-                format!(
-                    "parameter `{}` has shape {:?} here but {:?} in the model",
-                    p.name,
-                    t.dims(),
-                    w.dims()
-                ),
-            ));
-        }
-        p.var.set(&t.to_dtype(w.dtype())?)?;
+        set_param(p, &t, path)?;
     }
+    Ok(())
+}
+
+/// Sets `p` to `t` read from `path`, converted to the variable's dtype and device; a shape
+/// that differs is an error naming the file and the parameter.
+fn set_param(p: &crate::Param, t: &Tensor, path: &Path) -> Result<()> {
+    let w = p.var.as_tensor();
+    if t.dims() != w.dims() {
+        return Err(file_err(
+            path,
+            format!(
+                "parameter `{}` has shape {:?} here but {:?} in the model",
+                p.name,
+                t.dims(),
+                w.dims()
+            ),
+        ));
+    }
+    p.var.set(&t.to_dtype(w.dtype())?.to_device(w.device())?)?;
     Ok(())
 }
