@@ -611,7 +611,10 @@ pub fn make_trainer<T: Task + ?Sized>(
         lr: cfg.prune.lr,
         ..Default::default()
     };
-    let mut trainer = Trainer::new(params, masks, MaskedAdam::new(adam, None)?)?;
+    let mut optim = MaskedAdam::new(adam, None)?;
+    // A model-sized scratch buffer less between batches, for an allocation per step.
+    optim.set_keep_scratch(false);
+    let mut trainer = Trainer::new(params, masks, optim)?;
     trainer.quiet = opts.quiet;
     // The fine-tune's best epoch lives in the work directory, not in memory (−1 copy of the
     // trained weights: 44 MB of MiniLM's 91).

@@ -72,6 +72,7 @@ pub struct MaskedAdam {
     regularizer: Option<SelectiveDecay>,
     state: HashMap<String, AdamState>,
     fused: bool,
+    keep_scratch: bool,
 }
 
 impl MaskedAdam {
@@ -88,12 +89,25 @@ impl MaskedAdam {
             regularizer,
             state: HashMap::new(),
             fused: true,
+            keep_scratch: true,
         })
     }
 
     /// Uses tensor ops even on the CPU (the portable path; tests compare both).
     pub fn set_fused(&mut self, fused: bool) {
         self.fused = fused;
+    }
+
+    /// Keeps each parameter's scratch buffer (the masked gradient) between steps: the default,
+    /// no allocation per step. Off, it is freed after every step, which leaves one
+    /// gradient-sized copy of the trained weights less in memory between batches.
+    pub fn set_keep_scratch(&mut self, keep: bool) {
+        self.keep_scratch = keep;
+        if !keep {
+            for st in self.state.values_mut() {
+                st.work = None;
+            }
+        }
     }
 
     /// The first and second moments of a parameter, once it has taken a step.
@@ -171,12 +185,17 @@ impl Optimizer for MaskedAdam {
         relevance: Option<&HashMap<String, Tensor>>,
     ) -> Result<()> {
         let (cfg, regularizer, fused) = (self.cfg, self.regularizer, self.fused);
+        let keep_scratch = self.keep_scratch;
         for_each_step_input(params, masks, grads, regularizer, relevance, |x| {
             let state = self.state.entry(x.param.name.clone()).or_default();
             state.steps += 1;
             let w = x.param.var.as_tensor();
             if fused && x.fusable {
-                fused_step(cfg, x.reg, w, x.grad, x.mask, x.relevance.as_ref(), state)
+                fused_step(cfg, x.reg, w, x.grad, x.mask, x.relevance.as_ref(), state)?;
+                if !keep_scratch {
+                    state.work = None;
+                }
+                Ok(())
             } else {
                 let new_w =
                     generic_step(cfg, x.reg, w, x.grad, x.mask, x.relevance.as_ref(), state)?;

@@ -451,10 +451,22 @@ fn run_adam(
     steps: usize,
     prune_at: usize,
 ) -> (Vec<f32>, Vec<f32>, Masks, MaskedAdam) {
+    run_adam_with(cfg, reg, fused, steps, prune_at, true)
+}
+
+fn run_adam_with(
+    cfg: AdamConfig,
+    reg: Option<SelectiveDecay>,
+    fused: bool,
+    steps: usize,
+    prune_at: usize,
+    keep_scratch: bool,
+) -> (Vec<f32>, Vec<f32>, Masks, MaskedAdam) {
     let (_vm, ps) = tiny_model(13);
     let mut masks = Masks::dense(&ps).unwrap();
     let mut opt = MaskedAdam::new(cfg, reg).unwrap();
     opt.set_fused(fused);
+    opt.set_keep_scratch(keep_scratch);
     for s in 0..steps {
         if s == prune_at {
             masks.prune_below(&ps, 0.25).unwrap();
@@ -468,6 +480,14 @@ fn run_adam(
         masks,
         opt,
     )
+}
+
+#[test]
+fn adam_without_a_kept_scratch_buffer_takes_bit_identical_steps() {
+    let reg = Some(SelectiveDecay::lobster(1e-3));
+    let kept = run_adam_with(AdamConfig::default(), reg, true, 12, 5, true);
+    let freed = run_adam_with(AdamConfig::default(), reg, true, 12, 5, false);
+    assert_eq!((kept.0, kept.1), (freed.0, freed.1));
 }
 
 #[test]
