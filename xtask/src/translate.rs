@@ -100,27 +100,29 @@ impl Config {
             // an embedding row only gets a gradient in batches where its token occurs.
             regularizer: SelectiveDecay {
                 ema_beta: 0.9,
-                ..SelectiveDecay::default().with_lambda(if quick { 1e-3 } else { 5e-4 })
+                ..SelectiveDecay::default().with_lambda(1e-3)
             },
             lr: if quick { 1e-3 } else { 5e-4 },
             bisection: BisectionConfig {
                 twt: 0.05,
-                // Every evaluation decodes the validation split: cap the search's cost, and keep
-                // validation BLEU from drifting round after round.
+                // Every evaluation decodes the validation split: cap the search's cost.
                 max_evals: 16,
-                max_metric_worsening: if quick { None } else { Some(0.8) },
+                // No per-round BLEU bound: validation BLEU swings by about a point from epoch to
+                // epoch, and bounding each round by it stalled the run of stop 13 at 65% left.
+                max_metric_worsening: None,
                 ..Default::default()
             },
-            // In BLEU points, against the dense model's validation BLEU.
-            delta: if quick { 5.0 } else { 0.8 },
+            // In BLEU points, against the dense model's validation BLEU (the budget).
+            delta: if quick { 5.0 } else { 1.0 },
             patience: 1,
-            // A round every epoch leaves validation BLEU no time to recover above the bound
-            // (measured with 0.02: three rounds, then nothing prunable).
-            min_improvement: 0.01,
+            // Full: a round after every epoch unless it lowered the loss by 5% (with the
+            // lowest-loss restore no epoch's training is thrown away); two epochs per round
+            // would need ~16 epochs to reach 80%.
+            min_improvement: if quick { 0.01 } else { 0.05 },
             // The full run of stop 12 (`LastImprovement`) stalled at 50%: every epoch that
             // lowered the loss by less than 1% was thrown away at the next round.
             restore: RestorePoint::LowestLoss,
-            max_epochs: if quick { 6 } else { 12 },
+            max_epochs: if quick { 6 } else { 10 },
             // The goal: stop once 80% of the prunable weights are gone.
             target_sparsity: if quick { None } else { Some(0.8) },
             stop_rounds: 4,
