@@ -532,6 +532,7 @@ pub fn run_config(
         },
         pruned: PrunedSummary::new(pruned_test.metric, &total),
         layers: report.layers.clone(),
+        layer_groups: Vec::new(),
         sizes_bytes: SizesBytes {
             dense_safetensors: 0,
             pruned_safetensors: 0,

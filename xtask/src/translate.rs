@@ -482,24 +482,6 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
         "test_bleu_pruned_detail".into(),
         serde_json::to_value(&pruned_test)?,
     );
-    extra.insert(
-        "remaining_by_layer_type".into(),
-        serde_json::to_value(
-            types
-                .iter()
-                .map(|(t, s)| {
-                    (
-                        t.to_string(),
-                        serde_json::json!({
-                            "params": s.params,
-                            "nonzero": s.nonzero,
-                            "remaining_pct": s.remaining_pct(),
-                        }),
-                    )
-                })
-                .collect::<serde_json::Map<_, _>>(),
-        )?,
-    );
     let mut results = RunResults {
         experiment: cfg.experiment.clone(),
         dataset,
@@ -508,6 +490,7 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
         dense: MetricValue { value: dense_test },
         pruned: PrunedSummary::new(pruned_test.score, &total),
         layers: report.layers.clone(),
+        layer_groups: types.into_values().collect(),
         sizes_bytes: SizesBytes {
             dense_safetensors: 0,
             pruned_safetensors: 0,
@@ -609,11 +592,17 @@ mod tests {
         assert!(!names
             .iter()
             .any(|n| n.starts_with("decoder.embed_tokens") || n.starts_with("output_projection")));
-        let types = r.extra["remaining_by_layer_type"].as_object().unwrap();
-        for t in ["attention", "feed-forward", "embeddings"] {
-            let pct = types[t]["remaining_pct"].as_f64().unwrap();
-            assert!(pct < 100.0, "{t} was not pruned: {pct}");
+        let types: Vec<&str> = r.layer_groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(types, ["attention", "embeddings", "feed-forward"]);
+        for g in &r.layer_groups {
+            assert!(
+                g.remaining_pct() < 100.0,
+                "{} was not pruned: {g:?}",
+                g.name
+            );
         }
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("## By layer type"), "{md}");
         // The hypotheses files hold one line per test sentence, and BLEU on them is the
         // reported score.
         let hyps: Vec<String> = std::fs::read_to_string(dir.path().join("test.pruned.de"))

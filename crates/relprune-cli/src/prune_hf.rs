@@ -1171,6 +1171,7 @@ pub fn write_output(
         },
         pruned: PrunedSummary::new(r.pruned_metric, &total),
         layers: report.layers.clone(),
+        layer_groups: Vec::new(),
         sizes_bytes: SizesBytes {
             dense_safetensors: dense_sizes.raw,
             pruned_safetensors: sizes.raw,

@@ -89,6 +89,16 @@ fn layers_section(r: &RunResults, md: &mut Vec<String>) {
     };
     md.push(row(&total, true));
     md.push(String::new());
+    if !r.layer_groups.is_empty() {
+        md.push("## By layer type".into());
+        md.push(String::new());
+        md.push("| Type | Params | Non-zero | Remaining % | Sparsity % | Compression × |".into());
+        md.push("|---|---:|---:|---:|---:|---:|".into());
+        for g in &r.layer_groups {
+            md.push(row(g, false));
+        }
+        md.push(String::new());
+    }
 }
 
 /// File sizes with their ratio to the dense safetensors file.
@@ -307,6 +317,28 @@ mod tests {
             md.contains("![top1_error_pct vs remaining weights](curve.svg)"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn layer_groups_get_their_own_table_only_when_given() {
+        let mut r = sample();
+        assert!(!render_markdown(&r, None).contains("## By layer type"));
+        r.layer_groups = vec![LayerStats {
+            name: "attention".into(),
+            params: 393_216,
+            nonzero: 78_643,
+        }];
+        let md = render_markdown(&r, None);
+        assert!(md.contains("## By layer type"), "{md}");
+        assert!(
+            md.contains("| attention | 393,216 | 78,643 | 20.00% | 80.00% | 5.0× |"),
+            "{md}"
+        );
+        // A JSON without the field (older runs) still reads, and an empty list is not written.
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(!json.contains("layer_groups"));
+        let back: RunResults = serde_json::from_str(&json).unwrap();
+        assert!(back.layer_groups.is_empty());
     }
 
     #[test]

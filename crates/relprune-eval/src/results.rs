@@ -171,6 +171,10 @@ pub struct RunResults {
     pub pruned: PrunedSummary,
     /// Per prunable tensor counts.
     pub layers: Vec<LayerStats>,
+    /// Counts summed over groups of tensors (e.g. attention, feed-forward, embeddings), for runs
+    /// that report by layer type; each entry's `name` is the group's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_groups: Vec<LayerStats>,
     /// File sizes in bytes.
     pub sizes_bytes: SizesBytes,
     /// The pruned model file, relative to results.json.
@@ -276,6 +280,7 @@ pub(crate) mod tests {
             dense: MetricValue { value: 1.62 },
             pruned: PrunedSummary::new(1.87, &total),
             layers,
+            layer_groups: Vec::new(),
             sizes_bytes: SizesBytes {
                 dense_safetensors: 1066896,
                 pruned_safetensors: 1066896,
