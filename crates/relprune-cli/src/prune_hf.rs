@@ -29,7 +29,8 @@ use rand_chacha::ChaCha8Rng;
 use relprune_core::SelectiveDecay;
 use relprune_data::text::TextTokenizer;
 use relprune_eval::{
-    DatasetInfo, MetricValue, PrunedSummary, RoundRecord, RunResults, SizesBytes, SparsityReport,
+    DatasetInfo, LayerStats, MetricValue, PrunedSummary, RoundRecord, RunResults, SizesBytes,
+    SparsityReport,
 };
 use relprune_models::hf::bert::BertModel;
 use relprune_prune::reconstruct::{obs_prune, Gram, ObsConfig};
@@ -1045,6 +1046,9 @@ pub fn write_like_input(
     Ok(written)
 }
 
+/// The report group of every prunable tensor but the embeddings (the sparsity goal's figure).
+const LINEAR_GROUP: &str = "linear (all but embeddings)";
+
 /// The layer type of a prunable tensor, for the report.
 pub fn layer_type(name: &str) -> &'static str {
     let n = name.to_ascii_lowercase();
@@ -1121,33 +1125,24 @@ pub fn write_output(
         "the model file has {} non-zeros in prunable tensors but the masks allow only {alive}",
         total.nonzero
     );
-    let mut by_type: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    // By layer type, plus every linear layer together: the figure the sparsity goal is about.
+    let mut by_type: BTreeMap<&str, LayerStats> = BTreeMap::new();
     for l in &report.layers {
-        let e = by_type.entry(layer_type(&l.name)).or_default();
-        e.0 += l.params;
-        e.1 += l.nonzero;
-        if layer_type(&l.name) != "embeddings" {
-            let e = by_type.entry("linear (all but embeddings)").or_default();
-            e.0 += l.params;
-            e.1 += l.nonzero;
+        let t = layer_type(&l.name);
+        let linear = (t != "embeddings").then_some(LINEAR_GROUP);
+        for group in std::iter::once(t).chain(linear) {
+            let e = by_type.entry(group).or_insert_with(|| LayerStats {
+                name: group.into(),
+                params: 0,
+                nonzero: 0,
+            });
+            e.params += l.params;
+            e.nonzero += l.nonzero;
         }
     }
     let sizes = relprune_eval::sizes::compressed_sizes(&model_path)?;
     let dense_sizes = relprune_eval::sizes::compressed_sizes(r.input_weights)?;
     let mut extra = r.pruned.extra;
-    let types: serde_json::Map<String, Value> = by_type
-        .iter()
-        .map(|(k, (n, nz))| {
-            (
-                k.to_string(),
-                serde_json::json!({
-                    "params": n, "nonzero": nz,
-                    "sparsity_pct": 100.0 * (1.0 - *nz as f64 / (*n).max(1) as f64)
-                }),
-            )
-        })
-        .collect();
-    extra.insert("sparsity_by_type".into(), Value::Object(types));
     extra.insert(
         "dense_sizes_bytes".into(),
         serde_json::json!({"raw": dense_sizes.raw, "gzip": dense_sizes.gzip9, "bzip2": dense_sizes.bzip2_9}),
@@ -1171,7 +1166,7 @@ pub fn write_output(
         },
         pruned: PrunedSummary::new(r.pruned_metric, &total),
         layers: report.layers.clone(),
-        layer_groups: Vec::new(),
+        layer_groups: by_type.into_values().collect(),
         sizes_bytes: SizesBytes {
             dense_safetensors: dense_sizes.raw,
             pruned_safetensors: sizes.raw,
@@ -1210,10 +1205,13 @@ pub fn write_output(
         },
     ));
     md.push_str("| layer type | params | non-zero | sparsity |\n|---|---:|---:|---:|\n");
-    for (k, (n, nz)) in &by_type {
+    for g in &results.layer_groups {
         md.push_str(&format!(
-            "| {k} | {n} | {nz} | {:.2}% |\n",
-            100.0 * (1.0 - *nz as f64 / (*n).max(1) as f64)
+            "| {} | {} | {} | {:.2}% |\n",
+            g.name,
+            g.params,
+            g.nonzero,
+            g.sparsity_pct()
         ));
     }
     md.push_str(&format!(
@@ -1466,12 +1464,10 @@ pub fn finish(opts: &RunOptions, results: &RunResults) -> Result<()> {
             .with_context(|| format!("cannot remove work directory {}", opts.work.display()))?;
     }
     let linear = results
-        .extra
-        .get("sparsity_by_type")
-        .and_then(|t| t.get("linear (all but embeddings)"))
-        .and_then(|l| l.get("sparsity_pct"))
-        .and_then(Value::as_f64)
-        .unwrap_or(f64::NAN);
+        .layer_groups
+        .iter()
+        .find(|g| g.name == LINEAR_GROUP)
+        .map_or(f64::NAN, LayerStats::sparsity_pct);
     let peak = memory::rss_mb()
         .map(|(_, peak)| format!("; peak RSS {peak:.0} MB"))
         .unwrap_or_default();

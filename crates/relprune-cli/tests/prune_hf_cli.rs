@@ -37,9 +37,16 @@ fn read_report(out: &Path) -> Value {
 
 /// The percentage of zeros over the linear layers (all but embeddings) a report gives.
 fn linear_sparsity_pct(report: &Value) -> f64 {
-    report["extra"]["sparsity_by_type"]["linear (all but embeddings)"]["sparsity_pct"]
-        .as_f64()
-        .unwrap()
+    let groups = report["layer_groups"].as_array().unwrap();
+    let linear = groups
+        .iter()
+        .find(|g| g["name"] == "linear (all but embeddings)")
+        .unwrap();
+    let (n, nz) = (
+        linear["params"].as_f64().unwrap(),
+        linear["nonzero"].as_f64().unwrap(),
+    );
+    100.0 * (1.0 - nz / n)
 }
 
 fn s(p: &Path) -> &str {
