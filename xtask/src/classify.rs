@@ -225,6 +225,7 @@ impl Config {
             patience: 2,
             min_improvement: 0.01,
             restore: RestorePoint::LastImprovement,
+            judge_retrained: false,
             max_epochs: if quick { 300 } else { 400 },
             target_sparsity: None,
             stop_rounds: 5,

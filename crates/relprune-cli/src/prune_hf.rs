@@ -431,6 +431,7 @@ fn config_from_args(args: &PruneHfArgs) -> Result<Config> {
         patience: args.patience,
         min_improvement: args.min_improvement,
         restore: RestorePoint::LastImprovement,
+        judge_retrained: false,
         max_epochs: args.epochs,
         target_sparsity: args.target_sparsity,
         stop_rounds: 3,

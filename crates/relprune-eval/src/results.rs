@@ -447,6 +447,7 @@ pub(crate) mod tests {
                 valid: eval(0.2, 1.5),
                 search_evaluations: 4,
                 within_budget: true,
+                retrained: None,
             }],
             result_round: Some(1),
             epochs: 5,

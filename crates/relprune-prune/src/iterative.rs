@@ -34,6 +34,13 @@ pub struct PruneConfig {
     /// Which weights a plateau restores before the threshold search.
     #[serde(default)]
     pub restore: RestorePoint,
+    /// Also judge each round's masks once retrained: at the next plateau (and at the end of the
+    /// epoch budget) the restored weights are evaluated, and within `δ` they are a candidate
+    /// result too; the target-sparsity stop then waits for that judgement. Off: only the model
+    /// right after each pruning is judged (METHOD.md's literal rule), which with a generous
+    /// `TWT` rejects every round whose loss has not yet recovered.
+    #[serde(default)]
+    pub judge_retrained: bool,
     /// Epoch budget of the pruning phase.
     pub max_epochs: usize,
     /// Target-sparsity mode: stop once exactly this fraction of the prunable weights is pruned
@@ -60,6 +67,7 @@ impl Default for PruneConfig {
             patience: 2,
             min_improvement: 0.01,
             restore: RestorePoint::LastImprovement,
+            judge_retrained: false,
             max_epochs: 180,
             target_sparsity: None,
             stop_rounds: 5,
@@ -101,6 +109,10 @@ pub struct RoundRecord {
     pub search_evaluations: usize,
     /// Whether the round is within `δ` of the reference (a candidate result).
     pub within_budget: bool,
+    /// With [`PruneConfig::judge_retrained`]: the validation loss and metric of the round's masks
+    /// at the next plateau, after retraining.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrained: Option<Evaluation>,
 }
 
 /// Why the pruning phase ended.
@@ -163,6 +175,10 @@ struct LoopState {
     rounds: Vec<RoundRecord>,
     drift_run: usize,
     stall_run: usize,
+    /// The target sparsity is reached and, judging retrained masks, the phase ends at the next
+    /// plateau.
+    #[serde(default)]
+    target_reached: bool,
     stop_reason: StopReason,
     seconds: f64,
 }
@@ -255,6 +271,7 @@ impl IterativePruning {
                     rounds: Vec::new(),
                     drift_run: 0,
                     stall_run: 0,
+                    target_reached: false,
                     stop_reason: StopReason::EpochBudget,
                     seconds: 0.0,
                 };
@@ -341,6 +358,11 @@ impl IterativePruning {
             }
         }
         bar.finish_and_clear();
+        if cfg.judge_retrained && st.rounds.last().is_some_and(|r| st.epoch > r.epoch) {
+            // The epoch budget ran out after the last round's masks were retrained.
+            trainer.params.restore(&best)?;
+            self.judge_retrained(trainer, task, &mut st, &mut result, &bar)?;
+        }
 
         // The result: the sparsest model within budget, to be fine-tuned without the regularizer.
         trainer.masks = result.masks;
@@ -378,6 +400,11 @@ impl IterativePruning {
         let reference = st.reference;
         let epoch = st.epoch;
         trainer.params.restore(best)?;
+        self.judge_retrained(trainer, task, st, result, bar)?;
+        if st.target_reached {
+            st.stop_reason = StopReason::TargetSparsity;
+            return Ok(true);
+        }
         let before = trainer.masks.remaining_fraction()?;
         let before_masks = trainer.masks.clone();
         let base = st.best_loss;
@@ -429,6 +456,7 @@ impl IterativePruning {
             valid,
             search_evaluations: search.evaluations,
             within_budget: within,
+            retrained: None,
         };
         trainer.log(bar, &format!(
             "round {} (epoch {epoch}): T = {:.3e}, remaining {:.3}% | valid loss {:.4}{} {} {:.3}{}",
@@ -467,6 +495,10 @@ impl IterativePruning {
         };
         if let Some(target) = cfg.target_sparsity {
             if 1.0 - after >= target {
+                if cfg.judge_retrained {
+                    st.target_reached = true;
+                    return Ok(false);
+                }
                 st.stop_reason = StopReason::TargetSparsity;
                 return Ok(true);
             }
@@ -480,6 +512,49 @@ impl IterativePruning {
             return Ok(true);
         }
         Ok(false)
+    }
+}
+
+impl IterativePruning {
+    /// With [`PruneConfig::judge_retrained`], judges the last round's masks with the weights now
+    /// in the trainer (the restored best since that round): within `δ`, they become the result.
+    fn judge_retrained<T: Task + ?Sized>(
+        &self,
+        trainer: &mut Trainer,
+        task: &mut T,
+        st: &mut LoopState,
+        result: &mut Candidate,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let Some(last) = st.rounds.last_mut() else {
+            return Ok(());
+        };
+        if !cfg.judge_retrained || last.retrained.is_some() {
+            return Ok(());
+        }
+        let valid = trainer.evaluate(task, Split::Valid)?;
+        let spec = task.metric();
+        let within = spec.worsening(valid.metric, st.reference.metric) <= cfg.delta;
+        last.retrained = Some(valid);
+        trainer.log(
+            bar,
+            &format!(
+                "round {} retrained (epoch {}): valid loss {:.4} {} {:.3}{}",
+                last.round,
+                st.epoch,
+                valid.loss,
+                spec.name,
+                valid.metric,
+                if within { "" } else { " (over budget)" }
+            ),
+        );
+        if within {
+            trainer.params.snapshot_into(&mut result.weights)?;
+            result.masks = trainer.masks.clone();
+            result.round = Some(last.round);
+        }
+        Ok(())
     }
 }
 

@@ -1,4 +1,4 @@
-//! The iterative algorithm's plateau rule: which weights a plateau restores.
+//! The iterative algorithm: which weights a plateau restores, and which rounds are judged.
 
 // Shared with resume.rs, which uses all of it.
 #[allow(dead_code)]
@@ -121,4 +121,148 @@ fn a_plateau_restores_the_last_improving_epoch_or_the_lowest_loss_as_configured(
         round2 <= lowest * (1.0 + 1e-3) + 1e-9,
         "{round2} vs {epochs:?}"
     );
+}
+
+/// The toy task with the validation loss as its metric, so budgets can be set in loss units.
+struct LossIsMetric(Toy);
+
+impl Task for LossIsMetric {
+    fn metric(&self) -> MetricSpec {
+        self.0.metric()
+    }
+
+    fn begin_epoch(&mut self, epoch: usize) -> relprune_prune::Result<usize> {
+        self.0.begin_epoch(epoch)
+    }
+
+    fn batch_loss(&mut self, index: usize) -> relprune_prune::Result<Tensor> {
+        self.0.batch_loss(index)
+    }
+
+    fn evaluate(&mut self, split: Split) -> relprune_prune::Result<Evaluation> {
+        let e = self.0.evaluate(split)?;
+        Ok(Evaluation {
+            loss: e.loss,
+            metric: e.loss,
+        })
+    }
+}
+
+/// A trained toy (10 plain epochs) and its validation loss, ready for the pruning phase.
+fn trained_toy() -> (Trainer, LossIsMetric, f64) {
+    let (toy, params) = toy(None);
+    let masks = Masks::dense(&params).unwrap();
+    let sgd = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        nesterov: false,
+    };
+    let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, None).unwrap()).unwrap();
+    trainer.quiet = true;
+    let mut task = LossIsMetric(toy);
+    trainer
+        .fit(
+            &mut task,
+            relprune_prune::LrSchedule::Constant { lr: 0.05 },
+            10,
+            false,
+            "dense",
+        )
+        .unwrap();
+    let reference = task.evaluate(Split::Valid).unwrap().loss;
+    (trainer, task, reference)
+}
+
+/// A round after every epoch that may raise the loss by half: over a budget of 35% of the
+/// reference right after pruning, back within it once retrained.
+fn prune_generously(
+    judge_retrained: bool,
+    target_sparsity: Option<f64>,
+    max_epochs: usize,
+    patience: usize,
+) -> (relprune_prune::PruneOutcome, f64, f64) {
+    let (mut trainer, mut task, reference) = trained_toy();
+    let delta = 0.35 * reference;
+    let cfg = PruneConfig {
+        regularizer: SelectiveDecay::default().with_lambda(0.0),
+        lr: 0.05,
+        bisection: BisectionConfig {
+            twt: 0.5,
+            ..Default::default()
+        },
+        delta,
+        patience,
+        min_improvement: 0.99,
+        restore: RestorePoint::LowestLoss,
+        judge_retrained,
+        max_epochs,
+        target_sparsity,
+        finetune_epochs: 0,
+        ..PruneConfig::default()
+    };
+    let outcome = IterativePruning::new(cfg)
+        .unwrap()
+        .run(&mut trainer, &mut task)
+        .unwrap();
+    (outcome, reference, delta)
+}
+
+#[test]
+fn judging_retrained_masks_keeps_a_round_that_was_over_budget_only_right_after_pruning() {
+    let (plain, reference, delta) = prune_generously(false, None, 2, 1);
+    assert_eq!(plain.rounds.len(), 2, "{:?}", plain.rounds);
+    for r in &plain.rounds {
+        assert!(
+            r.valid.metric > reference + delta && !r.within_budget,
+            "premise: every round is over budget right after pruning: {r:?} vs {reference}"
+        );
+        assert_eq!(r.retrained, None);
+    }
+    assert_eq!(plain.result_round, None, "nothing within budget: the start");
+
+    let (judged, reference2, _) = prune_generously(true, None, 2, 1);
+    assert_eq!(reference, reference2);
+    assert_eq!(
+        plain.rounds[0].valid, judged.rounds[0].valid,
+        "same trajectory"
+    );
+    let retrained = judged.rounds[0]
+        .retrained
+        .expect("round 1 judged at epoch 2");
+    assert!(retrained.metric <= reference + delta, "{retrained:?}");
+    // Round 2 happened at the last epoch: never retrained, never judged again.
+    assert_eq!(judged.rounds[1].retrained, None);
+    assert_eq!(judged.result_round, Some(1));
+    // The result is the retrained model with round 1's masks.
+    assert_eq!(judged.before_finetune, retrained);
+}
+
+#[test]
+fn with_judged_retraining_the_target_stop_and_the_epoch_budget_wait_for_the_judgement() {
+    // Round 1 lands on the target; without judging the phase ends there.
+    let (plain, _, _) = prune_generously(false, Some(0.3), 5, 1);
+    assert_eq!(plain.epochs, 1);
+    // With it, one more epoch retrains the masks, the plateau judges them, and the phase ends
+    // without another search.
+    let (judged, _, _) = prune_generously(true, Some(0.3), 5, 1);
+    assert_eq!(judged.epochs, 2);
+    assert_eq!(judged.rounds.len(), 1);
+    assert_eq!(
+        judged.stop_reason,
+        relprune_prune::StopReason::TargetSparsity
+    );
+    assert!(
+        (judged.rounds[0].remaining_pct - 70.0).abs() < 0.5,
+        "{judged:?}"
+    );
+    assert!(judged.rounds[0].retrained.is_some());
+    assert_eq!(judged.result_round, Some(1));
+
+    // Patience 2: the round at epoch 2, then epoch 3 ends the budget before a plateau; the end
+    // of the phase judges the retrained masks.
+    let (budget, _, _) = prune_generously(true, None, 3, 2);
+    assert_eq!(budget.rounds.len(), 1);
+    assert_eq!(budget.epochs, 3);
+    assert!(budget.rounds[0].retrained.is_some());
+    assert_eq!(budget.result_round, Some(1));
 }
