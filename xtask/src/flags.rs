@@ -141,6 +141,10 @@ pub struct Reproduce {
     /// Also bound each pruning round's validation metric to this many units worse than the dense model.
     #[arg(long)]
     pub metric_bound: Option<f64>,
+    /// Also judge each round's masks after retraining (at the next plateau) against δ, and let
+    /// the target-sparsity stop wait for that judgement.
+    #[arg(long)]
+    pub judge_retrained: bool,
     /// The regularizer: lobster (the default: soft gate 1−|g|), selective (hard gate
     /// |g| < τ·max|g|), taylor (hard gate on |w·g|), sensitivity (Tartaglione et al.: soft gate
     /// 1−S on the output sensitivity; one extra backward pass per class each step), l2

@@ -259,6 +259,9 @@ pub fn apply_prune_flags(f: &flags::Reproduce, prune: &mut relprune_prune::Prune
     if let Some(m) = f.metric_bound {
         prune.bisection.max_metric_worsening = Some(m);
     }
+    if f.judge_retrained {
+        prune.judge_retrained = true;
+    }
 }
 
 /// Fills in the model-file sizes of `results` from the files in `out`.
@@ -364,5 +367,11 @@ mod tests {
             None
         );
         assert_eq!(prune_config(&[]).target_sparsity, Some(0.5));
+    }
+
+    #[test]
+    fn judge_retrained_is_off_unless_asked_for() {
+        assert!(!prune_config(&[]).judge_retrained);
+        assert!(prune_config(&["--judge-retrained"]).judge_retrained);
     }
 }
