@@ -100,13 +100,13 @@ impl Config {
             // an embedding row only gets a gradient in batches where its token occurs.
             regularizer: SelectiveDecay {
                 ema_beta: 0.9,
-                ..SelectiveDecay::default().with_lambda(1e-3)
+                ..SelectiveDecay::default().with_lambda(if quick { 1e-3 } else { 5e-4 })
             },
             lr: if quick { 1e-3 } else { 5e-4 },
             bisection: BisectionConfig {
                 twt: 0.05,
                 // Every evaluation decodes the validation split: cap the search's cost.
-                max_evals: 16,
+                max_evals: if quick { 16 } else { 10 },
                 // No per-round BLEU bound: validation BLEU swings by about a point from epoch to
                 // epoch, and bounding each round by it stalled the run of stop 13 at 65% left.
                 max_metric_worsening: None,
@@ -131,7 +131,7 @@ impl Config {
             target_sparsity: if quick { None } else { Some(0.8) },
             stop_rounds: 4,
             min_round_gain: 0.001,
-            finetune_epochs: 1,
+            finetune_epochs: if quick { 1 } else { 2 },
             finetune_lr: if quick { 5e-4 } else { 2e-4 },
         };
         Self {
