@@ -90,6 +90,10 @@ pub enum RestorePoint {
     /// Those of the epoch with the lowest validation loss since the last pruning, however small
     /// its gain; `min_improvement` then only decides when a plateau is reached.
     LowestLoss,
+    /// None: the weights at the plateau, as trained. Starting from a converged model the
+    /// regularized epochs raise the loss a little, and the other rules then throw away what the
+    /// regularizer shrank, leaving plain magnitude pruning.
+    Current,
 }
 
 /// One pruning round.
@@ -325,7 +329,12 @@ impl IterativePruning {
             let plateau_loss = st.plateau_loss.unwrap_or(st.best_loss);
             let improved = valid.loss < plateau_loss * (1.0 - cfg.min_improvement);
             let lowest = valid.loss < st.best_loss;
-            if improved || (lowest && cfg.restore == RestorePoint::LowestLoss) {
+            let keep = match cfg.restore {
+                RestorePoint::LastImprovement => improved,
+                RestorePoint::LowestLoss => improved || lowest,
+                RestorePoint::Current => true,
+            };
+            if keep {
                 st.best_loss = valid.loss;
                 trainer.params.snapshot_into(&mut best)?;
             }

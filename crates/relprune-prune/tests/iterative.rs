@@ -266,3 +266,42 @@ fn with_judged_retraining_the_target_stop_and_the_epoch_budget_wait_for_the_judg
     assert!(budget.rounds[0].retrained.is_some());
     assert_eq!(budget.result_round, Some(1));
 }
+
+/// One epoch under a strong regularizer from the trained toy, then a round with a 1% tolerance.
+/// Returns (reference loss, the round's loss after pruning).
+fn strong_decay_round(restore: RestorePoint) -> (f64, f64) {
+    let (mut trainer, mut task, reference) = trained_toy();
+    let cfg = PruneConfig {
+        regularizer: SelectiveDecay::l2(0.02),
+        lr: 0.05,
+        bisection: BisectionConfig {
+            twt: 0.01,
+            ..Default::default()
+        },
+        delta: 100.0,
+        patience: 1,
+        min_improvement: 0.99,
+        restore,
+        max_epochs: 1,
+        finetune_epochs: 0,
+        ..PruneConfig::default()
+    };
+    let outcome = IterativePruning::new(cfg)
+        .unwrap()
+        .run(&mut trainer, &mut task)
+        .unwrap();
+    assert_eq!(outcome.rounds.len(), 1);
+    (reference, outcome.rounds[0].valid.loss)
+}
+
+#[test]
+fn restoring_the_current_weights_keeps_what_the_regularizer_shrank() {
+    // The decayed epoch is worse than the start: the lowest-loss rule goes back to the start, and
+    // the round stays within 1% of the start's loss.
+    let (reference, lowest) = strong_decay_round(RestorePoint::LowestLoss);
+    assert!(lowest <= reference * 1.01 + 1e-9, "{lowest} vs {reference}");
+    // `Current` keeps the decayed weights: the round starts from their (higher) loss.
+    let (reference2, current) = strong_decay_round(RestorePoint::Current);
+    assert_eq!(reference, reference2);
+    assert!(current > reference * 1.01, "{current} vs {reference}");
+}
