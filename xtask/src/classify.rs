@@ -313,7 +313,7 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
     if let Some(s) = f.seed {
         cfg.seed = s;
     }
-    crate::reproduce::apply_prune_flags(f, &mut cfg.prune);
+    crate::reproduce::apply_prune_flags(f, &mut cfg.prune)?;
     if let Some(e) = f.dense_epochs {
         cfg.dense_epochs = e;
     }
@@ -328,56 +328,6 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
     }
     if let Some(n) = f.augment_shift {
         cfg.augment_shift = n;
-    }
-    if f.per_layer {
-        cfg.prune.bisection.scope = relprune_prune::threshold::Scope::PerLayer;
-    }
-    if let Some(name) = &f.regularizer {
-        let lambda = cfg.prune.regularizer.lambda;
-        cfg.prune.regularizer = match name.as_str() {
-            "taylor" => SelectiveDecay {
-                relevance: relprune_core::Relevance::Taylor,
-                ..SelectiveDecay::default().with_lambda(lambda)
-            },
-            "lobster" => SelectiveDecay::lobster(lambda),
-            "sensitivity" => SelectiveDecay::output_sensitivity(lambda),
-            "l2" => SelectiveDecay::l2(lambda),
-            "l1" => SelectiveDecay::l1(lambda),
-            _ => SelectiveDecay::default().with_lambda(lambda),
-        };
-    }
-    if let Some(stat) = &f.gate_stat {
-        let parsed = match stat.as_str() {
-            "max" => relprune_core::GateStat::Max,
-            "mean" => relprune_core::GateStat::Mean,
-            q => match q.strip_prefix('q').and_then(|v| v.parse::<f64>().ok()) {
-                Some(v) => relprune_core::GateStat::Quantile(v),
-                None => anyhow::bail!("--gate-stat: max, mean or qQ (e.g. q0.5), got `{q}`"),
-            },
-        };
-        match &mut cfg.prune.regularizer.gate {
-            relprune_core::Gate::Hard { stat, .. } => *stat = parsed,
-            _ => anyhow::bail!("--gate-stat needs a hard gate"),
-        }
-    }
-    if let Some(p) = &f.penalty {
-        cfg.prune.regularizer.penalty = match p.as_str() {
-            "l1" => relprune_core::Penalty::L1,
-            _ => relprune_core::Penalty::L2,
-        };
-    }
-    if let Some(b) = f.ema_beta {
-        cfg.prune.regularizer.ema_beta = b;
-    }
-    if let Some(l) = f.lambda {
-        cfg.prune.regularizer.lambda = l;
-    }
-    if let Some(t) = f.tau {
-        if let relprune_core::Gate::Hard { tau, .. } = &mut cfg.prune.regularizer.gate {
-            *tau = t;
-        } else {
-            anyhow::bail!("--tau needs a hard gate");
-        }
     }
     // With --all, --data-dir is the MNIST directory, --cifar-dir CIFAR-10's; Fashion-MNIST keeps
     // its default.

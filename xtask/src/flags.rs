@@ -145,6 +145,10 @@ pub struct Reproduce {
     /// the target-sparsity stop wait for that judgement.
     #[arg(long)]
     pub judge_retrained: bool,
+    /// The weights a plateau restores before the threshold search: last-improvement (the
+    /// literal rule), lowest-loss, or current (none: the weights as trained).
+    #[arg(long)]
+    pub restore: Option<String>,
     /// The regularizer: lobster (the default: soft gate 1−|g|), selective (hard gate
     /// |g| < τ·max|g|), taylor (hard gate on |w·g|), sensitivity (Tartaglione et al.: soft gate
     /// 1−S on the output sensitivity; one extra backward pass per class each step), l2

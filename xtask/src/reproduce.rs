@@ -8,6 +8,7 @@ use relprune_eval::{
 };
 
 use crate::flags;
+use relprune_core::SelectiveDecay;
 
 /// An experiment `cargo xtask reproduce NAME` can run.
 pub struct Experiment {
@@ -230,8 +231,12 @@ pub fn start_dense<T: relprune_prune::Task + ?Sized>(
     Ok(())
 }
 
-/// `--metric-bound`) to `prune`.
-pub fn apply_prune_flags(f: &flags::Reproduce, prune: &mut relprune_prune::PruneConfig) {
+/// Applies the engine flags every experiment shares (epoch budgets, δ, stop rules, the threshold
+/// search, the restore point, the regularizer and its gate) to `prune`.
+pub fn apply_prune_flags(
+    f: &flags::Reproduce,
+    prune: &mut relprune_prune::PruneConfig,
+) -> Result<()> {
     if let Some(e) = f.prune_epochs {
         prune.max_epochs = e;
     }
@@ -262,6 +267,65 @@ pub fn apply_prune_flags(f: &flags::Reproduce, prune: &mut relprune_prune::Prune
     if f.judge_retrained {
         prune.judge_retrained = true;
     }
+    if let Some(r) = &f.restore {
+        prune.restore = match r.as_str() {
+            "last-improvement" => relprune_prune::RestorePoint::LastImprovement,
+            "lowest-loss" => relprune_prune::RestorePoint::LowestLoss,
+            "current" => relprune_prune::RestorePoint::Current,
+            other => bail!("--restore {other}: expected last-improvement, lowest-loss or current"),
+        };
+    }
+    if f.per_layer {
+        prune.bisection.scope = relprune_prune::threshold::Scope::PerLayer;
+    }
+    if let Some(name) = &f.regularizer {
+        let lambda = prune.regularizer.lambda;
+        prune.regularizer = match name.as_str() {
+            "taylor" => SelectiveDecay {
+                relevance: relprune_core::Relevance::Taylor,
+                ..SelectiveDecay::default().with_lambda(lambda)
+            },
+            "lobster" => SelectiveDecay::lobster(lambda),
+            "sensitivity" => SelectiveDecay::output_sensitivity(lambda),
+            "l2" => SelectiveDecay::l2(lambda),
+            "l1" => SelectiveDecay::l1(lambda),
+            _ => SelectiveDecay::default().with_lambda(lambda),
+        };
+    }
+    if let Some(stat) = &f.gate_stat {
+        let parsed = match stat.as_str() {
+            "max" => relprune_core::GateStat::Max,
+            "mean" => relprune_core::GateStat::Mean,
+            q => match q.strip_prefix('q').and_then(|v| v.parse::<f64>().ok()) {
+                Some(v) => relprune_core::GateStat::Quantile(v),
+                None => anyhow::bail!("--gate-stat: max, mean or qQ (e.g. q0.5), got `{q}`"),
+            },
+        };
+        match &mut prune.regularizer.gate {
+            relprune_core::Gate::Hard { stat, .. } => *stat = parsed,
+            _ => anyhow::bail!("--gate-stat needs a hard gate"),
+        }
+    }
+    if let Some(p) = &f.penalty {
+        prune.regularizer.penalty = match p.as_str() {
+            "l1" => relprune_core::Penalty::L1,
+            _ => relprune_core::Penalty::L2,
+        };
+    }
+    if let Some(b) = f.ema_beta {
+        prune.regularizer.ema_beta = b;
+    }
+    if let Some(l) = f.lambda {
+        prune.regularizer.lambda = l;
+    }
+    if let Some(t) = f.tau {
+        if let relprune_core::Gate::Hard { tau, .. } = &mut prune.regularizer.gate {
+            *tau = t;
+        } else {
+            anyhow::bail!("--tau needs a hard gate");
+        }
+    }
+    Ok(())
 }
 
 /// Fills in the model-file sizes of `results` from the files in `out`.
@@ -352,7 +416,7 @@ mod tests {
             target_sparsity: Some(0.5),
             ..Default::default()
         };
-        apply_prune_flags(&f, &mut prune);
+        apply_prune_flags(&f, &mut prune).unwrap();
         prune
     }
 
@@ -367,6 +431,39 @@ mod tests {
             None
         );
         assert_eq!(prune_config(&[]).target_sparsity, Some(0.5));
+    }
+
+    #[test]
+    fn restore_and_regularizer_flags_reach_every_experiment_config() {
+        let p = prune_config(&[
+            "--restore",
+            "current",
+            "--gate-stat",
+            "q0.5",
+            "--lambda",
+            "2e-3",
+        ]);
+        assert_eq!(p.restore, relprune_prune::RestorePoint::Current);
+        assert_eq!(p.regularizer.lambda, 2e-3);
+        assert!(matches!(
+            p.regularizer.gate,
+            relprune_core::Gate::Hard {
+                stat: relprune_core::GateStat::Quantile(q),
+                ..
+            } if q == 0.5
+        ));
+        let argv = [
+            "cargo xtask",
+            "reproduce",
+            "lenet5-mnist",
+            "--restore",
+            "best",
+        ];
+        let Cmd::Reproduce(f) = Xtask::parse_from(argv).cmd else {
+            unreachable!("parsed a reproduce command")
+        };
+        let err = apply_prune_flags(&f, &mut Default::default()).unwrap_err();
+        assert!(err.to_string().contains("--restore best"), "{err}");
     }
 
     #[test]

@@ -177,25 +177,12 @@ pub fn run(_experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunRes
     if let Some(s) = f.seed {
         cfg.seed = s;
     }
-    crate::reproduce::apply_prune_flags(f, &mut cfg.prune);
+    crate::reproduce::apply_prune_flags(f, &mut cfg.prune)?;
     if let Some(e) = f.dense_epochs {
         cfg.dense_epochs = e;
     }
     if let Some(n) = f.train_limit {
         cfg.train_limit = Some(n);
-    }
-    if let Some(b) = f.ema_beta {
-        cfg.prune.regularizer.ema_beta = b;
-    }
-    if let Some(l) = f.lambda {
-        cfg.prune.regularizer.lambda = l;
-    }
-    if let Some(t) = f.tau {
-        if let relprune_core::Gate::Hard { tau, .. } = &mut cfg.prune.regularizer.gate {
-            *tau = t;
-        } else {
-            anyhow::bail!("--tau needs a hard gate");
-        }
     }
     if let Some(dir) = &f.dense_from {
         cfg.dense_from = Some(std::path::absolute(dir)?);
