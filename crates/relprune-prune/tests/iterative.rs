@@ -46,6 +46,20 @@ impl Task for Recording {
     }
 }
 
+/// The untrained toy and a quiet trainer for it (SGD, lr 0.05, momentum 0.9, no masks yet).
+fn toy_trainer() -> (Toy, Trainer) {
+    let (toy, params) = toy(None);
+    let masks = Masks::dense(&params).unwrap();
+    let sgd = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        nesterov: false,
+    };
+    let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, None).unwrap()).unwrap();
+    trainer.quiet = true;
+    (toy, trainer)
+}
+
 /// Two epochs that both lower the loss but never by `min_improvement`, then the plateau's round.
 /// Returns (reference loss, the epochs' losses, the round's loss after its search).
 fn plateau_after_two_small_gains(restore: RestorePoint) -> (f64, Vec<f64>, f64) {
@@ -65,15 +79,7 @@ fn plateau_after_two_small_gains(restore: RestorePoint) -> (f64, Vec<f64>, f64) 
         finetune_epochs: 0,
         ..PruneConfig::default()
     };
-    let (toy, params) = toy(None);
-    let masks = Masks::dense(&params).unwrap();
-    let sgd = SgdConfig {
-        lr: 0.05,
-        momentum: 0.9,
-        nesterov: false,
-    };
-    let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, None).unwrap()).unwrap();
-    trainer.quiet = true;
+    let (toy, mut trainer) = toy_trainer();
     let after_epoch = Arc::new(Mutex::new(Vec::new()));
     let mut task = Recording {
         toy,
@@ -150,15 +156,7 @@ impl Task for LossIsMetric {
 
 /// A trained toy (10 plain epochs) and its validation loss, ready for the pruning phase.
 fn trained_toy() -> (Trainer, LossIsMetric, f64) {
-    let (toy, params) = toy(None);
-    let masks = Masks::dense(&params).unwrap();
-    let sgd = SgdConfig {
-        lr: 0.05,
-        momentum: 0.9,
-        nesterov: false,
-    };
-    let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, None).unwrap()).unwrap();
-    trainer.quiet = true;
+    let (toy, mut trainer) = toy_trainer();
     let mut task = LossIsMetric(toy);
     trainer
         .fit(
