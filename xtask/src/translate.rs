@@ -290,18 +290,7 @@ pub fn layer_type(name: &str) -> &'static str {
 
 /// Sums the per-tensor counts by layer type.
 pub fn by_layer_type(layers: &[LayerStats]) -> BTreeMap<&'static str, LayerStats> {
-    let mut out: BTreeMap<&'static str, LayerStats> = BTreeMap::new();
-    for l in layers {
-        let t = layer_type(&l.name);
-        let e = out.entry(t).or_insert_with(|| LayerStats {
-            name: t.into(),
-            params: 0,
-            nonzero: 0,
-        });
-        e.params += l.params;
-        e.nonzero += l.nonzero;
-    }
-    out
+    relprune_eval::sum_by_group(layers, |name| [layer_type(name)])
 }
 
 /// Runs one configuration end to end, writing the model files into `out`; checkpoints every epoch

@@ -1127,20 +1127,10 @@ pub fn write_output(
         total.nonzero
     );
     // By layer type, plus every linear layer together: the figure the sparsity goal is about.
-    let mut by_type: BTreeMap<&str, LayerStats> = BTreeMap::new();
-    for l in &report.layers {
-        let t = layer_type(&l.name);
-        let linear = (t != "embeddings").then_some(LINEAR_GROUP);
-        for group in std::iter::once(t).chain(linear) {
-            let e = by_type.entry(group).or_insert_with(|| LayerStats {
-                name: group.into(),
-                params: 0,
-                nonzero: 0,
-            });
-            e.params += l.params;
-            e.nonzero += l.nonzero;
-        }
-    }
+    let by_type = relprune_eval::sum_by_group(&report.layers, |name| {
+        let t = layer_type(name);
+        std::iter::once(t).chain((t != "embeddings").then_some(LINEAR_GROUP))
+    });
     let sizes = relprune_eval::sizes::compressed_sizes(&model_path)?;
     let dense_sizes = relprune_eval::sizes::compressed_sizes(r.input_weights)?;
     let mut extra = r.pruned.extra;

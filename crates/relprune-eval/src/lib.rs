@@ -31,5 +31,5 @@ pub use results::{
 };
 pub use seq2seq::{DecodeConfig, EvalSplit, Seq2SeqConfig, Seq2SeqTask};
 pub use sizes::{compressed_sizes, FileSizes};
-pub use sparsity::{LayerStats, SparsityReport};
+pub use sparsity::{sum_by_group, LayerStats, SparsityReport};
 pub use task::ImageClassification;

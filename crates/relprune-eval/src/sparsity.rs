@@ -52,6 +52,26 @@ pub struct SparsityReport {
     pub layers: Vec<LayerStats>,
 }
 
+/// Sums per-tensor counts into named groups (e.g. layer types); a tensor may count in several.
+pub fn sum_by_group<G: IntoIterator<Item = &'static str>>(
+    layers: &[LayerStats],
+    groups_of: impl Fn(&str) -> G,
+) -> std::collections::BTreeMap<&'static str, LayerStats> {
+    let mut out = std::collections::BTreeMap::new();
+    for l in layers {
+        for group in groups_of(&l.name) {
+            let e = out.entry(group).or_insert_with(|| LayerStats {
+                name: group.into(),
+                params: 0,
+                nonzero: 0,
+            });
+            e.params += l.params;
+            e.nonzero += l.nonzero;
+        }
+    }
+    out
+}
+
 impl SparsityReport {
     /// Counts elements and non-zeros of each named tensor (any dtype, any device).
     pub fn from_tensors<'a>(
