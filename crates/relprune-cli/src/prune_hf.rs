@@ -1274,13 +1274,9 @@ pub fn item_bar(n: u64, label: &str, quiet: bool) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(n);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    bar.set_style(relprune_prune::progress::style(
+        "{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+    ));
     bar.set_prefix(label.to_string());
     bar
 }

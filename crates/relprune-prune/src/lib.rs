@@ -11,6 +11,7 @@
 //! - [`reconstruct`]: layer-wise reconstruction pruning (SparseGPT) from the inputs' second moment.
 //! - [`export`]: the pruned checkpoint, dense and in a compact sparse format.
 //! - [`checkpoint`]: a checkpoint after every epoch, and resuming a run exactly where it stopped.
+//! - [`progress`]: progress-bar styles whose ETA holds for steps of minutes.
 
 pub mod adam;
 pub mod baselines;
@@ -21,6 +22,7 @@ pub mod iterative;
 pub mod mask;
 pub mod optim;
 pub mod params;
+pub mod progress;
 pub mod reconstruct;
 pub mod schedule;
 pub mod task;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -435,13 +435,9 @@ impl Trainer {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::new(len);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>10} [{bar:30}] {pos}/{len} epochs {elapsed_precise} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
+        bar.set_style(crate::progress::style(
+            "{prefix:>10} [{bar:30}] {pos}/{len} epochs {elapsed_precise} eta {eta} {msg}",
+        ));
         bar.set_prefix(label.to_string());
         bar
     }
