@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod cifar;
+pub mod dropout;
 pub mod error;
 pub mod fused;
 pub mod hf;

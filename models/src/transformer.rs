@@ -15,8 +15,9 @@
 //! `encoder.embed_tokens.weight`), so pruning and optimizers see it once and its gradient sums
 //! every use.
 //!
-//! Initialization is seeded; dropout is not: candle draws dropout masks from the device's
-//! generator, which cannot be seeded on the CPU, so training with dropout is not bit-reproducible.
+//! Initialization and dropout are seeded: dropout masks come from a [`DropoutRng`] derived from
+//! the model's seed, restarted per epoch by [`Seq2Seq::seed_dropout`], so a training run repeats
+//! bit for bit (candle's own dropout draws from the CPU's unseedable generator).
 //!
 //! Every op on the training path has a backward: candle's fused `softmax_last_dim` and
 //! `LayerNorm` kernels have none, so attention's softmax and the layer norms are this crate's
@@ -27,6 +28,8 @@ use candle_nn::{Linear, Module, VarMap};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+
+use crate::dropout::DropoutRng;
 
 use crate::fused::{softmax_last_dim, LayerNorm};
 use crate::hf::generate::{Seq2Seq, SpecialTokens};
@@ -320,18 +323,6 @@ fn initial(
     Ok(Tensor::from_vec(data, shape, device)?)
 }
 
-/// Dropout when training with `p > 0`, the identity otherwise.
-///
-/// candle draws the mask from the device's generator, which cannot be seeded on the CPU: runs
-/// with dropout are not bit-reproducible (initialization, drawn from our seeded generator, is).
-fn dropout(x: &Tensor, p: f32, train: bool) -> candle_core::Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p)
-    } else {
-        Ok(x.clone())
-    }
-}
-
 /// Multi-head attention with `q_proj`, `k_proj`, `v_proj`, `out_proj` (all with bias).
 #[derive(Clone, Debug)]
 struct Attention {
@@ -342,6 +333,7 @@ struct Attention {
     heads: usize,
     head_dim: usize,
     dropout: f32,
+    rng: DropoutRng,
 }
 
 impl Attention {
@@ -375,7 +367,7 @@ impl Attention {
         let q = self.split(&(self.q.forward(x)? * (self.head_dim as f64).powf(-0.5))?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?;
-        let probs = dropout(&probs, self.dropout, train)?;
+        let probs = self.rng.apply(&probs, self.dropout, train)?;
         let ctx = probs
             .matmul(v)?
             .transpose(1, 2)?
@@ -492,6 +484,8 @@ pub struct Transformer {
     /// Final layer norms of the encoder and decoder stacks (pre-norm only).
     encoder_norm: Option<LayerNorm>,
     decoder_norm: Option<LayerNorm>,
+    /// Dropout masks, shared with the attention layers.
+    dropout_rng: DropoutRng,
 }
 
 impl Transformer {
@@ -505,6 +499,7 @@ impl Transformer {
     ) -> Result<Self> {
         config.validate()?;
         let mut rng = StdRng::seed_from_u64(seed);
+        let dropout_rng = DropoutRng::new(seed);
         let mut vars = std::collections::HashMap::new();
         for (name, shape) in parameter_shapes(&config) {
             let t = initial(&config, &name, &shape, &mut rng, device)?;
@@ -532,6 +527,7 @@ impl Transformer {
             heads: config.heads,
             head_dim: config.d_model / config.heads,
             dropout: config.attention_dropout,
+            rng: dropout_rng.clone(),
         };
         let ffn = |p: &str| FeedForward {
             fc1: linear(&format!("{p}.fc1")),
@@ -611,6 +607,7 @@ impl Transformer {
             decoder_layers,
             encoder_norm,
             decoder_norm,
+            dropout_rng,
         })
     }
 
@@ -656,7 +653,7 @@ impl Transformer {
             .reshape((b, l, self.config.d_model))?;
         let tok = (tok * self.config.embed_scale())?;
         let x = tok.broadcast_add(&positions.narrow(0, offset, l)?)?;
-        Ok(dropout(&x, self.config.dropout, train)?)
+        Ok(self.dropout_rng.apply(&x, self.config.dropout, train)?)
     }
 
     /// The additive key mask (B, 1, 1, S) of a 0/1 attention mask (B, S): 0 where 1, very
@@ -685,10 +682,12 @@ impl Transformer {
         f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
         if self.config.pre_norm {
-            let h = dropout(&f(&ln.forward(x)?)?, self.config.dropout, train)?;
+            let h = self
+                .dropout_rng
+                .apply(&f(&ln.forward(x)?)?, self.config.dropout, train)?;
             x + h
         } else {
-            let h = dropout(&f(x)?, self.config.dropout, train)?;
+            let h = self.dropout_rng.apply(&f(x)?, self.config.dropout, train)?;
             ln.forward(&(x + h)?)
         }
     }
@@ -852,6 +851,10 @@ impl Seq2Seq for Transformer {
 
     fn reorder_cache(&self, cache: &mut DecoderCache, indices: &Tensor) -> Result<()> {
         cache.reorder(indices)
+    }
+
+    fn seed_dropout(&self, stream: u64) {
+        self.dropout_rng.reseed(stream);
     }
 
     fn special_tokens(&self) -> SpecialTokens {

@@ -113,6 +113,30 @@ fn logits_have_the_right_shape_for_every_variant() {
 }
 
 #[test]
+fn training_dropout_repeats_per_seeded_stream_and_inference_has_none() {
+    let (src, mask, tgt) = batch();
+    let config = tiny(Embeddings::SharedAll, Positions::Sinusoidal, true);
+    let (a, _) = build(config.clone());
+    let (b, _) = build(config);
+    let logits = |m: &Transformer, stream: u64| {
+        m.seed_dropout(stream);
+        m.forward_t(&src, &mask, &tgt, true).unwrap()
+    };
+    // Two models of one seed draw the same masks on the same stream: training repeats.
+    let first = logits(&a, 5);
+    assert_eq!(max_diff(&first, &logits(&b, 5)), 0.0);
+    assert_eq!(max_diff(&first, &logits(&a, 5)), 0.0);
+    // Another stream (the next epoch) draws other masks.
+    assert!(max_diff(&first, &logits(&a, 6)) > 1e-4);
+    let eval = a.forward_t(&src, &mask, &tgt, false).unwrap();
+    assert!(max_diff(&first, &eval) > 1e-4, "dropout did nothing");
+    assert_eq!(
+        max_diff(&eval, &b.forward_t(&src, &mask, &tgt, false).unwrap()),
+        0.0
+    );
+}
+
+#[test]
 fn parameter_names_follow_the_pytorch_layout() {
     let (_, vm) = build(tiny(
         Embeddings::Separate,

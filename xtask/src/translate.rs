@@ -562,6 +562,33 @@ mod tests {
     }
 
     #[test]
+    fn a_run_with_dropout_repeats_bit_for_bit() {
+        let Some(data) = shared_corpus() else {
+            eprintln!("skipped: ../shared/data/gettext-en-de is not there");
+            return;
+        };
+        let run = || {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = Config::preset(true);
+            cfg.data_dir = data.clone();
+            cfg.train_limit = Some(200);
+            cfg.valid_limit = Some(20);
+            cfg.vocab_size = 300;
+            cfg.model.d_model = 32;
+            cfg.model.ffn_dim = 64;
+            cfg.model.dropout = 0.1;
+            cfg.model.attention_dropout = 0.1;
+            cfg.dense_epochs = 1;
+            cfg.prune.max_epochs = 1;
+            cfg.prune.finetune_epochs = 0;
+            run_config(cfg, dir.path(), false).unwrap();
+            ["dense.safetensors", "model.safetensors"]
+                .map(|f| std::fs::read(dir.path().join(f)).unwrap())
+        };
+        assert!(run() == run(), "two runs of one configuration differ");
+    }
+
+    #[test]
     fn a_tiny_run_prunes_attention_ffn_and_embeddings_and_the_file_agrees() {
         let Some(data) = shared_corpus() else {
             eprintln!("skipped: ../shared/data/gettext-en-de is not there");

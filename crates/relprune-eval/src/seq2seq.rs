@@ -304,6 +304,8 @@ impl<M: Seq2Seq> Task for Seq2SeqTask<M> {
     }
 
     fn begin_epoch(&mut self, epoch: usize) -> relprune_prune::Result<usize> {
+        // The trainer counts epochs across phases and resumes: each gets its own masks.
+        self.model.seed_dropout(epoch as u64);
         self.batches = self.train.epoch(epoch as u64);
         Ok(self.batches.len())
     }

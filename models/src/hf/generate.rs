@@ -64,6 +64,10 @@ pub trait Seq2Seq {
     /// The model's pad, EOS and decoder start ids.
     fn special_tokens(&self) -> SpecialTokens;
 
+    /// Restarts the model's dropout masks at `stream` (a trainer passes the epoch), where its
+    /// dropout is seeded; a model with unseeded or no dropout ignores it.
+    fn seed_dropout(&self, _stream: u64) {}
+
     /// Teacher-forced logits (B, T, V) of `decoder_input_ids` (B, T) for `input_ids` (B, S) with
     /// a 0/1 `attention_mask` (B, S): the training forward pass, differentiable in every weight;
     /// `train` switches on the model's dropout (where it has any).

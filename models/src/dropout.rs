@@ -1,0 +1,146 @@
+//! Dropout whose masks come from a seeded generator.
+//!
+//! candle's `ops::dropout` draws its mask from the device's generator, which cannot be seeded
+//! on the CPU, so training with it is not reproducible. A [`DropoutRng`] is shared by a model's
+//! layers; [`DropoutRng::reseed`] starts a stream of masks that depends only on the model's seed
+//! and the stream number, so a trainer reseeding it every epoch replays the same masks on the
+//! same run, and a run resumed at an epoch boundary continues as if never stopped.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
+/// The shared, seedable generator of a model's dropout masks.
+#[derive(Clone, Debug)]
+pub struct DropoutRng {
+    seed: u64,
+    rng: Arc<Mutex<StdRng>>,
+}
+
+impl DropoutRng {
+    /// A generator for the model seeded with `seed`, on stream 0.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            rng: Arc::new(Mutex::new(Self::stream(seed, 0))),
+        }
+    }
+
+    fn stream(seed: u64, stream: u64) -> StdRng {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&seed.to_le_bytes());
+        key[8..16].copy_from_slice(&stream.to_le_bytes());
+        // Marks the key as dropout's, apart from any other use of the same seed.
+        key[16..24].copy_from_slice(b"dropout\0");
+        StdRng::from_seed(key)
+    }
+
+    /// Restarts the masks at stream `stream` (e.g. the epoch number) of this model's seed.
+    pub fn reseed(&self, stream: u64) {
+        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = Self::stream(self.seed, stream);
+    }
+
+    /// `x` with each element zeroed with probability `p` and the rest scaled by `1/(1-p)` when
+    /// `train` and `p > 0`; `x` itself otherwise.
+    pub fn apply(&self, x: &Tensor, p: f32, train: bool) -> candle_core::Result<Tensor> {
+        if !train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        if p >= 1.0 {
+            return x.zeros_like();
+        }
+        let cut = (p as f64 * 4_294_967_296.0) as u64;
+        let scale = 1.0 / (1.0 - p);
+        let n = x.elem_count();
+        let mask: Vec<f32> = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            (0..n)
+                .map(|_| {
+                    if (rng.next_u32() as u64) < cut {
+                        0.0
+                    } else {
+                        scale
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn ones(n: usize) -> Tensor {
+        Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_reseeded_stream_replays_the_same_masks_and_another_stream_differs() {
+        let d = DropoutRng::new(7);
+        d.reseed(3);
+        let a = d
+            .apply(&ones(1000), 0.3, true)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = d
+            .apply(&ones(1000), 0.3, true)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_ne!(a, b, "successive masks of one stream must differ");
+        d.reseed(3);
+        let again = d
+            .apply(&ones(1000), 0.3, true)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, again);
+        d.reseed(4);
+        let other = d
+            .apply(&ones(1000), 0.3, true)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_ne!(a, other);
+        let seed8 = DropoutRng::new(8);
+        seed8.reseed(3);
+        let other = seed8
+            .apply(&ones(1000), 0.3, true)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_ne!(a, other);
+    }
+
+    #[test]
+    fn dropout_drops_about_p_and_keeps_the_expectation() {
+        let d = DropoutRng::new(1);
+        let v = d
+            .apply(&ones(100_000), 0.1, true)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
+        assert!((dropped - 0.1).abs() < 0.005, "{dropped}");
+        assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.9).abs() < 1e-6));
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        assert!((mean - 1.0).abs() < 0.01, "{mean}");
+    }
+
+    #[test]
+    fn outside_training_or_at_zero_dropout_the_input_passes_unchanged() {
+        let d = DropoutRng::new(1);
+        let x = ones(10);
+        for (p, train) in [(0.5, false), (0.0, true)] {
+            let y = d.apply(&x, p, train).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(y, vec![1.0; 10]);
+        }
+    }
+}
