@@ -46,7 +46,9 @@ pub struct PruneConfig {
     /// Target-sparsity mode: stop once exactly this fraction of the prunable weights is pruned
     /// (the last round prunes by magnitude to the exact count instead of overshooting).
     pub target_sparsity: Option<f64>,
-    /// `K`: rounds in a row that trigger the stop rules below.
+    /// `K`: rounds in a row that trigger the stop rules below, and the drift stop: `K` rounds in
+    /// a row more than `2δ` worse than the dense model (judged right after pruning, or once
+    /// retrained with `judge_retrained`).
     pub stop_rounds: usize,
     /// Stop when each of `K` rounds in a row prunes less than this fraction of the prunable weights.
     pub min_round_gain: f64,
@@ -414,6 +416,10 @@ impl IterativePruning {
             st.stop_reason = StopReason::TargetSparsity;
             return Ok(true);
         }
+        if st.drift_run >= cfg.stop_rounds {
+            st.stop_reason = StopReason::MetricDrift;
+            return Ok(true);
+        }
         let before = trainer.masks.remaining_fraction()?;
         let before_masks = trainer.masks.clone();
         let base = st.best_loss;
@@ -492,11 +498,13 @@ impl IterativePruning {
         trainer.params.snapshot_into(best)?;
         st.since_improvement = 0;
 
-        st.drift_run = if spec.worsening(valid.metric, reference.metric) > 2.0 * cfg.delta {
-            st.drift_run + 1
-        } else {
-            0
-        };
+        if !cfg.judge_retrained {
+            st.drift_run = if spec.worsening(valid.metric, reference.metric) > 2.0 * cfg.delta {
+                st.drift_run + 1
+            } else {
+                0
+            };
+        }
         st.stall_run = if before - after < cfg.min_round_gain {
             st.stall_run + 1
         } else {
@@ -544,7 +552,15 @@ impl IterativePruning {
         }
         let valid = trainer.evaluate(task, Split::Valid)?;
         let spec = task.metric();
-        let within = spec.worsening(valid.metric, st.reference.metric) <= cfg.delta;
+        let worsening = spec.worsening(valid.metric, st.reference.metric);
+        let within = worsening <= cfg.delta;
+        // Judged once retrained, a round counts towards the drift stop by this judgement: right
+        // after pruning every round is far down by design.
+        st.drift_run = if worsening > 2.0 * cfg.delta {
+            st.drift_run + 1
+        } else {
+            0
+        };
         last.retrained = Some(valid);
         trainer.log(
             bar,

@@ -12,7 +12,7 @@ use relprune_core::SelectiveDecay;
 use relprune_prune::threshold::BisectionConfig;
 use relprune_prune::{
     Evaluation, IterativePruning, MaskedSgd, Masks, MetricSpec, PruneConfig, RestorePoint,
-    SgdConfig, Split, Task, Trainer,
+    SgdConfig, Split, StopReason, Task, Trainer,
 };
 
 /// The toy task, recording the validation loss measured right after each training epoch.
@@ -179,16 +179,32 @@ fn prune_generously(
     max_epochs: usize,
     patience: usize,
 ) -> (relprune_prune::PruneOutcome, f64, f64) {
+    prune_generously_with(
+        judge_retrained,
+        target_sparsity,
+        max_epochs,
+        patience,
+        |_, _| {},
+    )
+}
+
+/// [`prune_generously`] with `adjust(config, reference)` applied last; returns its `δ`.
+fn prune_generously_with(
+    judge_retrained: bool,
+    target_sparsity: Option<f64>,
+    max_epochs: usize,
+    patience: usize,
+    adjust: impl FnOnce(&mut PruneConfig, f64),
+) -> (relprune_prune::PruneOutcome, f64, f64) {
     let (mut trainer, mut task, reference) = trained_toy();
-    let delta = 0.35 * reference;
-    let cfg = PruneConfig {
+    let mut cfg = PruneConfig {
         regularizer: SelectiveDecay::default().with_lambda(0.0),
         lr: 0.05,
         bisection: BisectionConfig {
             twt: 0.5,
             ..Default::default()
         },
-        delta,
+        delta: 0.35 * reference,
         patience,
         min_improvement: 0.99,
         restore: RestorePoint::LowestLoss,
@@ -198,6 +214,8 @@ fn prune_generously(
         finetune_epochs: 0,
         ..PruneConfig::default()
     };
+    adjust(&mut cfg, reference);
+    let delta = cfg.delta;
     let outcome = IterativePruning::new(cfg)
         .unwrap()
         .run(&mut trainer, &mut task)
@@ -233,6 +251,30 @@ fn judging_retrained_masks_keeps_a_round_that_was_over_budget_only_right_after_p
     assert_eq!(judged.result_round, Some(1));
     // The result is the retrained model with round 1's masks.
     assert_eq!(judged.before_finetune, retrained);
+}
+
+#[test]
+fn judged_once_retrained_rounds_far_down_right_after_pruning_do_not_trigger_the_drift_stop() {
+    // δ a fifth of the reference and K = 1: every round is more than 2δ worse right after
+    // pruning, so the literal rule stops at round 1.
+    let tight = |c: &mut PruneConfig, reference: f64| {
+        c.delta = 0.2 * reference;
+        c.stop_rounds = 1;
+    };
+    let (plain, reference, delta) = prune_generously_with(false, None, 4, 1, tight);
+    assert_eq!(plain.stop_reason, StopReason::MetricDrift);
+    assert_eq!(plain.rounds.len(), 1);
+    assert!(plain.rounds[0].valid.metric > reference + 2.0 * delta);
+    // Judged once retrained, round after round is back within 2δ: the run goes on to its
+    // epoch budget, one round per epoch.
+    let (judged, _, _) = prune_generously_with(true, None, 4, 1, tight);
+    assert_eq!(judged.stop_reason, StopReason::EpochBudget);
+    assert_eq!(judged.rounds.len(), 4);
+    for r in &judged.rounds[..3] {
+        assert!(r.valid.metric > reference + 2.0 * delta, "premise: {r:?}");
+        let retrained = r.retrained.expect("judged at the next epoch");
+        assert!(retrained.metric <= reference + 2.0 * delta, "{r:?}");
+    }
 }
 
 #[test]
