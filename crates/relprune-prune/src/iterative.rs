@@ -451,7 +451,8 @@ impl IterativePruning {
             .prune_below_per_layer(&trainer.params, &search.thresholds)?;
         if let Some(target) = cfg.target_sparsity {
             // Target-sparsity mode: never overshoot; the last round lands on the target exactly.
-            if 1.0 - trainer.masks.remaining_fraction()? > target {
+            let (pruned, wanted) = trainer.masks.pruned_vs_target(target)?;
+            if pruned > wanted {
                 trainer.params.restore(best)?;
                 trainer.masks = before_masks.clone();
                 trainer
@@ -511,7 +512,10 @@ impl IterativePruning {
             0
         };
         if let Some(target) = cfg.target_sparsity {
-            if 1.0 - after >= target {
+            // As counts: a round that lands exactly on the target (80% of 1.4M weights) read
+            // 0.79999999 as a fraction, and the run went on with rounds pruning nothing.
+            let (pruned, wanted) = trainer.masks.pruned_vs_target(target)?;
+            if pruned >= wanted {
                 if cfg.judge_retrained {
                     st.target_reached = true;
                     return Ok(false);

@@ -233,6 +233,14 @@ impl Masks {
         Ok((c.iter().map(|x| x.1).sum(), c.iter().map(|x| x.2).sum()))
     }
 
+    /// How many elements are pruned against how many [`Masks::prune_to_sparsity`] prunes for
+    /// `sparsity` (`round(sparsity · total)`): compared as counts, since the fractions of an
+    /// exact landing can differ in the last bit.
+    pub fn pruned_vs_target(&self, sparsity: f64) -> Result<(usize, usize)> {
+        let (total, alive) = self.totals()?;
+        Ok((total - alive, (sparsity * total as f64).round() as usize))
+    }
+
     /// Fraction of the masked elements still alive, in `[0, 1]`.
     pub fn remaining_fraction(&self) -> Result<f64> {
         let (total, alive) = self.totals()?;

@@ -608,6 +608,16 @@ fn adams_first_step_moves_each_weight_by_the_learning_rate_against_its_gradient(
 }
 
 #[test]
+fn a_landing_on_a_target_that_is_no_whole_count_counts_as_reached() {
+    let (_vm, ps) = tiny_model(19);
+    let mut masks = Masks::dense(&ps).unwrap();
+    masks.prune_to_sparsity(&ps, 0.8, false).unwrap();
+    // round(0.8 · 48) = 38 pruned: 79.2% as a fraction, the target as a count.
+    assert!(1.0 - masks.remaining_fraction().unwrap() < 0.8);
+    assert_eq!(masks.pruned_vs_target(0.8).unwrap(), (38, 38));
+}
+
+#[test]
 fn prune_to_sparsity_hits_the_exact_count_globally_and_per_layer() {
     let (_vm, ps) = tiny_model(19);
     let mut masks = Masks::dense(&ps).unwrap();

@@ -279,7 +279,14 @@ fn judged_once_retrained_rounds_far_down_right_after_pruning_do_not_trigger_the_
 
 #[test]
 fn with_judged_retraining_the_target_stop_and_the_epoch_budget_wait_for_the_judgement() {
-    // Round 1 lands on the target; without judging the phase ends there.
+    // Round 1 lands on the target; without judging the phase ends there. Also for targets that
+    // are no whole count of weights (the landing is then a hair under them as a fraction).
+    for target in [0.3, 0.3004, 0.2996] {
+        let (plain, _, _) = prune_generously(false, Some(target), 5, 1);
+        assert_eq!(plain.epochs, 1, "{target}");
+        let (judged, _, _) = prune_generously(true, Some(target), 5, 1);
+        assert_eq!(judged.epochs, 2, "{target}");
+    }
     let (plain, _, _) = prune_generously(false, Some(0.3), 5, 1);
     assert_eq!(plain.epochs, 1);
     // With it, one more epoch retrains the masks, the plateau judges them, and the phase ends
