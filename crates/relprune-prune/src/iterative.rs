@@ -500,11 +500,11 @@ impl IterativePruning {
         st.since_improvement = 0;
 
         if !cfg.judge_retrained {
-            st.drift_run = if spec.worsening(valid.metric, reference.metric) > 2.0 * cfg.delta {
-                st.drift_run + 1
-            } else {
-                0
-            };
+            st.drift_run = drift_run(
+                st.drift_run,
+                spec.worsening(valid.metric, reference.metric),
+                cfg.delta,
+            );
         }
         st.stall_run = if before - after < cfg.min_round_gain {
             st.stall_run + 1
@@ -560,11 +560,7 @@ impl IterativePruning {
         let within = worsening <= cfg.delta;
         // Judged once retrained, a round counts towards the drift stop by this judgement: right
         // after pruning every round is far down by design.
-        st.drift_run = if worsening > 2.0 * cfg.delta {
-            st.drift_run + 1
-        } else {
-            0
-        };
+        st.drift_run = drift_run(st.drift_run, worsening, cfg.delta);
         last.retrained = Some(valid);
         trainer.log(
             bar,
@@ -584,6 +580,15 @@ impl IterativePruning {
             result.round = Some(last.round);
         }
         Ok(())
+    }
+}
+
+/// The drift stop's count of rounds in a row more than `2δ` worse than the dense model.
+fn drift_run(run: usize, worsening: f64, delta: f64) -> usize {
+    if worsening > 2.0 * delta {
+        run + 1
+    } else {
+        0
     }
 }
 

@@ -172,7 +172,7 @@ impl Masks {
                 );
             }
             let n = keys.len();
-            let target = (sparsity * n as f64).round() as usize;
+            let target = target_count(sparsity, n);
             let already = keys.iter().filter(|k| k.0 < 0.0).count();
             if target < already {
                 return Err(Error::Config(format!(
@@ -238,7 +238,7 @@ impl Masks {
     /// exact landing can differ in the last bit.
     pub fn pruned_vs_target(&self, sparsity: f64) -> Result<(usize, usize)> {
         let (total, alive) = self.totals()?;
-        Ok((total - alive, (sparsity * total as f64).round() as usize))
+        Ok((total - alive, target_count(sparsity, total)))
     }
 
     /// Fraction of the masked elements still alive, in `[0, 1]`.
@@ -257,4 +257,10 @@ impl Masks {
             msg: "prunable but has no mask".into(),
         })
     }
+}
+
+/// How many of `n` elements a sparsity of `sparsity` prunes: the one rounding rule for pruning to
+/// a target and for checking that it was reached.
+fn target_count(sparsity: f64, n: usize) -> usize {
+    (sparsity * n as f64).round() as usize
 }
