@@ -25,17 +25,9 @@ pub fn save(varmap: &VarMap, path: &Path) -> Result<()> {
 
 /// Writes named tensors to `path` (safetensors) atomically.
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let err = |msg: String| Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| err(format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| err(format!("cannot rename {}: {e}", tmp.display())))?;
-    Ok(())
+    Ok(relprune_io::write_with(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp)
+    })?)
 }
 
 /// Loads every variable of `varmap` (which must already hold the model's variables) from `path`.

@@ -71,6 +71,39 @@ impl DropoutRng {
     }
 }
 
+/// The dropout of one place in a model (attention weights, a sub-layer's output).
+#[derive(Clone, Debug, Default)]
+pub enum Dropout {
+    /// None.
+    #[default]
+    Off,
+    /// candle's dropout with this probability (its CPU generator cannot be seeded).
+    Unseeded(f64),
+    /// Masks from the model's seeded generator, with this probability.
+    Seeded(DropoutRng, f32),
+}
+
+impl Dropout {
+    /// `x` after this dropout when `train`; `x` itself otherwise.
+    pub fn apply(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Off => Ok(x.clone()),
+            Self::Unseeded(p) => unseeded(x, if train { *p } else { 0.0 }),
+            Self::Seeded(rng, p) => rng.apply(x, *p, train),
+        }
+    }
+}
+
+/// Inverted dropout by candle's generator (kept values scaled by 1/(1-p)); the identity, without
+/// a random draw, at p = 0.
+pub fn unseeded(x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
+    if p > 0.0 {
+        candle_nn::ops::dropout(x, p as f32)
+    } else {
+        Ok(x.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,5 +21,14 @@ pub enum Error {
     },
 }
 
+impl From<relprune_io::Error> for Error {
+    fn from(e: relprune_io::Error) -> Self {
+        Error::Checkpoint {
+            path: e.path,
+            msg: e.msg,
+        }
+    }
+}
+
 /// Result alias of relprune-models.
 pub type Result<T> = std::result::Result<T, Error>;

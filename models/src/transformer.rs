@@ -29,19 +29,17 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::dropout::DropoutRng;
-
-use crate::fused::{softmax_last_dim, LayerNorm};
-use crate::hf::generate::{Seq2Seq, SpecialTokens};
+pub use crate::attention::DecoderCache;
+use crate::attention::{causal_mask, key_mask, Attention, DecoderLayers, MASKED};
+use crate::dropout::{Dropout, DropoutRng};
+use crate::fused::LayerNorm;
 use crate::hf::marian::sinusoidal_positions;
+use crate::seq2seq::{EncoderDecoder, SpecialTokens};
+use crate::LayerType;
 use crate::{init, Error, Result};
 
 /// Layer-norm epsilon of `nn.LayerNorm`'s default.
 const LAYER_NORM_EPS: f64 = 1e-5;
-
-/// Additive mask value for hidden keys: large enough that `exp` underflows to exactly 0, finite
-/// so that a fully hidden row never becomes `-inf - -inf = NaN`.
-const MASKED: f32 = -1e9;
 
 /// How token positions enter the embeddings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,60 +321,6 @@ fn initial(
     Ok(Tensor::from_vec(data, shape, device)?)
 }
 
-/// Multi-head attention with `q_proj`, `k_proj`, `v_proj`, `out_proj` (all with bias).
-#[derive(Clone, Debug)]
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    heads: usize,
-    head_dim: usize,
-    dropout: f32,
-    rng: DropoutRng,
-}
-
-impl Attention {
-    /// (B, L, D) → (B, H, L, head_dim).
-    fn split(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        x.reshape((b, l, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
-    /// Keys and values of `x`, split into heads.
-    fn kv(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        Ok((
-            self.split(&self.k.forward(x)?)?,
-            self.split(&self.v.forward(x)?)?,
-        ))
-    }
-
-    /// Attends `x` (B, T, D) to split keys/values with an additive mask broadcastable to
-    /// (B, H, T, S).
-    fn attend(
-        &self,
-        x: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: &Tensor,
-        train: bool,
-    ) -> candle_core::Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let q = self.split(&(self.q.forward(x)? * (self.head_dim as f64).powf(-0.5))?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let probs = softmax_last_dim(&scores)?;
-        let probs = self.rng.apply(&probs, self.dropout, train)?;
-        let ctx = probs
-            .matmul(v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, d))?;
-        self.out.forward(&ctx)
-    }
-}
-
 /// The feed-forward block `fc2(relu(fc1(x)))`.
 #[derive(Clone, Debug)]
 struct FeedForward {
@@ -408,66 +352,6 @@ struct DecoderLayer {
     encoder_attn_layer_norm: LayerNorm,
     ffn: FeedForward,
     final_layer_norm: LayerNorm,
-}
-
-/// Cached keys and values of one decoder layer.
-#[derive(Clone, Debug, Default)]
-struct LayerCache {
-    self_kv: Option<(Tensor, Tensor)>,
-    cross_kv: Option<(Tensor, Tensor)>,
-}
-
-/// The state of incremental decoding: per layer the self-attention keys/values of the tokens
-/// decoded so far and the cross-attention keys/values of the encoder output (computed once),
-/// plus the padding mask of the decoded tokens.
-#[derive(Clone, Debug)]
-pub struct DecoderCache {
-    layers: Vec<LayerCache>,
-    /// Additive key mask (B, len) of the decoded tokens (pad ids hidden), so that a step sees
-    /// the same keys as the full decode.
-    pad_mask: Option<Tensor>,
-    len: usize,
-}
-
-impl DecoderCache {
-    /// An empty cache for `model`.
-    pub fn new(model: &Transformer) -> Self {
-        Self {
-            layers: vec![LayerCache::default(); model.decoder_layers.len()],
-            pad_mask: None,
-            len: 0,
-        }
-    }
-
-    /// Target tokens decoded so far.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing has been decoded yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Keeps, for row `i` of the batch, the cached state of row `indices[i]` (a u32 vector), as
-    /// beam search needs when it continues some beams and drops others.
-    pub fn reorder(&mut self, indices: &Tensor) -> Result<()> {
-        let pick = |kv: &mut Option<(Tensor, Tensor)>| -> Result<()> {
-            if let Some((k, v)) = kv.take() {
-                *kv = Some((k.index_select(indices, 0)?, v.index_select(indices, 0)?));
-            }
-            Ok(())
-        };
-        for layer in &mut self.layers {
-            pick(&mut layer.self_kv)?;
-            // The encoder rows move too, so a beam may take another sentence's row.
-            pick(&mut layer.cross_kv)?;
-        }
-        if let Some(m) = self.pad_mask.take() {
-            self.pad_mask = Some(m.index_select(indices, 0)?);
-        }
-        Ok(())
-    }
 }
 
 /// The encoder–decoder Transformer, parameters in a [`VarMap`].
@@ -519,15 +403,19 @@ impl Transformer {
                 LAYER_NORM_EPS,
             )
         };
-        let attention = |p: &str| Attention {
-            q: linear(&format!("{p}.q_proj")),
-            k: linear(&format!("{p}.k_proj")),
-            v: linear(&format!("{p}.v_proj")),
-            out: linear(&format!("{p}.out_proj")),
-            heads: config.heads,
-            head_dim: config.d_model / config.heads,
-            dropout: config.attention_dropout,
-            rng: dropout_rng.clone(),
+        let attention = |p: &str| {
+            Attention::new(
+                linear(&format!("{p}.q_proj")),
+                linear(&format!("{p}.k_proj")),
+                linear(&format!("{p}.v_proj")),
+                linear(&format!("{p}.out_proj")),
+                config.heads,
+                config.d_model / config.heads,
+            )
+            .with_dropout(Dropout::Seeded(
+                dropout_rng.clone(),
+                config.attention_dropout,
+            ))
         };
         let ffn = |p: &str| FeedForward {
             fc1: linear(&format!("{p}.fc1")),
@@ -656,23 +544,6 @@ impl Transformer {
         Ok(self.dropout_rng.apply(&x, self.config.dropout, train)?)
     }
 
-    /// The additive key mask (B, 1, 1, S) of a 0/1 attention mask (B, S): 0 where 1, very
-    /// negative where 0.
-    pub fn key_mask(attention_mask: &Tensor) -> Result<Tensor> {
-        let (b, s) = attention_mask.dims2()?;
-        let m = attention_mask.to_dtype(DType::F32)?;
-        Ok(((1.0 - m)? * MASKED as f64)?.reshape((b, 1, 1, s))?)
-    }
-
-    /// Causal mask (1, 1, T, past + T) of queries at positions `past..past+T`.
-    fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-        let total = past + t;
-        let data: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
-            .collect();
-        Ok(Tensor::from_vec(data, (1, 1, t, total), device)?)
-    }
-
     /// One residual sub-layer: `x + drop(f(LN(x)))` pre-norm, `LN(x + drop(f(x)))` post-norm.
     fn residual(
         &self,
@@ -702,12 +573,11 @@ impl Transformer {
                 src_mask.dims()
             )));
         }
-        let mask = Self::key_mask(src_mask)?;
+        let mask = key_mask(src_mask)?;
         let mut h = self.embed(src_ids, &self.src_embed, &self.encoder_positions, 0, train)?;
         for layer in &self.encoder_layers {
             h = self.residual(&h, &layer.self_attn_layer_norm, train, |x| {
-                let (k, v) = layer.self_attn.kv(x)?;
-                layer.self_attn.attend(x, &k, &v, &mask, train)
+                layer.self_attn.self_attend(x, Some(&mask), train)
             })?;
             h = self.residual(&h, &layer.final_layer_norm, train, |x| layer.ffn.forward(x))?;
         }
@@ -735,59 +605,42 @@ impl Transformer {
         cache: &mut DecoderCache,
         train: bool,
     ) -> Result<Tensor> {
-        if cache.layers.len() != self.decoder_layers.len() {
-            return Err(Error::Config(format!(
-                "cache has {} layers, the decoder {}",
-                cache.layers.len(),
-                self.decoder_layers.len()
-            )));
-        }
         let (b, t) = ids.dims2()?;
-        let past = cache.len;
+        let past = cache.len();
         let device = ids.device();
-        let src = Self::key_mask(src_mask)?;
+        let src = key_mask(src_mask)?;
         // Target keys that are padding are hidden, as the source's; remembered for later steps.
         let pad = (ids
             .to_dtype(DType::U32)?
             .eq(self.config.pad_id)?
             .to_dtype(DType::F32)?
             * MASKED as f64)?;
-        let pad = match cache.pad_mask.take() {
-            Some(prev) => Tensor::cat(&[&prev, &pad], 1)?,
-            None => pad,
-        };
-        let self_mask = Self::causal_mask(t, past, device)?.broadcast_add(&pad.reshape((
-            b,
-            1,
-            1,
-            past + t,
-        ))?)?;
-        cache.pad_mask = Some(pad);
+        let pad = cache.extend_pad_mask(pad)?;
+        let self_mask =
+            causal_mask(t, past, device)?.broadcast_add(&pad.reshape((b, 1, 1, past + t))?)?;
         let mut h = self.embed(ids, &self.tgt_embed, &self.decoder_positions, past, train)?;
-        for (layer, lc) in self.decoder_layers.iter().zip(cache.layers.iter_mut()) {
+        let caches = cache.layers_for(self.decoder_layers.len())?;
+        for (layer, lc) in self.decoder_layers.iter().zip(caches.iter_mut()) {
             h = self.residual(&h, &layer.self_attn_layer_norm, train, |x| {
-                let (k, v) = layer.self_attn.kv(x)?;
-                let (k, v) = match lc.self_kv.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                let a = layer.self_attn.attend(x, &k, &v, &self_mask, train)?;
-                lc.self_kv = Some((k, v));
-                Ok(a)
+                layer
+                    .self_attn
+                    .self_attend_cached(x, &mut lc.self_kv, Some(&self_mask), train)
             })?;
-            if lc.cross_kv.is_none() {
-                lc.cross_kv = Some(layer.encoder_attn.kv(encoder_hidden)?);
-            }
-            let (ck, cv) = lc.cross_kv.as_ref().expect("set above");
             h = self.residual(&h, &layer.encoder_attn_layer_norm, train, |x| {
-                layer.encoder_attn.attend(x, ck, cv, &src, train)
+                layer.encoder_attn.cross_attend_cached(
+                    x,
+                    encoder_hidden,
+                    &mut lc.cross_kv,
+                    Some(&src),
+                    train,
+                )
             })?;
             h = self.residual(&h, &layer.final_layer_norm, train, |x| layer.ffn.forward(x))?;
         }
         if let Some(ln) = &self.decoder_norm {
             h = ln.forward(&h)?;
         }
-        cache.len += t;
+        cache.advance(t);
         Ok(h.broadcast_matmul(&self.output_projection.t()?)?)
     }
 
@@ -813,51 +666,33 @@ impl Transformer {
         tgt_in: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let (bs, _) = src_ids.dims2()?;
-        let (bt, _) = tgt_in.dims2()?;
-        if bs != bt {
-            return Err(Error::Config(format!(
-                "source batch {bs} differs from target batch {bt}"
-            )));
-        }
-        let enc = self.encode_t(src_ids, src_mask, train)?;
-        let mut cache = DecoderCache::new(self);
-        self.decode_t(tgt_in, &enc, src_mask, &mut cache, train)
+        <Self as crate::seq2seq::Seq2Seq>::forward_t(self, src_ids, src_mask, tgt_in, train)
     }
 }
 
-impl Seq2Seq for Transformer {
-    type Cache = DecoderCache;
+impl DecoderLayers for Transformer {
+    fn decoder_layers(&self) -> usize {
+        self.decoder_layers.len()
+    }
+}
 
-    fn encode(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        Transformer::encode(self, input_ids, attention_mask)
+impl EncoderDecoder for Transformer {
+    fn encode_t(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+        Transformer::encode_t(self, input_ids, attention_mask, train)
     }
 
-    fn new_cache(&self) -> DecoderCache {
-        DecoderCache::new(self)
-    }
-
-    fn decode_step(
+    fn decode_t(
         &self,
         ids: &Tensor,
         encoder_hidden: &Tensor,
         src_mask: &Tensor,
         cache: &mut DecoderCache,
+        train: bool,
     ) -> Result<Tensor> {
-        let logits = Transformer::decode_step(self, ids, encoder_hidden, src_mask, cache)?;
-        let t = logits.dim(1)?;
-        Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?)
+        Transformer::decode_t(self, ids, encoder_hidden, src_mask, cache, train)
     }
 
-    fn reorder_cache(&self, cache: &mut DecoderCache, indices: &Tensor) -> Result<()> {
-        cache.reorder(indices)
-    }
-
-    fn seed_dropout(&self, stream: u64) {
-        self.dropout_rng.reseed(stream);
-    }
-
-    fn special_tokens(&self) -> SpecialTokens {
+    fn special_ids(&self) -> SpecialTokens {
         SpecialTokens {
             pad: self.config.pad_id,
             eos: self.config.eos_id,
@@ -865,13 +700,18 @@ impl Seq2Seq for Transformer {
         }
     }
 
-    fn forward_t(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        decoder_input_ids: &Tensor,
-        train: bool,
-    ) -> Result<Tensor> {
-        Transformer::forward_t(self, input_ids, attention_mask, decoder_input_ids, train)
+    fn reseed_dropout(&self, stream: u64) {
+        self.dropout_rng.reseed(stream);
+    }
+}
+
+/// The kind of layer a Transformer parameter belongs to: its names follow Marian's (fairseq's),
+/// with the token tables and the output projection outside `model.`.
+pub fn layer_type(name: &str) -> LayerType {
+    match crate::hf::marian::layer_type(name) {
+        LayerType::Other if name.contains("embed_") || name.starts_with("output_projection") => {
+            LayerType::Embeddings
+        }
+        t => t,
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use relprune_eval::{line_chart_svg, write_atomic, RunResults, Series};
+use relprune_eval::{line_chart_svg, RunResults, Series};
 
 use crate::flags;
 
@@ -352,7 +352,7 @@ fn write_report(f: &flags::Ablate, variants: &[Variant]) -> Result<()> {
         },
         Err(_) => block,
     };
-    write_atomic(&f.report, text.as_bytes())?;
+    relprune_io::write(&f.report, text.as_bytes())?;
     println!(
         "wrote {} and {}",
         f.report.display(),

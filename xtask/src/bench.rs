@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use relprune_core::SelectiveDecay;
 use relprune_data::{DataSource, DatasetKind};
-use relprune_eval::{write_atomic, ImageClassification};
+use relprune_eval::ImageClassification;
 use relprune_prune::{MaskedSgd, Masks, ParamSet, Selection, SgdConfig, Task, Trainer};
 use serde::Serialize;
 
@@ -239,11 +239,11 @@ pub fn run(f: flags::Bench) -> Result<()> {
     ));
     std::fs::create_dir_all(&f.out)?;
     let json = serde_json::json!({ "rows": rows, "swd_overhead_ratio_median": overhead });
-    write_atomic(
+    relprune_io::write(
         &f.out.join("bench.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
-    write_atomic(&f.out.join("bench.md"), md.as_bytes())?;
+    relprune_io::write(&f.out.join("bench.md"), md.as_bytes())?;
     println!("{md}");
     Ok(())
 }

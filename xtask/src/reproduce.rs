@@ -3,9 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use relprune_eval::{
-    compressed_sizes, line_chart_svg, render_markdown, write_atomic, RunResults, Series,
-};
+use relprune_eval::{compressed_sizes, line_chart_svg, render_markdown, RunResults, Series};
 
 use crate::flags;
 use relprune_core::SelectiveDecay;
@@ -133,8 +131,8 @@ fn run_all(f: &flags::Reproduce) -> Result<()> {
         md.push_str(&format!("| {e} | {m} | {err:.2} | {x:.0} |\n"));
     }
     std::fs::create_dir_all(&root)?;
-    write_atomic(&root.join("summary.md"), md.as_bytes())?;
-    write_atomic(
+    relprune_io::write(&root.join("summary.md"), md.as_bytes())?;
+    relprune_io::write(
         &root.join("summary.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
@@ -392,7 +390,7 @@ pub fn write_outputs(results: &RunResults, out: &Path) -> Result<()> {
     } else {
         None
     };
-    write_atomic(
+    relprune_io::write(
         &out.join("report.md"),
         render_markdown(results, plot).as_bytes(),
     )?;

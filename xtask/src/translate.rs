@@ -17,8 +17,8 @@ use relprune_data::text::{
 };
 use relprune_eval::seq2seq::BLEU;
 use relprune_eval::{
-    write_atomic, DatasetInfo, DecodeConfig, EvalSplit, LayerStats, MetricValue, PrunedSummary,
-    RunResults, Seq2SeqConfig, Seq2SeqTask, SizesBytes, SparsityReport,
+    DatasetInfo, DecodeConfig, EvalSplit, LayerStats, MetricValue, PrunedSummary, RunResults,
+    Seq2SeqConfig, Seq2SeqTask, SizesBytes, SparsityReport,
 };
 use relprune_models::transformer::{Embeddings, Positions, Transformer, TransformerConfig};
 use relprune_prune::threshold::BisectionConfig;
@@ -270,7 +270,7 @@ fn tokenizer(cfg: &Config, train: &[TextPair], out: &Path) -> Result<TextTokeniz
         .inner()
         .to_string(false)
         .map_err(|e| anyhow::anyhow!("cannot serialize the tokenizer: {e}"))?;
-    write_atomic(&path, json.as_bytes())?;
+    relprune_io::write(&path, json.as_bytes())?;
     Ok(tok)
 }
 
@@ -527,7 +527,7 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
 fn write_lines(path: &Path, lines: &[String]) -> Result<()> {
     let mut text = lines.join("\n");
     text.push('\n');
-    write_atomic(path, text.as_bytes())?;
+    relprune_io::write(path, text.as_bytes())?;
     Ok(())
 }
 

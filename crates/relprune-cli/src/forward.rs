@@ -313,23 +313,10 @@ fn matrix(v: &Value, name: &str) -> Result<Vec<Vec<u32>>> {
 /// Writes `value` to `path` through a temporary file in the same directory and a rename, so a
 /// reader never sees half a file.
 pub fn write_json_atomic(path: &Path, value: &Value) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("output path {} has no file name", path.display()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let text = serde_json::to_string(value)?;
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot rename {} to {}", tmp.display(), path.display())
-    })
+    Ok(relprune_io::write(
+        path,
+        serde_json::to_string(value)?.as_bytes(),
+    )?)
 }
 
 #[cfg(test)]

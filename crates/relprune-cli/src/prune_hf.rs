@@ -829,47 +829,6 @@ fn top_up_per_layer(trainer: &mut Trainer, target: f64) -> relprune_prune::Resul
     Ok(pruned)
 }
 
-/// Removes a staging directory on drop unless it was committed (renamed into place).
-pub struct Staging {
-    /// The temporary directory beside the output.
-    pub dir: PathBuf,
-    committed: bool,
-}
-
-impl Staging {
-    /// A fresh temporary directory beside `out`.
-    pub fn new(out: &Path) -> Result<Self> {
-        let dir = sibling(out, &format!(".relprune-tmp-{}", std::process::id()));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("cannot remove stale {}", dir.display()))?;
-        }
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Self {
-            dir,
-            committed: false,
-        })
-    }
-
-    /// Renames the staging directory to `out`.
-    pub fn commit(mut self, out: &Path) -> Result<()> {
-        std::fs::rename(&self.dir, out).with_context(|| {
-            format!("cannot rename {} to {}", self.dir.display(), out.display())
-        })?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 /// Copies every file of `src` into `dst` (recursively) except the weights and other frameworks'
 /// dense weight files; returns the names skipped.
 pub fn copy_model_files(src: &Path, dst: &Path, weights: &str) -> Result<Vec<String>> {
@@ -1040,10 +999,10 @@ pub fn write_like_input(
             }
         }
     }
-    let tmp = sibling(out, ".tmp");
-    safetensors::serialize_to_file(tensors, header_metadata(input)?, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot rename to {}", out.display()))?;
+    let metadata = header_metadata(input)?;
+    relprune_io::write_with(out, |tmp| {
+        safetensors::serialize_to_file(tensors, metadata, tmp)
+    })?;
     Ok(written)
 }
 
@@ -1227,7 +1186,7 @@ pub fn write_output(
     ));
     md.push_str(&relprune_eval::render_markdown(&results, None));
     md.push('\n');
-    relprune_eval::results::write_atomic(&stage.join("report.md"), md.as_bytes())?;
+    relprune_io::write(&stage.join("report.md"), md.as_bytes())?;
     Ok(results)
 }
 
@@ -1409,10 +1368,10 @@ pub fn prune_and_write<T: Task>(
 ) -> Result<()> {
     let pruned = prune_phases(cfg, trainer, &mut task, calibrate)?;
     let test_eval = trainer.evaluate(&mut task, Split::Test)?;
-    let stage = Staging::new(&opts.out)?;
+    let stage = relprune_io::StagingDir::new(&opts.out)?;
     let input_weights = cfg.model_dir.join("model.safetensors");
     let results = write_output(
-        &stage.dir,
+        stage.path(),
         trainer,
         out.varmap,
         out.lookup,
@@ -1427,7 +1386,7 @@ pub fn prune_and_write<T: Task>(
         },
         opts.t0,
     )?;
-    verify(&stage.dir, task, test_eval)?;
+    verify(stage.path(), task, test_eval)?;
     stage.commit(&opts.out)?;
     finish(opts, &results)
 }

@@ -6,9 +6,7 @@
 //! [`ImageDataset`] uses. The real files hold 10,000 records each; any positive count is accepted.
 
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::image::ImageDataset;
@@ -170,38 +168,7 @@ pub fn write_cifar_batch(path: &Path, images: &[u8], labels: &[u8]) -> Result<()
         bytes.push(*label);
         bytes.extend_from_slice(image);
     }
-    write_atomically(path, &bytes)
-}
-
-/// Distinguishes temp files of concurrent writers within one process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `bytes` to a temp file beside `path` and renames it over `path`, so readers never see
-/// a half-written batch (rename is atomic within one file system).
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(
-        ".{}.{}.tmp",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let tmp: PathBuf = path.with_file_name(tmp_name);
-    let result = (|| {
-        let mut file = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        file.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        // Flush to disk before the rename, or a crash could leave `path` naming an empty file.
-        file.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if result.is_err() {
-        // Best effort: the original error is the one worth reporting.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    Ok(relprune_io::write(path, &bytes)?)
 }
 
 #[cfg(test)]

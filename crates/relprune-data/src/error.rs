@@ -27,6 +27,9 @@ pub enum Error {
     /// An invalid argument or inconsistent data.
     #[error("{0}")]
     Invalid(String),
+    /// An output file could not be written.
+    #[error(transparent)]
+    Output(#[from] relprune_io::Error),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

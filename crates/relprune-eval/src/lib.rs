@@ -26,8 +26,7 @@ pub use loss::label_smoothed_cross_entropy;
 pub use plot::{line_chart_svg, Series};
 pub use report::render_markdown;
 pub use results::{
-    phase_report, write_atomic, DatasetInfo, MetricValue, PrunedSummary, RoundRecord, RunResults,
-    SizesBytes,
+    phase_report, DatasetInfo, MetricValue, PrunedSummary, RoundRecord, RunResults, SizesBytes,
 };
 pub use seq2seq::{DecodeConfig, EvalSplit, Seq2SeqConfig, Seq2SeqTask};
 pub use sizes::{compressed_sizes, FileSizes};

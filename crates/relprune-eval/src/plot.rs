@@ -9,7 +9,6 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::results::write_atomic;
 
 /// Chart size in pixels.
 const SIZE: (u32, u32) = (900, 560);
@@ -77,7 +76,7 @@ pub fn line_chart_svg(
         }
         root.present().map_err(plot_err)?;
     }
-    write_atomic(path, svg.as_bytes())
+    relprune_io::write(path, svg.as_bytes()).map_err(crate::Error::from)
 }
 
 /// Labelled ticks of a log axis: 1, 2 and 5 times each power of ten inside `r` (plotters' own

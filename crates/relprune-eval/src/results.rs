@@ -5,8 +5,7 @@
 //! be non-finite (a fully pruned model has infinite compression; a diverged round has a NaN loss)
 //! read `null` back as `INFINITY` / `NaN` instead of failing.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -200,7 +199,7 @@ impl RunResults {
             source,
         })?;
         bytes.push(b'\n');
-        write_atomic(path, &bytes)
+        relprune_io::write(path, &bytes).map_err(Error::from)
     }
 
     /// Reads a results.json.
@@ -211,33 +210,6 @@ impl RunResults {
             source,
         })
     }
-}
-
-/// Writes any text atomically (temp file + rename).
-///
-/// The temp file lives in the target's directory so the rename never crosses file systems;
-/// readers see either the old file or the complete new one, never a partial write.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir: PathBuf = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let io_err = |e| Error::io(path, e);
-    let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err)?;
-    tmp.write_all(bytes).map_err(io_err)?;
-    tmp.as_file().sync_all().map_err(io_err)?;
-    // Temp files are created private (0600); reports and models are meant to be shared like
-    // any file the user writes.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(io_err)?;
-    }
-    // On failure the temp file is dropped with the error, which deletes it.
-    tmp.persist(path).map_err(|e| io_err(e.error))?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -408,29 +380,6 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("broken.json"), "{err}");
         let err = RunResults::read_json(&dir.path().join("absent.json")).unwrap_err();
         assert!(err.to_string().contains("absent.json"), "{err}");
-    }
-
-    #[test]
-    fn write_atomic_replaces_existing_file_and_leaves_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.txt");
-        std::fs::write(&path, b"old contents that are longer").unwrap();
-        write_atomic(&path, b"new").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"new");
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("out.txt")]);
-    }
-
-    #[test]
-    fn write_atomic_into_missing_directory_is_an_io_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("no/such/dir/out.txt");
-        let err = write_atomic(&path, b"x").unwrap_err();
-        assert!(matches!(err, Error::Io { .. }));
-        assert!(err.to_string().contains("out.txt"), "{err}");
     }
 
     #[test]

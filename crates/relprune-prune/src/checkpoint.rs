@@ -270,19 +270,11 @@ impl Checkpointer {
         let json = serde_json::to_string(&self.journal)
             .map_err(|e| file_err(&self.path, format!("cannot encode the journal: {e}")))?;
         meta.insert(META_KEY.to_string(), json);
-        let mut tmp = self.path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
         // Streamed tensor by tensor: an in-memory image of the whole file (weights, masks,
         // optimizer moments, snapshots) would be the run's peak memory on a large model.
-        safetensors::serialize_to_file(tensors, Some(meta), &tmp)
-            .map_err(|e| file_err(&tmp, format!("cannot write the checkpoint: {e}")))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| {
-            file_err(
-                &self.path,
-                format!("cannot move the checkpoint in place: {e}"),
-            )
-        })
+        Ok(relprune_io::write_with(&self.path, |tmp| {
+            safetensors::serialize_to_file(tensors, Some(meta), tmp)
+        })?)
     }
 }
 
@@ -350,13 +342,9 @@ pub fn write_params_file(path: &Path, params: &ParamSet) -> Result<()> {
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<Vec<_>>>()?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    safetensors::serialize_to_file(tensors, None, &tmp)
-        .map_err(|e| file_err(&tmp, format!("cannot write the weights: {e}")))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| file_err(path, format!("cannot move the weights in place: {e}")))
+    Ok(relprune_io::write_with(path, |tmp| {
+        safetensors::serialize_to_file(tensors, None, tmp)
+    })?)
 }
 
 /// Sets every parameter from a file written by [`write_params_file`].

@@ -45,5 +45,14 @@ pub enum Error {
     Task(String),
 }
 
+impl From<relprune_io::Error> for Error {
+    fn from(e: relprune_io::Error) -> Self {
+        Error::File {
+            path: e.path,
+            msg: e.msg,
+        }
+    }
+}
+
 /// Result alias of relprune-prune.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -12,7 +12,7 @@
 //! files are written atomically.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
@@ -27,21 +27,6 @@ fn file_err(path: &Path, msg: impl Into<String>) -> Error {
         path: path.to_path_buf(),
         msg: msg.into(),
     }
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
-
-fn persist(tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::rename(tmp, path).map_err(|e| {
-        file_err(
-            path,
-            format!("cannot move {} into place: {e}", tmp.display()),
-        )
-    })
 }
 
 /// `-0.0 → +0.0` in an f32 tensor: a masked negative weight becomes `-0.0`, which is zero to every
@@ -66,10 +51,9 @@ pub fn save_dense(params: &ParamSet, path: &Path) -> Result<()> {
         .into_iter()
         .map(|(k, t)| Ok((k, positive_zeros(&t)?)))
         .collect::<Result<_>>()?;
-    let tmp = tmp_path(path);
-    candle_core::safetensors::save(&tensors, &tmp)
-        .map_err(|e| file_err(path, format!("cannot write: {e}")))?;
-    persist(&tmp, path)
+    Ok(relprune_io::write_with(path, |tmp| {
+        candle_core::safetensors::save(&tensors, tmp)
+    })?)
 }
 
 /// Writes the parameters in the compact sparse format (prunable f32 tensors as bitmap + values).
@@ -127,10 +111,9 @@ pub fn save_sparse(params: &ParamSet, path: &Path) -> Result<()> {
         })
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| file_err(path, format!("cannot build tensor views: {e}")))?;
-    let tmp = tmp_path(path);
-    safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| file_err(path, format!("cannot write: {e}")))?;
-    persist(&tmp, path)
+    Ok(relprune_io::write_with(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(meta), tmp)
+    })?)
 }
 
 /// Bitmap (LSB first) and little-endian values of the non-zeros.

@@ -18,8 +18,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::weights::Weights;
 use super::LinearHook;
+use crate::dropout::unseeded as dropout;
 use crate::fused::{softmax_last_dim, LayerNorm};
+use crate::LayerType;
 use crate::{init, Error, Result};
 
 /// The `model_type` values this module can load.
@@ -520,9 +523,7 @@ impl BertModel {
         let path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&self.config)
             .map_err(|e| err(path.clone(), format!("cannot serialize: {e}")))?;
-        let tmp = dir.join("config.json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| err(tmp.clone(), format!("cannot write: {e}")))?;
-        std::fs::rename(&tmp, &path).map_err(|e| err(path, format!("cannot rename: {e}")))
+        Ok(relprune_io::write(&path, text.as_bytes())?)
     }
 
     /// `last_hidden_state` (B, T, H) of `input_ids` (B, T) (u32 or i64).
@@ -693,15 +694,6 @@ impl BertModel {
     }
 }
 
-/// Inverted dropout (kept values scaled by 1/(1-p)); the identity, without a random draw, at p = 0.
-fn dropout(x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
-    if p > 0.0 {
-        candle_nn::ops::dropout(x, p as f32)
-    } else {
-        Ok(x.clone())
-    }
-}
-
 /// Mean of `hidden` (B, T, H) over the positions where `mask` (B, T) is 1 (sentence-transformers'
 /// mean pooling; the count is clamped at 1e-9 as there, so an all-padding row gives zeros).
 pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -733,62 +725,80 @@ fn read_weights(
     path: &Path,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let err = |msg: String| Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg,
-    };
-    if !path.is_file() {
-        return Err(err(
-            "no such file (only model.safetensors checkpoints are read)".into(),
-        ));
-    }
-    // SAFETY: the map is only read while this function runs, and every tensor is copied out of
-    // it into its own storage before it is dropped; the remaining risk, another process
-    // truncating the file meanwhile, is the one every mmap-based loader (transformers' included)
-    // accepts.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-        .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
-    let names: std::collections::HashSet<String> =
-        st.tensors().into_iter().map(|(name, _)| name).collect();
-    let prefix = ["", "bert."]
+    let weights = Weights::open(path)?;
+    let prefix = STORED_PREFIXES
         .into_iter()
-        .find(|p| names.contains(&format!("{p}embeddings.word_embeddings.weight")))
-        .ok_or_else(|| err("missing tensor `embeddings.word_embeddings.weight`".into()))?;
+        .find(|p| weights.contains(&format!("{p}embeddings.word_embeddings.weight")))
+        .ok_or_else(|| weights.error("missing tensor `embeddings.word_embeddings.weight`"))?;
     let mut wanted = config.parameter_shapes();
-    if names.contains(&format!("{prefix}pooler.dense.weight")) {
+    if weights.contains(&format!("{prefix}pooler.dense.weight")) {
         wanted.extend(config.pooler_shapes());
     }
     let mut out = HashMap::with_capacity(wanted.len());
     for (name, shape) in wanted {
-        let mut candidates = vec![format!("{prefix}{name}")];
-        if let Some(base) = name.strip_suffix("LayerNorm.weight") {
-            candidates.push(format!("{prefix}{base}LayerNorm.gamma"));
-        } else if let Some(base) = name.strip_suffix("LayerNorm.bias") {
-            candidates.push(format!("{prefix}{base}LayerNorm.beta"));
-        }
-        let stored = candidates
-            .iter()
-            .find(|c| names.contains(*c))
-            .ok_or_else(|| err(format!("missing tensor `{}`", candidates[0])))?;
-        let t = st
-            .load(stored, device)
-            .map_err(|e| err(format!("tensor `{stored}`: {e}")))?;
-        if t.dims() != shape.as_slice() {
-            return Err(err(format!(
-                "tensor `{stored}` has shape {:?}, the config expects {shape:?}",
-                t.dims()
-            )));
-        }
-        let t = match t.dtype() {
-            DType::F32 => t,
-            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-            other => {
-                return Err(err(format!(
-                    "tensor `{stored}` has dtype {other:?}, expected a float type"
-                )))
-            }
-        };
-        out.insert(name, t);
+        let candidates = stored_names(prefix, &name);
+        let candidates: Vec<&str> = candidates.iter().map(String::as_str).collect();
+        out.insert(name, weights.require_any(&candidates, &shape, device)?);
     }
     Ok(out)
 }
+
+/// Prefixes a BERT checkpoint's tensor names may carry (`BertFor*` checkpoints store the
+/// encoder under `bert.`).
+const STORED_PREFIXES: [&str; 2] = ["", "bert."];
+
+/// The names under which the variable `name` may be stored after `prefix`: layer norms may be
+/// called `gamma`/`beta` (old TensorFlow conversions).
+fn stored_names(prefix: &str, name: &str) -> Vec<String> {
+    let mut out = vec![format!("{prefix}{name}")];
+    if let Some(base) = name.strip_suffix("LayerNorm.weight") {
+        out.push(format!("{prefix}{base}LayerNorm.gamma"));
+    } else if let Some(base) = name.strip_suffix("LayerNorm.bias") {
+        out.push(format!("{prefix}{base}LayerNorm.beta"));
+    }
+    out
+}
+
+/// The variables a tensor stored as `name` may be: the inverse of [`stored_names`].
+pub fn variable_names(name: &str) -> Vec<String> {
+    let base = STORED_PREFIXES
+        .iter()
+        .rev()
+        .find_map(|p| name.strip_prefix(p))
+        .unwrap_or(name);
+    let mut out = vec![name.to_string(), base.to_string()];
+    if let Some(b) = base.strip_suffix("LayerNorm.gamma") {
+        out.push(format!("{b}LayerNorm.weight"));
+    }
+    if let Some(b) = base.strip_suffix("LayerNorm.beta") {
+        out.push(format!("{b}LayerNorm.bias"));
+    }
+    out
+}
+
+/// The kind of layer a BERT parameter belongs to.
+pub fn layer_type(name: &str) -> LayerType {
+    if name.contains("LayerNorm") {
+        LayerType::Norm
+    } else if name.contains(".attention.") {
+        LayerType::Attention
+    } else if name.contains(".intermediate.") || name.contains(".output.dense") {
+        LayerType::FeedForward
+    } else if name.contains("embeddings.") {
+        LayerType::Embeddings
+    } else {
+        LayerType::Other
+    }
+}
+
+/// The registry entry of `bert` checkpoints.
+pub const ARCHITECTURE: super::Architecture = super::Architecture {
+    model_type: "bert",
+    load: |dir, varmap, device| {
+        Ok(super::HfModel::Encoder(Box::new(BertModel::load_into(
+            varmap, dir, device,
+        )?)))
+    },
+    variable_names,
+    layer_type,
+};

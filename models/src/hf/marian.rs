@@ -20,8 +20,13 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::generate::{pad_rows, GenerateConfig, Seq2Seq};
-use crate::fused::{softmax_last_dim, LayerNorm};
+use super::generate::{pad_rows, GenerateConfig};
+use super::weights::Weights;
+pub use crate::attention::DecoderCache;
+use crate::attention::{causal_mask, key_mask, Attention, DecoderLayers};
+use crate::fused::LayerNorm;
+use crate::seq2seq::{EncoderDecoder, SpecialTokens};
+use crate::LayerType;
 use crate::{init, Error, Result};
 
 /// Model types this module can run (`config.json`'s `model_type`).
@@ -40,12 +45,9 @@ pub const SUPPORTED_ACTIVATIONS: &[&str] = &[
 /// Layer-norm epsilon of `nn.LayerNorm`'s default, which Marian uses everywhere.
 const LAYER_NORM_EPS: f64 = 1e-5;
 
-/// Additive mask value for hidden keys: large enough that `exp` underflows to exactly 0, finite
-/// so that a row never becomes `-inf - -inf = NaN`.
-const MASKED: f32 = -1e9;
-
-/// The names under which the tied embedding (`model.shared.weight`) may be stored.
-const SHARED_ALIASES: &[&str] = &[
+/// The names under which the tied embedding (`model.shared.weight`) may be stored; the last one,
+/// `lm_head.weight`, only when the head is tied.
+pub const SHARED_ALIASES: &[&str] = &[
     "model.shared.weight",
     "model.encoder.embed_tokens.weight",
     "model.decoder.embed_tokens.weight",
@@ -126,18 +128,7 @@ fn default_init_std() -> f64 {
 impl MarianConfig {
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let err = |msg: String| Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|e| err(format!("invalid config: {e}")))?;
-        config.validate().map_err(|e| match e {
-            Error::Config(msg) => err(msg),
-            other => other,
-        })?;
-        Ok(config)
+        super::read_config(path, Self::validate)
     }
 
     /// Checks that this is a Marian configuration the implementation can run.
@@ -254,61 +245,6 @@ impl Activation {
     }
 }
 
-/// Multi-head attention with `q_proj`, `k_proj`, `v_proj`, `out_proj` (all with bias).
-#[derive(Clone, Debug)]
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    /// (B, L, D) → (B, H, L, head_dim).
-    fn split(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        x.reshape((b, l, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
-    /// Keys and values of `x`, split into heads.
-    fn kv(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        Ok((
-            self.split(&self.k.forward(x)?)?,
-            self.split(&self.v.forward(x)?)?,
-        ))
-    }
-
-    /// Attends `x` (B, T, D) to split keys/values with an additive mask broadcastable to
-    /// (B, H, T, S).
-    fn attend(
-        &self,
-        x: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        // transformers scales q by head_dim^-0.5 before the product; the same numbers.
-        let q = self.split(&(self.q.forward(x)? * (self.head_dim as f64).powf(-0.5))?)?;
-        let scores = q.matmul(&k.t()?)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = softmax_last_dim(&scores)?;
-        let ctx = probs
-            .matmul(v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, d))?;
-        self.out.forward(&ctx)
-    }
-}
-
 /// One encoder layer: self-attention → residual → LN; FFN → residual → LN.
 #[derive(Clone, Debug)]
 struct EncoderLayer {
@@ -340,59 +276,6 @@ fn ffn(
 ) -> candle_core::Result<Tensor> {
     let h = fc2.forward(&act.apply(&fc1.forward(x)?)?)?;
     ln.forward(&(x + h)?)
-}
-
-/// Cached keys and values of one decoder layer.
-#[derive(Clone, Debug, Default)]
-struct LayerCache {
-    self_kv: Option<(Tensor, Tensor)>,
-    cross_kv: Option<(Tensor, Tensor)>,
-}
-
-/// The state of incremental decoding: per layer the self-attention keys/values of the tokens
-/// decoded so far, and the cross-attention keys/values of the encoder output (computed once).
-#[derive(Clone, Debug)]
-pub struct DecoderCache {
-    layers: Vec<LayerCache>,
-    len: usize,
-}
-
-impl DecoderCache {
-    /// An empty cache for `model`.
-    pub fn new(model: &MarianModel) -> Self {
-        Self {
-            layers: vec![LayerCache::default(); model.decoder_layers.len()],
-            len: 0,
-        }
-    }
-
-    /// Target tokens decoded so far.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing has been decoded yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Keeps, for row `i` of the batch, the cached keys and values of row `indices[i]` (a u32
-    /// vector), as beam search needs when it continues some beams and drops others.
-    pub fn reorder(&mut self, indices: &Tensor) -> Result<()> {
-        let pick = |kv: &mut Option<(Tensor, Tensor)>| -> Result<()> {
-            if let Some((k, v)) = kv.take() {
-                *kv = Some((k.index_select(indices, 0)?, v.index_select(indices, 0)?));
-            }
-            Ok(())
-        };
-        for layer in &mut self.layers {
-            pick(&mut layer.self_kv)?;
-            // The encoder rows are reordered too, so a beam may move to another sentence's row
-            // without the caller having to know that they are usually equal.
-            pick(&mut layer.cross_kv)?;
-        }
-        Ok(())
-    }
 }
 
 /// `MarianMTModel`: encoder, decoder and tied LM head, parameters in a [`VarMap`].
@@ -484,79 +367,23 @@ impl MarianModel {
     /// corrupt or truncated file is an error naming the tensor and the file.
     pub fn load(dir: &Path, varmap: &VarMap, device: &Device) -> Result<Self> {
         let config = MarianConfig::from_file(&dir.join("config.json"))?;
-        let path = dir.join("model.safetensors");
-        let err = |msg: String| Error::Checkpoint {
-            path: path.clone(),
-            msg,
-        };
-        let bytes = std::fs::read(&path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
-        let get = |name: &str| -> Result<Option<Tensor>> {
-            match st.tensor(name) {
-                Ok(view) => {
-                    let t = candle_core::safetensors::Load::load(&view, device)
-                        .and_then(|t| t.to_dtype(DType::F32))
-                        .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-                    Ok(Some(t))
-                }
-                Err(_) => Ok(None),
-            }
-        };
+        let weights = Weights::open(&dir.join("model.safetensors"))?;
         let mut tensors = HashMap::new();
         for (name, shape) in parameter_shapes(&config) {
             let t = if name == "model.shared.weight" {
-                let aliases: &[&str] = if config.tie_word_embeddings {
-                    SHARED_ALIASES
-                } else {
-                    &SHARED_ALIASES[..3]
-                };
-                let mut found = None;
-                for alias in aliases {
-                    if let Some(t) = get(alias)? {
-                        found = Some((alias, t));
-                        break;
-                    }
-                }
-                let (alias, t) = found.ok_or_else(|| {
-                    err(format!(
-                        "missing tensor `model.shared.weight` (or an alias: {aliases:?})"
-                    ))
-                })?;
-                if t.dims() != shape.as_slice() {
-                    return Err(err(format!(
-                        "tensor `{alias}` has shape {:?}, the config implies {shape:?}",
-                        t.dims()
-                    )));
-                }
-                t
+                weights.tied(shared_aliases(&config), &shape, device)?
             } else {
-                let t = get(&name)?.ok_or_else(|| err(format!("missing tensor `{name}`")))?;
-                if t.dims() != shape.as_slice() {
-                    return Err(err(format!(
-                        "tensor `{name}` has shape {:?}, the config implies {shape:?}",
-                        t.dims()
-                    )));
-                }
-                t
+                weights.require(&name, &shape, device)?
             };
             tensors.insert(name, t);
         }
         let positions = |stack: &str| -> Result<Option<Tensor>> {
             let name = format!("model.{stack}.embed_positions.weight");
-            match get(&name)? {
-                None => Ok(None),
-                Some(t) => {
-                    let want = [config.max_position_embeddings, config.d_model];
-                    if t.dims() != want {
-                        return Err(err(format!(
-                            "tensor `{name}` has shape {:?}, the config implies {want:?}",
-                            t.dims()
-                        )));
-                    }
-                    Ok(Some(t))
-                }
+            if !weights.contains(&name) {
+                return Ok(None);
             }
+            let shape = [config.max_position_embeddings, config.d_model];
+            Ok(Some(weights.require(&name, &shape, device)?))
         };
         let enc_pos = positions("encoder")?;
         let dec_pos = positions("decoder")?;
@@ -614,13 +441,15 @@ impl MarianModel {
                 LAYER_NORM_EPS,
             )
         };
-        let attention = |p: &str, heads: usize| Attention {
-            q: linear(&format!("{p}.q_proj")),
-            k: linear(&format!("{p}.k_proj")),
-            v: linear(&format!("{p}.v_proj")),
-            out: linear(&format!("{p}.out_proj")),
-            heads,
-            head_dim: config.d_model / heads,
+        let attention = |p: &str, heads: usize| {
+            Attention::new(
+                linear(&format!("{p}.q_proj")),
+                linear(&format!("{p}.k_proj")),
+                linear(&format!("{p}.v_proj")),
+                linear(&format!("{p}.out_proj")),
+                heads,
+                config.d_model / heads,
+            )
         };
         let encoder_layers = (0..config.encoder_layers)
             .map(|l| {
@@ -713,31 +542,13 @@ impl MarianModel {
         Ok(tok.broadcast_add(&pos)?)
     }
 
-    /// The additive key mask (B, 1, 1, S) of a 0/1 attention mask (B, S): 0 where 1, very
-    /// negative where 0.
-    pub fn key_mask(attention_mask: &Tensor) -> Result<Tensor> {
-        let (b, s) = attention_mask.dims2()?;
-        let m = attention_mask.to_dtype(DType::F32)?;
-        Ok(((1.0 - m)? * MASKED as f64)?.reshape((b, 1, 1, s))?)
-    }
-
-    /// Causal mask (1, 1, T, past + T) of queries at positions `past..past+T`.
-    fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-        let total = past + t;
-        let data: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
-            .collect();
-        Ok(Tensor::from_vec(data, (1, 1, t, total), device)?)
-    }
-
     /// The encoder's last hidden state (B, S, D) of `input_ids` (B, S) with a 0/1
     /// `attention_mask` (B, S) hiding padding.
     pub fn encode(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let mask = Self::key_mask(attention_mask)?;
+        let mask = key_mask(attention_mask)?;
         let mut h = self.embed(input_ids, &self.encoder_positions, 0)?;
         for layer in &self.encoder_layers {
-            let (k, v) = layer.self_attn.kv(&h)?;
-            let a = layer.self_attn.attend(&h, &k, &v, Some(&mask))?;
+            let a = layer.self_attn.self_attend(&h, Some(&mask), false)?;
             h = layer.self_attn_layer_norm.forward(&(h + a)?)?;
             h = ffn(
                 self.act,
@@ -773,32 +584,25 @@ impl MarianModel {
         src_mask: &Tensor,
         cache: &mut DecoderCache,
     ) -> Result<Tensor> {
-        if cache.layers.len() != self.decoder_layers.len() {
-            return Err(Error::Config(format!(
-                "cache has {} layers, the decoder {}",
-                cache.layers.len(),
-                self.decoder_layers.len()
-            )));
-        }
         let (_, t) = ids.dims2()?;
-        let past = cache.len;
-        let src = Self::key_mask(src_mask)?;
-        let causal = Self::causal_mask(t, past, ids.device())?;
+        let past = cache.len();
+        let src = key_mask(src_mask)?;
+        let causal = causal_mask(t, past, ids.device())?;
         let mut h = self.embed(ids, &self.decoder_positions, past)?;
-        for (layer, lc) in self.decoder_layers.iter().zip(cache.layers.iter_mut()) {
-            let (k, v) = layer.self_attn.kv(&h)?;
-            let (k, v) = match lc.self_kv.take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                None => (k, v),
-            };
-            let a = layer.self_attn.attend(&h, &k, &v, Some(&causal))?;
-            lc.self_kv = Some((k, v));
+        let caches = cache.layers_for(self.decoder_layers.len())?;
+        for (layer, lc) in self.decoder_layers.iter().zip(caches.iter_mut()) {
+            let a =
+                layer
+                    .self_attn
+                    .self_attend_cached(&h, &mut lc.self_kv, Some(&causal), false)?;
             h = layer.self_attn_layer_norm.forward(&(h + a)?)?;
-            if lc.cross_kv.is_none() {
-                lc.cross_kv = Some(layer.encoder_attn.kv(encoder_hidden)?);
-            }
-            let (ck, cv) = lc.cross_kv.as_ref().expect("set above");
-            let a = layer.encoder_attn.attend(&h, ck, cv, Some(&src))?;
+            let a = layer.encoder_attn.cross_attend_cached(
+                &h,
+                encoder_hidden,
+                &mut lc.cross_kv,
+                Some(&src),
+                false,
+            )?;
             h = layer.encoder_attn_layer_norm.forward(&(h + a)?)?;
             h = ffn(
                 self.act,
@@ -808,7 +612,7 @@ impl MarianModel {
                 &h,
             )?;
         }
-        cache.len += t;
+        cache.advance(t);
         let logits = h.broadcast_matmul(&self.lm_head.t()?)?;
         Ok(logits.broadcast_add(&self.final_logits_bias)?)
     }
@@ -836,8 +640,106 @@ impl MarianModel {
         max_len: usize,
     ) -> Result<Vec<Vec<u32>>> {
         // The one greedy loop of the crate, shared with beam search's callers.
-        let config = GenerateConfig::new(self.special_tokens(), max_len);
+        let config = GenerateConfig::new(self.special_ids(), max_len);
         let out = super::generate::greedy(self, input_ids, attention_mask, &config)?;
         Ok(pad_rows(&out, self.config.pad_token_id))
+    }
+}
+
+impl DecoderLayers for MarianModel {
+    fn decoder_layers(&self) -> usize {
+        self.decoder_layers.len()
+    }
+}
+
+impl EncoderDecoder for MarianModel {
+    /// Marian runs without dropout here, so `train` changes nothing.
+    fn encode_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        _train: bool,
+    ) -> Result<Tensor> {
+        self.encode(input_ids, attention_mask)
+    }
+
+    fn decode_t(
+        &self,
+        ids: &Tensor,
+        encoder_hidden: &Tensor,
+        src_mask: &Tensor,
+        cache: &mut DecoderCache,
+        _train: bool,
+    ) -> Result<Tensor> {
+        self.decode_step(ids, encoder_hidden, src_mask, cache)
+    }
+
+    fn special_ids(&self) -> SpecialTokens {
+        let c = &self.config;
+        SpecialTokens {
+            pad: c.pad_token_id,
+            eos: c.eos_token_id,
+            decoder_start: c.decoder_start_token_id,
+        }
+    }
+}
+
+/// The stored names that may hold the shared embedding under `config`.
+fn shared_aliases(config: &MarianConfig) -> &'static [&'static str] {
+    if config.tie_word_embeddings {
+        SHARED_ALIASES
+    } else {
+        &SHARED_ALIASES[..3]
+    }
+}
+
+/// The variables a tensor stored as `name` may be (its own name, or the shared embedding for
+/// one of its aliases): how a writer finds the trained value of every stored tensor.
+pub fn variable_names(name: &str) -> Vec<String> {
+    let mut out = vec![name.to_string()];
+    if SHARED_ALIASES[1..].contains(&name) {
+        out.push(SHARED_ALIASES[0].into());
+    }
+    out
+}
+
+/// The kind of layer a Marian parameter belongs to.
+pub fn layer_type(name: &str) -> LayerType {
+    if name.contains("layer_norm") {
+        LayerType::Norm
+    } else if name.contains("_attn.") {
+        LayerType::Attention
+    } else if name.contains(".fc1.") || name.contains(".fc2.") {
+        LayerType::FeedForward
+    } else if SHARED_ALIASES.contains(&name) || name.contains("embed_positions") {
+        LayerType::Embeddings
+    } else {
+        LayerType::Other
+    }
+}
+
+/// The registry entry of `marian` checkpoints.
+pub const ARCHITECTURE: super::Architecture = super::Architecture {
+    model_type: "marian",
+    load: |dir, varmap, device| {
+        Ok(super::HfModel::Seq2Seq(Box::new(MarianModel::load(
+            dir, varmap, device,
+        )?)))
+    },
+    variable_names,
+    layer_type,
+};
+
+impl super::HfSeq2Seq for MarianModel {
+    fn model_type(&self) -> &'static str {
+        ARCHITECTURE.model_type
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.config.max_position_embeddings)
     }
 }

@@ -1,13 +1,294 @@
 //! Hugging Face `transformers` models: read `config.json` and `model.safetensors` as written by
 //! `save_pretrained`, with the same tensor names, so checkpoints move both ways unchanged.
+//!
+//! This module is the one home of Hugging Face architecture knowledge. Each architecture is one
+//! file (its config, modules, the names its tensors may be stored under, its layer types, its
+//! [`crate::Seq2Seq`] implementation) and one line in [`ARCHITECTURES`]; [`detect`] reads a
+//! directory's `config.json` and finds its entry, [`load`] builds the model, and
+//! [`save::save_like_input`] writes a trained model back exactly as the input was stored.
 
 pub mod bert;
 pub mod generate;
 pub mod marian;
+pub mod save;
 pub mod t5;
+pub mod weights;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use serde_json::Value;
+
+use crate::attention::DecoderCache;
+use crate::seq2seq::EncoderDecoder;
+use crate::{Error, LayerType, Result};
 
 /// Called with the input of a linear layer just before the layer applies it, with the layer's
 /// weight name (PyTorch's forward pre-hook): how calibration statistics are collected without
 /// the model knowing what they are for.
 pub type LinearHook =
     std::sync::Arc<dyn Fn(&str, &candle_core::Tensor) -> candle_core::Result<()> + Send + Sync>;
+
+/// Every architecture this crate runs, one line each.
+pub const ARCHITECTURES: &[&Architecture] = &[
+    &bert::ARCHITECTURE,
+    &marian::ARCHITECTURE,
+    &t5::ARCHITECTURE,
+];
+
+/// One Hugging Face architecture: how to recognise, load and write it back.
+#[derive(Debug)]
+pub struct Architecture {
+    /// `config.json`'s `model_type`; also the lowercase prefix of its `architectures` class
+    /// names (`BertModel`, `MarianMTModel`, `T5ForConditionalGeneration`).
+    pub model_type: &'static str,
+    /// Loads a checkpoint directory, registering its parameters in the `VarMap`.
+    pub load: fn(&Path, &VarMap, &Device) -> Result<HfModel>,
+    /// The variable names a stored tensor name may denote (tied aliases and renamings resolved).
+    pub variable_names: fn(&str) -> Vec<String>,
+    /// The layer type of a parameter.
+    pub layer_type: fn(&str) -> LayerType,
+}
+
+/// The `model_type`s of [`ARCHITECTURES`].
+pub fn supported() -> Vec<&'static str> {
+    ARCHITECTURES.iter().map(|a| a.model_type).collect()
+}
+
+/// The architecture of the checkpoint in `dir`, from `config.json`'s `model_type`, else its
+/// `architectures` class names; an error naming the file and the supported types otherwise.
+pub fn detect(dir: &Path) -> Result<&'static Architecture> {
+    let path = dir.join("config.json");
+    let err = |msg: String| Error::Checkpoint {
+        path: path.clone(),
+        msg,
+    };
+    if !dir.is_dir() {
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: "no such model directory".into(),
+        });
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+    let supported = supported().join(", ");
+    let by_type = |t: &str| ARCHITECTURES.iter().copied().find(|a| a.model_type == t);
+    match value.get("model_type").and_then(Value::as_str) {
+        Some(t) => by_type(t).ok_or_else(|| {
+            err(format!(
+                "model_type {t:?} is not supported (supported: {supported})"
+            ))
+        }),
+        None => value
+            .get("architectures")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .find_map(|class| {
+                let class = class.to_ascii_lowercase();
+                ARCHITECTURES
+                    .iter()
+                    .copied()
+                    .find(|a| class.starts_with(a.model_type))
+            })
+            .ok_or_else(|| {
+                err(format!(
+                    "no model_type and no recognised architectures (supported: {supported})"
+                ))
+            }),
+    }
+}
+
+/// Loads the checkpoint in `dir`, whatever its architecture, with its parameters registered in
+/// `varmap`.
+pub fn load(
+    dir: &Path,
+    varmap: &VarMap,
+    device: &Device,
+) -> Result<(&'static Architecture, HfModel)> {
+    let arch = detect(dir)?;
+    Ok((arch, (arch.load)(dir, varmap, device)?))
+}
+
+/// A loaded checkpoint, by what it is for.
+pub enum HfModel {
+    /// A text encoder: hidden states, sentence embeddings (BERT).
+    Encoder(Box<bert::BertModel>),
+    /// An encoder–decoder: translation (Marian, T5).
+    Seq2Seq(Box<dyn HfSeq2Seq>),
+}
+
+impl HfModel {
+    /// Its `model_type`.
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            Self::Encoder(_) => bert::ARCHITECTURE.model_type,
+            Self::Seq2Seq(m) => m.model_type(),
+        }
+    }
+}
+
+impl std::fmt::Debug for HfModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HfModel({})", self.model_type())
+    }
+}
+
+/// A Hugging Face encoder–decoder: decoding and training through [`EncoderDecoder`], plus what
+/// the tools around it need to know.
+pub trait HfSeq2Seq: EncoderDecoder {
+    /// Its `model_type`.
+    fn model_type(&self) -> &'static str;
+    /// Rows of the token embedding.
+    fn vocab_size(&self) -> usize;
+    /// The longest sequence its position table allows (`None`: relative positions).
+    fn max_positions(&self) -> Option<usize>;
+
+    /// `(logits (B, T, V), encoder_last_hidden_state (B, S, D))`, as the model's `forward`.
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        decoder_input_ids: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let enc = self.encode_t(input_ids, attention_mask, false)?;
+        let mut cache = DecoderCache::new(self);
+        let logits = self.decode_t(decoder_input_ids, &enc, attention_mask, &mut cache, false)?;
+        Ok((logits, enc))
+    }
+}
+
+impl crate::attention::DecoderLayers for Box<dyn HfSeq2Seq> {
+    fn decoder_layers(&self) -> usize {
+        (**self).decoder_layers()
+    }
+}
+
+impl EncoderDecoder for Box<dyn HfSeq2Seq> {
+    fn encode_t(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+        (**self).encode_t(input_ids, attention_mask, train)
+    }
+
+    fn decode_t(
+        &self,
+        ids: &Tensor,
+        encoder_hidden: &Tensor,
+        src_mask: &Tensor,
+        cache: &mut DecoderCache,
+        train: bool,
+    ) -> Result<Tensor> {
+        (**self).decode_t(ids, encoder_hidden, src_mask, cache, train)
+    }
+
+    fn special_ids(&self) -> crate::SpecialTokens {
+        (**self).special_ids()
+    }
+
+    fn reseed_dropout(&self, stream: u64) {
+        (**self).reseed_dropout(stream)
+    }
+}
+
+/// Reads, parses and checks a `config.json` with `validate`; errors name the file.
+pub fn read_config<C: serde::de::DeserializeOwned>(
+    path: &Path,
+    validate: impl FnOnce(&C) -> Result<()>,
+) -> Result<C> {
+    let err = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let config: C = serde_json::from_str(&text).map_err(|e| err(format!("invalid config: {e}")))?;
+    validate(&config).map_err(|e| match e {
+        Error::Config(msg) => err(msg),
+        other => other,
+    })?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with_config(json: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), json).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_architecture_comes_from_model_type_else_from_the_class_names() {
+        let d = dir_with_config(r#"{"model_type": "t5"}"#);
+        assert_eq!(detect(d.path()).unwrap().model_type, "t5");
+        let d = dir_with_config(r#"{"architectures": ["MarianMTModel"]}"#);
+        assert_eq!(detect(d.path()).unwrap().model_type, "marian");
+        let d = dir_with_config(r#"{"model_type": "gpt2"}"#);
+        let e = detect(d.path()).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("\"gpt2\""), "{e}");
+        assert!(e.contains("bert, marian, t5"), "{e}");
+    }
+
+    #[test]
+    fn every_architecture_names_its_stored_aliases_and_layer_types() {
+        assert!((marian::ARCHITECTURE.variable_names)("lm_head.weight")
+            .contains(&"model.shared.weight".to_string()));
+        assert!(
+            (t5::ARCHITECTURE.variable_names)("decoder.embed_tokens.weight")
+                .contains(&"shared.weight".to_string())
+        );
+        assert!(
+            (bert::ARCHITECTURE.variable_names)("bert.encoder.layer.0.output.LayerNorm.gamma")
+                .contains(&"encoder.layer.0.output.LayerNorm.weight".to_string())
+        );
+        let cases = [
+            (
+                &bert::ARCHITECTURE,
+                "encoder.layer.0.attention.self.query.weight",
+                LayerType::Attention,
+            ),
+            (
+                &bert::ARCHITECTURE,
+                "encoder.layer.0.intermediate.dense.weight",
+                LayerType::FeedForward,
+            ),
+            (
+                &bert::ARCHITECTURE,
+                "embeddings.word_embeddings.weight",
+                LayerType::Embeddings,
+            ),
+            (
+                &marian::ARCHITECTURE,
+                "model.encoder.layers.1.self_attn.k_proj.weight",
+                LayerType::Attention,
+            ),
+            (
+                &marian::ARCHITECTURE,
+                "model.decoder.layers.0.fc1.weight",
+                LayerType::FeedForward,
+            ),
+            (
+                &marian::ARCHITECTURE,
+                "model.shared.weight",
+                LayerType::Embeddings,
+            ),
+            (
+                &t5::ARCHITECTURE,
+                "encoder.block.0.layer.0.SelfAttention.q.weight",
+                LayerType::Attention,
+            ),
+            (
+                &t5::ARCHITECTURE,
+                "decoder.block.0.layer.2.DenseReluDense.wo.weight",
+                LayerType::FeedForward,
+            ),
+            (&t5::ARCHITECTURE, "shared.weight", LayerType::Embeddings),
+        ];
+        for (arch, name, want) in cases {
+            assert_eq!((arch.layer_type)(name), want, "{name}");
+        }
+    }
+}

@@ -24,8 +24,14 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::generate::{pad_rows, GenerateConfig, Seq2Seq};
-use crate::fused::{softmax_last_dim, RmsNorm};
+use super::generate::{pad_rows, GenerateConfig};
+use super::weights::Weights;
+pub use crate::attention::DecoderCache;
+use crate::attention::{causal_mask, key_mask, Attention, DecoderLayers};
+use crate::dropout::{unseeded as dropout, Dropout};
+use crate::fused::RmsNorm;
+use crate::seq2seq::{EncoderDecoder, SpecialTokens};
+use crate::LayerType;
 use crate::{init, Error, Result};
 
 /// Model types this module can run (`config.json`'s `model_type`).
@@ -44,15 +50,11 @@ pub const SUPPORTED_FEED_FORWARD_PROJ: &[&str] = &[
     "gated-silu",
 ];
 
-/// Additive mask value for hidden keys: large enough that `exp` underflows to exactly 0, finite
-/// so that a row never becomes `-inf - -inf = NaN`.
-const MASKED: f32 = -1e9;
-
 /// The shared embedding's canonical name.
 const SHARED: &str = "shared.weight";
 
 /// The names under which the shared embedding may be stored (`lm_head.weight` only when tied).
-const SHARED_ALIASES: &[&str] = &[
+pub const SHARED_ALIASES: &[&str] = &[
     SHARED,
     "encoder.embed_tokens.weight",
     "decoder.embed_tokens.weight",
@@ -167,18 +169,7 @@ impl Activation {
 impl T5Config {
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let err = |msg: String| Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|e| err(format!("invalid config: {e}")))?;
-        config.validate().map_err(|e| match e {
-            Error::Config(msg) => err(msg),
-            other => other,
-        })?;
-        Ok(config)
+        super::read_config(path, Self::validate)
     }
 
     /// Checks that this is a T5 configuration the implementation can run.
@@ -375,57 +366,6 @@ pub fn relative_position_bucket(
     bucket as usize
 }
 
-/// Multi-head attention with bias-free `q`, `k`, `v`, `o` and no score scaling.
-#[derive(Clone, Debug)]
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    heads: usize,
-    d_kv: usize,
-}
-
-impl Attention {
-    /// (B, L, H·d_kv) → (B, H, L, d_kv).
-    fn split(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        x.reshape((b, l, self.heads, self.d_kv))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
-    /// Keys and values of `x`, split into heads.
-    fn kv(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        Ok((
-            self.split(&self.k.forward(x)?)?,
-            self.split(&self.v.forward(x)?)?,
-        ))
-    }
-
-    /// Attends `x` (B, T, D) to split keys/values with an additive bias (position bias plus
-    /// masks) broadcastable to (B, H, T, S), with dropout `p` on the attention weights.
-    fn attend(
-        &self,
-        x: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        bias: &Tensor,
-        p: f64,
-    ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let q = self.split(&self.q.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let probs = dropout(&softmax_last_dim(&scores)?, p)?;
-        let ctx = probs.matmul(v)?.transpose(1, 2)?.contiguous()?.reshape((
-            b,
-            t,
-            self.heads * self.d_kv,
-        ))?;
-        self.o.forward(&ctx)
-    }
-}
-
 /// `DenseReluDense`: `wo(act(wi(x)))`, or `wo(act(wi_0(x)) * wi_1(x))` when gated.
 #[derive(Clone, Debug)]
 struct FeedForward {
@@ -467,59 +407,6 @@ struct DecoderBlock {
     ff_norm: RmsNorm,
 }
 
-/// Cached keys and values of one decoder block.
-#[derive(Clone, Debug, Default)]
-struct LayerCache {
-    self_kv: Option<(Tensor, Tensor)>,
-    cross_kv: Option<(Tensor, Tensor)>,
-}
-
-/// The state of incremental decoding: per block the self-attention keys/values of the tokens
-/// decoded so far, and the cross-attention keys/values of the encoder output (computed once).
-#[derive(Clone, Debug)]
-pub struct DecoderCache {
-    layers: Vec<LayerCache>,
-    len: usize,
-}
-
-impl DecoderCache {
-    /// An empty cache for `model`.
-    pub fn new(model: &T5Model) -> Self {
-        Self {
-            layers: vec![LayerCache::default(); model.decoder.len()],
-            len: 0,
-        }
-    }
-
-    /// Target tokens decoded so far.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing has been decoded yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Makes row `i` of every cached tensor the former row `indices[i]` (`indices` a u32
-    /// vector), as beam search needs when beams are reordered or duplicated.
-    pub fn reorder(&mut self, indices: &Tensor) -> Result<()> {
-        let pick = |kv: &mut Option<(Tensor, Tensor)>| -> Result<()> {
-            if let Some((k, v)) = kv.take() {
-                *kv = Some((k.index_select(indices, 0)?, v.index_select(indices, 0)?));
-            }
-            Ok(())
-        };
-        for layer in &mut self.layers {
-            pick(&mut layer.self_kv)?;
-            // The encoder rows move too, so a beam may take another sentence's row without the
-            // caller having to reorder the encoder output.
-            pick(&mut layer.cross_kv)?;
-        }
-        Ok(())
-    }
-}
-
 /// `T5ForConditionalGeneration`: encoder, decoder and LM head, parameters in a [`VarMap`].
 #[derive(Clone, Debug)]
 pub struct T5Model {
@@ -546,68 +433,14 @@ impl T5Model {
     /// the tensor and the file.
     pub fn load(dir: &Path, varmap: &VarMap, device: &Device) -> Result<Self> {
         let config = T5Config::from_file(&dir.join("config.json"))?;
-        let path = dir.join("model.safetensors");
-        let err = |msg: String| Error::Checkpoint {
-            path: path.clone(),
-            msg,
-        };
-        let bytes = std::fs::read(&path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
-        let get = |name: &str| -> Result<Option<Tensor>> {
-            match st.tensor(name) {
-                Ok(view) => {
-                    let t = candle_core::safetensors::Load::load(&view, device)
-                        .and_then(|t| t.to_dtype(DType::F32))
-                        .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-                    Ok(Some(t))
-                }
-                Err(_) => Ok(None),
-            }
-        };
+        let weights = Weights::open(&dir.join("model.safetensors"))?;
         let mut tensors = HashMap::new();
         for (name, shape) in config.parameter_shapes() {
-            let (stored, t) = if name == SHARED {
-                // lm_head.weight is only an alias of the embedding when the two are tied.
-                let aliases = if config.tie_word_embeddings {
-                    SHARED_ALIASES
-                } else {
-                    &SHARED_ALIASES[..3]
-                };
-                let mut found: Option<(String, Tensor)> = None;
-                for alias in aliases {
-                    let Some(t) = get(alias)? else { continue };
-                    match &found {
-                        None => found = Some((alias.to_string(), t)),
-                        // Copies under several aliases must be one matrix: a differing
-                        // `lm_head.weight` would be a separate head the tied config ignores.
-                        Some((first, f)) => {
-                            let same = f.dims() == t.dims()
-                                && f.flatten_all()?.to_vec1::<f32>()?
-                                    == t.flatten_all()?.to_vec1::<f32>()?;
-                            if !same {
-                                return Err(err(format!(
-                                    "tensor `{alias}` differs from `{first}` although the config ties them (tie_word_embeddings = true)"
-                                )));
-                            }
-                        }
-                    }
-                }
-                found.ok_or_else(|| {
-                    err(format!(
-                        "missing tensor `{SHARED}` (or an alias: {aliases:?})"
-                    ))
-                })?
+            let t = if name == SHARED {
+                weights.tied(shared_aliases(&config), &shape, device)?
             } else {
-                let t = get(&name)?.ok_or_else(|| err(format!("missing tensor `{name}`")))?;
-                (name.clone(), t)
+                weights.require(&name, &shape, device)?
             };
-            if t.dims() != shape.as_slice() {
-                return Err(err(format!(
-                    "tensor `{stored}` has shape {:?}, the config implies {shape:?}",
-                    t.dims()
-                )));
-            }
             tensors.insert(name, t);
         }
         Self::from_tensors(config, tensors, varmap)
@@ -670,13 +503,18 @@ impl T5Model {
                 config.layer_norm_epsilon,
             )
         };
-        let attention = |p: &str| Attention {
-            q: linear(format!("{p}.q.weight")),
-            k: linear(format!("{p}.k.weight")),
-            v: linear(format!("{p}.v.weight")),
-            o: linear(format!("{p}.o.weight")),
-            heads: config.num_heads,
-            d_kv: config.d_kv,
+        // No score scaling: T5 folds it into the initialization.
+        let attention = |p: &str| {
+            Attention::new(
+                linear(format!("{p}.q.weight")),
+                linear(format!("{p}.k.weight")),
+                linear(format!("{p}.v.weight")),
+                linear(format!("{p}.o.weight")),
+                config.num_heads,
+                config.d_kv,
+            )
+            .unscaled()
+            .with_dropout(Dropout::Unseeded(config.dropout_rate))
         };
         let ff = |p: &str| {
             let p = format!("{p}.DenseReluDense");
@@ -784,9 +622,7 @@ impl T5Model {
         let path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&self.config)
             .map_err(|e| err(path.clone(), format!("cannot serialize: {e}")))?;
-        let tmp = dir.join("config.json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| err(tmp.clone(), format!("cannot write: {e}")))?;
-        std::fs::rename(&tmp, &path).map_err(|e| err(path, format!("cannot rename: {e}")))
+        Ok(relprune_io::write(&path, text.as_bytes())?)
     }
 
     /// Token embeddings (B, L, D) of `ids` (B, L); T5 adds no positions and no scaling.
@@ -831,21 +667,13 @@ impl T5Model {
             .to_device(device)?)
     }
 
-    /// The additive key mask (B, 1, 1, S) of a 0/1 attention mask (B, S): 0 where 1, very
-    /// negative where 0.
-    pub fn key_mask(attention_mask: &Tensor) -> Result<Tensor> {
-        let (b, s) = attention_mask.dims2()?;
-        let m = attention_mask.to_dtype(DType::F32)?;
-        Ok(((1.0 - m)? * MASKED as f64)?.reshape((b, 1, 1, s))?)
-    }
-
-    /// Causal mask (1, 1, T, past + T) of queries at positions `past..past+T`.
-    fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-        let total = past + t;
-        let data: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
-            .collect();
-        Ok(Tensor::from_vec(data, (1, 1, t, total), device)?)
+    /// The dropout probability of a forward pass (`dropout_rate` when training).
+    fn dropout_p(&self, train: bool) -> f64 {
+        if train {
+            self.config.dropout_rate
+        } else {
+            0.0
+        }
     }
 
     /// The encoder's last hidden state (B, S, D) of `input_ids` (B, S) with a 0/1
@@ -861,12 +689,12 @@ impl T5Model {
         // As in transformers, block 0's bias (positions plus padding mask) serves every block.
         let bias = self
             .position_bias(&self.encoder_bias, s, 0, s, true, device)?
-            .broadcast_add(&Self::key_mask(attention_mask)?)?;
+            .broadcast_add(&key_mask(attention_mask)?)?;
         let mut h = dropout(&self.embed(input_ids)?, p)?;
         for block in &self.encoder {
             let x = block.self_attn_norm.forward(&h)?;
-            let (k, v) = block.self_attn.kv(&x)?;
-            h = (h + dropout(&block.self_attn.attend(&x, &k, &v, &bias, p)?, p)?)?;
+            let a = block.self_attn.self_attend(&x, Some(&bias), p > 0.0)?;
+            h = (h + dropout(&a, p)?)?;
             let f = block.ff.forward(&block.ff_norm.forward(&h)?, p)?;
             h = (&h + dropout(&f, p)?)?;
         }
@@ -908,41 +736,37 @@ impl T5Model {
         cache: &mut DecoderCache,
         p: f64,
     ) -> Result<Tensor> {
-        if cache.layers.len() != self.decoder.len() {
-            return Err(Error::Config(format!(
-                "cache has {} blocks, the decoder {}",
-                cache.layers.len(),
-                self.decoder.len()
-            )));
-        }
         let (_, t) = ids.dims2()?;
-        let past = cache.len;
+        let past = cache.len();
         let device = ids.device();
         let self_bias = self
             .position_bias(&self.decoder_bias, t, past, past + t, false, device)?
-            .broadcast_add(&Self::causal_mask(t, past, device)?)?;
+            .broadcast_add(&causal_mask(t, past, device)?)?;
         // Cross-attention has no position bias, only the source padding mask.
-        let src = Self::key_mask(src_mask)?;
+        let src = key_mask(src_mask)?;
+        let train = p > 0.0;
         let mut h = dropout(&self.embed(ids)?, p)?;
-        for (block, lc) in self.decoder.iter().zip(cache.layers.iter_mut()) {
+        let caches = cache.layers_for(self.decoder.len())?;
+        for (block, lc) in self.decoder.iter().zip(caches.iter_mut()) {
             let x = block.self_attn_norm.forward(&h)?;
-            let (k, v) = block.self_attn.kv(&x)?;
-            let (k, v) = match lc.self_kv.take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                None => (k, v),
-            };
-            h = (h + dropout(&block.self_attn.attend(&x, &k, &v, &self_bias, p)?, p)?)?;
-            lc.self_kv = Some((k, v));
-            if lc.cross_kv.is_none() {
-                lc.cross_kv = Some(block.cross_attn.kv(encoder_hidden)?);
-            }
-            let (ck, cv) = lc.cross_kv.as_ref().expect("set above");
+            let a =
+                block
+                    .self_attn
+                    .self_attend_cached(&x, &mut lc.self_kv, Some(&self_bias), train)?;
+            h = (h + dropout(&a, p)?)?;
             let x = block.cross_attn_norm.forward(&h)?;
-            h = (h + dropout(&block.cross_attn.attend(&x, ck, cv, &src, p)?, p)?)?;
+            let a = block.cross_attn.cross_attend_cached(
+                &x,
+                encoder_hidden,
+                &mut lc.cross_kv,
+                Some(&src),
+                train,
+            )?;
+            h = (h + dropout(&a, p)?)?;
             let f = block.ff.forward(&block.ff_norm.forward(&h)?, p)?;
             h = (&h + dropout(&f, p)?)?;
         }
-        cache.len += t;
+        cache.advance(t);
         let mut h = dropout(&self.decoder_norm.forward(&h)?, p)?;
         if self.config.scales_decoder_output() {
             // The tied head reuses the embedding, whose scale T5 v1.0 compensates here.
@@ -972,7 +796,7 @@ impl T5Model {
         decoder_input_ids: &Tensor,
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let p = if train { self.config.dropout_rate } else { 0.0 };
+        let p = self.dropout_p(train);
         let enc = self.encode_p(input_ids, attention_mask, p)?;
         let mut cache = DecoderCache::new(self);
         let logits = self.decode_step_p(decoder_input_ids, &enc, attention_mask, &mut cache, p)?;
@@ -990,17 +814,100 @@ impl T5Model {
         max_len: usize,
     ) -> Result<Vec<Vec<u32>>> {
         // The one greedy loop of the crate, shared with beam search's callers.
-        let config = GenerateConfig::new(self.special_tokens(), max_len);
+        let config = GenerateConfig::new(self.special_ids(), max_len);
         let out = super::generate::greedy(self, input_ids, attention_mask, &config)?;
         Ok(pad_rows(&out, self.config.pad_token_id))
     }
 }
 
-/// Inverted dropout (kept values scaled by 1/(1-p)); the identity, without a random draw, at p = 0.
-fn dropout(x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
-    if p > 0.0 {
-        candle_nn::ops::dropout(x, p as f32)
+impl DecoderLayers for T5Model {
+    fn decoder_layers(&self) -> usize {
+        self.decoder.len()
+    }
+}
+
+impl EncoderDecoder for T5Model {
+    fn encode_t(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+        self.encode_p(input_ids, attention_mask, self.dropout_p(train))
+    }
+
+    fn decode_t(
+        &self,
+        ids: &Tensor,
+        encoder_hidden: &Tensor,
+        src_mask: &Tensor,
+        cache: &mut DecoderCache,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.decode_step_p(ids, encoder_hidden, src_mask, cache, self.dropout_p(train))
+    }
+
+    fn special_ids(&self) -> SpecialTokens {
+        let c = &self.config;
+        SpecialTokens {
+            pad: c.pad_token_id,
+            eos: c.eos_token_id,
+            decoder_start: c.decoder_start_token_id,
+        }
+    }
+}
+
+/// The stored names that may hold the shared embedding under `config`.
+fn shared_aliases(config: &T5Config) -> &'static [&'static str] {
+    if config.tie_word_embeddings {
+        SHARED_ALIASES
     } else {
-        Ok(x.clone())
+        &SHARED_ALIASES[..3]
+    }
+}
+
+/// The variables a tensor stored as `name` may be (its own name, or the shared embedding for
+/// one of its aliases): how a writer finds the trained value of every stored tensor.
+pub fn variable_names(name: &str) -> Vec<String> {
+    let mut out = vec![name.to_string()];
+    if SHARED_ALIASES[1..].contains(&name) {
+        out.push(SHARED.into());
+    }
+    out
+}
+
+/// The kind of layer a T5 parameter belongs to.
+pub fn layer_type(name: &str) -> LayerType {
+    if name.contains("layer_norm") {
+        LayerType::Norm
+    } else if name.contains("Attention.") {
+        LayerType::Attention
+    } else if name.contains("DenseReluDense") {
+        LayerType::FeedForward
+    } else if SHARED_ALIASES.contains(&name) {
+        LayerType::Embeddings
+    } else {
+        LayerType::Other
+    }
+}
+
+/// The registry entry of `t5` checkpoints.
+pub const ARCHITECTURE: super::Architecture = super::Architecture {
+    model_type: "t5",
+    load: |dir, varmap, device| {
+        Ok(super::HfModel::Seq2Seq(Box::new(T5Model::load(
+            dir, varmap, device,
+        )?)))
+    },
+    variable_names,
+    layer_type,
+};
+
+impl super::HfSeq2Seq for T5Model {
+    fn model_type(&self) -> &'static str {
+        ARCHITECTURE.model_type
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        None
     }
 }

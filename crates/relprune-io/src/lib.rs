@@ -1,0 +1,340 @@
+//! Output discipline for the whole project: every file relprune writes goes through [`write`] or
+//! [`write_with`], and every output directory through [`StagingDir`].
+//!
+//! A file is written beside its final path under a temporary name, flushed to disk, and renamed
+//! over the final path only then: a reader (or a crash) sees the old file or the complete new
+//! one, never half of one, and a failed write leaves no temporary file behind. The final path may
+//! be new or a regular file; a symbolic link is written through to its target (the link stays);
+//! a directory, FIFO, socket or device is refused with an error naming it, so that an output flag
+//! pointed at `/dev/full` or a pipe is never silently replaced by a file.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A file that could not be written, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {msg}", path.display())]
+pub struct Error {
+    /// The path the failure is about (the final path, or the temporary file).
+    pub path: PathBuf,
+    /// What went wrong.
+    pub msg: String,
+}
+
+/// Result alias using the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn err(path: &Path, msg: impl Into<String>) -> Error {
+    Error {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Distinguishes temporary files of one process (several writers may run in threads).
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Links followed before a chain is taken for a loop.
+const MAX_LINKS: usize = 40;
+
+/// Mode of files that did not exist before (umask aside): reports and models are meant to be
+/// shared like any file the user writes, and all of them alike.
+#[cfg(unix)]
+const NEW_FILE_MODE: u32 = 0o644;
+
+/// Writes `bytes` to `path` atomically (see the crate documentation).
+pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_with(path, |tmp| fs::write(tmp, bytes))
+}
+
+/// Writes `path` atomically through `write`, which is given the temporary path to create: for
+/// writers that take a path (safetensors, candle). Its error is reported with the final path.
+pub fn write_with<E: std::fmt::Display>(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> Result<()> {
+    let target = final_target(path)?;
+    let tmp = temp_beside(&target)?;
+    let result = (|| {
+        write(&tmp).map_err(|e| err(path, format!("cannot write: {e}")))?;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .map_err(|e| err(&tmp, format!("cannot reopen to flush: {e}")))?;
+        set_mode(&file, &target).map_err(|e| err(&tmp, format!("cannot set permissions: {e}")))?;
+        // Flushed before the rename, or a crash could leave `path` naming an empty file.
+        file.sync_all()
+            .map_err(|e| err(&tmp, format!("cannot flush to disk: {e}")))?;
+        // The target may have been replaced by something else while we wrote.
+        final_target(path)?;
+        fs::rename(&tmp, &target).map_err(|e| {
+            err(
+                path,
+                format!("cannot move {} into place: {e}", tmp.display()),
+            )
+        })
+    })();
+    if result.is_err() {
+        // Best effort: the original error is the one worth reporting.
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The file a write to `path` replaces: `path` itself if it is new or a regular file, the end
+/// of the chain if it is a symbolic link; an error for anything else.
+fn final_target(path: &Path) -> Result<PathBuf> {
+    let mut current = path.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        let meta = match fs::symlink_metadata(&current) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(current),
+            Err(e) => return Err(err(&current, format!("cannot inspect: {e}"))),
+        };
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            let link = fs::read_link(&current)
+                .map_err(|e| err(&current, format!("cannot read the link: {e}")))?;
+            current = match current.parent() {
+                Some(dir) if link.is_relative() => dir.join(link),
+                _ => link,
+            };
+        } else if kind.is_file() {
+            return Ok(current);
+        } else if kind.is_dir() {
+            return Err(err(
+                &current,
+                "is a directory; an output file was expected here",
+            ));
+        } else {
+            return Err(err(
+                &current,
+                "is not a regular file (a FIFO, socket or device): outputs are only written to \
+                 regular files",
+            ));
+        }
+    }
+    Err(err(path, "too many levels of symbolic links"))
+}
+
+/// A fresh, empty temporary file in `target`'s directory (same file system, so the rename is
+/// atomic), created exclusively so that nothing else can be behind its name.
+fn temp_beside(target: &Path) -> Result<PathBuf> {
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = target
+        .file_name()
+        .ok_or_else(|| err(target, "has no file name"))?;
+    loop {
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(
+            ".{}.{}.tmp",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let tmp = dir.join(tmp_name);
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(_) => return Ok(tmp),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(err(
+                    &dir,
+                    format!("cannot create a temporary file here: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+/// Gives the new file the permissions of the file it replaces, or [`NEW_FILE_MODE`].
+#[cfg(unix)]
+fn set_mode(file: &fs::File, target: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match fs::metadata(target) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(_) => NEW_FILE_MODE,
+    };
+    file.set_permissions(fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_file: &fs::File, _target: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// `path` with `suffix` appended to its last component (`out` + `.tmp` = `out.tmp`).
+pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// An output directory built under a temporary name beside its final path and renamed into
+/// place by [`StagingDir::commit`]; dropped uncommitted, it is removed, so a failed run leaves no
+/// partial output directory.
+#[derive(Debug)]
+pub struct StagingDir {
+    dir: PathBuf,
+    committed: bool,
+}
+
+impl StagingDir {
+    /// A fresh, empty staging directory for the output directory `out` (which must not exist).
+    pub fn new(out: &Path) -> Result<Self> {
+        if fs::symlink_metadata(out).is_ok() {
+            return Err(err(out, "already exists (outputs are never overwritten)"));
+        }
+        let dir = sibling(out, &format!(".relprune-tmp-{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|e| err(&dir, format!("cannot remove: {e}")))?;
+        }
+        fs::create_dir_all(&dir).map_err(|e| err(&dir, format!("cannot create: {e}")))?;
+        Ok(Self {
+            dir,
+            committed: false,
+        })
+    }
+
+    /// The directory to write into.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Renames the staging directory to `out`.
+    pub fn commit(mut self, out: &Path) -> Result<()> {
+        if fs::symlink_metadata(out).is_ok() {
+            return Err(err(out, "appeared while the run was writing; not replaced"));
+        }
+        fs::rename(&self.dir, out).map_err(|e| {
+            err(
+                out,
+                format!("cannot rename {} into place: {e}", self.dir.display()),
+            )
+        })?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
+    }
+
+    #[test]
+    fn a_write_replaces_a_regular_file_whole_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.json");
+        write(&p, b"first, longer contents").unwrap();
+        write(&p, b"second").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"second");
+        assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file_and_removes_its_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("model.safetensors");
+        write(&p, b"good").unwrap();
+        let e = write_with(&p, |tmp| {
+            fs::write(tmp, b"half")?;
+            Err::<(), _>(io::Error::other("disk full"))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("disk full"), "{e}");
+        assert!(e.to_string().contains("model.safetensors"), "{e}");
+        assert_eq!(fs::read(&p).unwrap(), b"good");
+        assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_is_written_through_to_its_target_and_stays_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("real.json");
+        fs::write(&target, b"old").unwrap();
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink("real.json", &link).unwrap();
+        write(&link, b"new").unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn directories_fifos_and_devices_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = write(dir.path(), b"x").unwrap_err().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        let e = write(Path::new("/dev/null"), b"x").unwrap_err().to_string();
+        assert!(
+            e.contains("/dev/null") && e.contains("not a regular file"),
+            "{e}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn new_files_and_replaced_files_get_shared_or_kept_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a");
+        write(&p, b"1").unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        write(&p, b"2").unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn a_staging_directory_is_removed_unless_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let s = StagingDir::new(&out).unwrap();
+        fs::write(s.path().join("f"), b"x").unwrap();
+        let staged = s.path().to_path_buf();
+        drop(s);
+        assert!(!staged.exists() && !out.exists());
+        let s = StagingDir::new(&out).unwrap();
+        fs::write(s.path().join("f"), b"x").unwrap();
+        s.commit(&out).unwrap();
+        assert_eq!(fs::read(out.join("f")).unwrap(), b"x");
+        assert!(StagingDir::new(&out)
+            .unwrap_err()
+            .to_string()
+            .contains("already exists"));
+    }
+}

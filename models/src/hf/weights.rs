@@ -1,0 +1,123 @@
+//! Reading a checkpoint's `model.safetensors` by tensor name, the way every architecture's
+//! loader needs it: as f32, with its shape checked against the configuration, tied tensors found
+//! under any of their aliases, and every error naming the file and the tensor.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+/// The tensors of one safetensors file (memory-mapped; each tensor is copied out when read).
+pub struct Weights {
+    path: PathBuf,
+    st: candle_core::safetensors::MmapedSafetensors,
+    names: HashSet<String>,
+}
+
+impl Weights {
+    /// Opens `path`; a missing or malformed file is an error naming it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let err = |msg: String| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        };
+        if !path.is_file() {
+            return Err(err(
+                "no such file (only model.safetensors checkpoints are read)".into(),
+            ));
+        }
+        // SAFETY: the map is only read while this value lives, and every tensor is copied out of
+        // it into its own storage; the remaining risk, another process truncating the file
+        // meanwhile, is the one every mmap-based loader (transformers' included) accepts.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+            .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
+        let names = st.tensors().into_iter().map(|(name, _)| name).collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            st,
+            names,
+        })
+    }
+
+    /// An error about this file.
+    pub fn error(&self, msg: impl Into<String>) -> Error {
+        Error::Checkpoint {
+            path: self.path.clone(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Whether the file holds a tensor called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    /// The tensor `name` as f32 on `device`, if the file holds it; integer tensors are errors.
+    pub fn get(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
+        if !self.contains(name) {
+            return Ok(None);
+        }
+        let t = self
+            .st
+            .load(name, device)
+            .map_err(|e| self.error(format!("tensor `{name}`: {e}")))?;
+        match t.dtype() {
+            DType::F32 => Ok(Some(t)),
+            DType::F16 | DType::BF16 | DType::F64 => Ok(Some(t.to_dtype(DType::F32)?)),
+            other => Err(self.error(format!(
+                "tensor `{name}` has dtype {other:?}, expected a float type"
+            ))),
+        }
+    }
+
+    /// The first of `names` the file holds, as f32, checked to have `shape`.
+    pub fn require_any(&self, names: &[&str], shape: &[usize], device: &Device) -> Result<Tensor> {
+        for name in names {
+            if let Some(t) = self.get(name, device)? {
+                return self.check_shape(name, t, shape);
+            }
+        }
+        Err(self.error(match names {
+            [one] => format!("missing tensor `{one}`"),
+            [first, rest @ ..] => format!("missing tensor `{first}` (or an alias: {rest:?})"),
+            [] => "no tensor name given".into(),
+        }))
+    }
+
+    /// The tensor `name`, as f32, checked to have `shape`.
+    pub fn require(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        self.require_any(&[name], shape, device)
+    }
+
+    /// A tied tensor stored once or under several of `aliases`: the first one found, after
+    /// checking that every other stored copy holds the same matrix (a differing copy would be a
+    /// separate tensor the tied configuration silently ignores).
+    pub fn tied(&self, aliases: &[&str], shape: &[usize], device: &Device) -> Result<Tensor> {
+        let first = self.require_any(aliases, shape, device)?;
+        let stored: Vec<&&str> = aliases.iter().filter(|a| self.contains(a)).collect();
+        let values = first.flatten_all()?.to_vec1::<f32>()?;
+        for alias in stored.iter().skip(1) {
+            let t = self.get(alias, device)?.expect("listed as stored");
+            let same = t.dims() == first.dims() && t.flatten_all()?.to_vec1::<f32>()? == values;
+            if !same {
+                return Err(self.error(format!(
+                    "tensor `{alias}` differs from `{}` although the config ties them",
+                    stored[0]
+                )));
+            }
+        }
+        Ok(first)
+    }
+
+    fn check_shape(&self, name: &str, t: Tensor, shape: &[usize]) -> Result<Tensor> {
+        if t.dims() != shape {
+            return Err(self.error(format!(
+                "tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                t.dims()
+            )));
+        }
+        Ok(t)
+    }
+}
