@@ -288,14 +288,14 @@ fn write_report(f: &flags::Ablate, variants: &[Variant]) -> Result<()> {
     }
     let report_dir = f.report.parent().unwrap_or(Path::new("."));
     let plot_name = "ablation.svg";
-    line_chart_svg(
-        &report_dir.join(plot_name),
+    let svg = line_chart_svg(
         "LeNet-300-100 on MNIST: validation error over the pruning rounds",
         "weights remaining (%)",
         "validation top-1 error (%)",
         &series,
         true,
     )?;
+    relprune_io::write(&report_dir.join(plot_name), svg.as_bytes())?;
     let dense = &rows[0].1;
     let mut md = String::new();
     md.push_str(&format!(

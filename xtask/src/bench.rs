@@ -12,8 +12,8 @@ use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use relprune_core::SelectiveDecay;
 use relprune_data::{DataSource, DatasetKind};
-use relprune_eval::ImageClassification;
 use relprune_prune::{MaskedSgd, Masks, ParamSet, Selection, SgdConfig, Task, Trainer};
+use relprune_tasks::ImageClassification;
 use serde::Serialize;
 
 use crate::flags;

@@ -4,27 +4,25 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
 use relprune_core::SelectiveDecay;
 use relprune_data::{DataSource, DatasetKind};
-use relprune_eval::task::TOP1_ERROR;
-use relprune_eval::{
-    DatasetInfo, ImageClassification, MetricValue, PrunedSummary, RoundRecord, RunResults,
-    SizesBytes, SparsityReport,
-};
+use relprune_eval::{DatasetInfo, RoundRecord, RunResults};
 use relprune_models::{CifarResNet, Lenet300, Lenet5, Shortcut, Vgg16};
 use relprune_prune::baselines::{self, Finetune};
 use relprune_prune::threshold::BisectionConfig;
 use relprune_prune::{
-    export, IterativePruning, LrSchedule, MaskedSgd, Masks, ParamSet, PruneConfig, RestorePoint,
-    Selection, SgdConfig, Split, Task, Trainer,
+    LrSchedule, MaskedSgd, Masks, ParamSet, PruneConfig, RestorePoint, Selection, SgdConfig, Split,
+    Trainer,
 };
+use relprune_tasks::run::{self, CHECKPOINT_DIR, DENSE_FILE};
+use relprune_tasks::{Finish, ImageClassification, Method, OwnNames, Phase};
 use serde::{Deserialize, Serialize};
 
 use crate::flags;
-use crate::reproduce::{measure_sizes, saved_config, start_dense};
+use crate::reproduce::Experiment;
 
 /// The classifiers these experiments prune.
 #[derive(Clone, Debug)]
@@ -105,8 +103,8 @@ pub struct Config {
     pub momentum: f64,
     pub selection: Selection,
     pub prune: PruneConfig,
-    /// `selective` (the method), or a baseline: `one-shot`, `gmp`, `han`, `snip`.
-    pub method: String,
+    /// The method, or a baseline.
+    pub method: Method,
     /// Target sparsity of the baselines that take one (one-shot, gmp, snip).
     pub baseline_sparsity: f64,
     /// Random shifts of up to this many pixels (zero padding, then a crop) on the training
@@ -251,7 +249,7 @@ impl Config {
             momentum: 0.9,
             selection: Selection::default(),
             prune,
-            method: "selective".into(),
+            method: Method::Selective,
             baseline_sparsity: 0.98,
             augment_shift: 0,
             threads: std::env::var("RAYON_NUM_THREADS").ok(),
@@ -259,11 +257,17 @@ impl Config {
     }
 }
 
-/// Whether `experiment` trains on CIFAR-10 (which only the user can provide).
-pub fn needs_cifar(experiment: &str) -> bool {
+/// The registry entries of this module's experiments.
+pub fn experiments() -> Vec<Experiment> {
     EXPERIMENTS
         .iter()
-        .any(|e| e.0 == experiment && e.2 == "cifar10")
+        .map(|&(name, _, dataset, about)| Experiment {
+            name,
+            about,
+            needs_cifar: dataset == "cifar10",
+            run,
+        })
+        .collect()
 }
 
 /// The CIFAR-10 directory of `--all`: `--cifar-dir`, else `$RELPRUNE_CIFAR10_DIR`.
@@ -296,7 +300,8 @@ fn load_splits(cfg: &Config, source: &DataSource) -> Result<relprune_data::Image
 
 pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     if let Some(dir) = &f.resume {
-        let (cfg, epochs): (Config, usize) = saved_config(dir, "image-classification")?;
+        let (cfg, epochs): (Config, usize) =
+            run::saved_config(&dir.join(CHECKPOINT_DIR), "image-classification")?;
         let source = match &cfg.data_dir {
             Some(d) => DataSource::Dir(d.clone()),
             None => DataSource::Embedded,
@@ -320,8 +325,8 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
     if let Some(n) = f.train_limit {
         cfg.train_limit = Some(n);
     }
-    if let Some(m) = &f.method {
-        cfg.method = m.clone();
+    if let Some(m) = f.method {
+        cfg.method = m;
     }
     if let Some(sp) = f.sparsity {
         cfg.baseline_sparsity = sp;
@@ -424,97 +429,58 @@ pub fn run_config(
         });
     }
     // 1. The dense reference.
-    let dense = (cfg.dense_lr, cfg.dense_epochs);
-    start_dense(&mut trainer, &mut task, out, &cfg, resume, dense)?;
-    let (dense_valid, dense_test) = trainer.once("dense evaluation", |trainer| {
-        let valid = trainer.evaluate(&mut task, Split::Valid)?;
-        let test = trainer.evaluate(&mut task, Split::Test)?;
-        export::save_dense(&trainer.params, &out.join("dense.safetensors"))?;
-        Ok((valid, test))
-    })?;
+    run::start(
+        &mut trainer,
+        &mut task,
+        &out.join(CHECKPOINT_DIR),
+        &cfg,
+        resume,
+    )?;
+    run::train_dense(&mut trainer, &mut task, cfg.dense_lr, cfg.dense_epochs)?;
+    let dense = run::dense_reference(
+        &mut trainer,
+        &mut task,
+        &out.join(DENSE_FILE),
+        |trainer, task| Ok(trainer.evaluate(task, Split::Test)?.metric),
+    )?;
     eprintln!(
         "dense: valid error {:.2}%, test error {:.2}%",
-        dense_valid.metric, dense_test.metric
+        dense.valid.metric, dense.test_metric
     );
 
     // 2. Prune: the method (regularize + iterative pruning) or a baseline, then fine-tune.
     let phase = prune_phase(&cfg, &mut trainer, &mut task)?;
-    let model_file = "model.safetensors";
-    export::save_dense(&trainer.params, &out.join(model_file))?;
-    export::save_sparse(&trainer.params, &out.join("model.sparse.safetensors"))?;
 
     // 3. Judge the saved file, not the in-memory model: reload it and count its zeros.
-    let reloaded = VarMap::new();
-    let fresh = Net::new(&cfg.model, &reloaded, cfg.seed.wrapping_add(1), &device)?;
-    relprune_models::checkpoint::load(&reloaded, &out.join(model_file))?;
-    let mut judge = ImageClassification::new(
-        fresh,
-        task.train.clone(),
-        task.valid.clone(),
-        task.test.clone(),
-        cfg.batch_size,
-        0,
-    );
-    let pruned_test = judge.evaluate(Split::Test)?;
-    let in_memory_test = trainer.evaluate(&mut task, Split::Test)?;
-    ensure!(
-        (pruned_test.metric - in_memory_test.metric).abs() < 1e-9,
-        "the saved model's test error ({}) differs from the in-memory model's ({})",
-        pruned_test.metric,
-        in_memory_test.metric
-    );
-    let prunable: Vec<String> = trainer.params.prunable().map(|p| p.name.clone()).collect();
-    let report = SparsityReport::from_safetensors(&out.join(model_file), &prunable)?;
-    let total = report.total();
-    let (_, alive) = trainer.masks.totals()?;
-    ensure!(
-        total.nonzero <= alive,
-        "the model file has {} non-zeros but the masks allow only {alive}",
-        total.nonzero
-    );
-
-    let mut results = RunResults {
+    let (model, seed, batch_size) = (cfg.model.clone(), cfg.seed, cfg.batch_size);
+    let mut files = OwnNames(|path: &Path, task: &mut ImageClassification<Net>| {
+        let reloaded = VarMap::new();
+        let fresh = Net::new(&model, &reloaded, seed.wrapping_add(1), &device)
+            .map_err(|e| relprune_tasks::Error::Invalid(e.to_string()))?;
+        relprune_models::checkpoint::load(&reloaded, path)?;
+        let test = || task.test.clone();
+        let mut judge = ImageClassification::new(fresh, test(), test(), test(), batch_size, 0);
+        Ok(relprune_prune::Task::evaluate(&mut judge, Split::Test)?)
+    });
+    let finish = Finish {
         experiment: cfg.experiment.clone(),
         dataset,
-        metric: TOP1_ERROR.into(),
-        higher_is_better: task.metric().higher_is_better,
-        dense: MetricValue {
-            value: dense_test.metric,
-        },
-        pruned: PrunedSummary::new(pruned_test.metric, &total),
-        layers: report.layers.clone(),
-        layer_groups: Vec::new(),
-        sizes_bytes: SizesBytes {
-            dense_safetensors: 0,
-            pruned_safetensors: 0,
-            pruned_gzip: 0,
-            pruned_bzip2: 0,
-            sparse_format: 0,
-        },
-        model_file: model_file.into(),
-        wall_seconds: 0.0,
+        dense_metric: dense.test_metric,
         config: serde_json::to_value(&cfg)?,
-        rounds: phase.rounds,
-        extra: phase.extra,
+        phase,
+        out: out.to_path_buf(),
+        dense_file: out.join(DENSE_FILE),
+        sparse: true,
+        layer_type: None,
+        linear_group: false,
+        tolerance: Some(1e-9),
+        started: t0,
     };
-    measure_sizes(
-        &mut results,
-        out,
-        "dense.safetensors",
-        "model.sparse.safetensors",
-    )?;
+    let mut results = relprune_tasks::finish(&mut trainer, &mut task, &mut files, finish)?;
     let extra = &mut results.extra;
-    extra.insert("dense_valid_metric".into(), dense_valid.metric.into());
-    extra.insert("test_loss_pruned".into(), pruned_test.loss.into());
+    extra.insert("dense_valid_metric".into(), dense.valid.metric.into());
     extra.insert("data_source".into(), source.to_string().into());
-    results.wall_seconds = t0.elapsed().as_secs_f64();
     Ok(results)
-}
-
-/// What the pruning phase hands to the report.
-struct Phase {
-    rounds: Vec<RoundRecord>,
-    extra: serde_json::Map<String, serde_json::Value>,
 }
 
 fn prune_phase(
@@ -528,33 +494,32 @@ fn prune_phase(
     };
     let budget = cfg.prune.max_epochs;
     let mut extra = serde_json::Map::new();
-    extra.insert("method".into(), cfg.method.clone().into());
-    let baseline = match cfg.method.as_str() {
-        "selective" => {
-            let outcome = IterativePruning::new(cfg.prune.clone())?.run(trainer, task)?;
-            let (rounds, phase) = relprune_eval::phase_report(&outcome);
-            extra.extend(phase);
-            return Ok(Phase { rounds, extra });
+    extra.insert("method".into(), cfg.method.name().into());
+    let baseline = match cfg.method {
+        Method::Selective => {
+            let mut phase = run::prune(trainer, task, &cfg.prune)?;
+            phase.extra.extend(extra);
+            return Ok(phase);
         }
         // Every baseline gets the method's budget: `max_epochs` of pruning-phase training, then the
         // same fine-tune.
-        "one-shot" => {
+        Method::OneShot => {
             let long = Finetune {
                 epochs: budget + ft.epochs,
                 ..ft
             };
             baselines::one_shot_magnitude(trainer, task, cfg.baseline_sparsity, long)?
         }
-        "gmp" => {
+        Method::Gmp => {
             let (steps, every) = (10, (budget / 9).max(1));
             let sp = cfg.baseline_sparsity;
             baselines::gradual_magnitude(trainer, task, sp, steps, every, cfg.prune.lr, ft)?
         }
-        "han" => {
+        Method::Han => {
             let (rounds, retrain) = (5, (budget / 4).max(1));
             baselines::han_iterative(trainer, task, 0.5, rounds, retrain, cfg.prune.lr, ft)?
         }
-        "snip" => {
+        Method::Snip => {
             // SNIP prunes at initialization: start again from the initial weights, prune, train.
             let fresh = VarMap::new();
             Net::new(&cfg.model, &fresh, cfg.seed, &Device::Cpu)?;
@@ -591,7 +556,6 @@ fn prune_phase(
                 seconds: t0.elapsed().as_secs_f64(),
             }
         }
-        other => anyhow::bail!("unknown method `{other}` (selective, one-shot, gmp, han, snip)"),
     };
     let rounds = baseline
         .steps
@@ -621,6 +585,8 @@ fn prune_phase(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relprune_eval::SparsityReport;
+    use relprune_prune::export;
 
     /// A run small enough for a test: 2,000 embedded images, a few epochs.
     fn tiny_config() -> Config {
@@ -878,16 +844,17 @@ mod tests {
     #[test]
     fn every_baseline_runs_end_to_end_and_reaches_its_sparsity() {
         for (method, sparsity) in [
-            ("one-shot", 0.9),
-            ("gmp", 0.8),
-            ("han", f64::NAN),
-            ("snip", 0.9),
+            (Method::OneShot, 0.9),
+            (Method::Gmp, 0.8),
+            (Method::Han, f64::NAN),
+            (Method::Snip, 0.9),
         ] {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = tiny_config();
-            cfg.method = method.into();
+            cfg.method = method;
             cfg.baseline_sparsity = sparsity;
             let r = run_config(cfg, &DataSource::Embedded, dir.path(), false).unwrap();
+            let method = method.name();
             assert_eq!(r.extra["method"], method);
             assert!(!r.rounds.is_empty(), "{method}");
             if sparsity.is_finite() {

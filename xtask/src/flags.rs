@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use relprune_tasks::{EngineArgs, Method};
 
 /// relprune's task runner.
 #[derive(Debug, Parser)]
@@ -90,39 +91,20 @@ pub struct Reproduce {
     /// Seed of initialization, split and shuffling.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Override the pruning phase's epoch budget.
-    #[arg(long)]
-    pub prune_epochs: Option<usize>,
     /// Override the dense phase's epoch count.
     #[arg(long)]
     pub dense_epochs: Option<usize>,
     /// Use only the first N training images (before the validation split).
     #[arg(long)]
     pub train_limit: Option<usize>,
-    /// Override the metric budget δ (validation metric units, e.g. error points).
-    #[arg(long)]
-    pub delta: Option<f64>,
-    /// Override the no-progress stop rule: stop after K rounds that each prune less than this
-    /// fraction of the prunable weights.
-    #[arg(long)]
-    pub min_round_gain: Option<f64>,
     /// Stop the selective method once this fraction of the weights is pruned (the last round
     /// lands on it exactly); 0 removes the experiment's own target.
     #[arg(long, value_name = "S")]
     pub stop_at_sparsity: Option<f64>,
-    /// Override the fine-tune's epoch count.
-    #[arg(long)]
-    pub finetune_epochs: Option<usize>,
-    /// Override the fine-tune's starting learning rate (cosine decay).
-    #[arg(long)]
-    pub finetune_lr: Option<f64>,
-    /// Override the per-round validation-loss tolerance TWT.
-    #[arg(long)]
-    pub twt: Option<f64>,
-    /// The pruning method: selective (this project's), or a baseline: one-shot (magnitude, then
+    /// The pruning method: the method (selective), or a baseline: one-shot (magnitude, then
     /// fine-tune), gmp (gradual magnitude, cubic schedule), han (iterative prune and retrain), snip.
-    #[arg(long, value_parser = ["selective", "one-shot", "gmp", "han", "snip"])]
-    pub method: Option<String>,
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
     /// transformer-gettext-en-de: start from the dense model an earlier run wrote into DIR
     /// (`dense.safetensors`, `tokenizer.json`) and skip the dense phase.
     #[arg(long, value_name = "DIR")]
@@ -134,49 +116,13 @@ pub struct Reproduce {
     /// Target sparsity (fraction pruned) of the one-shot, gmp and snip baselines.
     #[arg(long)]
     pub sparsity: Option<f64>,
-    /// Judge each pruning round's threshold by the validation metric instead of the loss: the
-    /// metric may worsen by at most this many units (e.g. 0.1 error points) per round.
-    #[arg(long, value_name = "TOL")]
-    pub search_metric: Option<f64>,
-    /// Also bound each pruning round's validation metric to this many units worse than the dense model.
-    #[arg(long)]
-    pub metric_bound: Option<f64>,
-    /// Also judge each round's masks after retraining (at the next plateau) against δ, and let
-    /// the target-sparsity stop wait for that judgement.
-    #[arg(long)]
-    pub judge_retrained: bool,
-    /// The weights a plateau restores before the threshold search: last-improvement (the
-    /// literal rule), lowest-loss, or current (none: the weights as trained).
-    #[arg(long)]
-    pub restore: Option<String>,
-    /// The regularizer: lobster (the default: soft gate 1−|g|), selective (hard gate
-    /// |g| < τ·max|g|), taylor (hard gate on |w·g|), sensitivity (Tartaglione et al.: soft gate
-    /// 1−S on the output sensitivity; one extra backward pass per class each step), l2
-    /// (classical weight decay), l1.
-    #[arg(long, value_parser = ["selective", "taylor", "lobster", "sensitivity", "l2", "l1"])]
-    pub regularizer: Option<String>,
-    /// Smooth the relevance over steps with this β (0 = none).
-    #[arg(long)]
-    pub ema_beta: Option<f64>,
-    /// Per-layer thresholds (one factor times each layer's mean |w|) instead of one global threshold.
-    #[arg(long)]
-    pub per_layer: bool,
-    /// Override the regularization strength λ.
-    #[arg(long)]
-    pub lambda: Option<f64>,
-    /// Override the gate fraction τ.
-    #[arg(long)]
-    pub tau: Option<f64>,
-    /// The statistic of a hard gate's threshold: max, mean, or a quantile `qQ` (e.g. q0.5).
-    #[arg(long)]
-    pub gate_stat: Option<String>,
-    /// The penalty of the regularizer: l2 (decay ∝ w) or l1 (decay ∝ sign w).
-    #[arg(long, value_parser = ["l2", "l1"])]
-    pub penalty: Option<String>,
     /// Continue the interrupted run whose output directory is DIR (its configuration comes from
     /// DIR/checkpoint; the other flags are ignored).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// The engine's settings, over the experiment's preset.
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 /// Flags of `bench`.

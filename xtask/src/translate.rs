@@ -3,7 +3,6 @@
 //! attention projections, feed-forward layers and the (shared) embeddings alike — and judged by
 //! BLEU on the test split.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -15,21 +14,21 @@ use relprune_data::text::{
     gettext_en_de, tokenize_pairs, train_bpe, BatchConfig, BpeOptions, Oversize,
     Split as TextSplit, TextPair, TextTokenizer,
 };
-use relprune_eval::seq2seq::BLEU;
-use relprune_eval::{
-    DatasetInfo, DecodeConfig, EvalSplit, LayerStats, MetricValue, PrunedSummary, RunResults,
-    Seq2SeqConfig, Seq2SeqTask, SizesBytes, SparsityReport,
-};
+use relprune_eval::{DatasetInfo, RunResults};
 use relprune_models::transformer::{Embeddings, Positions, Transformer, TransformerConfig};
 use relprune_prune::threshold::BisectionConfig;
 use relprune_prune::{
-    export, AdamConfig, IterativePruning, MaskedAdam, Masks, ParamSet, PruneConfig, RestorePoint,
-    Selection, Snapshot, Split, Trainer,
+    AdamConfig, Evaluation, MaskedAdam, Masks, ParamSet, PruneConfig, RestorePoint, Selection,
+    Snapshot, Split, Trainer,
+};
+use relprune_tasks::run::{self, CHECKPOINT_DIR, DENSE_FILE};
+use relprune_tasks::{
+    DecodeConfig, EvalSplit, Finish, Method, OwnNames, Seq2SeqConfig, Seq2SeqTask,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::flags;
-use crate::reproduce::{measure_sizes, saved_config, start_dense};
+use crate::reproduce::Experiment;
 
 /// The experiment's name.
 pub const NAME: &str = "transformer-gettext-en-de";
@@ -43,6 +42,16 @@ const DEFAULT_DATA_DIR: &str = "../shared/data/gettext-en-de";
 
 /// The trained tokenizer, written beside the model so that a resumed run and users reuse it.
 const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The registry entry of this module's experiment.
+pub fn experiments() -> Vec<Experiment> {
+    vec![Experiment {
+        name: NAME,
+        about: ABOUT,
+        needs_cifar: false,
+        run,
+    }]
+}
 
 /// Everything that defines a run (written into results.json so it can be repeated).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -197,7 +206,7 @@ fn data_dir(f: &flags::Reproduce) -> PathBuf {
 /// `cargo xtask reproduce transformer-gettext-en-de`.
 pub fn run(_experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     if let Some(dir) = &f.resume {
-        let (cfg, epochs): (Config, usize) = saved_config(dir, NAME)?;
+        let (cfg, epochs): (Config, usize) = run::saved_config(&dir.join(CHECKPOINT_DIR), NAME)?;
         eprintln!("resuming {NAME} in {} after {epochs} epochs", dir.display());
         return run_config(cfg, out, true);
     }
@@ -217,9 +226,9 @@ pub fn run(_experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunRes
         cfg.dense_from = Some(std::path::absolute(dir)?);
         cfg.dense_epochs = 0;
     }
-    if let Some(m) = &f.method {
+    if let Some(m) = f.method {
         ensure!(
-            m == "selective",
+            m == Method::Selective,
             "{NAME} runs the method only (--method selective); the baselines are wired for the \
              image experiments"
         );
@@ -281,24 +290,6 @@ fn load_dense(params: &ParamSet, path: &Path) -> Result<()> {
     params
         .restore(&Snapshot(tensors.into_iter().collect()))
         .with_context(context)
-}
-
-/// The layer type a parameter belongs to, for the per-type table.
-pub fn layer_type(name: &str) -> &'static str {
-    if name.contains("_attn.") {
-        "attention"
-    } else if name.contains(".fc1.") || name.contains(".fc2.") {
-        "feed-forward"
-    } else if name.contains("embed_") || name.starts_with("output_projection") {
-        "embeddings"
-    } else {
-        "other"
-    }
-}
-
-/// Sums the per-tensor counts by layer type.
-pub fn by_layer_type(layers: &[LayerStats]) -> BTreeMap<&'static str, LayerStats> {
-    relprune_eval::sum_by_group(layers, |name| [layer_type(name)])
 }
 
 /// Runs one configuration end to end, writing the model files into `out`; checkpoints every epoch
@@ -411,47 +402,68 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
         load_dense(&trainer.params, &dir.join("dense.safetensors"))?;
     }
     // 1. The dense reference.
-    let dense = (cfg.dense_lr, cfg.dense_epochs);
-    start_dense(&mut trainer, &mut task, out, &cfg, resume, dense)?;
-    let (dense_valid, dense_test) = trainer.once("dense evaluation", |trainer| {
-        let valid = trainer.evaluate(&mut task, Split::Valid)?;
+    run::start(
+        &mut trainer,
+        &mut task,
+        &out.join(CHECKPOINT_DIR),
+        &cfg,
+        resume,
+    )?;
+    run::train_dense(&mut trainer, &mut task, cfg.dense_lr, cfg.dense_epochs)?;
+    let dense = run::dense_reference(&mut trainer, &mut task, &out.join(DENSE_FILE), |_, task| {
         let (test_bleu, hyps) = task.bleu(Split::Test)?;
-        export::save_dense(&trainer.params, &out.join("dense.safetensors"))?;
         write_lines(&out.join("test.dense.de"), &hyps)
             .map_err(|e| relprune_prune::Error::Task(format!("{e:#}")))?;
-        Ok((valid, test_bleu.score))
+        Ok(test_bleu.score)
     })?;
     eprintln!(
-        "dense: valid BLEU {:.2} (loss {:.4}), test BLEU {dense_test:.2}",
-        dense_valid.metric, dense_valid.loss
+        "dense: valid BLEU {:.2} (loss {:.4}), test BLEU {:.2}",
+        dense.valid.metric, dense.valid.loss, dense.test_metric
     );
 
     // 2. Regularize and prune iteratively, then fine-tune.
-    let outcome = IterativePruning::new(cfg.prune.clone())?.run(&mut trainer, &mut task)?;
-    let model_file = "model.safetensors";
-    export::save_dense(&trainer.params, &out.join(model_file))?;
-    export::save_sparse(&trainer.params, &out.join("model.sparse.safetensors"))?;
+    let phase = run::prune(&mut trainer, &mut task, &cfg.prune)?;
 
     // 3. Judge the saved file: reload it into a fresh model and translate the test split.
-    let reloaded = VarMap::new();
-    let fresh = Transformer::new(
-        cfg.model.clone(),
-        &reloaded,
-        cfg.seed.wrapping_add(1),
-        &device,
-    )?;
-    relprune_models::checkpoint::load(&reloaded, &out.join(model_file))?;
-    let judge = Seq2SeqTask::new(
-        fresh,
-        tok.clone(),
-        tokenize_pairs(&train_text[..1], &tok, &tok)?,
-        eval_split(&valid_text)?,
-        eval_split(&test_text)?,
-        task_config,
-        &device,
-    )?;
-    let (pruned_test, hyps) = judge.bleu(Split::Test)?;
-    write_lines(&out.join("test.pruned.de"), &hyps)?;
+    let mut pruned_bleu = None;
+    let mut files = OwnNames(|path: &Path, task: &mut Seq2SeqTask<Transformer>| {
+        let reloaded = VarMap::new();
+        let fresh = Transformer::new(
+            cfg.model.clone(),
+            &reloaded,
+            cfg.seed.wrapping_add(1),
+            &device,
+        )?;
+        relprune_models::checkpoint::load(&reloaded, path)?;
+        let trained = std::mem::replace(&mut task.model, fresh);
+        let judged = task.bleu(Split::Test);
+        task.model = trained;
+        let (bleu, hyps) = judged?;
+        write_lines(&out.join("test.pruned.de"), &hyps)
+            .map_err(|e| relprune_tasks::Error::Invalid(format!("{e:#}")))?;
+        let metric = bleu.score;
+        pruned_bleu = Some(bleu);
+        Ok(Evaluation {
+            loss: f64::NAN,
+            metric,
+        })
+    });
+    let finish = Finish {
+        experiment: cfg.experiment.clone(),
+        dataset,
+        dense_metric: dense.test_metric,
+        config: serde_json::to_value(&cfg)?,
+        phase,
+        out: out.to_path_buf(),
+        dense_file: out.join(DENSE_FILE),
+        sparse: true,
+        layer_type: Some(relprune_models::transformer::layer_type),
+        linear_group: false,
+        // Decoding the test split again from the trained model would add minutes for nothing.
+        tolerance: None,
+        started: t0,
+    };
+    let mut results = relprune_tasks::finish(&mut trainer, &mut task, &mut files, finish)?;
     write_lines(
         &out.join("test.ref.de"),
         &test_text
@@ -459,67 +471,29 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
             .map(|p| p.target.clone())
             .collect::<Vec<_>>(),
     )?;
-    let prunable: Vec<String> = trainer.params.prunable().map(|p| p.name.clone()).collect();
-    let report = SparsityReport::from_safetensors(&out.join(model_file), &prunable)?;
-    let total = report.total();
-    let (_, alive) = trainer.masks.totals()?;
-    ensure!(
-        total.nonzero <= alive,
-        "the model file has {} non-zeros but the masks allow only {alive}",
-        total.nonzero
-    );
-    let types = by_layer_type(&report.layers);
-    eprintln!("remaining by layer type (from {model_file}):");
-    for (t, s) in &types {
+    eprintln!("remaining by layer type (from {}):", results.model_file);
+    for s in &results.layer_groups {
         eprintln!(
-            "  {t:<13} {:>9} / {:>9} = {:6.2}%",
+            "  {:<13} {:>9} / {:>9} = {:6.2}%",
+            s.name,
             s.nonzero,
             s.params,
             s.remaining_pct()
         );
     }
-
-    let (rounds, mut extra) = relprune_eval::phase_report(&outcome);
-    extra.insert("method".into(), "selective".into());
-    extra.insert("dense_valid_metric".into(), dense_valid.metric.into());
-    extra.insert("dense_valid_loss".into(), dense_valid.loss.into());
+    let pruned_bleu = pruned_bleu.context("the pruned model was not judged")?;
+    let extra = &mut results.extra;
+    extra.insert("method".into(), Method::Selective.name().into());
+    extra.insert("dense_valid_metric".into(), dense.valid.metric.into());
+    extra.insert("dense_valid_loss".into(), dense.valid.loss.into());
     extra.insert(
         "bleu_signature".into(),
-        pruned_test.signature.clone().into(),
+        pruned_bleu.signature.clone().into(),
     );
     extra.insert(
         "test_bleu_pruned_detail".into(),
-        serde_json::to_value(&pruned_test)?,
+        serde_json::to_value(&pruned_bleu)?,
     );
-    let mut results = RunResults {
-        experiment: cfg.experiment.clone(),
-        dataset,
-        metric: BLEU.into(),
-        higher_is_better: true,
-        dense: MetricValue { value: dense_test },
-        pruned: PrunedSummary::new(pruned_test.score, &total),
-        layers: report.layers.clone(),
-        layer_groups: types.into_values().collect(),
-        sizes_bytes: SizesBytes {
-            dense_safetensors: 0,
-            pruned_safetensors: 0,
-            pruned_gzip: 0,
-            pruned_bzip2: 0,
-            sparse_format: 0,
-        },
-        model_file: model_file.into(),
-        wall_seconds: 0.0,
-        config: serde_json::to_value(&cfg)?,
-        rounds,
-        extra,
-    };
-    measure_sizes(
-        &mut results,
-        out,
-        "dense.safetensors",
-        "model.sparse.safetensors",
-    )?;
-    results.wall_seconds = t0.elapsed().as_secs_f64();
     Ok(results)
 }
 
@@ -542,6 +516,7 @@ mod tests {
 
     #[test]
     fn layer_types_cover_attention_feed_forward_and_embeddings() {
+        let layer_type = |n: &str| relprune_models::transformer::layer_type(n).name();
         assert_eq!(
             layer_type("decoder.layers.0.encoder_attn.q_proj.weight"),
             "attention"

@@ -132,33 +132,10 @@ pub fn run(args: &BleuArgs) -> Result<()> {
         .context("writing to stdout")
 }
 
-/// Reads a text file as sacreBLEU's command line does: UTF-8, lines split on `\n`, no extra
-/// empty line after a final newline. `what` names the file's role in error messages.
-pub fn read_lines(path: &Path, what: &str) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read {what} file {}", path.display()))?;
-    split_lines(&bytes).with_context(|| format!("{what} file {}", path.display()))
-}
-
-/// Splits UTF-8 bytes into lines like Python's text-mode iteration with `newline="\n"`; line
-/// ends (`\r` included) are left for BLEU's own right-stripping.
-fn split_lines(bytes: &[u8]) -> Result<Vec<String>> {
-    // A final `\n` terminates the last line; it does not start a new, empty one.
-    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-    if bytes.is_empty() {
-        return Ok(Vec::new());
-    }
-    body.split(|&b| b == b'\n')
-        .enumerate()
-        .map(|(i, line)| match std::str::from_utf8(line) {
-            Ok(s) => Ok(s.to_string()),
-            Err(e) => bail!(
-                "line {}: invalid UTF-8 at byte {} of the line",
-                i + 1,
-                e.valid_up_to()
-            ),
-        })
-        .collect()
+/// Reads a text file as sacreBLEU's command line does (`relprune_data::text::read_lines`);
+/// `what` names the file's role in error messages.
+fn read_lines(path: &Path, what: &str) -> Result<Vec<String>> {
+    relprune_data::text::read_lines(path).with_context(|| format!("{what} file"))
 }
 
 /// The `--json` output: sacreBLEU's JSON fields (with the score at full precision rather than
@@ -190,30 +167,5 @@ impl Serialize for JsonReport<'_> {
         map.serialize_entry("sys_len", &s.sys_len)?;
         map.serialize_entry("ref_len", &s.ref_len)?;
         map.end()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lines_split_like_python_text_mode() {
-        assert_eq!(split_lines(b"").unwrap(), Vec::<String>::new());
-        assert_eq!(split_lines(b"\n").unwrap(), [""]);
-        assert_eq!(split_lines(b"a\nb").unwrap(), ["a", "b"]);
-        assert_eq!(split_lines(b"a\nb\n").unwrap(), ["a", "b"]);
-        assert_eq!(split_lines(b"a\n\n").unwrap(), ["a", ""]);
-        // `\r` stays (BLEU strips it with the other trailing whitespace); a lone `\r` is no break.
-        assert_eq!(split_lines(b"a\r\nb\rc\r\n").unwrap(), ["a\r", "b\rc\r"]);
-    }
-
-    #[test]
-    fn invalid_utf8_names_the_line() {
-        let err = split_lines(b"ok\nbad \xff here\n").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "line 2: invalid UTF-8 at byte 4 of the line"
-        );
     }
 }

@@ -1,17 +1,16 @@
-//! `relprune embed`: sentence embeddings as sentence-transformers computes them for BERT models
+//! `relprune embed`: sentence embeddings as sentence-transformers computes them for encoders
 //! such as all-MiniLM-L6-v2: tokenize with the model's `tokenizer.json`, run the encoder on
-//! padded batches with an attention mask, mean-pool over the real tokens, L2-normalize.
+//! padded batches of similar lengths, mean-pool over the real tokens, L2-normalize.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use clap::Args;
-use relprune_data::text::TextTokenizer;
-use relprune_models::hf::bert::sentence_embeddings;
-use serde_json::Value;
-
-use crate::forward::{load_bert, write_json_atomic};
+use relprune_data::text::{read_lines, truncate_keeping_last, TextTokenizer};
+use relprune_models::hf::bert::BertModel;
+use relprune_models::hf::{detect_kind, Kind};
+use relprune_tasks::Sentences;
 
 /// Arguments of `relprune embed`.
 #[derive(Debug, Args)]
@@ -35,78 +34,30 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
-    let model = load_bert(&args.model)?;
+    detect_kind(&args.model, Kind::Encoder)?;
+    let model = BertModel::load(&args.model, &Device::Cpu)?;
     let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"))?;
     tokenizer
         .check_vocab(model.config().vocab_size)
         .context("the tokenizer does not fit the model")?;
-    let max_len = max_length(&args.model, model.config().max_position_embeddings)?;
-    let sentences = crate::bleu::read_lines(&args.text, "text")?;
-    if sentences.is_empty() {
+    let max_len = model.max_input_length(&args.model)?;
+    let lines = read_lines(&args.text).context("text file")?;
+    if lines.is_empty() {
         bail!("text file {} has no lines", args.text.display());
     }
+    let ids = lines
+        .iter()
+        .map(|s| Ok(truncate_keeping_last(tokenizer.encode(s)?, max_len)))
+        .collect::<Result<Vec<_>>>()?;
     // Padded positions are masked out, so any valid id will do when the vocabulary has no pad.
     let pad = tokenizer
         .pad_id()
         .or(model.config().pad_token_id)
         .unwrap_or(0);
-    let device = Device::Cpu;
-    let mut embeddings: Vec<Vec<f32>> = Vec::with_capacity(sentences.len());
-    for chunk in sentences.chunks(args.batch_size) {
-        let encoded = chunk
-            .iter()
-            .map(|s| Ok(truncate(tokenizer.encode(s)?, max_len)))
-            .collect::<Result<Vec<_>>>()?;
-        let t = encoded.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let mut ids = Vec::with_capacity(chunk.len() * t);
-        let mut mask = Vec::with_capacity(chunk.len() * t);
-        for row in &encoded {
-            ids.extend(row.iter().copied().chain(std::iter::repeat(pad)).take(t));
-            mask.extend((0..t).map(|j| u32::from(j < row.len())));
-        }
-        let ids = Tensor::from_vec(ids, (chunk.len(), t), &device)?;
-        let mask = Tensor::from_vec(mask, (chunk.len(), t), &device)?;
-        let hidden = model.forward(&ids, Some(&mask), None)?;
-        embeddings.extend(sentence_embeddings(&hidden, &mask)?.to_vec2::<f32>()?);
-    }
-    write_json_atomic(&args.out, &serde_json::json!({ "embeddings": embeddings }))
-}
-
-/// The longest input: the position table's size, or sentence-transformers' `max_seq_length`
-/// (`sentence_bert_config.json`) when the directory has one and it is smaller.
-pub(crate) fn max_length(dir: &Path, max_positions: usize) -> Result<usize> {
-    let path = dir.join("sentence_bert_config.json");
-    if !path.exists() {
-        return Ok(max_positions);
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let value: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    Ok(match value.get("max_seq_length").and_then(Value::as_u64) {
-        Some(n) if n > 0 => max_positions.min(n as usize),
-        _ => max_positions,
-    })
-}
-
-/// Cuts `ids` to `max_len` tokens keeping the last one, as the tokenizer's own truncation keeps
-/// the closing `[SEP]`.
-pub(crate) fn truncate(mut ids: Vec<u32>, max_len: usize) -> Vec<u32> {
-    if ids.len() > max_len && max_len > 0 {
-        let last = ids[ids.len() - 1];
-        ids.truncate(max_len - 1);
-        ids.push(last);
-    }
-    ids
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn truncation_keeps_the_closing_token() {
-        assert_eq!(truncate(vec![101, 5, 6, 7, 102], 3), [101, 5, 102]);
-        assert_eq!(truncate(vec![101, 5, 102], 3), [101, 5, 102]);
-    }
+    let sentences = Sentences::new(ids, args.batch_size, 0);
+    let hidden = indicatif::ProgressBar::hidden();
+    let embeddings = relprune_tasks::encoder::embed(&model, &sentences, pad, &hidden)?;
+    let json = serde_json::json!({ "embeddings": embeddings.to_vec2::<f32>()? });
+    relprune_io::write(&args.out, serde_json::to_string(&json)?.as_bytes())?;
+    Ok(())
 }

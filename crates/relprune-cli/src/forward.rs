@@ -4,26 +4,19 @@
 //!
 //! The input is an object with `input_ids` and optionally `attention_mask`, `token_type_ids`
 //! (BERT) and `decoder_input_ids` (Marian, T5), each a list of equally long rows of integers; a whole
-//! reference file with such an object under `inputs` is accepted too. The model is chosen by
-//! `config.json`'s `model_type`: BERT writes `last_hidden_state`, Marian and T5 `logits` and
-//! `encoder_last_hidden_state`.
+//! reference file with such an object under `inputs` is accepted too. The model is whatever
+//! architecture the directory holds (`relprune_models::hf::load`): an encoder writes
+//! `last_hidden_state`, an encoder–decoder `logits` and `encoder_last_hidden_state`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use clap::Args;
 use relprune_models::hf::bert::BertModel;
-use relprune_models::hf::marian::MarianModel;
-use relprune_models::hf::t5::T5Model;
+use relprune_models::hf::{HfModel, HfSeq2Seq};
 use serde_json::Value;
-
-/// The `model_type`s `relprune embed` can run.
-pub const SUPPORTED: &[&str] = &["bert"];
-
-/// The `model_type`s `relprune forward` can run.
-pub const FORWARD_SUPPORTED: &[&str] = &["bert", "marian", "t5"];
 
 /// Arguments of `relprune forward`.
 #[derive(Debug, Args)]
@@ -31,32 +24,33 @@ pub struct ForwardArgs {
     /// The model directory (`config.json` and `model.safetensors`, as `save_pretrained` writes them).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// JSON with `input_ids` (and optionally `attention_mask`, `token_type_ids`; for Marian
-    /// `decoder_input_ids`).
+    /// JSON with `input_ids` (and optionally `attention_mask`, `token_type_ids`; for an
+    /// encoder–decoder `decoder_input_ids`).
     #[arg(long, value_name = "IN.json")]
     pub input: PathBuf,
-    /// Where to write `{"last_hidden_state": [...]}` (BERT) or `{"logits": [...],
-    /// "encoder_last_hidden_state": [...]}` (Marian).
+    /// Where to write `{"last_hidden_state": [...]}` (encoders) or `{"logits": [...],
+    /// "encoder_last_hidden_state": [...]}` (encoder–decoders).
     #[arg(long, value_name = "OUT.json")]
     pub out: PathBuf,
 }
 
 /// Runs `relprune forward`.
 pub fn run(args: &ForwardArgs) -> Result<()> {
-    let model_type = model_type(&args.model, FORWARD_SUPPORTED)?;
+    // The architecture first (an unsupported one is named), then the input, then the weights.
+    relprune_models::hf::detect(&args.model)?;
     let text = std::fs::read_to_string(&args.input)
         .with_context(|| format!("cannot read input file {}", args.input.display()))?;
     let inputs =
         parse_inputs(&text).with_context(|| format!("input file {}", args.input.display()))?;
-    match model_type.as_str() {
-        "marian" => run_seq2seq(
-            args,
-            &inputs,
-            &Seq2SeqModel::Marian(load_marian(&args.model)?),
-        ),
-        "t5" => run_seq2seq(args, &inputs, &Seq2SeqModel::T5(load_t5(&args.model)?)),
-        _ => run_bert(args, &inputs),
-    }
+    let (_, model) = relprune_models::hf::load(&args.model, &VarMap::new(), &Device::Cpu)?;
+    let out = match model {
+        HfModel::Encoder(m) => run_encoder(args, &inputs, &m)?,
+        HfModel::Seq2Seq(m) => run_seq2seq(args, &inputs, m.as_ref())?,
+    };
+    Ok(relprune_io::write(
+        &args.out,
+        serde_json::to_string(&out)?.as_bytes(),
+    )?)
 }
 
 /// A rectangular id matrix as a (B, T) u32 tensor.
@@ -65,16 +59,15 @@ fn tensor(rows: &[Vec<u32>]) -> Result<Tensor> {
     Ok(Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu)?)
 }
 
-/// The BERT forward pass: `last_hidden_state`.
-fn run_bert(args: &ForwardArgs, inputs: &Inputs) -> Result<()> {
+/// The encoder's forward pass: `last_hidden_state`.
+fn run_encoder(args: &ForwardArgs, inputs: &Inputs, model: &BertModel) -> Result<Value> {
     if inputs.decoder_input_ids.is_some() {
         bail!(
-            "input file {}: `decoder_input_ids` given, but {} is a BERT encoder",
+            "input file {}: `decoder_input_ids` given, but {} is an encoder",
             args.input.display(),
             args.model.display()
         );
     }
-    let model = load_bert(&args.model)?;
     let ids = tensor(&inputs.input_ids)?;
     let mask = inputs.attention_mask.as_deref().map(tensor).transpose()?;
     let types = inputs.token_type_ids.as_deref().map(tensor).transpose()?;
@@ -82,44 +75,12 @@ fn run_bert(args: &ForwardArgs, inputs: &Inputs) -> Result<()> {
         .forward(&ids, mask.as_ref(), types.as_ref())
         .with_context(|| format!("forward pass of {}", args.model.display()))?;
     let hidden: Vec<Vec<Vec<f32>>> = hidden.to_vec3()?;
-    write_json_atomic(
-        &args.out,
-        &serde_json::json!({ "last_hidden_state": hidden }),
-    )
+    Ok(serde_json::json!({ "last_hidden_state": hidden }))
 }
 
-/// A loaded encoder-decoder checkpoint.
-enum Seq2SeqModel {
-    Marian(MarianModel),
-    T5(T5Model),
-}
-
-impl Seq2SeqModel {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Marian(_) => "Marian",
-            Self::T5(_) => "T5",
-        }
-    }
-
-    fn vocab_size(&self) -> usize {
-        match self {
-            Self::Marian(m) => m.config().vocab_size,
-            Self::T5(m) => m.config().vocab_size,
-        }
-    }
-
-    fn forward(&self, ids: &Tensor, mask: &Tensor, dec: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok(match self {
-            Self::Marian(m) => m.forward(ids, mask, dec)?,
-            Self::T5(m) => m.forward(ids, mask, dec)?,
-        })
-    }
-}
-
-/// The encoder-decoder forward pass (Marian, T5): `logits` and `encoder_last_hidden_state`.
-fn run_seq2seq(args: &ForwardArgs, inputs: &Inputs, model: &Seq2SeqModel) -> Result<()> {
-    let name = model.name();
+/// The encoder–decoder's forward pass: `logits` and `encoder_last_hidden_state`.
+fn run_seq2seq(args: &ForwardArgs, inputs: &Inputs, model: &dyn HfSeq2Seq) -> Result<Value> {
+    let name = model.model_type();
     if inputs.token_type_ids.is_some() {
         bail!(
             "input file {}: `token_type_ids` given, but {name} has none",
@@ -163,53 +124,7 @@ fn run_seq2seq(args: &ForwardArgs, inputs: &Inputs, model: &Seq2SeqModel) -> Res
         .with_context(|| format!("forward pass of {}", args.model.display()))?;
     let logits: Vec<Vec<Vec<f32>>> = logits.to_vec3()?;
     let enc: Vec<Vec<Vec<f32>>> = enc.to_vec3()?;
-    write_json_atomic(
-        &args.out,
-        &serde_json::json!({ "logits": logits, "encoder_last_hidden_state": enc }),
-    )
-}
-
-/// Loads the T5 checkpoint in `dir` (after [`model_type`] accepted it).
-pub fn load_t5(dir: &Path) -> Result<T5Model> {
-    Ok(T5Model::load(dir, &VarMap::new(), &Device::Cpu)?)
-}
-
-/// Loads the Marian checkpoint in `dir` (after [`model_type`] accepted it).
-pub fn load_marian(dir: &Path) -> Result<MarianModel> {
-    // The VarMap only registers the parameters for training; inference needs just the model.
-    Ok(MarianModel::load(dir, &VarMap::new(), &Device::Cpu)?)
-}
-
-/// The `model_type` of `dir/config.json`, if it is one of `supported`; otherwise an error naming
-/// the file and listing them (so a T5 directory gets that answer, not a missing-field error).
-pub fn model_type(dir: &Path, supported: &[&str]) -> Result<String> {
-    if !dir.is_dir() {
-        bail!("model directory {} does not exist", dir.display());
-    }
-    let config = dir.join("config.json");
-    let text = std::fs::read_to_string(&config)
-        .with_context(|| format!("cannot read {}", config.display()))?;
-    let value: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", config.display()))?;
-    match value.get("model_type").and_then(Value::as_str) {
-        Some(t) if supported.contains(&t) => Ok(t.to_string()),
-        Some(t) => bail!(
-            "{}: model_type {t:?} is not supported yet (supported: {})",
-            config.display(),
-            supported.join(", ")
-        ),
-        None => bail!(
-            "{}: no model_type (supported: {})",
-            config.display(),
-            supported.join(", ")
-        ),
-    }
-}
-
-/// Loads the BERT checkpoint in `dir`, after checking that its `model_type` is `bert`.
-pub fn load_bert(dir: &Path) -> Result<BertModel> {
-    model_type(dir, SUPPORTED)?;
-    Ok(BertModel::load(dir, &Device::Cpu)?)
+    Ok(serde_json::json!({ "logits": logits, "encoder_last_hidden_state": enc }))
 }
 
 /// The token ids of one forward pass, as rectangular row-major matrices.
@@ -308,15 +223,6 @@ fn matrix(v: &Value, name: &str) -> Result<Vec<Vec<u32>>> {
         out.push(row);
     }
     Ok(out)
-}
-
-/// Writes `value` to `path` through a temporary file in the same directory and a rename, so a
-/// reader never sees half a file.
-pub fn write_json_atomic(path: &Path, value: &Value) -> Result<()> {
-    Ok(relprune_io::write(
-        path,
-        serde_json::to_string(value)?.as_bytes(),
-    )?)
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Corpus BLEU of a translation against one or more references, exactly as sacreBLEU 2.x.
     Bleu(bleu::BleuArgs),
-    /// One forward pass of a Hugging Face BERT or Marian checkpoint on token ids from JSON; writes its outputs as JSON.
+    /// One forward pass of a Hugging Face checkpoint (BERT, Marian, T5) on token ids from JSON; writes its outputs as JSON.
     Forward(forward::ForwardArgs),
     /// Sentence embeddings (mean pooling, L2-normalized) of a text file's lines with a BERT checkpoint.
     Embed(embed::EmbedArgs),

@@ -13,9 +13,6 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// An output file could not be written.
-    #[error(transparent)]
-    Output(#[from] relprune_io::Error),
     /// A safetensors file could not be read or lacks a tensor.
     #[error("safetensors file {}: {msg}", path.display())]
     Safetensors {

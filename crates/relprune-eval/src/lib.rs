@@ -8,27 +8,19 @@
 pub mod accuracy;
 pub mod bleu;
 pub mod error;
-pub mod loss;
 pub mod plot;
 pub mod report;
 pub mod results;
-pub mod seq2seq;
 pub mod sizes;
 pub mod sparsity;
-pub mod task;
 
 pub use accuracy::{count_correct, top1_error_pct};
 pub use bleu::{
     corpus_bleu, tokenize_13a, BleuConfig, BleuScore, Smoothing, Tokenizer, SACREBLEU_VERSION,
 };
 pub use error::{Error, Result};
-pub use loss::label_smoothed_cross_entropy;
 pub use plot::{line_chart_svg, Series};
 pub use report::render_markdown;
-pub use results::{
-    phase_report, DatasetInfo, MetricValue, PrunedSummary, RoundRecord, RunResults, SizesBytes,
-};
-pub use seq2seq::{DecodeConfig, EvalSplit, Seq2SeqConfig, Seq2SeqTask};
+pub use results::{DatasetInfo, MetricValue, PrunedSummary, RoundRecord, RunResults, SizesBytes};
 pub use sizes::{compressed_sizes, FileSizes};
 pub use sparsity::{sum_by_group, LayerStats, SparsityReport};
-pub use task::ImageClassification;

@@ -1,7 +1,6 @@
 //! SVG line charts (e.g. the metric-vs-remaining-weights curve of the pruning rounds).
 
 use std::ops::Range;
-use std::path::Path;
 
 use plotters::coord::ranged1d::{AsRangedCoord, Ranged, ValueFormatter};
 use plotters::coord::Shift;
@@ -22,18 +21,18 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-/// Writes an SVG line chart (x axis log-scale optional) atomically: title, axis labels, legend.
+/// An SVG line chart (x axis log-scale optional), as the text of the file: title, axis labels,
+/// legend.
 ///
 /// Non-finite points, and points with x ≤ 0 on a log axis, are skipped (they cannot be placed);
 /// if nothing drawable is left the chart is refused with `Error::Invalid`.
 pub fn line_chart_svg(
-    path: &Path,
     title: &str,
     x_label: &str,
     y_label: &str,
     series: &[Series],
     log_x: bool,
-) -> Result<()> {
+) -> Result<String> {
     let series: Vec<Series> = series
         .iter()
         .map(|s| Series {
@@ -76,7 +75,7 @@ pub fn line_chart_svg(
         }
         root.present().map_err(plot_err)?;
     }
-    relprune_io::write(path, svg.as_bytes()).map_err(crate::Error::from)
+    Ok(svg)
 }
 
 /// Labelled ticks of a log axis: 1, 2 and 5 times each power of ten inside `r` (plotters' own
@@ -228,11 +227,8 @@ mod tests {
 
     #[test]
     fn line_chart_renders_title_labels_legend_and_lines() {
-        let dir = tempfile::tempdir().unwrap();
         for log_x in [false, true] {
-            let path = dir.path().join(format!("chart-{log_x}.svg"));
-            line_chart_svg(
-                &path,
+            let svg = line_chart_svg(
                 "Error vs remaining",
                 "remaining %",
                 "top-1 error %",
@@ -240,7 +236,6 @@ mod tests {
                 log_x,
             )
             .unwrap();
-            let svg = std::fs::read_to_string(&path).unwrap();
             assert!(svg.starts_with("<svg"), "{svg}");
             assert!(svg.contains("Error vs remaining"));
             assert!(svg.contains("remaining %"));
@@ -249,38 +244,31 @@ mod tests {
             assert!(svg.contains("<polyline") || svg.contains("<path"));
             assert!(svg.contains("<circle"));
         }
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 2, "no temp files left behind");
     }
 
     #[test]
     fn line_chart_single_point_is_drawn() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("one.svg");
         let s = [Series {
             label: "only".into(),
             points: vec![(5.0, 5.0)],
         }];
-        line_chart_svg(&path, "One", "x", "y", &s, true).unwrap();
-        assert!(std::fs::read_to_string(&path).unwrap().contains("<circle"));
+        let svg = line_chart_svg("One", "x", "y", &s, true).unwrap();
+        assert!(svg.contains("<circle"));
     }
 
     #[test]
     fn line_chart_without_drawable_points_is_invalid() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("none.svg");
         let s = [Series {
             label: "neg".into(),
             points: vec![(-1.0, 1.0), (0.0, 2.0)],
         }];
         assert!(matches!(
-            line_chart_svg(&path, "None", "x", "y", &s, true),
+            line_chart_svg("None", "x", "y", &s, true),
             Err(Error::Invalid(_))
         ));
         assert!(matches!(
-            line_chart_svg(&path, "None", "x", "y", &[], false),
+            line_chart_svg("None", "x", "y", &[], false),
             Err(Error::Invalid(_))
         ));
-        assert!(!path.exists());
     }
 }

@@ -110,49 +110,6 @@ pub struct RoundRecord {
     pub val_metric: f64,
 }
 
-impl From<&relprune_prune::RoundRecord> for RoundRecord {
-    /// The report's view of one round of `IterativePruning`.
-    fn from(r: &relprune_prune::RoundRecord) -> Self {
-        Self {
-            round: r.round,
-            epoch: r.epoch,
-            threshold: r.threshold,
-            remaining_pct: r.remaining_pct,
-            val_loss: r.valid.loss,
-            val_metric: r.valid.metric,
-        }
-    }
-}
-
-/// The rounds and the `extra` entries of an `IterativePruning` phase, under the key names every
-/// report shares: `reference_valid`, `result_round`, `pruning_epochs`, `stop_reason`,
-/// `valid_before_finetune` and `valid_after_finetune`.
-pub fn phase_report(
-    outcome: &relprune_prune::PruneOutcome,
-) -> (Vec<RoundRecord>, serde_json::Map<String, serde_json::Value>) {
-    let rounds = outcome.rounds.iter().map(RoundRecord::from).collect();
-    // Evaluations and the stop reason are plain data: `json!` cannot fail on them.
-    let entries = [
-        ("reference_valid", serde_json::json!(outcome.reference)),
-        ("result_round", serde_json::json!(outcome.result_round)),
-        ("pruning_epochs", serde_json::json!(outcome.epochs)),
-        ("stop_reason", serde_json::json!(outcome.stop_reason)),
-        (
-            "valid_before_finetune",
-            serde_json::json!(outcome.before_finetune),
-        ),
-        (
-            "valid_after_finetune",
-            serde_json::json!(outcome.after_finetune),
-        ),
-    ];
-    let extra = entries
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-    (rounds, extra)
-}
-
 /// Everything a run reports; serialized as `results.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RunResults {
@@ -192,14 +149,14 @@ pub struct RunResults {
 }
 
 impl RunResults {
-    /// Writes pretty JSON atomically.
-    pub fn write_json(&self, path: &Path) -> Result<()> {
+    /// The pretty JSON text of `results.json` (`path` names the file in errors).
+    pub fn to_json(&self, path: &Path) -> Result<Vec<u8>> {
         let mut bytes = serde_json::to_vec_pretty(self).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,
         })?;
         bytes.push(b'\n');
-        relprune_io::write(path, &bytes).map_err(Error::from)
+        Ok(bytes)
     }
 
     /// Reads a results.json.
@@ -294,7 +251,7 @@ pub(crate) mod tests {
             "pruned_before_finetune".into(),
             serde_json::json!({"value": 1.9}),
         );
-        r.write_json(&path).unwrap();
+        std::fs::write(&path, r.to_json(&path).unwrap()).unwrap();
         assert_eq!(RunResults::read_json(&path).unwrap(), r);
     }
 
@@ -365,7 +322,7 @@ pub(crate) mod tests {
         let mut r = sample();
         r.pruned.compression = f64::INFINITY;
         r.pruned.nonzero = 0;
-        r.write_json(&path).unwrap();
+        std::fs::write(&path, r.to_json(&path).unwrap()).unwrap();
         let back = RunResults::read_json(&path).unwrap();
         assert_eq!(back.pruned.compression, f64::INFINITY);
     }
@@ -380,39 +337,5 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("broken.json"), "{err}");
         let err = RunResults::read_json(&dir.path().join("absent.json")).unwrap_err();
         assert!(err.to_string().contains("absent.json"), "{err}");
-    }
-
-    #[test]
-    fn phase_report_carries_rounds_and_the_shared_extra_keys() {
-        use relprune_prune::{Evaluation, PruneOutcome, StopReason};
-        let eval = |loss, metric| Evaluation { loss, metric };
-        let outcome = PruneOutcome {
-            reference: eval(0.1, 1.0),
-            rounds: vec![relprune_prune::RoundRecord {
-                round: 1,
-                epoch: 3,
-                threshold: 0.02,
-                remaining_pct: 40.0,
-                valid: eval(0.2, 1.5),
-                search_evaluations: 4,
-                within_budget: true,
-                retrained: None,
-            }],
-            result_round: Some(1),
-            epochs: 5,
-            stop_reason: StopReason::TargetSparsity,
-            before_finetune: eval(0.2, 1.5),
-            after_finetune: eval(0.15, 1.2),
-            seconds: 9.0,
-        };
-        let (rounds, extra) = phase_report(&outcome);
-        assert_eq!(rounds.len(), 1);
-        assert_eq!((rounds[0].epoch, rounds[0].val_metric), (3, 1.5));
-        assert_eq!(extra["result_round"], 1);
-        assert_eq!(extra["pruning_epochs"], 5);
-        assert_eq!(extra["stop_reason"], "target_sparsity");
-        assert_eq!(extra["valid_before_finetune"]["metric"], 1.5);
-        assert_eq!(extra["valid_after_finetune"]["metric"], 1.2);
-        assert_eq!(extra["reference_valid"]["loss"], 0.1);
     }
 }

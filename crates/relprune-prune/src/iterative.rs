@@ -592,7 +592,7 @@ fn drift_run(run: usize, worsening: f64, delta: f64) -> usize {
     }
 }
 
-/// Counts the exactly-zero elements of the prunable parameters (a sanity check against the masks).
+/// Counts the non-zero elements of the prunable parameters (a sanity check against the masks).
 pub fn count_nonzero(trainer: &Trainer) -> Result<usize> {
     let mut n = 0usize;
     for p in trainer.params.prunable() {

@@ -123,6 +123,15 @@ impl Masks {
         self.prune_by_scores(params, None, sparsity, per_layer)
     }
 
+    /// Brings every prunable parameter to at least `sparsity` on its own: in each one with fewer
+    /// than `round(sparsity·n)` of its `n` elements pruned, prunes its smallest alive magnitudes
+    /// up to that count; sparser ones are left as they are. Returns how many weights it pruned.
+    pub fn prune_each_to_at_least(&mut self, params: &ParamSet, sparsity: f64) -> Result<usize> {
+        let before = self.totals()?.1;
+        self.prune_ranked(params, None, sparsity, true, Landing::AtLeast)?;
+        Ok(before - self.totals()?.1)
+    }
+
     /// Like [`Masks::prune_to_sparsity`], ranking by `scores` (by parameter name, the
     /// parameter's shape; e.g. SNIP's `|w·g|`) instead of `|w|`.
     pub fn prune_by_scores(
@@ -131,6 +140,17 @@ impl Masks {
         scores: Option<&BTreeMap<String, Tensor>>,
         sparsity: f64,
         per_layer: bool,
+    ) -> Result<()> {
+        self.prune_ranked(params, scores, sparsity, per_layer, Landing::Exact)
+    }
+
+    fn prune_ranked(
+        &mut self,
+        params: &ParamSet,
+        scores: Option<&BTreeMap<String, Tensor>>,
+        sparsity: f64,
+        per_layer: bool,
+        landing: Landing,
     ) -> Result<()> {
         if !(0.0..=1.0).contains(&sparsity) {
             return Err(Error::Config(format!(
@@ -174,6 +194,9 @@ impl Masks {
             let n = keys.len();
             let target = target_count(sparsity, n);
             let already = keys.iter().filter(|k| k.0 < 0.0).count();
+            if target < already && landing == Landing::AtLeast {
+                continue;
+            }
             if target < already {
                 return Err(Error::Config(format!(
                     "target sparsity {sparsity} is below the {:.4} already pruned",
@@ -251,7 +274,8 @@ impl Masks {
         })
     }
 
-    fn mask_of(&self, name: &str) -> Result<&Tensor> {
+    /// The mask of prunable parameter `name`; an error naming it if there is none.
+    pub fn mask_of(&self, name: &str) -> Result<&Tensor> {
         self.masks.get(name).ok_or_else(|| Error::Param {
             name: name.to_string(),
             msg: "prunable but has no mask".into(),
@@ -263,4 +287,13 @@ impl Masks {
 /// a target and for checking that it was reached.
 fn target_count(sparsity: f64, n: usize) -> usize {
     (sparsity * n as f64).round() as usize
+}
+
+/// Whether a group already sparser than the target is an error or left alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Landing {
+    /// Exactly the target: fewer alive than the target is a configuration error.
+    Exact,
+    /// At least the target.
+    AtLeast,
 }

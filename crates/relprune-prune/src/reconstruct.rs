@@ -8,9 +8,12 @@
 //! what the layer actually sees. `relprune prune-hf` uses it for the step that brings the
 //! method's result to the requested sparsity.
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
+use crate::{Masks, ParamSet};
 
 /// Configuration of [`obs_prune`].
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -344,8 +347,86 @@ pub fn obs_prune(
     })
 }
 
+/// Brings every prunable matrix that has input statistics in `grams` to at least `sparsity` by
+/// [`obs_prune`] (choosing by `w²/[H⁻¹]ᵢᵢ` and updating the survivors); the others are left as
+/// they are. Weights and masks are updated together.
+pub fn prune_layers(
+    params: &ParamSet,
+    masks: &mut Masks,
+    grams: &BTreeMap<String, Gram>,
+    sparsity: f64,
+    cfg: &ObsConfig,
+) -> Result<()> {
+    let mut new = BTreeMap::new();
+    for p in params.prunable() {
+        let m = masks.mask_of(&p.name)?;
+        let mask = match grams.get(&p.name) {
+            Some(g) if g.rows() > 0 => {
+                let r =
+                    obs_prune(p.var.as_tensor(), m, &g.mean()?, sparsity, cfg).map_err(|e| {
+                        Error::Param {
+                            name: p.name.clone(),
+                            msg: e.to_string(),
+                        }
+                    })?;
+                p.var.set(&r.weight)?;
+                r.mask
+            }
+            _ => m.clone(),
+        };
+        new.insert(p.name.clone(), mask);
+    }
+    *masks = Masks::from_tensors(new)?;
+    masks.apply(params)
+}
+
+/// `names` grouped by layer in forward order, the order of layer-by-layer (sequential)
+/// reconstruction: a layer is the prefix up to the first numeric path segment
+/// (`encoder.layer.3`), groups ordered by that number within the same stem; names with no number
+/// form a group each, after the numbered ones.
+pub fn layer_groups(names: &[String]) -> Vec<Vec<String>> {
+    let mut groups: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+    for name in names {
+        let parts: Vec<&str> = name.split('.').collect();
+        let key = match parts.iter().position(|p| p.parse::<u64>().is_ok()) {
+            Some(i) => (parts[..i].join("."), parts[i].parse().unwrap_or(0)),
+            None => (name.clone(), u64::MAX),
+        };
+        groups.entry(key).or_default().push(name.clone());
+    }
+    let (mut numbered, single): (Vec<_>, Vec<_>) =
+        groups.into_iter().partition(|((_, n), _)| *n != u64::MAX);
+    numbered.extend(single);
+    numbered.into_iter().map(|(_, g)| g).collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn layer_groups_follow_the_forward_order_of_numbered_layers() {
+        let names: Vec<String> = [
+            "encoder.layer.10.output.dense.weight",
+            "encoder.layer.2.attention.self.query.weight",
+            "lm_head.weight",
+            "encoder.layer.2.output.dense.weight",
+            "encoder.layer.0.intermediate.dense.weight",
+        ]
+        .map(String::from)
+        .to_vec();
+        let groups = super::layer_groups(&names);
+        let firsts: Vec<&str> = groups.iter().map(|g| g[0].as_str()).collect();
+        assert_eq!(
+            firsts,
+            [
+                "encoder.layer.0.intermediate.dense.weight",
+                "encoder.layer.2.attention.self.query.weight",
+                "encoder.layer.10.output.dense.weight",
+                "lm_head.weight",
+            ]
+        );
+        assert_eq!(groups[1].len(), 2);
+    }
+
     use super::*;
     use candle_core::Device;
     use rand::{rngs::StdRng, Rng, SeedableRng};

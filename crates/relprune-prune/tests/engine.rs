@@ -618,6 +618,33 @@ fn a_landing_on_a_target_that_is_no_whole_count_counts_as_reached() {
 }
 
 #[test]
+fn pruning_each_layer_to_at_least_a_target_leaves_sparser_layers_alone() {
+    let (_vm, ps) = tiny_model(23);
+    let mut masks = Masks::dense(&ps).unwrap();
+    masks.prune_to_sparsity(&ps, 0.25, true).unwrap();
+    // Already sparser than 10%: nothing to do, where the exact landing would refuse.
+    assert_eq!(masks.prune_each_to_at_least(&ps, 0.1).unwrap(), 0);
+    assert_eq!(masks.totals().unwrap(), (48, 36));
+    // 50% of 48 = 24 pruned, 12 of them new, the smallest alive magnitudes.
+    let before: Vec<f32> = values(&ps, "lin.weight");
+    assert_eq!(masks.prune_each_to_at_least(&ps, 0.5).unwrap(), 12);
+    assert_eq!(masks.totals().unwrap(), (48, 24));
+    let after = values(&ps, "lin.weight");
+    let largest_pruned = before
+        .iter()
+        .zip(&after)
+        .filter(|(_, &a)| a == 0.0)
+        .map(|(b, _)| b.abs())
+        .fold(0.0f32, f32::max);
+    let smallest_kept = after
+        .iter()
+        .filter(|a| **a != 0.0)
+        .map(|a| a.abs())
+        .fold(f32::INFINITY, f32::min);
+    assert!(largest_pruned <= smallest_kept);
+}
+
+#[test]
 fn prune_to_sparsity_hits_the_exact_count_globally_and_per_layer() {
     let (_vm, ps) = tiny_model(19);
     let mut masks = Masks::dense(&ps).unwrap();

@@ -499,6 +499,21 @@ impl BertModel {
         Ok(lin.forward(x)?)
     }
 
+    /// The longest input: the position table's size, or sentence-transformers' `max_seq_length`
+    /// (`sentence_bert_config.json` in the checkpoint directory `dir`) when it is smaller.
+    pub fn max_input_length(&self, dir: &Path) -> Result<usize> {
+        let max_positions = self.config.max_position_embeddings;
+        let path = dir.join("sentence_bert_config.json");
+        if !path.exists() {
+            return Ok(max_positions);
+        }
+        let value: serde_json::Value = super::read_config(&path, |_| Ok(()))?;
+        Ok(match value.get("max_seq_length").and_then(|v| v.as_u64()) {
+            Some(n) if n > 0 => max_positions.min(n as usize),
+            _ => max_positions,
+        })
+    }
+
     /// The configuration.
     pub fn config(&self) -> &BertConfig {
         &self.config
@@ -793,6 +808,7 @@ pub fn layer_type(name: &str) -> LayerType {
 
 /// The registry entry of `bert` checkpoints.
 pub const ARCHITECTURE: super::Architecture = super::Architecture {
+    kind: super::Kind::Encoder,
     model_type: "bert",
     load: |dir, varmap, device| {
         Ok(super::HfModel::Encoder(Box::new(BertModel::load_into(

@@ -80,6 +80,67 @@ impl GenerateConfig {
         }
     }
 
+    /// `self` with the generation settings a checkpoint directory `dir` declares, read from
+    /// `config.json` then `generation_config.json` (the later wins): `num_beams`,
+    /// `forced_eos_token_id`, `length_penalty`, `early_stopping`; and the longest output they
+    /// ask for (`max_length` counts the decoder start token, `max_new_tokens` does not), which
+    /// the caller checks against the model's positions. Errors name the file and the field.
+    pub fn with_model_dir(mut self, dir: &std::path::Path) -> Result<(Self, Option<usize>)> {
+        use serde_json::Value;
+        let mut max_len = None;
+        for name in ["config.json", "generation_config.json"] {
+            let path = dir.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            let v: Value = super::read_config(&path, |_| Ok(()))?;
+            let bad = |msg: String| Error::Checkpoint {
+                path: path.clone(),
+                msg,
+            };
+            let uint = |key: &str| -> Result<Option<u64>> {
+                match v.get(key) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(x) => x
+                        .as_u64()
+                        .map(Some)
+                        .ok_or_else(|| bad(format!("`{key}` = {x} is not a non-negative integer"))),
+                }
+            };
+            if let Some(n) = uint("num_beams")? {
+                self.beam_size = (n as usize).max(1);
+            }
+            if let Some(n) = uint("max_length")? {
+                max_len = Some((n as usize).saturating_sub(1));
+            }
+            if let Some(n) = uint("max_new_tokens")? {
+                max_len = Some(n as usize);
+            }
+            if let Some(id) = uint("forced_eos_token_id")? {
+                let id = u32::try_from(id)
+                    .map_err(|_| bad(format!("forced_eos_token_id {id} is too large")))?;
+                self.forced_eos_token_id = Some(id);
+            }
+            if let Some(x) = v.get("length_penalty").and_then(Value::as_f64) {
+                self.length_penalty = x;
+            }
+            match v.get("early_stopping") {
+                Some(Value::Bool(true)) => self.early_stopping = EarlyStopping::Always,
+                Some(Value::Bool(false)) => self.early_stopping = EarlyStopping::Heuristic,
+                Some(Value::String(s)) if s == "never" => {
+                    self.early_stopping = EarlyStopping::Never
+                }
+                None | Some(Value::Null) => {}
+                Some(other) => {
+                    return Err(bad(format!(
+                        "early_stopping = {other} is not true, false or \"never\""
+                    )))
+                }
+            }
+        }
+        Ok((self, max_len.filter(|&n| n > 0)))
+    }
+
     fn check(&self) -> Result<()> {
         if self.beam_size == 0 {
             return Err(Error::Config("beam_size must be at least 1".into()));

@@ -720,6 +720,7 @@ pub fn layer_type(name: &str) -> LayerType {
 
 /// The registry entry of `marian` checkpoints.
 pub const ARCHITECTURE: super::Architecture = super::Architecture {
+    kind: super::Kind::Seq2Seq,
     model_type: "marian",
     load: |dir, varmap, device| {
         Ok(super::HfModel::Seq2Seq(Box::new(MarianModel::load(
@@ -741,5 +742,9 @@ impl super::HfSeq2Seq for MarianModel {
 
     fn max_positions(&self) -> Option<usize> {
         Some(self.config.max_position_embeddings)
+    }
+
+    fn length_limit(&self) -> usize {
+        self.config.max_position_embeddings
     }
 }

@@ -43,12 +43,23 @@ pub struct Architecture {
     /// `config.json`'s `model_type`; also the lowercase prefix of its `architectures` class
     /// names (`BertModel`, `MarianMTModel`, `T5ForConditionalGeneration`).
     pub model_type: &'static str,
+    /// What models of this architecture are for.
+    pub kind: Kind,
     /// Loads a checkpoint directory, registering its parameters in the `VarMap`.
     pub load: fn(&Path, &VarMap, &Device) -> Result<HfModel>,
     /// The variable names a stored tensor name may denote (tied aliases and renamings resolved).
     pub variable_names: fn(&str) -> Vec<String>,
     /// The layer type of a parameter.
     pub layer_type: fn(&str) -> LayerType,
+}
+
+/// What a model is for: how it is used, trained and judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A text encoder: hidden states, sentence embeddings.
+    Encoder,
+    /// An encoder–decoder: translation.
+    Seq2Seq,
 }
 
 /// The `model_type`s of [`ARCHITECTURES`].
@@ -67,7 +78,7 @@ pub fn detect(dir: &Path) -> Result<&'static Architecture> {
     if !dir.is_dir() {
         return Err(Error::Checkpoint {
             path: dir.to_path_buf(),
-            msg: "no such model directory".into(),
+            msg: "the model directory does not exist".into(),
         });
     }
     let text = std::fs::read_to_string(&path).map_err(|e| err(format!("cannot read: {e}")))?;
@@ -100,6 +111,28 @@ pub fn detect(dir: &Path) -> Result<&'static Architecture> {
                 ))
             }),
     }
+}
+
+/// The architecture of the checkpoint in `dir` if it is of `kind`; otherwise an error naming the
+/// file and the supported architectures of that kind.
+pub fn detect_kind(dir: &Path, kind: Kind) -> Result<&'static Architecture> {
+    let arch = detect(dir)?;
+    if arch.kind == kind {
+        return Ok(arch);
+    }
+    let supported: Vec<&str> = ARCHITECTURES
+        .iter()
+        .filter(|a| a.kind == kind)
+        .map(|a| a.model_type)
+        .collect();
+    Err(Error::Checkpoint {
+        path: dir.join("config.json"),
+        msg: format!(
+            "model_type {:?} is not supported here (supported: {})",
+            arch.model_type,
+            supported.join(", ")
+        ),
+    })
 }
 
 /// Loads the checkpoint in `dir`, whatever its architecture, with its parameters registered in
@@ -146,6 +179,9 @@ pub trait HfSeq2Seq: EncoderDecoder {
     fn vocab_size(&self) -> usize;
     /// The longest sequence its position table allows (`None`: relative positions).
     fn max_positions(&self) -> Option<usize>;
+    /// The longest input or output sequence to allow: the position table's size, or, with
+    /// relative positions, the architecture's customary limit.
+    fn length_limit(&self) -> usize;
 
     /// `(logits (B, T, V), encoder_last_hidden_state (B, S, D))`, as the model's `forward`.
     fn forward(

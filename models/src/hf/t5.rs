@@ -888,6 +888,7 @@ pub fn layer_type(name: &str) -> LayerType {
 
 /// The registry entry of `t5` checkpoints.
 pub const ARCHITECTURE: super::Architecture = super::Architecture {
+    kind: super::Kind::Seq2Seq,
     model_type: "t5",
     load: |dir, varmap, device| {
         Ok(super::HfModel::Seq2Seq(Box::new(T5Model::load(
@@ -909,5 +910,10 @@ impl super::HfSeq2Seq for T5Model {
 
     fn max_positions(&self) -> Option<usize> {
         None
+    }
+
+    fn length_limit(&self) -> usize {
+        // Relative positions: no table bounds the length; T5's customary limit (`n_positions`).
+        512
     }
 }

@@ -363,6 +363,43 @@ impl TextBatch {
     }
 }
 
+/// Cuts `ids` to at most `max_len` tokens keeping the last one (the closing `</s>` or `[SEP]`),
+/// as a tokenizer's own truncation does; `max_len` 0 leaves them whole.
+pub fn truncate_keeping_last(mut ids: Vec<u32>, max_len: usize) -> Vec<u32> {
+    if ids.len() > max_len && max_len > 0 {
+        let last = ids[ids.len() - 1];
+        ids.truncate(max_len - 1);
+        ids.push(last);
+    }
+    ids
+}
+
+/// Rows of token ids padded with `pad` to the longest one (at least 1 position), as `(ids,
+/// mask)` tensors (B, T) on `device`: u32 ids, u32 mask with 1 at tokens and 0 at padding.
+pub fn pad_rows<R: AsRef<[u32]>>(
+    rows: &[R],
+    pad: u32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let t = rows
+        .iter()
+        .map(|r| r.as_ref().len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut ids = Vec::with_capacity(rows.len() * t);
+    let mut mask = Vec::with_capacity(rows.len() * t);
+    for row in rows {
+        let row = row.as_ref();
+        ids.extend(row.iter().copied().chain(std::iter::repeat(pad)).take(t));
+        mask.extend((0..t).map(|j| u32::from(j < row.len())));
+    }
+    Ok((
+        Tensor::from_vec(ids, (rows.len(), t), device)?,
+        Tensor::from_vec(mask, (rows.len(), t), device)?,
+    ))
+}
+
 /// A [`TextBatch`] as tensors.
 #[derive(Clone, Debug)]
 pub struct BatchTensors {

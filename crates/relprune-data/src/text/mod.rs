@@ -6,18 +6,22 @@
 //! [`TokenizedPair`]s → [`TokenBatcher`] → [`TextBatch`]es (plain `Vec`s, or candle tensors with
 //! [`TextBatch::to_tensors`]).
 
+pub mod augment;
 pub mod batching;
 pub mod dialogue;
+pub mod lines;
 pub mod parallel;
 pub mod tokenizer;
 pub mod train;
 
 pub use batching::{
-    tokenize_pairs, BatchConfig, BatchTensors, Oversize, TextBatch, TokenBatcher, TokenizedPair,
+    pad_rows, tokenize_pairs, truncate_keeping_last, BatchConfig, BatchTensors, Oversize,
+    TextBatch, TokenBatcher, TokenizedPair,
 };
 pub use dialogue::{
     parse_taskmaster, read_taskmaster, read_taskmaster_split_ids, DialogueOptions, DialoguePair,
 };
+pub use lines::{read_lines, read_sentences, split_lines};
 pub use parallel::{
     gettext_en_de, parse_parallel, parse_tsv, read_parallel_files, read_tsv, EmptyPairs,
     ParallelText, Split, TextPair,

@@ -10,12 +10,16 @@
 //! lines.
 
 use candle_core::{Device, Tensor};
-use relprune_data::text::{BatchConfig, TextBatch, TextTokenizer, TokenBatcher, TokenizedPair};
-use relprune_models::hf::generate::{beam_search, greedy, GenerateConfig, Seq2Seq};
+use relprune_data::text::{
+    pad_rows, BatchConfig, TextBatch, TextTokenizer, TokenBatcher, TokenizedPair,
+};
+use relprune_eval::{corpus_bleu, BleuConfig, BleuScore};
+use relprune_models::hf::generate::{generate, GenerateConfig};
+use relprune_models::Seq2Seq;
 use relprune_prune::{Evaluation, MetricSpec, Split, Task};
 
-use crate::bleu::{corpus_bleu, BleuConfig};
 use crate::loss::label_smoothed_cross_entropy;
+use crate::{Error, Result};
 
 /// The metric name sequence-to-sequence tasks report.
 pub const BLEU: &str = "bleu";
@@ -92,12 +96,12 @@ pub struct EvalSplit {
 
 impl EvalSplit {
     /// A split from pairs and their references; errors if the counts differ or it is empty.
-    pub fn new(pairs: Vec<TokenizedPair>, references: Vec<String>) -> crate::Result<Self> {
+    pub fn new(pairs: Vec<TokenizedPair>, references: Vec<String>) -> Result<Self> {
         if pairs.is_empty() {
-            return Err(crate::Error::Invalid("evaluation split is empty".into()));
+            return Err(Error::Invalid("evaluation split is empty".into()));
         }
         if pairs.len() != references.len() {
-            return Err(crate::Error::Invalid(format!(
+            return Err(Error::Invalid(format!(
                 "{} evaluation pairs but {} references",
                 pairs.len(),
                 references.len()
@@ -135,29 +139,26 @@ impl<M: Seq2Seq> Seq2SeqTask<M> {
         test: EvalSplit,
         config: Seq2SeqConfig,
         device: &Device,
-    ) -> crate::Result<Self> {
+    ) -> Result<Self> {
         if !(0.0..1.0).contains(&config.label_smoothing) {
-            return Err(crate::Error::Invalid(format!(
+            return Err(Error::Invalid(format!(
                 "label smoothing must be in [0, 1), got {}",
                 config.label_smoothing
             )));
         }
         if config.decode.beam_size == 0 || config.decode.batch_size == 0 {
-            return Err(crate::Error::Invalid(
+            return Err(Error::Invalid(
                 "decoding needs a beam size and a batch size of at least 1".into(),
             ));
         }
         if config.eval_max_tokens == 0 {
-            return Err(crate::Error::Invalid(
-                "eval_max_tokens must be positive".into(),
-            ));
+            return Err(Error::Invalid("eval_max_tokens must be positive".into()));
         }
         if train.is_empty() {
-            return Err(crate::Error::Invalid("no training pairs".into()));
+            return Err(Error::Invalid("no training pairs".into()));
         }
         let pad = model.special_tokens().pad;
-        let train = TokenBatcher::new(train, pad, config.batch)
-            .map_err(|e| crate::Error::Invalid(e.to_string()))?;
+        let train = TokenBatcher::new(train, pad, config.batch)?;
         Ok(Self {
             model,
             target_tokenizer,
@@ -237,57 +238,25 @@ impl<M: Seq2Seq> Seq2SeqTask<M> {
 
     /// The model's translations of every source of `split`, as text, in order.
     pub fn translate(&self, split: Split) -> relprune_prune::Result<Vec<String>> {
-        let data = self.split(split);
-        let special = self.model.special_tokens();
-        let d = self.config.decode;
-        // Sorting by length keeps padding (wasted decoder work) small; results go back in order.
-        let mut order: Vec<usize> = (0..data.pairs.len()).collect();
-        order.sort_by_key(|&i| data.pairs[i].source.len());
-        let mut out = vec![String::new(); data.pairs.len()];
-        for chunk in order.chunks(d.batch_size) {
-            let s = chunk
-                .iter()
-                .map(|&i| data.pairs[i].source.len())
-                .max()
-                .unwrap_or(1)
-                .max(1);
-            let mut ids = Vec::with_capacity(chunk.len() * s);
-            let mut mask = Vec::with_capacity(chunk.len() * s);
-            for &i in chunk {
-                let src = &data.pairs[i].source;
-                ids.extend_from_slice(src);
-                ids.extend(std::iter::repeat_n(special.pad, s - src.len()));
-                mask.extend(std::iter::repeat_n(1u8, src.len()));
-                mask.extend(std::iter::repeat_n(0u8, s - src.len()));
-            }
-            let ids = Tensor::from_vec(ids, (chunk.len(), s), &self.device)?;
-            let mask = Tensor::from_vec(mask, (chunk.len(), s), &self.device)?;
-            let max_len = d.limit(s);
-            let gen = GenerateConfig {
-                beam_size: d.beam_size,
-                length_penalty: d.length_penalty,
-                ..GenerateConfig::new(special, max_len)
-            };
-            let hyps = if d.beam_size == 1 {
-                greedy(&self.model, &ids, &mask, &gen)
-            } else {
-                beam_search(&self.model, &ids, &mask, &gen)
-            }
-            .map_err(task_err)?;
-            for (&i, h) in chunk.iter().zip(hyps) {
-                // Each sentence keeps its own length limit, so that the batch it was decoded
-                // in does not change its translation (greedy decoding is prefix-stable).
-                let own = d.limit(data.pairs[i].source.len());
-                let ids = h.tokens();
-                let ids = &ids[..ids.len().min(own)];
-                out[i] = self.target_tokenizer.decode(ids, true).map_err(task_err)?;
-            }
-        }
-        Ok(out)
+        let sources: Vec<&[u32]> = self
+            .split(split)
+            .pairs
+            .iter()
+            .map(|p| p.source.as_slice())
+            .collect();
+        let hyps = decode_all(
+            &self.model,
+            &sources,
+            &Decoding::for_bleu(&self.config.decode, self.model.special_tokens()),
+            |_| {},
+        )?;
+        hyps.iter()
+            .map(|ids| self.target_tokenizer.decode(ids, true).map_err(task_err))
+            .collect()
     }
 
     /// Corpus BLEU of the model's translations of `split`, and the translations.
-    pub fn bleu(&self, split: Split) -> relprune_prune::Result<(crate::BleuScore, Vec<String>)> {
+    pub fn bleu(&self, split: Split) -> relprune_prune::Result<(BleuScore, Vec<String>)> {
         let hyps = self.translate(split)?;
         let refs = [&self.split(split).references];
         let score = corpus_bleu(&hyps, &refs[..], &self.config.bleu).map_err(task_err)?;
@@ -336,4 +305,76 @@ impl<M: Seq2Seq> Task for Seq2SeqTask<M> {
     fn skip_epochs(&mut self, _epochs: usize) -> relprune_prune::Result<()> {
         Ok(())
     }
+}
+
+/// How [`decode_all`] decodes: the settings of each batch and each sentence's own length limit.
+pub struct Decoding<'a> {
+    /// Sentences decoded together.
+    pub batch_size: usize,
+    /// Whether batches are formed in order of source length (less padding) rather than in
+    /// input order; results come back in input order either way.
+    pub sort_by_length: bool,
+    /// The settings of a batch whose longest source has the given length.
+    pub config: Box<dyn Fn(usize) -> GenerateConfig + 'a>,
+    /// The most tokens a source of the given length may produce: its output is cut there after
+    /// decoding, so the batch it lands in never changes it (greedy decoding is prefix-stable).
+    pub limit: Box<dyn Fn(usize) -> usize + 'a>,
+}
+
+impl Decoding<'_> {
+    /// The decoding of a task's metric: fairseq's length rule (`a·S + b` per sentence), greedy
+    /// or beam search as `decode` says, batches sorted by length.
+    pub fn for_bleu(decode: &DecodeConfig, special: relprune_models::SpecialTokens) -> Self {
+        let d = *decode;
+        Self {
+            batch_size: d.batch_size,
+            sort_by_length: true,
+            config: Box::new(move |s| GenerateConfig {
+                beam_size: d.beam_size,
+                length_penalty: d.length_penalty,
+                ..GenerateConfig::new(special, d.limit(s))
+            }),
+            limit: Box::new(move |len| d.limit(len)),
+        }
+    }
+}
+
+/// Decodes every source (token ids) with `model` as `how` says and returns each one's generated
+/// tokens (without the decoder start token, EOS included), in input order; `progress` is told
+/// how many sentences each finished batch held. Errors name the sentences of the failing batch.
+pub fn decode_all<M: Seq2Seq, S: AsRef<[u32]>>(
+    model: &M,
+    sources: &[S],
+    how: &Decoding<'_>,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Vec<u32>>> {
+    if how.batch_size == 0 {
+        return Err(Error::Invalid(
+            "decoding needs a batch size of at least 1".into(),
+        ));
+    }
+    let device = Device::Cpu;
+    let pad = model.special_tokens().pad;
+    let len = |i: usize| sources[i].as_ref().len();
+    let mut order: Vec<usize> = (0..sources.len()).collect();
+    if how.sort_by_length {
+        order.sort_by_key(|&i| len(i));
+    }
+    let mut out = vec![Vec::new(); sources.len()];
+    for chunk in order.chunks(how.batch_size) {
+        let rows: Vec<&[u32]> = chunk.iter().map(|&i| sources[i].as_ref()).collect();
+        let (ids, mask) = pad_rows(&rows, pad, &device)?;
+        let longest = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+        let generated = generate(model, &ids, &mask, &(how.config)(longest)).map_err(|e| {
+            let first = chunk.iter().min().map_or(0, |i| i + 1);
+            let last = chunk.iter().max().map_or(0, |i| i + 1);
+            Error::Invalid(format!("decoding sentences {first}..{last}: {e}"))
+        })?;
+        for (&i, g) in chunk.iter().zip(generated) {
+            let tokens = g.tokens();
+            out[i] = tokens[..tokens.len().min((how.limit)(len(i)))].to_vec();
+        }
+        progress(chunk.len());
+    }
+    Ok(out)
 }

@@ -4,10 +4,10 @@
 use candle_core::Device;
 use candle_nn::VarMap;
 use relprune_data::text::{train_bpe, BpeOptions, TokenizedPair};
-use relprune_eval::seq2seq::{DecodeConfig, EvalSplit, Seq2SeqConfig, Seq2SeqTask};
 use relprune_eval::{corpus_bleu, BleuConfig};
 use relprune_models::transformer::{Embeddings, Transformer, TransformerConfig};
 use relprune_prune::{Split, Task};
+use relprune_tasks::seq2seq::{DecodeConfig, EvalSplit, Seq2SeqConfig, Seq2SeqTask};
 
 const SENTENCES: [&str; 8] = [
     "open the file",

@@ -77,11 +77,11 @@ impl<M: ModuleT> ImageClassification<M> {
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
             loss_sum += l * len as f64;
-            correct += crate::count_correct(&logits, &y)
+            correct += relprune_eval::count_correct(&logits, &y)
                 .map_err(|e| relprune_prune::Error::Task(e.to_string()))?;
             start += len;
         }
-        let metric = crate::top1_error_pct(correct, n)
+        let metric = relprune_eval::top1_error_pct(correct, n)
             .map_err(|e| relprune_prune::Error::Task(e.to_string()))?;
         Ok(Evaluation {
             loss: loss_sum / n as f64,

@@ -62,27 +62,22 @@ impl Sentences {
     pub fn len(&self) -> usize {
         self.ids.len()
     }
+
+    /// Whether there are no sentences.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
 }
 
 /// Padded `(input_ids, attention_mask)` of the sentences `rows` of `ids`.
-pub fn pad_batch(
+fn pad_batch(
     ids: &[Vec<u32>],
     rows: &[usize],
     pad: u32,
     device: &Device,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let t = rows.iter().map(|&i| ids[i].len()).max().unwrap_or(0).max(1);
-    let mut flat = Vec::with_capacity(rows.len() * t);
-    let mut mask = Vec::with_capacity(rows.len() * t);
-    for &i in rows {
-        let row = &ids[i];
-        flat.extend(row.iter().copied().chain(std::iter::repeat(pad)).take(t));
-        mask.extend((0..t).map(|j| u32::from(j < row.len())));
-    }
-    Ok((
-        Tensor::from_vec(flat, (rows.len(), t), device)?,
-        Tensor::from_vec(mask, (rows.len(), t), device)?,
-    ))
+) -> relprune_prune::Result<(Tensor, Tensor)> {
+    let picked: Vec<&[u32]> = rows.iter().map(|&i| ids[i].as_slice()).collect();
+    relprune_data::text::pad_rows(&picked, pad, device).map_err(|e| task_err(e.to_string()))
 }
 
 /// The encoder-distillation task (see the module documentation).
@@ -102,8 +97,6 @@ pub struct EncoderDistill {
     pub seed: u64,
     /// The batch order of the current epoch.
     order: Vec<usize>,
-    /// Test hook: fail at the start of training epoch `n + 1` (an interruption after `n` epochs).
-    pub interrupt_after: Option<usize>,
 }
 
 impl EncoderDistill {
@@ -131,7 +124,6 @@ impl EncoderDistill {
             pad,
             seed,
             order: Vec::new(),
-            interrupt_after: None,
         })
     }
 
@@ -247,8 +239,9 @@ impl EncoderDistill {
     }
 }
 
-/// The model's sentence embeddings (N, H) of every sentence of `s`, rows in sentence order.
-fn embed(
+/// The model's sentence embeddings (N, H) of every sentence of `s` (mean pooling over the real
+/// tokens, L2-normalized, as sentence-transformers computes them), rows in sentence order.
+pub fn embed(
     model: &BertModel,
     s: &Sentences,
     pad: u32,
@@ -275,7 +268,7 @@ fn embed(
     Ok(Tensor::from_vec(flat, (s.len(), h), &device)?)
 }
 
-fn task_err(e: relprune_models::Error) -> relprune_prune::Error {
+fn task_err(e: impl std::fmt::Display) -> relprune_prune::Error {
     relprune_prune::Error::Task(e.to_string())
 }
 
@@ -288,13 +281,6 @@ impl Task for EncoderDistill {
     }
 
     fn begin_epoch(&mut self, epoch: usize) -> relprune_prune::Result<usize> {
-        if let Some(n) = self.interrupt_after {
-            if epoch > n {
-                return Err(relprune_prune::Error::Task(format!(
-                    "interrupted before training epoch {epoch} (RELPRUNE_INTERRUPT_AFTER_EPOCHS={n})"
-                )));
-            }
-        }
         // The order depends on (seed, epoch) only, so a resumed run rebuilds any epoch directly.
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37));
         self.order = (0..self.train.batches.len()).collect();

@@ -1,0 +1,376 @@
+//! What a prune-hf run is given ([`Options`], also the command line's flags with feature `cli`)
+//! and what it runs with ([`Config`]: checked, the model resolved, the preset and the overrides
+//! applied; stored in the checkpoint for `--resume` and in the report).
+
+use std::path::PathBuf;
+
+use relprune_core::SelectiveDecay;
+use relprune_models::hf::{detect, Kind};
+use relprune_prune::threshold::{BisectionConfig, Criterion, Scope};
+use relprune_prune::{PruneConfig, RestorePoint, Selection};
+use relprune_tasks::EngineArgs;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+use crate::resolve::{absolute, resolve};
+
+/// `--augment` of encoders when not given: measured on all-MiniLM-L6-v2 (docs/PRUNE_HF.md).
+pub const AUGMENT_DEFAULT: usize = 2;
+/// Sentences (or pairs) per batch.
+pub const BATCH_SIZE: usize = 16;
+/// Padded tokens per encoder batch.
+pub const MAX_TOKENS: usize = 768;
+/// Fraction of the lines held out for validation.
+pub const VALID_FRACTION: f64 = 0.15;
+/// Longest input in tokens.
+pub const MAX_LEN: usize = 128;
+
+/// How the final step brings every prunable matrix to the target sparsity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum FinalStep {
+    /// Layer-wise reconstruction (SparseGPT) from the second moment of each layer's inputs on
+    /// the training text: choose by `w²/[H⁻¹]ᵢᵢ` and update the survivors. Models that cannot
+    /// report their layer inputs (Marian, T5 for now) use magnitude.
+    #[default]
+    Reconstruct,
+    /// The smallest magnitudes of each matrix.
+    Magnitude,
+}
+
+/// What a run is asked to do, before any check.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct Options {
+    /// A local model directory (`config.json`, `model.safetensors`, `tokenizer.json`), or a
+    /// Hugging Face Hub id resolved through the HF cache (`HF_HOME`, `HF_HUB_OFFLINE=1`). An
+    /// existing local directory always wins. Not needed with `--resume`.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "ID_OR_DIR"))]
+    pub model: Option<String>,
+    /// Hub revision (branch, tag or commit) of a Hub id.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "REV"))]
+    pub revision: Option<String>,
+    /// Sentence pairs for translation models: one TSV file, or two line-aligned files
+    /// (source, then target).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "PAIRS", num_args = 1..=2, conflicts_with = "text")
+    )]
+    pub data: Option<Vec<PathBuf>>,
+    /// Plain text, one sentence per line: distillation against the dense model itself.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
+    pub text: Option<PathBuf>,
+    /// Held-out sentences (same format as --text / the first --data file) used only for the
+    /// report's test figures; default: the validation split is reported.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
+    pub eval_text: Option<PathBuf>,
+    /// Stop at this fraction of zero prunable weights (e.g. 0.5); every prunable matrix ends at
+    /// least this sparse.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "P"))]
+    pub target_sparsity: Option<f64>,
+    /// Stop when the validation metric dropped by more than D (metric units: cosine for encoders,
+    /// BLEU otherwise); the result is the sparsest round within D.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "D"))]
+    pub max_drop: Option<f64>,
+    /// Also write the compact sparse format (`model.sparse.safetensors`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub sparse: bool,
+    /// Also prune the token embeddings (and a tied or separate LM head). Off by default: only
+    /// rows of tokens that occur in the pruning data get a gradient, so the rest of a large
+    /// vocabulary would be pruned by magnitude alone, blind to what the model does with them.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub prune_embeddings: bool,
+    /// Also train the embedding tables an encoder does not prune. Off by default: a few hundred
+    /// sentences cannot teach a vocabulary-sized table much, and leaving them frozen saves their
+    /// gradients, optimizer state and snapshots (about half of MiniLM's memory).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub train_embeddings: bool,
+    /// How the step after the method brings every matrix to --target-sparsity: reconstruct
+    /// (layer-wise, SparseGPT, from the layer inputs on the training text; encoders) or magnitude.
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = FinalStep::Reconstruct))]
+    pub final_step: FinalStep,
+    /// Sentences (or pairs) per batch.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = BATCH_SIZE))]
+    pub batch_size: usize,
+    /// Encoders: at most this many padded tokens per batch (batches of long sentences hold fewer
+    /// of them; bounds the activations kept for backward). 0: no limit.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = MAX_TOKENS))]
+    pub max_tokens: usize,
+    /// Fraction of the lines held out as the validation split.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "F", default_value_t = VALID_FRACTION))]
+    pub valid_fraction: f64,
+    /// Encoders: K variants of every training line (a span of its words; it and another line)
+    /// join the distillation inputs, labelled by the teacher [default: 2; 0 turns it off]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "K"))]
+    pub augment: Option<usize>,
+    /// Longest input in tokens (longer inputs are truncated; also capped by the model).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = MAX_LEN))]
+    pub max_len: usize,
+    /// Seed of the split and the batch order.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = 1))]
+    pub seed: u64,
+    /// The engine's settings, over prune-hf's preset: 12 pruning epochs (--epochs) at Adam's
+    /// learning rate 1e-4, LOBSTER's soft gate at λ 1e-4, a round after 1 epoch without a 10%
+    /// improvement, each round's thresholds per layer within a 0.02 metric drop
+    /// (--round-tolerance), a 10-epoch fine-tune from 1e-4.
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub engine: EngineArgs,
+}
+
+impl Options {
+    /// Distillation of `model` on the plain text file `text`, everything else at its default.
+    pub fn text(model: impl Into<String>, text: impl Into<PathBuf>) -> Self {
+        Self {
+            text: Some(text.into()),
+            ..Self::new(model)
+        }
+    }
+
+    /// Task-loss training of a translation `model` on sentence pairs (one TSV file, or two
+    /// line-aligned files), everything else at its default.
+    pub fn pairs(model: impl Into<String>, files: Vec<PathBuf>) -> Self {
+        Self {
+            data: Some(files),
+            ..Self::new(model)
+        }
+    }
+
+    fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: Some(model.into()),
+            revision: None,
+            data: None,
+            text: None,
+            eval_text: None,
+            target_sparsity: None,
+            max_drop: None,
+            sparse: false,
+            prune_embeddings: false,
+            train_embeddings: false,
+            final_step: FinalStep::Reconstruct,
+            batch_size: BATCH_SIZE,
+            max_tokens: MAX_TOKENS,
+            valid_fraction: VALID_FRACTION,
+            augment: None,
+            max_len: MAX_LEN,
+            seed: 1,
+            engine: EngineArgs::default(),
+        }
+    }
+}
+
+/// Everything that defines a run: stored in the checkpoint (resume) and in the report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    /// `--model` as given.
+    pub model_arg: String,
+    /// The resolved local model directory.
+    pub model_dir: PathBuf,
+    /// `--revision`.
+    pub revision: Option<String>,
+    /// The architecture (its `model_type`).
+    #[serde(alias = "model_type")]
+    pub architecture: String,
+    /// `--text`.
+    pub text: Option<PathBuf>,
+    /// `--data`.
+    pub data: Option<Vec<PathBuf>>,
+    /// `--eval-text`.
+    pub eval_text: Option<PathBuf>,
+    /// `--target-sparsity`.
+    pub target_sparsity: Option<f64>,
+    /// `--max-drop`.
+    pub max_drop: Option<f64>,
+    /// Sentences per batch.
+    pub batch_size: usize,
+    /// Padded tokens per encoder batch (0: no limit, as in checkpoints written before it).
+    #[serde(default)]
+    pub max_tokens: usize,
+    /// Held-out fraction.
+    pub valid_fraction: f64,
+    /// Distillation variants per training line (`--augment`; 0 in checkpoints written before it).
+    #[serde(default)]
+    pub augment: usize,
+    /// Truncation length.
+    pub max_len: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Which parameters are pruned.
+    pub selection: Selection,
+    /// The algorithm's configuration.
+    pub prune: PruneConfig,
+    /// Fine-tune epochs after the pruning phase (and the final step, if any).
+    pub finetune_epochs: usize,
+    /// Starting learning rate of that fine-tune.
+    pub finetune_lr: f64,
+    /// `--sparse`.
+    pub sparse: bool,
+    /// `--final-step`.
+    #[serde(default)]
+    pub final_step: FinalStep,
+}
+
+impl Config {
+    /// The configuration of a fresh run: every option checked, the model resolved (a Hub id is
+    /// fetched into the HF cache) and its architecture recognised, before anything is loaded.
+    pub fn new(o: &Options) -> Result<Self> {
+        let model_arg = o
+            .model
+            .clone()
+            .ok_or_else(|| invalid("--model is required (unless --resume)"))?;
+        if o.text.is_none() && o.data.is_none() {
+            return Err(invalid(
+                "one of --text FILE (distillation) or --data PAIRS (translation pairs) is required",
+            ));
+        }
+        if o.target_sparsity.is_none() && o.max_drop.is_none() {
+            return Err(invalid(
+                "one of --target-sparsity P or --max-drop D is required",
+            ));
+        }
+        if let Some(p) = o.target_sparsity {
+            if !(0.0..1.0).contains(&p) {
+                return Err(invalid(format!(
+                    "--target-sparsity must be in [0, 1), got {p}"
+                )));
+            }
+        }
+        if let Some(d) = o.max_drop {
+            if !(d.is_finite() && d >= 0.0) {
+                return Err(invalid(format!("--max-drop must be >= 0, got {d}")));
+            }
+        }
+        if o.batch_size == 0 {
+            return Err(invalid("--batch-size must be positive"));
+        }
+        if o.max_len < 2 {
+            return Err(invalid("--max-len must be at least 2"));
+        }
+        if !(o.valid_fraction > 0.0 && o.valid_fraction < 1.0) {
+            return Err(invalid("--valid-fraction must be in (0, 1)"));
+        }
+        let model_dir = resolve(&model_arg, o.revision.as_deref())?;
+        let arch = detect(&model_dir)?;
+        let abs = |p: &Option<PathBuf>| p.as_deref().map(absolute).transpose();
+        let data = match &o.data {
+            Some(v) => Some(v.iter().map(|p| absolute(p)).collect::<Result<Vec<_>>>()?),
+            None => None,
+        };
+        let encoder = arch.kind == Kind::Encoder;
+        let augment = o
+            .augment
+            .unwrap_or(if encoder { AUGMENT_DEFAULT } else { 0 });
+        if !encoder && augment > 0 {
+            return Err(invalid(format!(
+                "--augment makes distillation inputs for encoders; {} is a {} model",
+                model_dir.display(),
+                arch.model_type
+            )));
+        }
+        if encoder && data.is_some() {
+            return Err(invalid(format!(
+                "{}: an encoder ({}) prunes on plain text (--text FILE); sentence pairs (--data) \
+                 are for translation models",
+                model_dir.display(),
+                arch.model_type
+            )));
+        }
+        let mut prune = preset(o);
+        o.engine.apply(&mut prune)?;
+        // The fine-tune runs after the (optional) final step, outside the engine.
+        let (finetune_epochs, finetune_lr) = (prune.finetune_epochs, prune.finetune_lr);
+        prune.finetune_epochs = 0;
+        Ok(Config {
+            model_arg,
+            model_dir,
+            revision: o.revision.clone(),
+            architecture: arch.model_type.to_string(),
+            text: abs(&o.text)?,
+            data,
+            eval_text: abs(&o.eval_text)?,
+            target_sparsity: o.target_sparsity,
+            max_drop: o.max_drop,
+            batch_size: o.batch_size,
+            valid_fraction: o.valid_fraction,
+            augment,
+            max_tokens: o.max_tokens,
+            max_len: o.max_len,
+            seed: o.seed,
+            selection: selection(o, encoder),
+            prune,
+            finetune_epochs,
+            finetune_lr,
+            sparse: o.sparse,
+            final_step: o.final_step,
+        })
+    }
+}
+
+/// Which parameters are pruned, and which are frozen.
+fn selection(o: &Options, encoder: bool) -> Selection {
+    let mut selection = Selection {
+        include: vec!["*weight".into()],
+        min_rank: 2,
+        // Position and token-type tables are tiny, used by every input and not tied to a
+        // vocabulary: pruning them saves nothing and hurts every sentence. The pooler is not
+        // trained by a mean-pooling objective, so pruning it would go unmeasured.
+        exclude: vec![
+            "*position_embeddings*".into(),
+            "*token_type_embeddings*".into(),
+            "*relative_attention_bias*".into(),
+            "pooler.*".into(),
+        ],
+        frozen: vec![],
+    };
+    if !o.prune_embeddings {
+        selection.exclude.extend(
+            [
+                "*word_embeddings*",
+                "*embed_tokens*",
+                "*shared.weight",
+                "lm_head.*",
+            ]
+            .map(String::from),
+        );
+    }
+    if encoder && !o.prune_embeddings && !o.train_embeddings {
+        selection.frozen = [
+            "embeddings.word_embeddings.*",
+            "embeddings.position_embeddings.*",
+            "embeddings.token_type_embeddings.*",
+        ]
+        .map(String::from)
+        .to_vec();
+    }
+    selection
+}
+
+/// prune-hf's preset (see [`Options::engine`]).
+fn preset(o: &Options) -> PruneConfig {
+    PruneConfig {
+        regularizer: SelectiveDecay::lobster(1e-4),
+        lr: 1e-4,
+        bisection: BisectionConfig {
+            scope: Scope::PerLayer,
+            criterion: Criterion::Metric { tolerance: 0.02 },
+            max_metric_worsening: o.max_drop,
+            max_evals: 16,
+            ..Default::default()
+        },
+        // Without --max-drop every round is a candidate (any metric is "within" 1e6 units).
+        delta: o.max_drop.unwrap_or(1e6),
+        patience: 1,
+        // Distillation losses start near 0 and keep falling by more than 1% an epoch: at 10%
+        // rounds come often enough for the epoch budget.
+        min_improvement: 0.1,
+        restore: RestorePoint::LastImprovement,
+        judge_retrained: false,
+        max_epochs: 12,
+        target_sparsity: o.target_sparsity,
+        stop_rounds: 3,
+        min_round_gain: 0.001,
+        finetune_epochs: 10,
+        finetune_lr: 1e-4,
+    }
+}
