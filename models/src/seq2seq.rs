@@ -18,6 +18,17 @@ pub struct SpecialTokens {
     pub decoder_start: u32,
 }
 
+impl SpecialTokens {
+    /// The ids, in the order `transformers`' configs name them: pad, EOS, decoder start.
+    pub fn new(pad: u32, eos: u32, decoder_start: u32) -> Self {
+        Self {
+            pad,
+            eos,
+            decoder_start,
+        }
+    }
+}
+
 /// An encoder–decoder model that can be decoded step by step with a cache.
 pub trait Seq2Seq {
     /// The incremental-decoding state (keys and values of the tokens decoded so far).

@@ -207,11 +207,7 @@ impl TransformerConfig {
     }
 
     fn embed_scale(&self) -> f64 {
-        if self.scale_embedding {
-            (self.d_model as f64).sqrt()
-        } else {
-            1.0
-        }
+        crate::hf::marian::embedding_scale(self.scale_embedding, self.d_model)
     }
 }
 
@@ -693,11 +689,8 @@ impl EncoderDecoder for Transformer {
     }
 
     fn special_ids(&self) -> SpecialTokens {
-        SpecialTokens {
-            pad: self.config.pad_id,
-            eos: self.config.eos_id,
-            decoder_start: self.config.bos_id,
-        }
+        let c = &self.config;
+        SpecialTokens::new(c.pad_id, c.eos_id, c.bos_id)
     }
 
     fn reseed_dropout(&self, stream: u64) {

@@ -315,16 +315,15 @@ pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResu
         return run_config(cfg, &source, out, true);
     }
     let mut cfg = Config::preset(experiment, f.quick)?;
-    if let Some(s) = f.seed {
-        cfg.seed = s;
-    }
-    crate::reproduce::apply_prune_flags(f, &mut cfg.prune)?;
-    if let Some(e) = f.dense_epochs {
-        cfg.dense_epochs = e;
-    }
-    if let Some(n) = f.train_limit {
-        cfg.train_limit = Some(n);
-    }
+    crate::reproduce::apply_common_flags(
+        f,
+        crate::reproduce::Common {
+            seed: &mut cfg.seed,
+            dense_epochs: &mut cfg.dense_epochs,
+            train_limit: &mut cfg.train_limit,
+            prune: &mut cfg.prune,
+        },
+    )?;
     if let Some(m) = f.method {
         cfg.method = m;
     }

@@ -180,6 +180,32 @@ pub fn apply_prune_flags(
     Ok(())
 }
 
+/// What every experiment's configuration has, for the flags that set it.
+pub struct Common<'a> {
+    /// Seed of initialization, split and shuffling.
+    pub seed: &'a mut u64,
+    /// Dense epochs.
+    pub dense_epochs: &'a mut usize,
+    /// Training examples used.
+    pub train_limit: &'a mut Option<usize>,
+    /// The pruning configuration.
+    pub prune: &'a mut relprune_prune::PruneConfig,
+}
+
+/// Applies `--seed`, `--dense-epochs`, `--train-limit` and the engine flags.
+pub fn apply_common_flags(f: &flags::Reproduce, c: Common<'_>) -> Result<()> {
+    if let Some(s) = f.seed {
+        *c.seed = s;
+    }
+    if let Some(e) = f.dense_epochs {
+        *c.dense_epochs = e;
+    }
+    if let Some(n) = f.train_limit {
+        *c.train_limit = Some(n);
+    }
+    apply_prune_flags(f, c.prune)
+}
+
 /// Writes results.json, the metric-vs-sparsity plot and report.md into `out`.
 pub fn write_outputs(results: &RunResults, out: &Path) -> Result<()> {
     Ok(relprune_tasks::write_report(

@@ -212,16 +212,15 @@ pub fn run(_experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunRes
     }
     let mut cfg = Config::preset(f.quick);
     cfg.data_dir = std::path::absolute(data_dir(f))?;
-    if let Some(s) = f.seed {
-        cfg.seed = s;
-    }
-    crate::reproduce::apply_prune_flags(f, &mut cfg.prune)?;
-    if let Some(e) = f.dense_epochs {
-        cfg.dense_epochs = e;
-    }
-    if let Some(n) = f.train_limit {
-        cfg.train_limit = Some(n);
-    }
+    crate::reproduce::apply_common_flags(
+        f,
+        crate::reproduce::Common {
+            seed: &mut cfg.seed,
+            dense_epochs: &mut cfg.dense_epochs,
+            train_limit: &mut cfg.train_limit,
+            prune: &mut cfg.prune,
+        },
+    )?;
     if let Some(dir) = &f.dense_from {
         cfg.dense_from = Some(std::path::absolute(dir)?);
         cfg.dense_epochs = 0;

@@ -7,7 +7,9 @@ use relprune_tasks::EngineArgs;
 
 fn main() -> Result<(), relprune_hf::Error> {
     let mut args = std::env::args().skip(1);
-    let model = args.next().unwrap_or("../shared/models/all-MiniLM-L6-v2".into());
+    let model = args
+        .next()
+        .unwrap_or("../shared/models/all-MiniLM-L6-v2".into());
     let text = args.next().unwrap_or("prune.en".into());
     let out = args.next().unwrap_or("minilm-50".into());
     let options = Options {

@@ -4,7 +4,9 @@
 use relprune_eval::{sum_by_group, SparsityReport};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args().nth(1).ok_or("usage: sparsity_of MODEL_DIR")?;
+    let dir = std::env::args()
+        .nth(1)
+        .ok_or("usage: sparsity_of MODEL_DIR")?;
     let dir = std::path::Path::new(&dir);
     // The architecture's registry entry knows what each tensor is.
     let arch = relprune_models::hf::detect(dir)?;
@@ -22,7 +24,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let by_type = sum_by_group(&report.layers, |name| [(arch.layer_type)(name).name()]);
     println!("{} ({}):", dir.display(), arch.model_type);
     let total = report.total();
-    for (kind, s) in by_type.iter().map(|(k, s)| (*k, s)).chain([("all", &total)]) {
+    for (kind, s) in by_type
+        .iter()
+        .map(|(k, s)| (*k, s))
+        .chain([("all", &total)])
+    {
         let pct = 100.0 - s.remaining_pct();
         println!("  {kind:<13} {:>11} weights, {pct:6.2}% zero", s.params);
     }

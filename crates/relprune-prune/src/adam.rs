@@ -19,10 +19,8 @@ use relprune_core::kernel::with_cpu_f32;
 use relprune_core::SelectiveDecay;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{
-    buffer, for_each_step_input, operands3, owned_f32, split_state_key, validated, AxpyOp, CopyOp,
-    MaskedCopy, SmoothOp, StepOp,
-};
+use crate::optim::kernels::{operands3, AxpyOp, CopyOp, MaskedCopy, SmoothOp, StepOp};
+use crate::optim::{buffer, for_each_step_input, owned_f32, split_state_key, validated};
 use crate::{Masks, Optimizer, ParamSet, Result};
 
 /// Hyper-parameters of [`MaskedAdam`].

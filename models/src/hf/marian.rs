@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::generate::{pad_rows, GenerateConfig};
-use super::weights::Weights;
+use super::weights::{tied_names, variable_names_with, Weights};
 pub use crate::attention::DecoderCache;
 use crate::attention::{causal_mask, key_mask, Attention, DecoderLayers};
 use crate::fused::LayerNorm;
@@ -203,11 +203,7 @@ impl MarianConfig {
     }
 
     fn embed_scale(&self) -> f64 {
-        if self.scale_embedding {
-            (self.d_model as f64).sqrt()
-        } else {
-            1.0
-        }
+        embedding_scale(self.scale_embedding, self.d_model)
     }
 }
 
@@ -292,6 +288,15 @@ pub struct MarianModel {
     decoder_layers: Vec<DecoderLayer>,
 }
 
+/// The factor token embeddings are multiplied by: √d_model when `scale`, else 1.
+pub fn embedding_scale(scale: bool, d_model: usize) -> f64 {
+    if scale {
+        (d_model as f64).sqrt()
+    } else {
+        1.0
+    }
+}
+
 /// The sinusoidal table of `MarianSinusoidalPositionalEmbedding`: row `p`, column `j < d/2` is
 /// `sin(p / 10000^(2j/d))`, column `d/2 + j` the cosine of the same angle (for odd `d` the sine
 /// half has one column more, as in `transformers`).
@@ -371,7 +376,11 @@ impl MarianModel {
         let mut tensors = HashMap::new();
         for (name, shape) in parameter_shapes(&config) {
             let t = if name == "model.shared.weight" {
-                weights.tied(shared_aliases(&config), &shape, device)?
+                weights.tied(
+                    tied_names(SHARED_ALIASES, config.tie_word_embeddings),
+                    &shape,
+                    device,
+                )?
             } else {
                 weights.require(&name, &shape, device)?
             };
@@ -676,31 +685,14 @@ impl EncoderDecoder for MarianModel {
 
     fn special_ids(&self) -> SpecialTokens {
         let c = &self.config;
-        SpecialTokens {
-            pad: c.pad_token_id,
-            eos: c.eos_token_id,
-            decoder_start: c.decoder_start_token_id,
-        }
-    }
-}
-
-/// The stored names that may hold the shared embedding under `config`.
-fn shared_aliases(config: &MarianConfig) -> &'static [&'static str] {
-    if config.tie_word_embeddings {
-        SHARED_ALIASES
-    } else {
-        &SHARED_ALIASES[..3]
+        SpecialTokens::new(c.pad_token_id, c.eos_token_id, c.decoder_start_token_id)
     }
 }
 
 /// The variables a tensor stored as `name` may be (its own name, or the shared embedding for
 /// one of its aliases): how a writer finds the trained value of every stored tensor.
 pub fn variable_names(name: &str) -> Vec<String> {
-    let mut out = vec![name.to_string()];
-    if SHARED_ALIASES[1..].contains(&name) {
-        out.push(SHARED_ALIASES[0].into());
-    }
-    out
+    variable_names_with(SHARED_ALIASES, name)
 }
 
 /// The kind of layer a Marian parameter belongs to.

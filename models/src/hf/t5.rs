@@ -25,7 +25,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::generate::{pad_rows, GenerateConfig};
-use super::weights::Weights;
+use super::weights::{tied_names, variable_names_with, Weights};
 pub use crate::attention::DecoderCache;
 use crate::attention::{causal_mask, key_mask, Attention, DecoderLayers};
 use crate::dropout::{unseeded as dropout, Dropout};
@@ -437,7 +437,11 @@ impl T5Model {
         let mut tensors = HashMap::new();
         for (name, shape) in config.parameter_shapes() {
             let t = if name == SHARED {
-                weights.tied(shared_aliases(&config), &shape, device)?
+                weights.tied(
+                    tied_names(SHARED_ALIASES, config.tie_word_embeddings),
+                    &shape,
+                    device,
+                )?
             } else {
                 weights.require(&name, &shape, device)?
             };
@@ -844,31 +848,14 @@ impl EncoderDecoder for T5Model {
 
     fn special_ids(&self) -> SpecialTokens {
         let c = &self.config;
-        SpecialTokens {
-            pad: c.pad_token_id,
-            eos: c.eos_token_id,
-            decoder_start: c.decoder_start_token_id,
-        }
-    }
-}
-
-/// The stored names that may hold the shared embedding under `config`.
-fn shared_aliases(config: &T5Config) -> &'static [&'static str] {
-    if config.tie_word_embeddings {
-        SHARED_ALIASES
-    } else {
-        &SHARED_ALIASES[..3]
+        SpecialTokens::new(c.pad_token_id, c.eos_token_id, c.decoder_start_token_id)
     }
 }
 
 /// The variables a tensor stored as `name` may be (its own name, or the shared embedding for
 /// one of its aliases): how a writer finds the trained value of every stored tensor.
 pub fn variable_names(name: &str) -> Vec<String> {
-    let mut out = vec![name.to_string()];
-    if SHARED_ALIASES[1..].contains(&name) {
-        out.push(SHARED.into());
-    }
-    out
+    variable_names_with(SHARED_ALIASES, name)
 }
 
 /// The kind of layer a T5 parameter belongs to.

@@ -9,6 +9,26 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
+/// The stored names that may hold a tied embedding, the canonical one first and the language-model
+/// head's last: all of `aliases`, or all but the head when the head is a tensor of its own.
+pub fn tied_names(aliases: &'static [&'static str], head_tied: bool) -> &'static [&'static str] {
+    if head_tied {
+        aliases
+    } else {
+        &aliases[..aliases.len() - 1]
+    }
+}
+
+/// The variables a tensor stored as `name` may be: its own name, and the tied embedding
+/// (`aliases[0]`) when `name` is one of its other `aliases`.
+pub fn variable_names_with(aliases: &[&str], name: &str) -> Vec<String> {
+    let mut out = vec![name.to_string()];
+    if aliases[1..].contains(&name) {
+        out.push(aliases[0].to_string());
+    }
+    out
+}
+
 /// The tensors of one safetensors file (memory-mapped; each tensor is copied out when read).
 pub struct Weights {
     path: PathBuf,
