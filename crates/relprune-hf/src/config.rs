@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use relprune_core::SelectiveDecay;
-use relprune_models::hf::{detect, Kind};
+use relprune_models::hf::{detect, Architecture, Kind};
 use relprune_prune::threshold::{BisectionConfig, Criterion, Scope};
 use relprune_prune::{PruneConfig, RestorePoint, Selection};
 use relprune_tasks::EngineArgs;
@@ -297,7 +297,7 @@ impl Config {
             max_tokens: o.max_tokens,
             max_len: o.max_len,
             seed: o.seed,
-            selection: selection(o, encoder),
+            selection: selection(o, arch),
             prune,
             finetune_epochs,
             finetune_lr,
@@ -307,43 +307,36 @@ impl Config {
     }
 }
 
-/// Which parameters are pruned, and which are frozen.
-fn selection(o: &Options, encoder: bool) -> Selection {
-    let mut selection = Selection {
+/// Which parameters are pruned (every matrix but the tables and heads the architecture names),
+/// and which are frozen.
+fn selection(o: &Options, arch: &Architecture) -> Selection {
+    let patterns = |lists: &[&[&str]]| -> Vec<String> {
+        lists
+            .iter()
+            .flat_map(|l| l.iter().map(|p| p.to_string()))
+            .collect()
+    };
+    let tokens: &[&str] = if o.prune_embeddings {
+        &[]
+    } else {
+        // Only rows of tokens in the pruning data get a gradient: the rest of a vocabulary
+        // would be pruned by magnitude alone.
+        arch.token_tables
+    };
+    let exclude = patterns(&[arch.position_tables, arch.untrained_heads, tokens]);
+    // An encoder's tables are left as they are unless asked: a few hundred sentences cannot
+    // teach them much, and frozen they cost no gradients, moments or snapshots.
+    let frozen = if arch.kind == Kind::Encoder && !o.prune_embeddings && !o.train_embeddings {
+        patterns(&[arch.token_tables, arch.position_tables])
+    } else {
+        Vec::new()
+    };
+    Selection {
         include: vec!["*weight".into()],
         min_rank: 2,
-        // Position and token-type tables are tiny, used by every input and not tied to a
-        // vocabulary: pruning them saves nothing and hurts every sentence. The pooler is not
-        // trained by a mean-pooling objective, so pruning it would go unmeasured.
-        exclude: vec![
-            "*position_embeddings*".into(),
-            "*token_type_embeddings*".into(),
-            "*relative_attention_bias*".into(),
-            "pooler.*".into(),
-        ],
-        frozen: vec![],
-    };
-    if !o.prune_embeddings {
-        selection.exclude.extend(
-            [
-                "*word_embeddings*",
-                "*embed_tokens*",
-                "*shared.weight",
-                "lm_head.*",
-            ]
-            .map(String::from),
-        );
+        exclude,
+        frozen,
     }
-    if encoder && !o.prune_embeddings && !o.train_embeddings {
-        selection.frozen = [
-            "embeddings.word_embeddings.*",
-            "embeddings.position_embeddings.*",
-            "embeddings.token_type_embeddings.*",
-        ]
-        .map(String::from)
-        .to_vec();
-    }
-    selection
 }
 
 /// prune-hf's preset (see [`Options::engine`]).

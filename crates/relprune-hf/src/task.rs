@@ -185,7 +185,7 @@ fn encoder_task(
         }
         None => None,
     };
-    if cfg.selection.is_frozen("embeddings.word_embeddings.weight") {
+    if !cfg.selection.frozen.is_empty() {
         model.freeze_embeddings();
     }
     let pad = tok.pad_id().or(model.config().pad_token_id).unwrap_or(0);

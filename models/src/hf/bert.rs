@@ -817,4 +817,10 @@ pub const ARCHITECTURE: super::Architecture = super::Architecture {
     },
     variable_names,
     layer_type,
+    token_tables: &["embeddings.word_embeddings.*"],
+    position_tables: &[
+        "embeddings.position_embeddings.*",
+        "embeddings.token_type_embeddings.*",
+    ],
+    untrained_heads: &["pooler.*"],
 };

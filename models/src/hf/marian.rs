@@ -721,6 +721,10 @@ pub const ARCHITECTURE: super::Architecture = super::Architecture {
     },
     variable_names,
     layer_type,
+    token_tables: &["model.shared.weight", "model.*.embed_tokens.*", "lm_head.*"],
+    // Sinusoidal, never trained; listed so that no selection ever takes them.
+    position_tables: &["model.*.embed_positions.*"],
+    untrained_heads: &[],
 };
 
 impl super::HfSeq2Seq for MarianModel {

@@ -51,6 +51,14 @@ pub struct Architecture {
     pub variable_names: fn(&str) -> Vec<String>,
     /// The layer type of a parameter.
     pub layer_type: fn(&str) -> LayerType,
+    /// Name patterns (`*` globs) of the vocabulary-sized tables: token embeddings and the
+    /// language-model head.
+    pub token_tables: &'static [&'static str],
+    /// Name patterns of the small tables every input uses (positions, token types, relative
+    /// position biases): pruning them saves nothing and hurts every sentence.
+    pub position_tables: &'static [&'static str],
+    /// Name patterns of parameters a distillation objective does not train (e.g. a pooler).
+    pub untrained_heads: &'static [&'static str],
 }
 
 /// What a model is for: how it is used, trained and judged.

@@ -884,6 +884,9 @@ pub const ARCHITECTURE: super::Architecture = super::Architecture {
     },
     variable_names,
     layer_type,
+    token_tables: &["shared.weight", "*.embed_tokens.*", "lm_head.*"],
+    position_tables: &["*relative_attention_bias*"],
+    untrained_heads: &[],
 };
 
 impl super::HfSeq2Seq for T5Model {
