@@ -652,3 +652,33 @@ fn is_token_embedding(name: &str) -> bool {
         || name.ends_with("shared.weight")
         || name.starts_with("lm_head")
 }
+
+#[test]
+fn an_unknown_option_value_is_an_error_listing_the_valid_ones() {
+    for (flag, value, valid) in [
+        ("--regularizer", "bogus", "selective, taylor, lobster"),
+        ("--restore", "best", "last-improvement, lowest-loss, current"),
+        ("--gate-stat", "median", "max, mean, or qQ"),
+    ] {
+        let run = relprune(
+            &[
+                "prune-hf",
+                "--model",
+                s(&fixture("bert-tiny")),
+                "--text",
+                "text.txt",
+                "--target-sparsity",
+                "0.5",
+                "--out",
+                "never-written",
+                flag,
+                value,
+            ],
+            &[],
+        );
+        assert!(!run.status.success());
+        let err = stderr(&run);
+        assert!(err.contains(value) && err.contains(valid), "{err}");
+    }
+    assert!(!Path::new("never-written").exists());
+}
