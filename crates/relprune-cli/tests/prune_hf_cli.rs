@@ -657,7 +657,11 @@ fn is_token_embedding(name: &str) -> bool {
 fn an_unknown_option_value_is_an_error_listing_the_valid_ones() {
     for (flag, value, valid) in [
         ("--regularizer", "bogus", "selective, taylor, lobster"),
-        ("--restore", "best", "last-improvement, lowest-loss, current"),
+        (
+            "--restore",
+            "best",
+            "last-improvement, lowest-loss, current",
+        ),
         ("--gate-stat", "median", "max, mean, or qQ"),
     ] {
         let run = relprune(
