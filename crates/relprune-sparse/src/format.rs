@@ -1,0 +1,263 @@
+//! Sparse weight layouts: compressed rows with the narrowest column index that fits, and N:M
+//! (at most `n` non-zeros in every group of `m` consecutive columns, stored as values plus
+//! in-group offsets).
+
+use crate::{Error, Result};
+
+/// Column indices of a compressed-row matrix, in the narrowest type that holds `cols − 1`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Indices {
+    /// At most 256 columns.
+    U8(Vec<u8>),
+    /// At most 65,536 columns.
+    U16(Vec<u16>),
+    /// Any width.
+    U32(Vec<u32>),
+}
+
+impl Indices {
+    /// Bytes per index.
+    pub fn width(&self) -> usize {
+        match self {
+            Self::U8(_) => 1,
+            Self::U16(_) => 2,
+            Self::U32(_) => 4,
+        }
+    }
+
+    fn narrowest(cols: usize, idx: Vec<usize>) -> Self {
+        if cols <= 1 << 8 {
+            Self::U8(idx.into_iter().map(|c| c as u8).collect())
+        } else if cols <= 1 << 16 {
+            Self::U16(idx.into_iter().map(|c| c as u16).collect())
+        } else {
+            Self::U32(idx.into_iter().map(|c| c as u32).collect())
+        }
+    }
+}
+
+/// A compressed-row (CSR) matrix: row `r`'s non-zeros are `values[row_ptr[r]..row_ptr[r+1]]`
+/// at the columns `indices[...]`, in increasing column order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Csr {
+    /// Rows (a linear layer's outputs).
+    pub rows: usize,
+    /// Columns (its inputs).
+    pub cols: usize,
+    /// Start of each row in `values`, and the end of the last (`rows + 1` entries).
+    pub row_ptr: Vec<u32>,
+    /// Column of each value.
+    pub indices: Indices,
+    /// The non-zeros, row by row.
+    pub values: Vec<f32>,
+}
+
+/// An N:M matrix: in every group of `m` consecutive columns of a row at most `n` entries are
+/// non-zero; each group stores exactly `n` (value, offset) slots, zero-valued where the group has
+/// fewer non-zeros.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NM {
+    /// Rows.
+    pub rows: usize,
+    /// Columns (a multiple of `m`).
+    pub cols: usize,
+    /// Kept entries per group.
+    pub n: usize,
+    /// Group size.
+    pub m: usize,
+    /// `rows × (cols / m) × n` values.
+    pub values: Vec<f32>,
+    /// The in-group column offset of each value (`< m`).
+    pub offsets: Vec<u8>,
+}
+
+/// A sparse weight matrix in one of the layouts the kernels run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SparseWeight {
+    /// Compressed rows (any sparsity pattern).
+    Csr(Csr),
+    /// N:M structured sparsity.
+    NM(NM),
+}
+
+/// Checks a row-major `rows × cols` buffer.
+fn check_dense(dense: &[f32], rows: usize, cols: usize) -> Result<()> {
+    if rows.checked_mul(cols) != Some(dense.len()) {
+        return Err(Error::Shape(format!(
+            "{} values do not make a {rows}×{cols} matrix",
+            dense.len()
+        )));
+    }
+    if let Some(i) = dense.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Value(format!(
+            "entry ({}, {}) is {}; sparse layouts hold finite weights only",
+            i / cols.max(1),
+            i % cols.max(1),
+            dense[i]
+        )));
+    }
+    if rows > 0 && u32::try_from(dense.len()).is_err() {
+        return Err(Error::Shape(format!(
+            "a {rows}×{cols} matrix has more entries than compressed rows index (2^32)"
+        )));
+    }
+    Ok(())
+}
+
+impl Csr {
+    /// The compressed rows of a row-major `rows × cols` matrix (its exact zeros, `-0.0`
+    /// included, are left out).
+    pub fn from_dense(dense: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        check_dense(dense, rows, cols)?;
+        let mut row_ptr = Vec::with_capacity(rows + 1);
+        let mut idx = Vec::new();
+        let mut values = Vec::new();
+        row_ptr.push(0);
+        for r in 0..rows {
+            for (c, &v) in dense[r * cols..(r + 1) * cols].iter().enumerate() {
+                if v != 0.0 {
+                    idx.push(c);
+                    values.push(v);
+                }
+            }
+            row_ptr.push(values.len() as u32);
+        }
+        Ok(Self {
+            rows,
+            cols,
+            row_ptr,
+            indices: Indices::narrowest(cols, idx),
+            values,
+        })
+    }
+
+    /// Non-zeros stored.
+    pub fn nnz(&self) -> usize {
+        self.values.len()
+    }
+}
+
+impl NM {
+    /// The N:M layout of a row-major `rows × cols` matrix whose every group of `m` columns holds
+    /// at most `n` non-zeros; an error naming the first group that holds more.
+    pub fn from_dense(dense: &[f32], rows: usize, cols: usize, n: usize, m: usize) -> Result<Self> {
+        check_dense(dense, rows, cols)?;
+        if n == 0 || m == 0 || n > m || m > 255 || !cols.is_multiple_of(m) {
+            return Err(Error::Shape(format!(
+                "{n}:{m} needs 0 < n ≤ m ≤ 255 and the {cols} columns a multiple of m"
+            )));
+        }
+        let groups = cols / m;
+        let mut values = Vec::with_capacity(rows * groups * n);
+        let mut offsets = Vec::with_capacity(rows * groups * n);
+        for r in 0..rows {
+            for g in 0..groups {
+                let group = &dense[r * cols + g * m..r * cols + (g + 1) * m];
+                let nz: Vec<usize> = (0..m).filter(|&j| group[j] != 0.0).collect();
+                if nz.len() > n {
+                    return Err(Error::Value(format!(
+                        "row {r}, columns {}..{}: {} non-zeros, more than {n} of {m}",
+                        g * m,
+                        (g + 1) * m,
+                        nz.len()
+                    )));
+                }
+                for k in 0..n {
+                    match nz.get(k) {
+                        Some(&j) => {
+                            values.push(group[j]);
+                            offsets.push(j as u8);
+                        }
+                        None => {
+                            values.push(0.0);
+                            offsets.push(0);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            rows,
+            cols,
+            n,
+            m,
+            values,
+            offsets,
+        })
+    }
+}
+
+impl SparseWeight {
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Csr(w) => (w.rows, w.cols),
+            Self::NM(w) => (w.rows, w.cols),
+        }
+    }
+
+    /// The fraction of entries stored as non-zero slots (N:M: `n / m`).
+    pub fn density(&self) -> f64 {
+        let (r, c) = self.dims();
+        let stored = match self {
+            Self::Csr(w) => w.nnz(),
+            Self::NM(w) => w.values.len(),
+        };
+        stored as f64 / (r * c).max(1) as f64
+    }
+
+    /// Bytes of the layout's arrays.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Csr(w) => w.values.len() * (4 + w.indices.width()) + w.row_ptr.len() * 4,
+            Self::NM(w) => w.values.len() * 5,
+        }
+    }
+
+    /// The matrix, dense and row-major again.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let (rows, cols) = self.dims();
+        let mut out = vec![0f32; rows * cols];
+        for r in 0..rows {
+            self.for_row(r, |c, v| out[r * cols + c] = v);
+        }
+        out
+    }
+
+    /// Calls `f(column, value)` for the stored entries of row `r`, in increasing column order.
+    #[inline]
+    pub fn for_row(&self, r: usize, mut f: impl FnMut(usize, f32)) {
+        match self {
+            Self::Csr(w) => {
+                let (a, b) = (w.row_ptr[r] as usize, w.row_ptr[r + 1] as usize);
+                let values = &w.values[a..b];
+                match &w.indices {
+                    Indices::U8(i) => values
+                        .iter()
+                        .zip(&i[a..b])
+                        .for_each(|(&v, &c)| f(c as usize, v)),
+                    Indices::U16(i) => values
+                        .iter()
+                        .zip(&i[a..b])
+                        .for_each(|(&v, &c)| f(c as usize, v)),
+                    Indices::U32(i) => values
+                        .iter()
+                        .zip(&i[a..b])
+                        .for_each(|(&v, &c)| f(c as usize, v)),
+                }
+            }
+            Self::NM(w) => {
+                let per_row = w.cols / w.m * w.n;
+                let (values, offsets) = (
+                    &w.values[r * per_row..(r + 1) * per_row],
+                    &w.offsets[r * per_row..(r + 1) * per_row],
+                );
+                for (k, (&v, &o)) in values.iter().zip(offsets).enumerate() {
+                    if v != 0.0 {
+                        f((k / w.n) * w.m + o as usize, v);
+                    }
+                }
+            }
+        }
+    }
+}
