@@ -1,32 +1,142 @@
 //! `y = x·Wᵀ (+ b)` for a sparse `W` (`rows × cols`) and a dense row-major `x` (`batch × cols`).
 //!
-//! Two kernels, chosen by the batch: small batches take a dot product per output over the row's
-//! non-zeros (gathering the inputs they need); large batches are cut into tiles of [`TILE`]
-//! inputs, each transposed so that a non-zero `(o, c)` adds `w·x[:, c]` to output `o` as one
-//! contiguous, vectorized axpy over the tile. Both sum every output in the same order (its row's
-//! non-zeros in column order, then the bias), and the work is split in fixed pieces, so results
-//! do not depend on the kernel or the number of threads.
+//! The batch is cut into tiles of up to [`TILE`] inputs; each tile is transposed (`cols ×
+//! width`) so that a non-zero `(r, c)` of `W` adds `w·x[:, c]` to output `r` as one contiguous
+//! multiply-add over the tile, with the output row's accumulators in vector registers. The columns
+//! are walked in blocks whose slice of the transposed tile fits in the L1 cache (each row's
+//! non-zeros are split by block up front), so the inputs a non-zero needs come from L1, and the
+//! accumulators of a row are kept between blocks in a buffer that fits in L2. A single input
+//! (batch 1) takes a dot product per output instead.
+//!
+//! Work is split into fixed (tile, block of rows) tasks and every output is summed by one task
+//! in one order, so results do not depend on the number of threads. On x86-64 CPUs with AVX2
+//! and FMA (detected at run time) the loops are compiled for them.
 
 use rayon::prelude::*;
 
-use crate::format::SparseWeight;
+use crate::format::{Indices, SparseWeight};
 use crate::{Error, Result};
 
-/// Batches up to this size run the gather kernel.
-pub const GATHER_MAX_BATCH: usize = 16;
+/// Runs `$body` with `$v` bound to the typed [`Rows`] view of `$w`.
+macro_rules! with_rows {
+    ($w:expr, |$v:ident| $body:expr) => {
+        match $w {
+            SparseWeight::Csr(m) => match &m.indices {
+                Indices::U8(i) => {
+                    let $v = &CsrRows {
+                        row_ptr: &m.row_ptr,
+                        indices: i,
+                        values: &m.values,
+                    };
+                    $body
+                }
+                Indices::U16(i) => {
+                    let $v = &CsrRows {
+                        row_ptr: &m.row_ptr,
+                        indices: i,
+                        values: &m.values,
+                    };
+                    $body
+                }
+                Indices::U32(i) => {
+                    let $v = &CsrRows {
+                        row_ptr: &m.row_ptr,
+                        indices: i,
+                        values: &m.values,
+                    };
+                    $body
+                }
+            },
+            SparseWeight::NM(m) => {
+                let $v = &NmRows {
+                    per_row: m.cols / m.m * m.n,
+                    n: m.n,
+                    m: m.m,
+                    values: &m.values,
+                    offsets: &m.offsets,
+                };
+                $body
+            }
+        }
+    };
+}
 
-/// Inputs per tile of the axpy kernel: the transposed tile (`cols × TILE` floats) stays in the
-/// L2 cache for the layer widths of BERT-sized models.
+/// The widest tile of inputs when the columns are walked in one pass: a row's accumulators
+/// fill eight AVX registers, the transposed tile (`cols × TILE` floats) stays in L2.
 pub const TILE: usize = 64;
 
-/// Output rows per task of the gather kernel (a fixed split: determinism, not load balance).
-const ROWS_PER_TASK: usize = 64;
+/// The widest tile when the columns are walked in L1-sized blocks: a row's accumulators fill
+/// four AVX registers (twice, to hide the multiply-add latency), and a task's accumulator buffer
+/// (`rows × BLOCKED_TILE` floats) stays in L2.
+pub const BLOCKED_TILE: usize = 32;
 
-/// `y = x·Wᵀ (+ b)` into `y` (`batch × rows`, row-major).
+/// Densities from which the columns are walked in blocks: below it a row has too few non-zeros
+/// per block for the blocks to pay for keeping its accumulators between them.
+pub const BLOCKED_MIN_DENSITY: f64 = 0.15;
+
+/// Bytes of the transposed tile one column block covers: most of a 32 KiB L1 data cache.
+const L1_BLOCK_BYTES: usize = 24 << 10;
+
+/// Output rows per task when there are too few tiles to go round (a fixed split: the same tasks
+/// whatever the thread count).
+const ROWS_PER_TASK: usize = 128;
+
+/// Tiles at which every tile is a task of its own.
+const MIN_TILES_ALONE: usize = 8;
+
+/// Output rows written out together (contiguous runs of whole cache lines per input).
+const ROW_BLOCK: usize = 16;
+
+/// A sparse weight ready for the kernels: the layout, and (dense enough layouts) how its
+/// columns are walked in blocks, worked out once.
+#[derive(Debug)]
+pub struct Prepared {
+    weight: SparseWeight,
+    plan: Option<Plan>,
+}
+
+impl Prepared {
+    /// `weight` with its plan.
+    pub fn new(weight: SparseWeight) -> Self {
+        let plan = (weight.density() >= BLOCKED_MIN_DENSITY).then(|| Plan::new(&weight));
+        Self { weight, plan }
+    }
+
+    /// The layout.
+    pub fn weight(&self) -> &SparseWeight {
+        &self.weight
+    }
+
+    /// `y = x·Wᵀ (+ b)` into `y` (`batch × rows`, row-major).
+    pub fn matmul_t(
+        &self,
+        x: &[f32],
+        batch: usize,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<()> {
+        run(x, batch, &self.weight, self.plan.as_ref(), bias, y)
+    }
+}
+
+/// `y = x·Wᵀ (+ b)` into `y` (`batch × rows`, row-major); [`Prepared::matmul_t`] without
+/// keeping the plan between calls.
 pub fn matmul_t(
     x: &[f32],
     batch: usize,
     w: &SparseWeight,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    let plan = (w.density() >= BLOCKED_MIN_DENSITY).then(|| Plan::new(w));
+    run(x, batch, w, plan.as_ref(), bias, y)
+}
+
+fn run(
+    x: &[f32],
+    batch: usize,
+    w: &SparseWeight,
+    plan: Option<&Plan>,
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
@@ -52,76 +162,347 @@ pub fn matmul_t(
     if batch == 0 || rows == 0 {
         return Ok(());
     }
-    if batch <= GATHER_MAX_BATCH {
-        gather(x, batch, w, bias, y);
-    } else {
-        tiled(x, batch, w, bias, y);
+    let simd = simd_available();
+    if batch == 1 {
+        // One input: split the rows, each block's outputs written in place.
+        y.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(k, out)| {
+                let r0 = k * ROWS_PER_TASK;
+                with_rows!(w, |v| dots(x, v, r0..r0 + out.len(), out, simd));
+                add_bias(out, 1, bias, r0);
+            });
+        return Ok(());
+    }
+    let tile = if plan.is_some() { BLOCKED_TILE } else { TILE };
+    let tiles: Vec<(usize, usize)> = (0..batch)
+        .step_by(tile)
+        .map(|b0| (b0, (batch - b0).min(tile)))
+        .collect();
+    let width_for = |n: usize| width_for(n, tile);
+    if tiles.len() >= MIN_TILES_ALONE {
+        // Enough tiles to go round: one task per tile, writing its rows of `y` in place.
+        y.par_chunks_mut(tile * rows)
+            .zip(&tiles)
+            .for_each(|(out, &(b0, n))| {
+                let t = transpose(&x[b0 * cols..(b0 + n) * cols], n, cols, width_for(n));
+                tile_rows(&t, n, w, plan, 0..rows, out, rows, simd);
+                add_bias(out, n, bias, 0);
+            });
+        return Ok(());
+    }
+    // Few inputs: every (tile, block of rows) is a task, scattered into `y` after.
+    let transposed: Vec<Vec<f32>> = tiles
+        .iter()
+        .map(|&(b0, n)| transpose(&x[b0 * cols..(b0 + n) * cols], n, cols, width_for(n)))
+        .collect();
+    let blocks = rows.div_ceil(ROWS_PER_TASK);
+    let tasks: Vec<(usize, usize)> = (0..tiles.len())
+        .flat_map(|t| (0..blocks).map(move |k| (t, k)))
+        .collect();
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(t, k)| {
+            let (r0, r1) = (k * ROWS_PER_TASK, ((k + 1) * ROWS_PER_TASK).min(rows));
+            let n = tiles[t].1;
+            let mut out = vec![0f32; (r1 - r0) * n];
+            tile_rows(&transposed[t], n, w, plan, r0..r1, &mut out, r1 - r0, simd);
+            add_bias(&mut out, n, bias, r0);
+            out
+        })
+        .collect();
+    for (&(t, k), part) in tasks.iter().zip(&parts) {
+        let (b0, n) = tiles[t];
+        let (r0, width) = (k * ROWS_PER_TASK, part.len() / n);
+        for j in 0..n {
+            let dst = (b0 + j) * rows + r0;
+            y[dst..dst + width].copy_from_slice(&part[j * width..(j + 1) * width]);
+        }
     }
     Ok(())
 }
 
-/// One dot product per output: for small batches, where the inputs fit in cache anyway.
-fn gather(x: &[f32], batch: usize, w: &SparseWeight, bias: Option<&[f32]>, y: &mut [f32]) {
-    let (rows, cols) = w.dims();
-    let tasks = rows.div_ceil(ROWS_PER_TASK);
-    // Each task fills its outputs for the whole batch (rows-major), scattered into `y` after.
-    let parts: Vec<Vec<f32>> = (0..tasks)
-        .into_par_iter()
-        .map(|t| {
-            let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
-            let mut out = vec![0f32; (r1 - r0) * batch];
-            for (i, r) in (r0..r1).enumerate() {
-                let acc = &mut out[i * batch..(i + 1) * batch];
-                w.for_row(r, |c, v| {
-                    for (b, a) in acc.iter_mut().enumerate() {
-                        *a += v * x[b * cols + c];
-                    }
-                });
-                if let Some(bias) = bias {
-                    acc.iter_mut().for_each(|a| *a += bias[r]);
-                }
-            }
-            out
-        })
-        .collect();
-    for (t, part) in parts.iter().enumerate() {
-        let r0 = t * ROWS_PER_TASK;
-        let n = part.len() / batch;
-        for i in 0..n {
-            for b in 0..batch {
-                y[b * rows + r0 + i] = part[i * batch + b];
+/// The width a tile of `n` inputs is padded to: one the loops are specialized for, at most
+/// `tile`.
+fn width_for(n: usize, tile: usize) -> usize {
+    [8, 16, 32, 64]
+        .into_iter()
+        .find(|&s| s >= n)
+        .unwrap_or(tile)
+        .min(tile)
+}
+
+/// `out` (`n × width`, input-major) += the bias of the rows from `r0`.
+fn add_bias(out: &mut [f32], n: usize, bias: Option<&[f32]>, r0: usize) {
+    if let Some(b) = bias {
+        let width = out.len() / n;
+        for row in out.chunks_exact_mut(width) {
+            for (o, &b) in row.iter_mut().zip(&b[r0..r0 + width]) {
+                *o += b;
             }
         }
     }
 }
 
-/// Tiles of [`TILE`] inputs, each transposed, every non-zero an axpy over the tile.
-fn tiled(x: &[f32], _batch: usize, w: &SparseWeight, bias: Option<&[f32]>, y: &mut [f32]) {
-    let (rows, cols) = w.dims();
-    y.par_chunks_mut(TILE * rows)
-        .enumerate()
-        .for_each(|(t, out)| {
-            let b0 = t * TILE;
-            let bt = out.len() / rows;
-            let mut xt = vec![0f32; cols * bt];
-            for j in 0..bt {
-                let row = &x[(b0 + j) * cols..(b0 + j + 1) * cols];
-                for (c, &v) in row.iter().enumerate() {
-                    xt[c * bt + j] = v;
-                }
+/// A tile of `n` inputs transposed to `cols × width`, zero beyond the `n`-th column.
+fn transpose(x: &[f32], n: usize, cols: usize, width: usize) -> Vec<f32> {
+    let mut data = vec![0f32; cols * width];
+    // Eight columns of the input at a time: each output row (one input column) is then written
+    // as a run, not one value per cache line.
+    for c0 in (0..cols).step_by(8) {
+        let c1 = (c0 + 8).min(cols);
+        for j in 0..n {
+            let src = &x[j * cols + c0..j * cols + c1];
+            for (i, &v) in src.iter().enumerate() {
+                data[(c0 + i) * width + j] = v;
             }
-            let mut acc = vec![0f32; bt];
-            for r in 0..rows {
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                w.for_row(r, |c, v| {
-                    for (a, &xv) in acc.iter_mut().zip(&xt[c * bt..(c + 1) * bt]) {
-                        *a += v * xv;
+        }
+    }
+    data
+}
+
+/// How the columns are walked: blocks of columns whose slice of a full transposed tile fits in
+/// L1, and where each row's non-zeros of each block start.
+#[derive(Debug)]
+pub struct Plan {
+    blocks: usize,
+    /// `rows × (blocks + 1)`: the entry (within its row) where each block starts, and the end.
+    starts: Vec<u32>,
+}
+
+impl Plan {
+    fn new(w: &SparseWeight) -> Self {
+        let (rows, cols) = w.dims();
+        let mut block = L1_BLOCK_BYTES / (4 * BLOCKED_TILE);
+        if let SparseWeight::NM(m) = w {
+            // N:M groups never straddle a block.
+            block = block.div_ceil(m.m) * m.m;
+        }
+        let blocks = cols.div_ceil(block).max(1);
+        let mut starts = Vec::with_capacity(rows * (blocks + 1));
+        for r in 0..rows {
+            with_rows!(w, |v| {
+                let len = v.len(r);
+                let mut k = 0usize;
+                for b in 0..blocks {
+                    while k < len && v.col(r, k) < b * block {
+                        k += 1;
                     }
-                });
-                let b = bias.map_or(0.0, |b| b[r]);
-                for (j, &a) in acc.iter().enumerate() {
-                    out[j * rows + r] = if bias.is_some() { a + b } else { a };
+                    starts.push(k as u32);
+                }
+                starts.push(len as u32);
+            });
+        }
+        Self { blocks, starts }
+    }
+}
+
+/// Random access to the stored entries of a layout's rows, inlined into the kernels (no
+/// closures: their arithmetic must be compiled with the kernels' target features).
+trait Rows: Sync {
+    /// Entries stored in row `r`.
+    fn len(&self, r: usize) -> usize;
+    /// Column of entry `k` of row `r`.
+    fn col(&self, r: usize, k: usize) -> usize;
+    /// Value of entry `k` of row `r`.
+    fn value(&self, r: usize, k: usize) -> f32;
+}
+
+/// A compressed-row matrix with its column indices typed.
+struct CsrRows<'a, I> {
+    row_ptr: &'a [u32],
+    indices: &'a [I],
+    values: &'a [f32],
+}
+
+impl<I: Copy + Into<u32> + Sync> Rows for CsrRows<'_, I> {
+    #[inline(always)]
+    fn len(&self, r: usize) -> usize {
+        (self.row_ptr[r + 1] - self.row_ptr[r]) as usize
+    }
+    #[inline(always)]
+    fn col(&self, r: usize, k: usize) -> usize {
+        let i: u32 = self.indices[self.row_ptr[r] as usize + k].into();
+        i as usize
+    }
+    #[inline(always)]
+    fn value(&self, r: usize, k: usize) -> f32 {
+        self.values[self.row_ptr[r] as usize + k]
+    }
+}
+
+/// An N:M matrix.
+struct NmRows<'a> {
+    per_row: usize,
+    n: usize,
+    m: usize,
+    values: &'a [f32],
+    offsets: &'a [u8],
+}
+
+impl Rows for NmRows<'_> {
+    #[inline(always)]
+    fn len(&self, _r: usize) -> usize {
+        self.per_row
+    }
+    #[inline(always)]
+    fn col(&self, r: usize, k: usize) -> usize {
+        (k / self.n) * self.m + self.offsets[r * self.per_row + k] as usize
+    }
+    #[inline(always)]
+    fn value(&self, r: usize, k: usize) -> f32 {
+        self.values[r * self.per_row + k]
+    }
+}
+
+/// Whether the AVX2 + FMA versions of the loops can run here.
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One input: `out[i] = Σ w[r, c]·x[c]` for the rows `r` of `rows`.
+fn dots<V: Rows>(x: &[f32], v: &V, rows: std::ops::Range<usize>, out: &mut [f32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: AVX2 and FMA were detected on this CPU.
+        unsafe { dots_avx2(x, v, rows, out) };
+        return;
+    }
+    let _ = simd;
+    dots_generic(x, v, rows, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<V: Rows>(x: &[f32], v: &V, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    dots_generic(x, v, rows, out)
+}
+
+#[inline(always)]
+fn dots_generic<V: Rows>(x: &[f32], v: &V, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    for (o, r) in out.iter_mut().zip(rows) {
+        let mut acc = [0f32; 8];
+        for k in 0..v.len(r) {
+            acc[k & 7] = v.value(r, k).mul_add(x[v.col(r, k)], acc[k & 7]);
+        }
+        *o = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+}
+
+/// The rows `rows` of a transposed tile of `n` inputs into `out` (`n × stride`, input-major:
+/// output `r` of input `j` at `j·stride + (r − rows.start)`).
+#[allow(clippy::too_many_arguments)]
+fn tile_rows(
+    xt: &[f32],
+    n: usize,
+    w: &SparseWeight,
+    plan: Option<&Plan>,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+    simd: bool,
+) {
+    macro_rules! run {
+        ($s:expr, $v:expr) => {{
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: AVX2 and FMA were detected on this CPU.
+                unsafe { rows_avx2::<$s, _>(xt, $v, plan, rows, n, out, stride) };
+                return;
+            }
+            let _ = simd;
+            rows_generic::<$s, _>(xt, $v, plan, rows, n, out, stride)
+        }};
+    }
+    with_rows!(w, |v| match xt.len() / w.dims().1 {
+        8 => run!(8, v),
+        16 => run!(16, v),
+        32 => run!(32, v),
+        _ => run!(64, v),
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2<const S: usize, V: Rows>(
+    xt: &[f32],
+    v: &V,
+    plan: Option<&Plan>,
+    rows: std::ops::Range<usize>,
+    n: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    rows_generic::<S, V>(xt, v, plan, rows, n, out, stride)
+}
+
+/// The rows of a transposed tile of width `S`, column block by column block; each row's `S`
+/// accumulators (two sets, alternating non-zeros, so that consecutive multiply-adds do not wait
+/// for each other) live in registers while its non-zeros of a block are added.
+#[inline(always)]
+fn rows_generic<const S: usize, V: Rows>(
+    xt: &[f32],
+    v: &V,
+    plan: Option<&Plan>,
+    rows: std::ops::Range<usize>,
+    n: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let start = rows.start;
+    let mut acc = vec![[0f32; S]; rows.len()];
+    let blocks = plan.map_or(1, |p| p.blocks);
+    let x_at = |c: usize| -> &[f32; S] { xt[c * S..(c + 1) * S].try_into().expect("tile width") };
+    for b in 0..blocks {
+        for (slot, r) in acc.iter_mut().zip(rows.clone()) {
+            let (k0, k1) = match plan {
+                Some(p) => {
+                    let at = r * (p.blocks + 1) + b;
+                    (p.starts[at] as usize, p.starts[at + 1] as usize)
+                }
+                None => (0, v.len(r)),
+            };
+            if k0 == k1 {
+                continue;
+            }
+            let (mut a, mut a2) = (*slot, [0f32; S]);
+            let mut k = k0;
+            while k + 1 < k1 {
+                let (x0, w0) = (x_at(v.col(r, k)), v.value(r, k));
+                let (x1, w1) = (x_at(v.col(r, k + 1)), v.value(r, k + 1));
+                for j in 0..S {
+                    a[j] = w0.mul_add(x0[j], a[j]);
+                    a2[j] = w1.mul_add(x1[j], a2[j]);
+                }
+                k += 2;
+            }
+            if k < k1 {
+                let (x0, w0) = (x_at(v.col(r, k)), v.value(r, k));
+                for j in 0..S {
+                    a[j] = w0.mul_add(x0[j], a[j]);
                 }
             }
-        });
+            for j in 0..S {
+                a[j] += a2[j];
+            }
+            *slot = a;
+        }
+    }
+    // Written input by input, as contiguous runs of `ROW_BLOCK` outputs.
+    for (i0, chunk) in acc.chunks(ROW_BLOCK).enumerate() {
+        let r = start + i0 * ROW_BLOCK;
+        for j in 0..n {
+            let dst = &mut out[j * stride + r - start..j * stride + r - start + chunk.len()];
+            for (d, a) in dst.iter_mut().zip(chunk) {
+                *d = a[j];
+            }
+        }
+    }
 }
