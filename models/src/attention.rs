@@ -3,14 +3,15 @@
 //!
 //! What differs between those architectures is a setting, not a copy: whether the projected
 //! queries are scaled by `head_dim^-0.5` (T5 folds the scale into its weights), whether the
-//! projections have biases (a property of the [`Linear`]s), and which dropout the attention
+//! projections have biases (a property of the [`Lin`]s), and which dropout the attention
 //! weights get. Masks are additive: [`key_mask`] hides padded keys, [`causal_mask`] future ones.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, Module};
+use candle_nn::Module;
 
 use crate::dropout::Dropout;
 use crate::fused::softmax_last_dim;
+use crate::linear::Lin;
 use crate::{Error, Result};
 
 /// Additive mask value for hidden keys: large enough that `exp` underflows to exactly 0, finite
@@ -40,10 +41,10 @@ pub type KeyValues = (Tensor, Tensor);
 /// Multi-head attention: query, key, value and output projections.
 #[derive(Clone, Debug)]
 pub struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
     heads: usize,
     head_dim: usize,
     /// Multiplies the projected queries (`None`: unscaled).
@@ -55,7 +56,7 @@ pub struct Attention {
 impl Attention {
     /// Attention over `heads` heads of `head_dim` features, queries scaled by `head_dim^-0.5`
     /// (as `transformers` does before the product), no dropout.
-    pub fn new(q: Linear, k: Linear, v: Linear, o: Linear, heads: usize, head_dim: usize) -> Self {
+    pub fn new(q: Lin, k: Lin, v: Lin, o: Lin, heads: usize, head_dim: usize) -> Self {
         Self {
             q,
             k,
@@ -66,6 +67,17 @@ impl Attention {
             query_scale: Some((head_dim as f64).powf(-0.5)),
             dropout: Dropout::Off,
         }
+    }
+
+    /// The same attention with its projections' weights stored sparse, for inference.
+    pub fn to_sparse(&self) -> Result<Self> {
+        Ok(Self {
+            q: self.q.to_sparse()?,
+            k: self.k.to_sparse()?,
+            v: self.v.to_sparse()?,
+            o: self.o.to_sparse()?,
+            ..self.clone()
+        })
     }
 
     /// The same attention without query scaling (T5).

@@ -1,18 +1,18 @@
 //! LeNet-300-100: the fully connected MNIST classifier of LeCun et al. (1998).
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Linear, VarMap};
+use candle_nn::VarMap;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::{init, Result};
+use crate::{init, Lin, Result};
 
 /// LeNet-300-100: 784-300-100-10 with ReLU; parameters `fc{1,2,3}.{weight,bias}`.
 #[derive(Clone, Debug)]
 pub struct Lenet300 {
-    fc1: Linear,
-    fc2: Linear,
-    fc3: Linear,
+    fc1: Lin,
+    fc2: Lin,
+    fc3: Lin,
 }
 
 impl Lenet300 {
@@ -25,9 +25,18 @@ impl Lenet300 {
     pub fn new(varmap: &VarMap, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = StdRng::seed_from_u64(seed);
         Ok(Self {
-            fc1: init::linear(varmap, "fc1", Self::INPUT, 300, &mut rng, device)?,
-            fc2: init::linear(varmap, "fc2", 300, 100, &mut rng, device)?,
-            fc3: init::linear(varmap, "fc3", 100, Self::CLASSES, &mut rng, device)?,
+            fc1: init::linear(varmap, "fc1", Self::INPUT, 300, &mut rng, device)?.into(),
+            fc2: init::linear(varmap, "fc2", 300, 100, &mut rng, device)?.into(),
+            fc3: init::linear(varmap, "fc3", 100, Self::CLASSES, &mut rng, device)?.into(),
+        })
+    }
+
+    /// The same network with its layers' weights stored sparse, for inference.
+    pub fn to_sparse(&self) -> Result<Self> {
+        Ok(Self {
+            fc1: self.fc1.to_sparse()?,
+            fc2: self.fc2.to_sparse()?,
+            fc3: self.fc3.to_sparse()?,
         })
     }
 }

@@ -2,12 +2,12 @@
 //! (conv 20@5×5, max-pool 2, conv 50@5×5, max-pool 2, fc 800-500 ReLU, fc 500-10).
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Linear, VarMap};
+use candle_nn::VarMap;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::ops::Conv2d;
-use crate::{init, Result};
+use crate::ops::{Conv2d, SparseConv2d};
+use crate::{init, Lin, Result};
 
 /// LeNet-5-Caffe on 1×28×28 images; parameters `conv{1,2}.{weight,bias}`, `fc{1,2}.{weight,bias}`.
 ///
@@ -15,10 +15,33 @@ use crate::{init, Result};
 /// activation; only fc1 is followed by a ReLU.
 #[derive(Clone, Debug)]
 pub struct Lenet5 {
-    conv1: Conv2d,
-    conv2: Conv2d,
-    fc1: Linear,
-    fc2: Linear,
+    conv1: Conv,
+    conv2: Conv,
+    fc1: Lin,
+    fc2: Lin,
+}
+
+/// A convolution (with its max pooling), dense or sparse.
+#[derive(Clone, Debug)]
+enum Conv {
+    Dense(Conv2d),
+    Sparse(SparseConv2d),
+}
+
+impl Conv {
+    fn forward_max_pool(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(c) => c.forward_max_pool(x, 2, 2),
+            Self::Sparse(c) => c.forward_max_pool(x, 2, 2),
+        }
+    }
+
+    fn to_sparse(&self) -> Result<Self> {
+        Ok(match self {
+            Self::Dense(c) => Self::Sparse(SparseConv2d::from_dense(c)?),
+            Self::Sparse(c) => Self::Sparse(c.clone()),
+        })
+    }
 }
 
 impl Lenet5 {
@@ -57,10 +80,20 @@ impl Lenet5 {
         let conv1 = conv("conv1", 1, 20)?;
         let conv2 = conv("conv2", 20, 50)?;
         Ok(Self {
-            conv1,
-            conv2,
-            fc1: init::linear(varmap, "fc1", 800, 500, &mut rng, device)?,
-            fc2: init::linear(varmap, "fc2", 500, Self::CLASSES, &mut rng, device)?,
+            conv1: Conv::Dense(conv1),
+            conv2: Conv::Dense(conv2),
+            fc1: init::linear(varmap, "fc1", 800, 500, &mut rng, device)?.into(),
+            fc2: init::linear(varmap, "fc2", 500, Self::CLASSES, &mut rng, device)?.into(),
+        })
+    }
+
+    /// The same network with its weights stored sparse, for inference.
+    pub fn to_sparse(&self) -> Result<Self> {
+        Ok(Self {
+            conv1: self.conv1.to_sparse()?,
+            conv2: self.conv2.to_sparse()?,
+            fc1: self.fc1.to_sparse()?,
+            fc2: self.fc2.to_sparse()?,
         })
     }
 }
@@ -70,8 +103,8 @@ impl Module for Lenet5 {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
         let x = x.reshape((b, 1, 28, 28))?;
-        let x = self.conv1.forward_max_pool(&x, 2, 2)?;
-        let x = self.conv2.forward_max_pool(&x, 2, 2)?;
+        let x = self.conv1.forward_max_pool(&x)?;
+        let x = self.conv2.forward_max_pool(&x)?;
         let x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
         self.fc2.forward(&x)
     }

@@ -14,6 +14,7 @@ pub mod hf;
 pub mod init;
 pub mod lenet;
 pub mod lenet5;
+pub mod linear;
 pub mod ops;
 pub mod seq2seq;
 pub mod transformer;
@@ -22,6 +23,7 @@ pub use cifar::{CifarResNet, Shortcut, Vgg16};
 pub use error::{Error, Result};
 pub use lenet::Lenet300;
 pub use lenet5::Lenet5;
+pub use linear::Lin;
 pub use seq2seq::{EncoderDecoder, Seq2Seq, SpecialTokens};
 
 /// What a parameter is part of, for reports by layer type and per-type pruning choices.

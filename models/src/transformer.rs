@@ -24,7 +24,9 @@
 //! fused CPU ops with their own backward ([`crate::fused`]; plain tensor ops on other devices).
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Linear, Module, VarMap};
+use candle_nn::{Module, VarMap};
+
+use crate::linear::Lin;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -320,13 +322,20 @@ fn initial(
 /// The feed-forward block `fc2(relu(fc1(x)))`.
 #[derive(Clone, Debug)]
 struct FeedForward {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Lin,
+    fc2: Lin,
 }
 
 impl FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.fc2.forward(&self.fc1.forward(x)?.relu()?)
+    }
+
+    fn to_sparse(&self) -> Result<Self> {
+        Ok(Self {
+            fc1: self.fc1.to_sparse()?,
+            fc2: self.fc2.to_sparse()?,
+        })
     }
 }
 
@@ -387,7 +396,7 @@ impl Transformer {
         }
         let take = |name: &str| -> Tensor { vars[name].as_tensor().clone() };
         let linear = |p: &str| {
-            Linear::new(
+            Lin::new(
                 take(&format!("{p}.weight")),
                 Some(take(&format!("{p}.bias"))),
             )
@@ -492,6 +501,39 @@ impl Transformer {
             encoder_norm,
             decoder_norm,
             dropout_rng,
+        })
+    }
+
+    /// The same model with its attention and feed-forward weights stored sparse, for
+    /// inference (the embeddings and the output projection stay dense).
+    pub fn to_sparse(&self) -> Result<Self> {
+        let encoder_layers = self
+            .encoder_layers
+            .iter()
+            .map(|l| {
+                Ok(EncoderLayer {
+                    self_attn: l.self_attn.to_sparse()?,
+                    ffn: l.ffn.to_sparse()?,
+                    ..l.clone()
+                })
+            })
+            .collect::<Result<_>>()?;
+        let decoder_layers = self
+            .decoder_layers
+            .iter()
+            .map(|l| {
+                Ok(DecoderLayer {
+                    self_attn: l.self_attn.to_sparse()?,
+                    encoder_attn: l.encoder_attn.to_sparse()?,
+                    ffn: l.ffn.to_sparse()?,
+                    ..l.clone()
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            encoder_layers,
+            decoder_layers,
+            ..self.clone()
         })
     }
 

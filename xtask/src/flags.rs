@@ -28,6 +28,34 @@ pub enum Cmd {
     EmbedMnist(EmbedMnist),
     /// Run every regularizer variant and baseline on one budget and write docs/ABLATION.md.
     Ablate(Ablate),
+    /// Measure where sparse products beat dense ones and write the dispatch table.
+    Crossover(Crossover),
+}
+
+/// Flags of `crossover`.
+#[derive(Debug, clap::Args)]
+pub struct Crossover {
+    /// Outputs of the layer measured.
+    #[arg(long, default_value_t = 3072)]
+    pub rows: usize,
+    /// Inputs of the layer measured.
+    #[arg(long, default_value_t = 768)]
+    pub cols: usize,
+    /// How much faster sparse must be to be chosen (0.05: by 5%).
+    #[arg(long, default_value_t = 0.05)]
+    pub margin: f64,
+    /// Interleaved rounds per grid point (the median counts).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// The largest batch measured.
+    #[arg(long, default_value_t = 8192)]
+    pub max_batch: usize,
+    /// Where the table goes.
+    #[arg(long, default_value = "crates/relprune-sparse/crossover.tsv")]
+    pub out: PathBuf,
+    /// Where the report (`crossover.md`) goes.
+    #[arg(long, default_value = "target/bench")]
+    pub report_dir: PathBuf,
 }
 
 /// Flags of `ablate`.

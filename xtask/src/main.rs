@@ -3,6 +3,7 @@
 mod ablate;
 mod bench;
 mod classify;
+mod crossover;
 mod flags;
 mod reproduce;
 mod translate;
@@ -24,6 +25,7 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::Reproduce(f) => reproduce::run(*f),
         flags::Cmd::Bench(f) => bench::run(f),
         flags::Cmd::Ablate(f) => ablate::run(f),
+        flags::Cmd::Crossover(f) => crossover::run(f),
         flags::Cmd::EmbedMnist(f) => {
             let out = root.join("crates/relprune-data/embedded");
             relprune_data::mnist::write_embedded_subset(&f.mnist, &out, f.train, f.test)?;

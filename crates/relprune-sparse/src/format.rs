@@ -214,6 +214,28 @@ impl SparseWeight {
         }
     }
 
+    /// The same matrix as compressed rows.
+    pub fn to_csr(&self) -> Csr {
+        let (rows, cols) = self.dims();
+        let mut row_ptr = Vec::with_capacity(rows + 1);
+        let (mut idx, mut values) = (Vec::new(), Vec::new());
+        row_ptr.push(0u32);
+        for r in 0..rows {
+            self.for_row(r, |c, v| {
+                idx.push(c);
+                values.push(v);
+            });
+            row_ptr.push(values.len() as u32);
+        }
+        Csr {
+            rows,
+            cols,
+            row_ptr,
+            indices: Indices::narrowest(cols, idx),
+            values,
+        }
+    }
+
     /// The matrix, dense and row-major again.
     pub fn to_dense(&self) -> Vec<f32> {
         let (rows, cols) = self.dims();

@@ -96,8 +96,14 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// `weight` with its plan.
+    /// `weight` with its plan. An N:M weight runs as compressed rows: the kernels' cost is per
+    /// stored non-zero either way, and the rows' explicit columns spare a division per entry
+    /// (measured: 2:4 in its own layout ran 1.3–2× slower than the same weight as rows).
     pub fn new(weight: SparseWeight) -> Self {
+        let weight = match weight {
+            SparseWeight::NM(m) => SparseWeight::Csr(SparseWeight::NM(m).to_csr()),
+            csr => csr,
+        };
         let plan = (weight.density() >= BLOCKED_MIN_DENSITY).then(|| Plan::new(&weight));
         Self { weight, plan }
     }

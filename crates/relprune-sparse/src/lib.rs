@@ -5,17 +5,21 @@
 //!   fits) and N:M ([`format::NM`], values plus in-group offsets);
 //! - [`kernel`]: the products, multithreaded (rayon) with results independent of the thread
 //!   count;
+//! - [`dispatch`]: the measured crossover table that says, per pattern and batch size, up to which
+//!   density the sparse product beats the dense one;
 //! - [`op`]: the kernels as a candle custom op and [`op::SparseLinear`], a drop-in linear layer
-//!   for inference.
+//!   for inference that runs sparse or dense, whichever the table says is faster.
 //!
 //! Depends on candle-core only.
 
+pub mod dispatch;
 pub mod format;
 pub mod kernel;
 pub mod op;
 
+pub use dispatch::{Crossover, Pattern};
 pub use format::{Csr, Indices, SparseWeight, NM};
-pub use kernel::matmul_t;
+pub use kernel::{matmul_t, Prepared};
 pub use op::{SparseLinear, SparseMatmul};
 
 /// What can go wrong building or running a sparse layer.

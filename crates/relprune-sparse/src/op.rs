@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 
-use crate::format::{Csr, SparseWeight};
+use crate::dispatch::{Crossover, Pattern};
+use crate::format::{Csr, SparseWeight, NM};
 use crate::kernel::Prepared;
 
 /// `x (…, cols)` → `x·Wᵀ + b (…, rows)` with a sparse `W`, on f32 CPU tensors.
@@ -68,14 +69,24 @@ fn output_buffer(len: usize) -> Vec<f32> {
     y
 }
 
-/// A linear layer `y = x·Wᵀ + b` whose weight is stored sparse.
+/// The fraction of its 2:4 slots a layer must fill to be stored as 2:4.
+const NM_MIN_FILL: f64 = 0.8;
+
+/// A linear layer `y = x·Wᵀ + b` whose weight is stored sparse, for inference. It runs the
+/// sparse kernels or, where the crossover table says the dense product is faster (low sparsity,
+/// small batches), the dense one; a layer that may run dense keeps its dense weight too.
 #[derive(Clone, Debug)]
 pub struct SparseLinear {
     op: SparseMatmul,
+    pattern: Pattern,
+    table: Arc<Crossover>,
+    /// The dense weight `(out, in)` and bias, when some batch size runs dense.
+    dense: Option<(Tensor, Option<Tensor>)>,
 }
 
 impl SparseLinear {
-    /// A layer from a sparse weight and an optional bias (one per output).
+    /// A layer that always runs sparse, from a sparse weight and an optional bias (one per
+    /// output).
     pub fn new(weight: SparseWeight, bias: Option<Vec<f32>>) -> crate::Result<Self> {
         let (rows, _) = weight.dims();
         if let Some(b) = bias.as_ref().filter(|b| b.len() != rows) {
@@ -84,17 +95,34 @@ impl SparseLinear {
                 b.len()
             )));
         }
+        let pattern = match &weight {
+            SparseWeight::Csr(_) => Pattern::Unstructured,
+            SparseWeight::NM(m) => Pattern::NM(m.n, m.m),
+        };
         Ok(Self {
             op: SparseMatmul {
                 weight: Arc::new(Prepared::new(weight)),
                 bias: bias.map(Arc::new),
             },
+            pattern,
+            table: Arc::new(Crossover::new(Vec::new())),
+            dense: None,
         })
     }
 
-    /// The layer of a trained dense weight `(out, in)` and bias: its zeros are left out
-    /// (compressed rows).
+    /// The layer of a trained dense weight `(out, in)` and bias, dispatched by the measured
+    /// crossover table: its zeros are left out (2:4 when every group of four columns holds at
+    /// most two non-zeros, compressed rows otherwise).
     pub fn from_dense(weight: &Tensor, bias: Option<&Tensor>) -> crate::Result<Self> {
+        Self::with_table(weight, bias, Crossover::measured().clone())
+    }
+
+    /// [`SparseLinear::from_dense`] dispatched by `table`.
+    pub fn with_table(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        table: Crossover,
+    ) -> crate::Result<Self> {
         let (rows, cols) = weight.dims2()?;
         let w = weight
             .to_dtype(DType::F32)?
@@ -103,12 +131,41 @@ impl SparseLinear {
         let b = bias
             .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
             .transpose()?;
-        Self::new(SparseWeight::Csr(Csr::from_dense(&w, rows, cols)?), b)
+        let csr = Csr::from_dense(&w, rows, cols)?;
+        // A 2:4 layer is stored as such; a sparser one that happens to fit 2:4 is not (its
+        // compressed rows hold fewer entries).
+        let nnz = csr.nnz() as f64 / (rows * cols).max(1) as f64;
+        let sparse = match NM::from_dense(&w, rows, cols, 2, 4) {
+            Ok(nm) if nnz > NM_MIN_FILL * 0.5 => SparseWeight::NM(nm),
+            _ => SparseWeight::Csr(csr),
+        };
+        let mut layer = Self::new(sparse, b)?;
+        let density = layer.weight().density();
+        if table.dense_somewhere(layer.pattern, density) {
+            let dense_w = weight.to_dtype(DType::F32)?;
+            let dense_b = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+            layer.dense = Some((dense_w, dense_b));
+        }
+        layer.table = Arc::new(table);
+        Ok(layer)
     }
 
-    /// The sparse weight.
+    /// The sparse weight, as the kernels run it.
     pub fn weight(&self) -> &SparseWeight {
         self.op.weight.weight()
+    }
+
+    /// The weight's sparsity pattern.
+    pub fn pattern(&self) -> Pattern {
+        self.pattern
+    }
+
+    /// Whether `batch` inputs at once run through the sparse kernels.
+    pub fn runs_sparse(&self, batch: usize) -> bool {
+        self.dense.is_none()
+            || self
+                .table
+                .sparse_wins(self.pattern, self.weight().density(), batch)
     }
 }
 
@@ -119,6 +176,16 @@ impl Module for SparseLinear {
         } else {
             x.to_dtype(DType::F32)?.contiguous()?
         };
-        x.apply_op1_no_bwd(&self.op)
+        let cols = self.weight().dims().1.max(1);
+        match &self.dense {
+            Some((w, b)) if !self.runs_sparse(x.elem_count() / cols) => {
+                let y = x.broadcast_matmul(&w.t()?)?;
+                match b {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+            _ => x.apply_op1_no_bwd(&self.op),
+        }
     }
 }

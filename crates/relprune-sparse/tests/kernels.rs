@@ -181,3 +181,58 @@ fn a_sparse_linear_layer_matches_the_dense_layer_on_any_leading_shape() {
     assert!(diff < 1e-5, "{diff}");
     assert!(layer.weight().density() < 0.2);
 }
+
+#[test]
+fn a_layer_runs_dense_where_the_table_says_dense_wins_and_equals_it_either_way() {
+    use relprune_sparse::dispatch::{Crossover, Pattern, Point};
+    let (rows, cols) = (24, 64);
+    let dev = Device::Cpu;
+    let table = Crossover::new(vec![
+        Point {
+            pattern: Pattern::Unstructured,
+            batch: 1,
+            max_density: 0.0,
+        },
+        Point {
+            pattern: Pattern::Unstructured,
+            batch: 16,
+            max_density: 0.5,
+        },
+    ]);
+    let w = random_sparse(rows, cols, 0.3, 31);
+    let wt = Tensor::from_vec(w, (rows, cols), &dev).unwrap();
+    let bt = Tensor::from_vec(random_dense(rows, 32), rows, &dev).unwrap();
+    let layer = SparseLinear::with_table(&wt, Some(&bt), table).unwrap();
+    assert!(!layer.runs_sparse(1));
+    assert!(layer.runs_sparse(64));
+    for batch in [1, 64] {
+        let x = Tensor::from_vec(random_dense(batch * cols, 33), (batch, cols), &dev).unwrap();
+        let want = x
+            .matmul(&wt.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bt)
+            .unwrap();
+        let got = layer.forward(&x).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "batch {batch}");
+    }
+}
+
+#[test]
+fn a_two_of_four_layer_is_stored_as_such_and_a_sparser_one_as_compressed_rows() {
+    let dev = Device::Cpu;
+    let mut w = random_dense(16 * 32, 41);
+    for g in w.chunks_mut(4) {
+        g[1] = 0.0;
+        g[3] = 0.0;
+    }
+    let t = Tensor::from_vec(w.clone(), (16, 32), &dev).unwrap();
+    let layer = SparseLinear::from_dense(&t, None).unwrap();
+    assert_eq!(layer.pattern(), relprune_sparse::Pattern::NM(2, 4));
+    for g in w.chunks_mut(4) {
+        g[2] = 0.0;
+    }
+    let t = Tensor::from_vec(w, (16, 32), &dev).unwrap();
+    let layer = SparseLinear::from_dense(&t, None).unwrap();
+    assert_eq!(layer.pattern(), relprune_sparse::Pattern::Unstructured);
+}

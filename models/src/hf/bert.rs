@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
-use candle_nn::{Embedding, Linear, VarMap};
+use candle_nn::{Embedding, VarMap};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,7 @@ use super::weights::Weights;
 use super::LinearHook;
 use crate::dropout::unseeded as dropout;
 use crate::fused::{softmax_last_dim, LayerNorm};
+use crate::linear::Lin;
 use crate::LayerType;
 use crate::{init, Error, Result};
 
@@ -308,13 +309,13 @@ fn check_model_type(model_type: Option<&str>) -> Result<()> {
 /// One post-LN encoder layer.
 #[derive(Clone, Debug)]
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
+    query: Lin,
+    key: Lin,
+    value: Lin,
+    attn_out: Lin,
     attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Lin,
+    output: Lin,
     out_norm: LayerNorm,
 }
 
@@ -328,7 +329,7 @@ pub struct BertModel {
     token_type: Embedding,
     emb_norm: LayerNorm,
     layers: Vec<Layer>,
-    pooler: Option<Linear>,
+    pooler: Option<Lin>,
     varmap: VarMap,
     hook: Option<LinearHook>,
 }
@@ -426,8 +427,8 @@ impl BertModel {
                 .map(|v| v.as_tensor().clone())
                 .ok_or_else(|| Error::Config(format!("the VarMap has no variable `{name}`")))
         };
-        let linear = |prefix: &str| -> Result<Linear> {
-            Ok(Linear::new(
+        let linear = |prefix: &str| -> Result<Lin> {
+            Ok(Lin::new(
                 get(&format!("{prefix}.weight"))?,
                 Some(get(&format!("{prefix}.bias"))?),
             ))
@@ -475,6 +476,31 @@ impl BertModel {
         })
     }
 
+    /// The same encoder with its linear layers' weights stored sparse, for inference (the
+    /// embedding tables stay dense).
+    pub fn to_sparse(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    query: l.query.to_sparse()?,
+                    key: l.key.to_sparse()?,
+                    value: l.value.to_sparse()?,
+                    attn_out: l.attn_out.to_sparse()?,
+                    intermediate: l.intermediate.to_sparse()?,
+                    output: l.output.to_sparse()?,
+                    ..l.clone()
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            pooler: self.pooler.as_ref().map(Lin::to_sparse).transpose()?,
+            ..self.clone()
+        })
+    }
+
     /// Stops gradients into the word, position and token-type tables. They keep sharing storage
     /// with their variables, so the forward pass is unchanged; backward just no longer computes
     /// (or allocates) their vocabulary-sized gradients, for training that leaves them as they are.
@@ -492,7 +518,7 @@ impl BertModel {
         self.hook = hook;
     }
 
-    fn linear(&self, layer: usize, name: &str, lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    fn linear(&self, layer: usize, name: &str, lin: &Lin, x: &Tensor) -> Result<Tensor> {
         if let Some(hook) = &self.hook {
             hook(&format!("encoder.layer.{layer}.{name}.weight"), x)?;
         }

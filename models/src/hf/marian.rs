@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Linear, Module, VarMap};
+use candle_nn::{Module, VarMap};
+
+use crate::linear::Lin;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -246,8 +248,8 @@ impl Activation {
 struct EncoderLayer {
     self_attn: Attention,
     self_attn_layer_norm: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Lin,
+    fc2: Lin,
     final_layer_norm: LayerNorm,
 }
 
@@ -258,15 +260,38 @@ struct DecoderLayer {
     self_attn_layer_norm: LayerNorm,
     encoder_attn: Attention,
     encoder_attn_layer_norm: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Lin,
+    fc2: Lin,
     final_layer_norm: LayerNorm,
+}
+
+impl EncoderLayer {
+    fn to_sparse(&self) -> Result<Self> {
+        Ok(Self {
+            self_attn: self.self_attn.to_sparse()?,
+            fc1: self.fc1.to_sparse()?,
+            fc2: self.fc2.to_sparse()?,
+            ..self.clone()
+        })
+    }
+}
+
+impl DecoderLayer {
+    fn to_sparse(&self) -> Result<Self> {
+        Ok(Self {
+            self_attn: self.self_attn.to_sparse()?,
+            encoder_attn: self.encoder_attn.to_sparse()?,
+            fc1: self.fc1.to_sparse()?,
+            fc2: self.fc2.to_sparse()?,
+            ..self.clone()
+        })
+    }
 }
 
 fn ffn(
     act: Activation,
-    fc1: &Linear,
-    fc2: &Linear,
+    fc1: &Lin,
+    fc2: &Lin,
     ln: &LayerNorm,
     x: &Tensor,
 ) -> candle_core::Result<Tensor> {
@@ -438,7 +463,7 @@ impl MarianModel {
         }
         let take = |name: &str| -> Tensor { vars[name].as_tensor().clone() };
         let linear = |p: &str| {
-            Linear::new(
+            Lin::new(
                 take(&format!("{p}.weight")),
                 Some(take(&format!("{p}.bias"))),
             )
@@ -523,6 +548,24 @@ impl MarianModel {
             decoder_positions,
             encoder_layers,
             decoder_layers,
+        })
+    }
+
+    /// The same model with its attention and feed-forward weights stored sparse, for
+    /// inference (the embedding and its tied head stay dense).
+    pub fn to_sparse(&self) -> Result<Self> {
+        Ok(Self {
+            encoder_layers: self
+                .encoder_layers
+                .iter()
+                .map(EncoderLayer::to_sparse)
+                .collect::<Result<_>>()?,
+            decoder_layers: self
+                .decoder_layers
+                .iter()
+                .map(DecoderLayer::to_sparse)
+                .collect::<Result<_>>()?,
+            ..self.clone()
         })
     }
 
@@ -742,5 +785,9 @@ impl super::HfSeq2Seq for MarianModel {
 
     fn length_limit(&self) -> usize {
         self.config.max_position_embeddings
+    }
+
+    fn to_sparse(&self) -> Result<Box<dyn super::HfSeq2Seq>> {
+        Ok(Box::new(Self::to_sparse(self)?))
     }
 }

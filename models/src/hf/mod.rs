@@ -163,6 +163,14 @@ pub enum HfModel {
 }
 
 impl HfModel {
+    /// The same model with its linear layers' weights stored sparse, for inference.
+    pub fn to_sparse(&self) -> Result<Self> {
+        Ok(match self {
+            Self::Encoder(m) => Self::Encoder(Box::new(m.to_sparse()?)),
+            Self::Seq2Seq(m) => Self::Seq2Seq(m.to_sparse()?),
+        })
+    }
+
     /// Its `model_type`.
     pub fn model_type(&self) -> &'static str {
         match self {
@@ -190,6 +198,8 @@ pub trait HfSeq2Seq: EncoderDecoder {
     /// The longest input or output sequence to allow: the position table's size, or, with
     /// relative positions, the architecture's customary limit.
     fn length_limit(&self) -> usize;
+    /// The same model with its linear layers' weights stored sparse, for inference.
+    fn to_sparse(&self) -> Result<Box<dyn HfSeq2Seq>>;
 
     /// `(logits (B, T, V), encoder_last_hidden_state (B, S, D))`, as the model's `forward`.
     fn forward(

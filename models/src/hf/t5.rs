@@ -19,7 +19,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Linear, Module, VarMap};
+use candle_nn::{Module, VarMap};
+
+use crate::linear::Lin;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -369,9 +371,9 @@ pub fn relative_position_bucket(
 /// `DenseReluDense`: `wo(act(wi(x)))`, or `wo(act(wi_0(x)) * wi_1(x))` when gated.
 #[derive(Clone, Debug)]
 struct FeedForward {
-    wi: Linear,
-    wi_1: Option<Linear>,
-    wo: Linear,
+    wi: Lin,
+    wi_1: Option<Lin>,
+    wo: Lin,
     act: Activation,
 }
 
@@ -384,6 +386,17 @@ impl FeedForward {
             None => h,
         };
         self.wo.forward(&dropout(&h, p)?)
+    }
+}
+
+impl FeedForward {
+    fn to_sparse(&self) -> Result<Self> {
+        Ok(Self {
+            wi: self.wi.to_sparse()?,
+            wi_1: self.wi_1.as_ref().map(Lin::to_sparse).transpose()?,
+            wo: self.wo.to_sparse()?,
+            act: self.act,
+        })
     }
 }
 
@@ -500,7 +513,7 @@ impl T5Model {
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
         let take = |name: &str| -> Tensor { params[name].clone() };
-        let linear = |name: String| Linear::new(take(&name), None);
+        let linear = |name: String| Lin::new(take(&name), None);
         let norm = |p: &str| {
             RmsNorm::new(
                 take(&format!("{p}.layer_norm.weight")),
@@ -609,6 +622,39 @@ impl T5Model {
             encoder_norm,
             decoder,
             decoder_norm,
+        })
+    }
+
+    /// The same model with its attention and feed-forward weights stored sparse, for
+    /// inference (the embedding, the head and the position biases stay dense).
+    pub fn to_sparse(&self) -> Result<Self> {
+        let encoder = self
+            .encoder
+            .iter()
+            .map(|b| {
+                Ok(EncoderBlock {
+                    self_attn: b.self_attn.to_sparse()?,
+                    ff: b.ff.to_sparse()?,
+                    ..b.clone()
+                })
+            })
+            .collect::<Result<_>>()?;
+        let decoder = self
+            .decoder
+            .iter()
+            .map(|b| {
+                Ok(DecoderBlock {
+                    self_attn: b.self_attn.to_sparse()?,
+                    cross_attn: b.cross_attn.to_sparse()?,
+                    ff: b.ff.to_sparse()?,
+                    ..b.clone()
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            encoder,
+            decoder,
+            ..self.clone()
         })
     }
 
@@ -905,5 +951,9 @@ impl super::HfSeq2Seq for T5Model {
     fn length_limit(&self) -> usize {
         // Relative positions: no table bounds the length; T5's customary limit (`n_positions`).
         512
+    }
+
+    fn to_sparse(&self) -> Result<Box<dyn super::HfSeq2Seq>> {
+        Ok(Box::new(Self::to_sparse(self)?))
     }
 }

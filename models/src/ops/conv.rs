@@ -622,3 +622,76 @@ impl Module for Conv2d {
         )
     }
 }
+
+/// A convolution whose weight is stored sparse, for inference: each image's receptive fields
+/// (im2col) times the sparse weight `(O, C·k·k)`, through `relprune_sparse`.
+#[derive(Clone, Debug)]
+pub struct SparseConv2d {
+    lin: relprune_sparse::SparseLinear,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl SparseConv2d {
+    /// The sparse form of a trained convolution.
+    pub fn from_dense(conv: &Conv2d) -> crate::Result<Self> {
+        let (o, c, kh, kw) = conv.weight.dims4()?;
+        if kh != kw {
+            return Err(crate::Error::Config(format!(
+                "sparse convolution: square kernels only, got {kh}×{kw}"
+            )));
+        }
+        let w = conv.weight.reshape((o, c * kh * kw))?;
+        let lin = relprune_sparse::SparseLinear::from_dense(&w, conv.bias.as_ref())
+            .map_err(|e| crate::Error::Config(format!("sparse convolution: {e}")))?;
+        Ok(Self {
+            lin,
+            kernel: kh,
+            stride: conv.stride,
+            padding: conv.padding,
+        })
+    }
+
+    /// This convolution followed by a max pooling.
+    pub fn forward_max_pool(&self, x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+        super::max_pool2d(&self.forward(x)?, kernel, stride)
+    }
+}
+
+impl Module for SparseConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let g = Window::new(
+            x.dims(),
+            self.kernel,
+            self.kernel,
+            self.stride,
+            self.padding,
+        )?;
+        let (k, positions) = (g.rows(), g.oh * g.ow);
+        // Receptive fields as rows: (B·OH·OW, C·k·k).
+        let mut patches = vec![0f32; g.b * positions * k];
+        super::with_f32(&x, "sparse conv2d", |xs| {
+            let mut cols = vec![0f32; k * positions];
+            for (img, out) in xs
+                .chunks_exact(g.c * g.h * g.w)
+                .zip(patches.chunks_exact_mut(positions * k))
+            {
+                im2col_image(img, &g, &mut cols);
+                for (r, row) in cols.chunks_exact(positions).enumerate() {
+                    for (p, &v) in row.iter().enumerate() {
+                        out[p * k + r] = v;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let patches = Tensor::from_vec(patches, (g.b * positions, k), x.device())?;
+        let y = self.lin.forward(&patches)?; // (B·OH·OW, O)
+        let o = y.dim(1)?;
+        y.reshape((g.b, g.oh, g.ow, o))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    }
+}

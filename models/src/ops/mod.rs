@@ -22,7 +22,7 @@ pub mod pool;
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
-pub use conv::{conv2d, conv2d_max_pool, Conv2d};
+pub use conv::{conv2d, conv2d_max_pool, Conv2d, SparseConv2d};
 pub use pool::max_pool2d;
 
 pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
