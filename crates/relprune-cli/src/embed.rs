@@ -27,6 +27,10 @@ pub struct EmbedArgs {
     /// Sentences per forward pass.
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub batch_size: usize,
+    /// Run the pruned layers sparse (their zeros left out; per batch, sparse or dense, whichever
+    /// the measured crossover table says is faster).
+    #[arg(long)]
+    pub sparse: bool,
 }
 
 /// Runs `relprune embed`.
@@ -35,7 +39,10 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         bail!("--batch-size must be positive");
     }
     detect_kind(&args.model, Kind::Encoder)?;
-    let model = BertModel::load(&args.model, &Device::Cpu)?;
+    let mut model = BertModel::load(&args.model, &Device::Cpu)?;
+    if args.sparse {
+        model = model.to_sparse()?;
+    }
     let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"))?;
     tokenizer
         .check_vocab(model.config().vocab_size)

@@ -32,6 +32,10 @@ pub struct ForwardArgs {
     /// "encoder_last_hidden_state": [...]}` (encoder–decoders).
     #[arg(long, value_name = "OUT.json")]
     pub out: PathBuf,
+    /// Run the pruned layers sparse (their zeros left out; per batch, sparse or dense, whichever
+    /// the measured crossover table says is faster).
+    #[arg(long)]
+    pub sparse: bool,
 }
 
 /// Runs `relprune forward`.
@@ -42,7 +46,10 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
         .with_context(|| format!("cannot read input file {}", args.input.display()))?;
     let inputs =
         parse_inputs(&text).with_context(|| format!("input file {}", args.input.display()))?;
-    let (_, model) = relprune_models::hf::load(&args.model, &VarMap::new(), &Device::Cpu)?;
+    let (_, mut model) = relprune_models::hf::load(&args.model, &VarMap::new(), &Device::Cpu)?;
+    if args.sparse {
+        model = model.to_sparse()?;
+    }
     let out = match model {
         HfModel::Encoder(m) => run_encoder(args, &inputs, &m)?,
         HfModel::Seq2Seq(m) => run_seq2seq(args, &inputs, m.as_ref())?,

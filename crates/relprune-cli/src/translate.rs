@@ -49,6 +49,10 @@ pub struct TranslateArgs {
     /// Print the generated token ids (space-separated, EOS included) instead of the text.
     #[arg(long)]
     pub ids: bool,
+    /// Run the pruned layers sparse (their zeros left out; per batch, sparse or dense, whichever
+    /// the measured crossover table says is faster).
+    #[arg(long)]
+    pub sparse: bool,
 }
 
 /// Runs `relprune translate`.
@@ -82,9 +86,12 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
         .collect();
     let (_, model) =
         relprune_models::hf::load(&args.model, &candle_nn::VarMap::new(), &Device::Cpu)?;
-    let HfModel::Seq2Seq(model) = model else {
+    let HfModel::Seq2Seq(mut model) = model else {
         bail!("{} is not an encoder-decoder", args.model.display());
     };
+    if args.sparse {
+        model = model.to_sparse()?;
+    }
     tokenizer
         .check_vocab(model.vocab_size())
         .context("the tokenizer does not fit the model")?;

@@ -287,3 +287,48 @@ fn translate_runs_t5_and_its_ids_start_with_the_greedy_ones() {
         .collect();
     assert_eq!(first, greedy[0][1..]);
 }
+
+#[test]
+fn sparse_forward_and_translate_give_what_dense_ones_give_on_a_pruned_checkpoint() {
+    let model = fixture("marian-tiny-pruned90");
+    let dir = TempDir::new().unwrap();
+    let reference = read_json(&model.join("reference.json"));
+    let input = dir.path().join("in.json");
+    std::fs::write(&input, reference["inputs"].to_string()).unwrap();
+    let out_path = dir.path().join("out.json");
+    let out = relprune(
+        &[
+            "forward".as_ref(),
+            "--model".as_ref(),
+            &model,
+            "--input".as_ref(),
+            &input,
+            "--out".as_ref(),
+            &out_path,
+            "--sparse".as_ref(),
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = read_json(&out_path);
+    let d = max_diff(&got["logits"], &reference["outputs"]["logits"], 2 * 6 * 200);
+    assert!(d < 1e-4, "{d}");
+    // The pruned copy with the tokenizer of the model it was pruned from.
+    let with_tokenizer = dir.path().join("pruned");
+    std::fs::create_dir(&with_tokenizer).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model.join(f), with_tokenizer.join(f)).unwrap();
+    }
+    let tok = fixture("marian-tiny").join("tokenizer.json");
+    std::fs::copy(tok, with_tokenizer.join("tokenizer.json")).unwrap();
+    let stdin = "the cat runs .\nhello .\n";
+    let dense = translate(&with_tokenizer, &["--ids", "--max-len", "10"], stdin);
+    let sparse = translate(
+        &with_tokenizer,
+        &["--ids", "--max-len", "10", "--sparse"],
+        stdin,
+    );
+    assert!(dense.status.success(), "{}", stderr(&dense));
+    assert!(sparse.status.success(), "{}", stderr(&sparse));
+    assert_eq!(stdout(&dense), stdout(&sparse));
+}
