@@ -4,6 +4,7 @@
 //! names a PyTorch user would expect (`fc1.weight`, `fc1.bias`, ...), so the engine can find,
 //! mask and export them, and [`checkpoint`] saves and loads them as safetensors.
 
+pub mod activation;
 pub mod attention;
 pub mod checkpoint;
 pub mod cifar;

@@ -11,7 +11,7 @@ mod translate;
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    keep_large_buffers_in_the_heap();
+    relprune_hf::memory::keep_large_buffers();
     let flags = flags::Xtask::parse();
     if let Some(n) = flags.threads {
         set_threads(n);
@@ -37,18 +37,6 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-    }
-}
-
-/// candle allocates and frees tensor storage every step; glibc would map and unmap each buffer
-/// over its mmap threshold anew, paying a page fault per page (≈ 18% of a LeNet-5 epoch).
-fn keep_large_buffers_in_the_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
-    unsafe {
-        // 32 MiB is glibc's upper limit for the threshold on 64-bit systems.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
 }
 

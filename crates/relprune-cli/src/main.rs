@@ -38,6 +38,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::PruneHf(_)) {
+        // Inference: speed over memory (prune-hf makes the opposite choice for its long runs).
+        relprune_hf::memory::keep_large_buffers();
+    }
     let result = match cli.command {
         Command::Bleu(args) => bleu::run(&args),
         Command::Forward(args) => forward::run(&args),

@@ -236,7 +236,7 @@ impl Activation {
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Silu => x.silu(),
-            Self::GeluErf => x.gelu_erf(),
+            Self::GeluErf => crate::activation::gelu_erf(x),
             Self::GeluTanh => x.gelu(),
             Self::Relu => x.relu(),
         }

@@ -161,7 +161,7 @@ impl Activation {
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Relu => x.relu(),
-            Self::GeluErf => x.gelu_erf(),
+            Self::GeluErf => crate::activation::gelu_erf(x),
             Self::GeluTanh => x.gelu(),
             Self::Silu => x.silu(),
         }
