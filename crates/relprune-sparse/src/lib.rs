@@ -7,12 +7,15 @@
 //!   count;
 //! - [`dispatch`]: the measured crossover table that says, per pattern and batch size, up to which
 //!   density the sparse product beats the dense one;
+//! - [`file`]: compressed checkpoints (`compressed-tensors`' `sparse-bitmask` and relprune's own
+//!   format), and back, bit for bit;
 //! - [`op`]: the kernels as a candle custom op and [`op::SparseLinear`], a drop-in linear layer
 //!   for inference that runs sparse or dense, whichever the table says is faster.
 //!
 //! Depends on candle-core only.
 
 pub mod dispatch;
+pub mod file;
 pub mod format;
 pub mod kernel;
 pub mod op;
