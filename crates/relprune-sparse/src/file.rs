@@ -475,21 +475,53 @@ fn relprune_decode(
 }
 
 /// The bytes of a safetensors file holding `tensors` and `metadata` (what [`compress`]
-/// returns).
+/// returns). Tensors are laid out as the `safetensors` crate does (widest dtype first, so every
+/// tensor is aligned to its element size), then by name, and the metadata keys are sorted: the same
+/// input always gives the same bytes (the `safetensors` crate writes its metadata in hash order).
 pub fn serialize(
     tensors: &BTreeMap<String, Raw>,
     metadata: &HashMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, r)| {
-            TensorView::new(r.dtype, r.shape.clone(), &r.data)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| Error::Value(format!("`{k}`: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    safetensors::serialize(views, meta).map_err(|e| Error::Value(format!("cannot serialize: {e}")))
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let sorted: BTreeMap<&String, &String> = metadata.iter().collect();
+        header.insert("__metadata__".into(), serde_json::json!(sorted));
+    }
+    let mut order: Vec<(&String, &Raw)> = tensors.iter().collect();
+    order.sort_by_key(|(name, raw)| (std::cmp::Reverse(raw.dtype.bitsize()), *name));
+    let mut offset = 0usize;
+    for &(name, raw) in &order {
+        let n: usize = raw.shape.iter().product();
+        if (n * raw.dtype.bitsize()).div_ceil(8) != raw.data.len() {
+            return Err(Error::Value(format!(
+                "`{name}`: {} bytes for shape {:?} of {:?}",
+                raw.data.len(),
+                raw.shape,
+                raw.dtype
+            )));
+        }
+        let dtype =
+            serde_json::to_value(raw.dtype).map_err(|e| Error::Value(format!("`{name}`: {e}")))?;
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": dtype,
+                "shape": raw.shape,
+                "data_offsets": [offset, offset + raw.data.len()],
+            }),
+        );
+        offset += raw.data.len();
+    }
+    let mut json = serde_json::to_vec(&header).expect("a JSON map serializes");
+    // Readers may map the body and view it as any dtype: keep it 8-byte aligned.
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for (_, raw) in order {
+        out.extend_from_slice(&raw.data);
+    }
+    Ok(out)
 }
 
 /// The bytes of the dense file of what [`decompress`] returns: with the original header
@@ -631,6 +663,22 @@ mod tests {
         // Row 0 keeps columns 0 and 9: bits 0 of byte 0 and 1 of byte 1.
         assert_eq!(c.tensors["fc.bitmask"].data[..2], [0b1, 0b10]);
         assert_eq!(c.tensors["fc.row_offsets"].to_i64s("").unwrap(), [0, 2, 4]);
+    }
+
+    #[test]
+    fn serialized_bytes_do_not_depend_on_hash_order_and_keep_tensors_aligned() {
+        let c = compress(&sample(), Format::RelpruneSparse, |_, _| true).unwrap();
+        let first = serialize(&c.tensors, &c.metadata).unwrap();
+        for _ in 0..8 {
+            // A fresh map gets a fresh hash seed, so its iteration order changes.
+            let meta: HashMap<String, String> = c.metadata.clone().into_iter().collect();
+            assert_eq!(serialize(&c.tensors, &meta).unwrap(), first);
+        }
+        let st = safetensors::SafeTensors::deserialize(&first).unwrap();
+        for (name, view) in st.tensors() {
+            let align = view.dtype().bitsize() / 8;
+            assert_eq!(view.data().as_ptr() as usize % align.max(1), 0, "{name}");
+        }
     }
 
     #[test]
