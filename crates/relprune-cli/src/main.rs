@@ -2,6 +2,7 @@
 //! arguments, dispatches, and turns errors into a message and a non-zero exit code.
 
 mod bleu;
+mod compress;
 mod embed;
 mod forward;
 mod prune_hf;
@@ -26,6 +27,10 @@ struct Cli {
 enum Command {
     /// Corpus BLEU of a translation against one or more references, exactly as sacreBLEU 2.x.
     Bleu(bleu::BleuArgs),
+    /// Stores a pruned Hugging Face checkpoint without its zeros (sparse-bitmask or relprune-sparse).
+    Compress(compress::CompressArgs),
+    /// Turns a compressed checkpoint back into the dense one, byte for byte.
+    Decompress(compress::DecompressArgs),
     /// One forward pass of a Hugging Face checkpoint (BERT, Marian, T5) on token ids from JSON; writes its outputs as JSON.
     Forward(forward::ForwardArgs),
     /// Sentence embeddings (mean pooling, L2-normalized) of a text file's lines with a BERT checkpoint.
@@ -44,6 +49,8 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Bleu(args) => bleu::run(&args),
+        Command::Compress(args) => compress::compress(&args),
+        Command::Decompress(args) => compress::decompress(&args),
         Command::Forward(args) => forward::run(&args),
         Command::Embed(args) => embed::run(&args),
         Command::Translate(args) => translate::run(&args),

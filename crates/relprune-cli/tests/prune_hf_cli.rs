@@ -686,3 +686,47 @@ fn an_unknown_option_value_is_an_error_listing_the_valid_ones() {
     }
     assert!(!Path::new("never-written").exists());
 }
+
+#[test]
+fn prune_hf_writes_a_compressed_checkpoint_that_decompresses_to_the_dense_run() {
+    let dir = TempDir::new().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, sentences(32, 0)).unwrap();
+    let (dense, packed, back) = (
+        dir.path().join("dense"),
+        dir.path().join("packed"),
+        dir.path().join("back"),
+    );
+    let run = prune_bert(&fixture("bert-tiny"), &text, &dense, &[], &[]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let extra = ["--format", "sparse-bitmask"];
+    let run = prune_bert(&fixture("bert-tiny"), &text, &packed, &extra, &[]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let report = read_report(&packed);
+    let compression = &report["extra"]["compression"];
+    assert_eq!(compression["format"], "sparse-bitmask");
+    assert!(!compression["compressed"].as_array().unwrap().is_empty());
+    assert!(compression["compressed_bytes"].as_u64() < compression["dense_bytes"].as_u64());
+    let config = std::fs::read_to_string(packed.join("config.json")).unwrap();
+    assert!(config.contains("\"sparse-bitmask\""), "{config}");
+
+    let r = relprune(
+        &["decompress", "--model", s(&packed), "--out", s(&back)],
+        &[],
+    );
+    assert!(r.status.success(), "{}", stderr(&r));
+    for f in ["model.safetensors", "config.json"] {
+        let same = std::fs::read(dense.join(f)).unwrap() == std::fs::read(back.join(f)).unwrap();
+        assert!(same, "{f} differs from the dense run's");
+    }
+
+    // A compressed checkpoint is not pruned again as it is: the message says what to do.
+    let again = dir.path().join("again");
+    let r = prune_bert(&packed, &text, &again, &[], &[]);
+    let err = stderr(&r);
+    assert!(
+        !r.status.success() && err.contains("relprune decompress"),
+        "{err}"
+    );
+    assert!(!again.exists());
+}

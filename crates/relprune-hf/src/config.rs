@@ -11,6 +11,7 @@ use relprune_prune::{PruneConfig, RestorePoint, Selection};
 use relprune_tasks::EngineArgs;
 use serde::{Deserialize, Serialize};
 
+use crate::compress::CheckpointFormat;
 use crate::error::{invalid, Result};
 use crate::resolve::{absolute, resolve};
 
@@ -76,6 +77,11 @@ pub struct Options {
     /// Also write the compact sparse format (`model.sparse.safetensors`).
     #[cfg_attr(feature = "cli", arg(long))]
     pub sparse: bool,
+    /// How `model.safetensors` is written: dense (zeros in place, what every tool reads),
+    /// sparse-bitmask (compressed-tensors' format, announced in config.json) or relprune-sparse
+    /// (relprune's own); `relprune decompress` turns either back into the dense files.
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = CheckpointFormat::Dense))]
+    pub format: CheckpointFormat,
     /// Also prune the token embeddings (and a tied or separate LM head). Off by default: only
     /// rows of tokens that occur in the pruning data get a gradient, so the rest of a large
     /// vocabulary would be pruned by magnitude alone, blind to what the model does with them.
@@ -146,6 +152,7 @@ impl Options {
             target_sparsity: None,
             max_drop: None,
             sparse: false,
+            format: CheckpointFormat::Dense,
             prune_embeddings: false,
             train_embeddings: false,
             final_step: FinalStep::Reconstruct,
@@ -206,6 +213,9 @@ pub struct Config {
     pub finetune_lr: f64,
     /// `--sparse`.
     pub sparse: bool,
+    /// `--format`.
+    #[serde(default)]
+    pub format: CheckpointFormat,
     /// `--final-step`.
     #[serde(default)]
     pub final_step: FinalStep,
@@ -252,6 +262,14 @@ impl Config {
         }
         let model_dir = resolve(&model_arg, o.revision.as_deref())?;
         let arch = detect(&model_dir)?;
+        if crate::compress::is_compressed(&model_dir)? {
+            return Err(invalid(format!(
+                "{}: the checkpoint is compressed; prune its dense form (relprune decompress \
+                 --model {} --out DIR)",
+                model_dir.display(),
+                model_dir.display()
+            )));
+        }
         let abs = |p: &Option<PathBuf>| p.as_deref().map(absolute).transpose();
         let data = match &o.data {
             Some(v) => Some(v.iter().map(|p| absolute(p)).collect::<Result<Vec<_>>>()?),
@@ -302,6 +320,7 @@ impl Config {
             finetune_epochs,
             finetune_lr,
             sparse: o.sparse,
+            format: o.format,
             final_step: o.final_step,
         })
     }

@@ -25,6 +25,7 @@
 //! with [`RunOptions::resume`]), and the output is written into a temporary directory renamed at
 //! the end: a failure leaves no partial output directory.
 
+pub mod compress;
 pub mod config;
 pub mod error;
 pub mod memory;
@@ -44,6 +45,7 @@ use relprune_prune::{AdamConfig, Evaluation, MaskedAdam, Masks, ParamSet, Split,
 use relprune_tasks::run::{Finish, ModelFiles, MODEL_FILE};
 use relprune_tasks::ReportFiles;
 
+pub use compress::{compress_dir, decompress_dir, CheckpointFormat, CompressedFormat};
 pub use config::{Config, FinalStep, Options};
 pub use error::{Error, Result};
 pub use prune::prune;
@@ -249,6 +251,11 @@ impl End<'_> {
                 started: self.started,
             },
         )?;
+        if let Some(format) = self.cfg.format.compressed() {
+            let summary = compress::compress_in_place(stage.path(), format.into())?;
+            let summary = serde_json::to_value(summary).map_err(|e| invalid(e.to_string()))?;
+            results.extra.insert("compression".into(), summary);
+        }
         let extra = &mut results.extra;
         extra.insert("copied_unchanged_tensors".into(), files.copied.into());
         extra.insert("skipped_files".into(), skipped.into());

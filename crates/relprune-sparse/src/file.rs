@@ -275,19 +275,34 @@ fn relprune_encode(raw: &Raw, size: usize) -> (&'static str, Raw, Raw) {
     }
 }
 
-/// The dense tensors of a safetensors file, whatever was compressed in it (a file with nothing
-/// compressed comes back as it is), and the file's metadata without what compression added.
-pub fn decompress(bytes: &[u8]) -> Result<(BTreeMap<String, Raw>, HashMap<String, String>)> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::Value(format!("not a safetensors file: {e}")))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| Error::Value(format!("not a safetensors file: {e}")))?;
-    let mut meta = header.metadata().clone().unwrap_or_default();
-    let stored: BTreeMap<String, Raw> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, Raw::of(&v)))
-        .collect();
+/// How one dense tensor of a file is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// As it is, under its own name.
+    Dense,
+    /// In the `sparse-bitmask` layout, as `PREFIX.compressed`, `.bitmask`, `.shape`,
+    /// `.row_offsets` (the dense name is `PREFIX.weight`).
+    Bitmask {
+        /// `PREFIX`.
+        prefix: String,
+    },
+    /// In the relprune layout, as `NAME.values` and `NAME.deltas` or `NAME.bitmap`.
+    Relprune {
+        /// Whether the positions are 8-bit gaps (else a bitmap).
+        deltas: bool,
+        /// The dense shape (from the metadata).
+        shape: Vec<usize>,
+    },
+}
+
+/// The dense tensors of a file with stored tensors `names` and header `metadata`, by name, and
+/// how each is stored; the metadata without what compression added. An unknown relprune format
+/// and a tensor stored both dense and compressed are errors.
+pub fn index(
+    names: &[String],
+    metadata: &HashMap<String, String>,
+) -> Result<(BTreeMap<String, Stored>, HashMap<String, String>)> {
+    let mut meta = metadata.clone();
     let relprune = match meta.get(FORMAT_KEY).map(String::as_str) {
         Some(RELPRUNE_FORMAT) => true,
         Some(f) if f.starts_with("relprune") => {
@@ -296,55 +311,81 @@ pub fn decompress(bytes: &[u8]) -> Result<(BTreeMap<String, Raw>, HashMap<String
         _ => false,
     };
     let mut out = BTreeMap::new();
-    let mut used = std::collections::BTreeSet::new();
-    for (name, raw) in &stored {
+    let mut parts = std::collections::BTreeSet::new();
+    for name in names {
         if let Some(prefix) = name.strip_suffix(".bitmask") {
-            let get = |suffix: &str| {
-                stored.get(&format!("{prefix}.{suffix}")).ok_or_else(|| {
-                    Error::Value(format!("`{prefix}`: `{prefix}.{suffix}` is missing"))
-                })
-            };
-            let parts = [get("shape")?, get("compressed")?, raw, get("row_offsets")?];
-            let dense = bitmask_decode(prefix, parts[0], parts[1], parts[2], parts[3])?;
-            out.insert(format!("{prefix}.weight"), dense);
-            for s in ["shape", "compressed", "bitmask", "row_offsets"] {
-                used.insert(format!("{prefix}.{s}"));
+            for s in BITMASK_PARTS {
+                parts.insert(format!("{prefix}.{s}"));
             }
+            let prefix = prefix.to_string();
+            out.insert(format!("{prefix}.weight"), Stored::Bitmask { prefix });
         } else if relprune && (name.ends_with(".bitmap") || name.ends_with(".deltas")) {
             let (base, key) = name.rsplit_once('.').expect("has a suffix");
-            let values = stored
-                .get(&format!("{base}.values"))
-                .ok_or_else(|| Error::Value(format!("`{base}`: `{base}.values` is missing")))?;
             let shape: Vec<usize> = meta
-                .get(&format!("shape.{base}"))
+                .remove(&format!("shape.{base}"))
                 .ok_or_else(|| Error::Value(format!("`{base}`: no shape in the metadata")))?
                 .split(',')
                 .map(|d| d.parse::<usize>())
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|e| Error::Value(format!("`{base}`: bad shape: {e}")))?;
-            out.insert(
-                base.to_string(),
-                relprune_decode(base, key == "deltas", raw, values, shape)?,
-            );
-            used.insert(name.clone());
-            used.insert(format!("{base}.values"));
-            meta.remove(&format!("shape.{base}"));
+            parts.insert(name.clone());
+            parts.insert(format!("{base}.values"));
+            let deltas = key == "deltas";
+            out.insert(base.to_string(), Stored::Relprune { deltas, shape });
         }
     }
-    for (name, raw) in stored {
-        if !used.contains(&name) {
-            if out.contains_key(&name) {
-                return Err(Error::Value(format!(
-                    "`{name}` is stored both dense and compressed"
-                )));
-            }
-            out.insert(name, raw);
+    for name in names.iter().filter(|n| !parts.contains(*n)) {
+        if out.insert(name.clone(), Stored::Dense).is_some() {
+            return Err(Error::Value(format!(
+                "`{name}` is stored both dense and compressed"
+            )));
         }
     }
     if relprune {
         meta.remove(FORMAT_KEY);
     }
     Ok((out, meta))
+}
+
+/// The stored tensors of the `sparse-bitmask` layout, by suffix.
+const BITMASK_PARTS: [&str; 4] = ["shape", "compressed", "bitmask", "row_offsets"];
+
+/// The dense tensor `name`, stored as `how`, from its stored parts (`fetch(stored name)`).
+pub fn decode(name: &str, how: &Stored, fetch: impl Fn(&str) -> Option<Raw>) -> Result<Raw> {
+    let get = |part: String| {
+        fetch(&part).ok_or_else(|| Error::Value(format!("`{name}`: `{part}` is missing")))
+    };
+    match how {
+        Stored::Dense => get(name.to_string()),
+        Stored::Bitmask { prefix } => {
+            let [shape, values, bitmask, offsets] =
+                BITMASK_PARTS.map(|s| get(format!("{prefix}.{s}")));
+            bitmask_decode(prefix, &shape?, &values?, &bitmask?, &offsets?)
+        }
+        Stored::Relprune { deltas, shape } => {
+            let key = if *deltas { "deltas" } else { "bitmap" };
+            let index = get(format!("{name}.{key}"))?;
+            let values = get(format!("{name}.values"))?;
+            relprune_decode(name, *deltas, &index, &values, shape.clone())
+        }
+    }
+}
+
+/// The dense tensors of a safetensors file, whatever was compressed in it (a file with nothing
+/// compressed comes back as it is), and the file's metadata without what compression added.
+pub fn decompress(bytes: &[u8]) -> Result<(BTreeMap<String, Raw>, HashMap<String, String>)> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Value(format!("not a safetensors file: {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::Value(format!("not a safetensors file: {e}")))?;
+    let names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    let (dense, meta) = index(&names, &header.metadata().clone().unwrap_or_default())?;
+    let fetch = |n: &str| st.tensor(n).ok().map(|v| Raw::of(&v));
+    let tensors = dense
+        .iter()
+        .map(|(name, how)| Ok((name.clone(), decode(name, how, fetch)?)))
+        .collect::<Result<_>>()?;
+    Ok((tensors, meta))
 }
 
 fn bitmask_decode(

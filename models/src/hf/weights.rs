@@ -1,11 +1,14 @@
 //! Reading a checkpoint's `model.safetensors` by tensor name, the way every architecture's
 //! loader needs it: as f32, with its shape checked against the configuration, tied tensors found
-//! under any of their aliases, and every error naming the file and the tensor.
+//! under any of their aliases, and every error naming the file and the tensor. Compressed files
+//! (`sparse-bitmask`, `relprune-sparse`; see [`relprune_sparse::file`]) are read as the dense
+//! tensors they hold, each decompressed when it is asked for.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use relprune_sparse::file::{self, Raw, Stored};
 
 use crate::{Error, Result};
 
@@ -29,11 +32,13 @@ pub fn variable_names_with(aliases: &[&str], name: &str) -> Vec<String> {
     out
 }
 
-/// The tensors of one safetensors file (memory-mapped; each tensor is copied out when read).
+/// The tensors of one safetensors file (memory-mapped; each tensor is copied out, or
+/// decompressed, when read).
 pub struct Weights {
     path: PathBuf,
     st: candle_core::safetensors::MmapedSafetensors,
-    names: HashSet<String>,
+    /// The dense tensors the file holds, by name, and how each is stored.
+    stored: BTreeMap<String, Stored>,
 }
 
 impl Weights {
@@ -53,12 +58,19 @@ impl Weights {
         // meanwhile, is the one every mmap-based loader (transformers' included) accepts.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
             .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
-        let names = st.tensors().into_iter().map(|(name, _)| name).collect();
+        let names: Vec<String> = st.tensors().into_iter().map(|(name, _)| name).collect();
+        let metadata = super::save::header_metadata(path)?.unwrap_or_default();
+        let (stored, _) = file::index(&names, &metadata).map_err(|e| err(e.to_string()))?;
         Ok(Self {
             path: path.to_path_buf(),
             st,
-            names,
+            stored,
         })
+    }
+
+    /// Whether some tensor of the file is stored compressed.
+    pub fn is_compressed(&self) -> bool {
+        self.stored.values().any(|s| *s != Stored::Dense)
     }
 
     /// An error about this file.
@@ -71,18 +83,26 @@ impl Weights {
 
     /// Whether the file holds a tensor called `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.names.contains(name)
+        self.stored.contains_key(name)
     }
 
     /// The tensor `name` as f32 on `device`, if the file holds it; integer tensors are errors.
     pub fn get(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
-        if !self.contains(name) {
+        let Some(how) = self.stored.get(name) else {
             return Ok(None);
-        }
-        let t = self
-            .st
-            .load(name, device)
-            .map_err(|e| self.error(format!("tensor `{name}`: {e}")))?;
+        };
+        let tensor_err = |e: &dyn std::fmt::Display| self.error(format!("tensor `{name}`: {e}"));
+        let t = match how {
+            Stored::Dense => self.st.load(name, device).map_err(|e| tensor_err(&e))?,
+            compressed => {
+                let fetch = |part: &str| self.st.get(part).ok().map(|v| Raw::of(&v));
+                let raw =
+                    file::decode(name, compressed, fetch).map_err(|e| self.error(e.to_string()))?;
+                let view = safetensors::tensor::TensorView::new(raw.dtype, raw.shape, &raw.data)
+                    .map_err(|e| tensor_err(&e))?;
+                candle_core::safetensors::Load::load(&view, device).map_err(|e| tensor_err(&e))?
+            }
+        };
         match t.dtype() {
             DType::F32 => Ok(Some(t)),
             DType::F16 | DType::BF16 | DType::F64 => Ok(Some(t.to_dtype(DType::F32)?)),
