@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: training-epoch times of relprune against the PyTorch reference.
+//! `cargo xtask bench`: training-epoch times of relprune against the PyTorch reference, and
+//! the inference tasks of [`crate::bench_infer`].
 //!
 //! Machines here are noisy, so every figure is a ratio measured in the same run: our task and
 //! the reference task alternate (A B A B ...) and the median of the per-round ratios is reported.
@@ -134,6 +135,63 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 pub fn run(f: flags::Bench) -> Result<()> {
+    for t in &f.tasks {
+        if !TASKS.contains(&t.as_str()) && !crate::bench_infer::TASKS.contains(&t.as_str()) {
+            bail!(
+                "unknown bench task `{t}` ({}, {})",
+                TASKS.join(", "),
+                crate::bench_infer::TASKS.join(", ")
+            );
+        }
+    }
+    let selected = |t: &&str| f.tasks.iter().any(|x| x == t);
+    let tasks: Vec<&str> = TASKS
+        .iter()
+        .copied()
+        .filter(|t| f.tasks.is_empty() || selected(t))
+        .collect();
+    let infer_tasks: Vec<&str> = crate::bench_infer::TASKS
+        .iter()
+        .copied()
+        .filter(selected)
+        .collect();
+    let infer = crate::bench_infer::Setup::new(&f, &infer_tasks)?;
+    let rows = train_rows(&f, &tasks)?;
+    let infer_rows = crate::bench_infer::run(&f, &infer_tasks, &infer)?;
+    let mut md = String::from("# relprune bench\n");
+    if !rows.0.is_empty() {
+        md.push_str(&rows.1);
+    }
+    if !infer_rows.is_empty() {
+        md.push_str(&crate::bench_infer::report(&infer_rows, &f.out)?);
+    }
+    md.push_str(&format!(
+        "\nThreads: RAYON_NUM_THREADS={}, machine cores {}.\n",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "(default)".into()),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&f.out)?;
+    let json = serde_json::json!({
+        "rows": rows.0,
+        "swd_overhead_ratio_median": rows.2,
+        "inference": infer_rows,
+    });
+    relprune_io::write(
+        &f.out.join("bench.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    relprune_io::write(&f.out.join("bench.md"), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
+}
+
+/// The training tasks' rows, their Markdown table, and the regularizer's overhead.
+fn train_rows(f: &flags::Bench, tasks: &[&str]) -> Result<(Vec<Row>, String, Option<f64>)> {
+    if tasks.is_empty() {
+        return Ok((Vec::new(), String::new(), None));
+    }
     let mnist: PathBuf = match f
         .mnist
         .clone()
@@ -158,18 +216,8 @@ pub fn run(f: flags::Bench) -> Result<()> {
             );
         }
     }
-    for t in &f.tasks {
-        if !TASKS.contains(&t.as_str()) {
-            bail!("unknown bench task `{t}` ({})", TASKS.join(", "));
-        }
-    }
-    let tasks: Vec<&str> = TASKS
-        .iter()
-        .copied()
-        .filter(|t| f.tasks.is_empty() || f.tasks.iter().any(|x| x == t))
-        .collect();
     let mut runs = Vec::new();
-    for t in &tasks {
+    for t in tasks {
         let mut e = OurEpoch::new(&data, t)?;
         // Warm-up: first-touch allocations and thread pools.
         e.epoch_seconds()?;
@@ -212,7 +260,9 @@ pub fn run(f: flags::Bench) -> Result<()> {
         _ => None,
     };
 
-    let mut md = String::from("# relprune bench\n\nMedians over interleaved rounds; ratios < 1 mean relprune is faster.\n\n");
+    let mut md = String::from(
+        "\n## Training\n\nMedians over interleaved rounds; ratios < 1 mean relprune is faster.\n\n",
+    );
     md.push_str("| task | ours median (s) | torch median (s) | ours / torch (median of ratios) |\n|---|---:|---:|---:|\n");
     for r in &rows {
         md.push_str(&format!(
@@ -230,20 +280,5 @@ pub fn run(f: flags::Bench) -> Result<()> {
             (o - 1.0) * 100.0
         ));
     }
-    md.push_str(&format!(
-        "\nThreads: RAYON_NUM_THREADS={}, machine cores {}.\n",
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "(default)".into()),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&f.out)?;
-    let json = serde_json::json!({ "rows": rows, "swd_overhead_ratio_median": overhead });
-    relprune_io::write(
-        &f.out.join("bench.json"),
-        serde_json::to_string_pretty(&json)?.as_bytes(),
-    )?;
-    relprune_io::write(&f.out.join("bench.md"), md.as_bytes())?;
-    println!("{md}");
-    Ok(())
+    Ok((rows, md, overhead))
 }

@@ -156,12 +156,16 @@ pub struct Reproduce {
 /// Flags of `bench`.
 #[derive(Debug, clap::Args)]
 pub struct Bench {
-    /// A Python virtual environment with PyTorch (see ../shared/bench/setup_torch.sh).
+    /// A Python virtual environment with PyTorch (see ../shared/bench/setup_torch.sh; the
+    /// minilm-embed task also needs sentence-transformers in it).
     #[arg(long)]
     pub torch_venv: Option<PathBuf>,
-    /// The PyTorch reference script.
+    /// The PyTorch reference script of the training tasks.
     #[arg(long, default_value = "../shared/bench/torch_reference.py")]
     pub torch_script: PathBuf,
+    /// The PyTorch script of the inference tasks.
+    #[arg(long, default_value = "scripts/torch_infer.py")]
+    pub torch_infer_script: PathBuf,
     /// MNIST directory (else $RELPRUNE_DATA_DIR, else ../shared/data/mnist).
     #[arg(long)]
     pub mnist: Option<PathBuf>,
@@ -171,9 +175,23 @@ pub struct Bench {
     /// Output directory for bench.json and bench.md.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
-    /// Only these tasks (comma-separated: lenet300-epoch, lenet300-swd-epoch, lenet5-epoch).
+    /// Only these tasks (comma-separated). Training: lenet300-epoch, lenet300-swd-epoch,
+    /// lenet5-epoch (the default set); inference: layer, lenet300-infer, lenet5-infer,
+    /// minilm-embed.
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
+    /// The LeNet-300-100 reproduction whose model.safetensors lenet300-infer runs.
+    #[arg(long, default_value = "target/reproduce/lenet300-mnist")]
+    pub lenet300: PathBuf,
+    /// The LeNet-5 reproduction whose model.safetensors lenet5-infer runs.
+    #[arg(long, default_value = "target/reproduce/lenet5-mnist")]
+    pub lenet5: PathBuf,
+    /// The pruned MiniLM directories (prune-hf outputs) minilm-embed runs (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub minilm_pruned: Vec<PathBuf>,
+    /// The text minilm-embed takes its 1,000 sentences from: every 20th line of 8–32 words.
+    #[arg(long, default_value = "../shared/data/gettext-en-de/train.en")]
+    pub sentences: PathBuf,
 }
 
 /// Flags of `embed-mnist`.

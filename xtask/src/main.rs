@@ -2,6 +2,7 @@
 
 mod ablate;
 mod bench;
+mod bench_infer;
 mod classify;
 mod crossover;
 mod flags;

@@ -5,12 +5,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
-use relprune_data::text::{read_lines, truncate_keeping_last, TextTokenizer};
-use relprune_models::hf::bert::BertModel;
-use relprune_models::hf::{detect_kind, Kind};
-use relprune_tasks::Sentences;
+use relprune_data::text::read_lines;
+use relprune_tasks::encoder::Embedder;
 
 /// Arguments of `relprune embed`.
 #[derive(Debug, Args)]
@@ -38,32 +35,12 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
-    detect_kind(&args.model, Kind::Encoder)?;
-    let mut model = BertModel::load(&args.model, &Device::Cpu)?;
-    if args.sparse {
-        model = model.to_sparse()?;
-    }
-    let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"))?;
-    tokenizer
-        .check_vocab(model.config().vocab_size)
-        .context("the tokenizer does not fit the model")?;
-    let max_len = model.max_input_length(&args.model)?;
+    let embedder = Embedder::load(&args.model, args.sparse)?;
     let lines = read_lines(&args.text).context("text file")?;
     if lines.is_empty() {
         bail!("text file {} has no lines", args.text.display());
     }
-    let ids = lines
-        .iter()
-        .map(|s| Ok(truncate_keeping_last(tokenizer.encode(s)?, max_len)))
-        .collect::<Result<Vec<_>>>()?;
-    // Padded positions are masked out, so any valid id will do when the vocabulary has no pad.
-    let pad = tokenizer
-        .pad_id()
-        .or(model.config().pad_token_id)
-        .unwrap_or(0);
-    let sentences = Sentences::new(ids, args.batch_size, 0);
-    let hidden = indicatif::ProgressBar::hidden();
-    let embeddings = relprune_tasks::encoder::embed(&model, &sentences, pad, &hidden)?;
+    let embeddings = embedder.embed(&lines, args.batch_size)?;
     let json = serde_json::json!({ "embeddings": embeddings.to_vec2::<f32>()? });
     relprune_io::write(&args.out, serde_json::to_string(&json)?.as_bytes())?;
     Ok(())

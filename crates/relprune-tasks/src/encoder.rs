@@ -268,6 +268,69 @@ pub fn embed(
     Ok(Tensor::from_vec(flat, (s.len(), h), &device)?)
 }
 
+/// A BERT sentence-embedding checkpoint ready to embed text: what `relprune embed` runs
+/// (tokenize with the model's `tokenizer.json`, truncate as sentence-transformers does, padded
+/// batches of similar lengths, mean pooling, L2 normalization).
+pub struct Embedder {
+    /// The model.
+    pub model: BertModel,
+    tokenizer: relprune_data::text::TextTokenizer,
+    max_len: usize,
+    pad: u32,
+}
+
+impl Embedder {
+    /// Loads the checkpoint in `dir` (dense or compressed) and its tokenizer; `sparse` runs its
+    /// pruned layers sparse.
+    pub fn load(dir: &std::path::Path, sparse: bool) -> crate::Result<Self> {
+        relprune_models::hf::detect_kind(dir, relprune_models::hf::Kind::Encoder)?;
+        let mut model = BertModel::load(dir, &Device::Cpu)?;
+        if sparse {
+            model = model.to_sparse()?;
+        }
+        let tokenizer = relprune_data::text::TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+        tokenizer
+            .check_vocab(model.config().vocab_size)
+            .map_err(|e| {
+                crate::Error::Invalid(format!("the tokenizer does not fit the model: {e}"))
+            })?;
+        let max_len = model.max_input_length(dir)?;
+        // Padded positions are masked out, so any valid id will do when the vocabulary has no pad.
+        let pad = tokenizer
+            .pad_id()
+            .or(model.config().pad_token_id)
+            .unwrap_or(0);
+        Ok(Self {
+            model,
+            tokenizer,
+            max_len,
+            pad,
+        })
+    }
+
+    /// The (N, H) embeddings of `lines`, in order, `batch` sentences per forward pass.
+    pub fn embed(&self, lines: &[String], batch: usize) -> crate::Result<Tensor> {
+        if batch == 0 {
+            return Err(crate::Error::Invalid(
+                "the batch size must be positive".into(),
+            ));
+        }
+        let ids = lines
+            .iter()
+            .map(|s| {
+                let ids = self.tokenizer.encode(s)?;
+                Ok(relprune_data::text::truncate_keeping_last(
+                    ids,
+                    self.max_len,
+                ))
+            })
+            .collect::<crate::Result<Vec<_>>>()?;
+        let sentences = Sentences::new(ids, batch, 0);
+        let hidden = indicatif::ProgressBar::hidden();
+        Ok(embed(&self.model, &sentences, self.pad, &hidden)?)
+    }
+}
+
 fn task_err(e: impl std::fmt::Display) -> relprune_prune::Error {
     relprune_prune::Error::Task(e.to_string())
 }
