@@ -121,7 +121,8 @@ fn torch_seconds(python: &Path, script: &Path, mnist: &Path, task: &str) -> Resu
         .with_context(|| format!("{task}: no seconds in the reference output"))
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+/// The median of `v` (`None` if empty).
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

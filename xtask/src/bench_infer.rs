@@ -27,6 +27,7 @@ use relprune_sparse::SparseLinear;
 use relprune_tasks::encoder::Embedder;
 use serde::Serialize;
 
+use crate::bench::median;
 use crate::flags;
 
 /// The inference tasks.
@@ -74,23 +75,24 @@ impl Row {
     pub fn dense_vs_torch(&self) -> Option<f64> {
         Self::median_ratio(&self.dense, &self.torch)
     }
+    /// Prints round `round`'s figures (progress on stderr).
+    fn log(&self, round: usize, rounds: usize) {
+        let torch = self.torch.get(round).map(|t| format!(", PyTorch {t:.3e}s"));
+        eprintln!(
+            "round {}/{rounds}: {} {}: ours dense {:.3e}s, sparse {:.3e}s{}",
+            round + 1,
+            self.task,
+            self.point,
+            self.dense[round],
+            self.sparse[round],
+            torch.unwrap_or_default()
+        );
+    }
+
     /// PyTorch's CSR speedup over its dense path.
     pub fn torch_csr_speedup(&self) -> Option<f64> {
         Self::median_ratio(&self.torch, &self.torch_csr)
     }
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    })
 }
 
 /// Seconds of one run of `f` (after it ran once), repeated `reps` times.
@@ -315,14 +317,7 @@ fn layer(setup: &Setup) -> Result<Vec<Row>> {
                 row.torch.push(Torch::first(&v, "seconds")?);
                 row.torch_csr.push(Torch::first(&v, "csr_seconds")?);
             }
-            eprintln!(
-                "round {}/{}: layer {}: dense {:.2e}s sparse {:.2e}s",
-                round + 1,
-                setup.rounds,
-                row.point,
-                row.dense[round],
-                row.sparse[round]
-            );
+            row.log(round, setup.rounds);
         }
     }
     Ok(rows)
@@ -384,14 +379,7 @@ fn lenet(setup: &Setup, net: &str, dir: &Path) -> Result<Vec<Row>> {
                 )?;
                 row.torch.push(Torch::first(&v, "seconds")?);
             }
-            eprintln!(
-                "round {}/{}: {net} {}: dense {:.3}s sparse {:.3}s",
-                round + 1,
-                setup.rounds,
-                row.point,
-                row.dense[round],
-                row.sparse[round]
-            );
+            row.log(round, setup.rounds);
         }
     }
     Ok(rows)
@@ -450,14 +438,7 @@ fn minilm(setup: &Setup, dirs: &[PathBuf], text: &Path) -> Result<Vec<Row>> {
                 )?;
                 row.torch.push(Torch::first(&v, "seconds")?);
             }
-            eprintln!(
-                "round {}/{}: minilm {}: dense {:.2}s sparse {:.2}s",
-                round + 1,
-                setup.rounds,
-                row.point,
-                row.dense[round],
-                row.sparse[round]
-            );
+            row.log(round, setup.rounds);
         }
     }
     Ok(rows)
