@@ -1,6 +1,8 @@
-//! `cargo xtask crossover`: measures where the sparse product beats the dense one and writes the
-//! table `relprune_sparse::Crossover` dispatches by (`crates/relprune-sparse/crossover.tsv`),
-//! with a report of every grid point (`target/bench/crossover.md`).
+//! `cargo xtask crossover`: measures where the sparse product beats the dense one with this
+//! run's thread count (`--threads`) and writes that count's points into the table
+//! `relprune_sparse::Crossover` dispatches by (`crates/relprune-sparse/crossover.tsv`; other
+//! thread counts' points are kept), with a report of every grid point
+//! (`target/bench/crossover-<N>threads.md`).
 //!
 //! For each batch size of the grid, the layer (default 768 inputs × 3072 outputs, BERT-base's
 //! FFN) is pruned by magnitude to each density, from the sparsest up; the largest density up to
@@ -10,7 +12,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{Device, Module, Tensor};
 use relprune_sparse::dispatch::{Crossover, Pattern, Point};
 use relprune_sparse::{SparseLinear, SparseWeight, NM};
@@ -109,12 +111,13 @@ pub fn run(f: flags::Crossover) -> Result<()> {
         )?),
         None,
     )?;
+    let threads = rayon::current_num_threads();
     let threshold = 1.0 / (1.0 + f.margin);
     let mut points = Vec::new();
     let mut md = format!(
-        "# Sparse against dense: {cols} inputs × {rows} outputs\n\nsparse time / dense time, \
-         median of {} interleaved rounds; sparse is chosen where it is below {threshold:.3} \
-         (faster by {:.0}%).\n\n| batch | {} | 2:4 |\n|---:|{}---:|\n",
+        "# Sparse against dense: {cols} inputs × {rows} outputs, {threads} threads\n\nsparse time / \
+         dense time, median of {} interleaved rounds; sparse is chosen where it is below \
+         {threshold:.3} (faster by {:.0}%).\n\n| batch | {} | 2:4 |\n|---:|{}---:|\n",
         f.rounds,
         f.margin * 100.0,
         DENSITIES
@@ -143,31 +146,35 @@ pub fn run(f: flags::Crossover) -> Result<()> {
         md.push_str(&row);
         md.push('\n');
         points.push(Point {
+            threads,
             pattern: Pattern::Unstructured,
             batch,
             max_density,
         });
         points.push(Point {
+            threads,
             pattern: Pattern::NM(2, 4),
             batch,
             max_density: if r <= threshold { 0.5 } else { 0.0 },
         });
     }
-    let table = Crossover::new(points);
+    let measured = Crossover::new(points);
+    let table = match std::fs::read_to_string(&f.out) {
+        Ok(text) => Crossover::parse(&text)
+            .with_context(|| format!("{}: the table to update", f.out.display()))?
+            .merged(&measured),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => measured,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", f.out.display())),
+    };
     let mut text = format!(
-        "# measured by `cargo xtask crossover` ({cols}x{rows} layer, margin {}, {} rounds, {} threads)\n",
-        f.margin,
-        f.rounds,
-        rayon::current_num_threads()
+        "# measured by `cargo xtask --threads N crossover` ({cols}x{rows} layer, margin {}, {} rounds)\n",
+        f.margin, f.rounds,
     );
     text.push_str(&table.to_text());
     relprune_io::write(&f.out, text.as_bytes())?;
     std::fs::create_dir_all(&f.report_dir)?;
-    relprune_io::write(&f.report_dir.join("crossover.md"), md.as_bytes())?;
-    println!(
-        "wrote {} and {}",
-        f.out.display(),
-        f.report_dir.join("crossover.md").display()
-    );
+    let report = f.report_dir.join(format!("crossover-{threads}threads.md"));
+    relprune_io::write(&report, md.as_bytes())?;
+    println!("wrote {} and {}", f.out.display(), report.display());
     Ok(())
 }

@@ -50,10 +50,10 @@ pub struct Crossover {
     /// The largest batch measured.
     #[arg(long, default_value_t = 8192)]
     pub max_batch: usize,
-    /// Where the table goes.
+    /// The table to update (this thread count's points replaced, others kept).
     #[arg(long, default_value = "crates/relprune-sparse/crossover.tsv")]
     pub out: PathBuf,
-    /// Where the report (`crossover.md`) goes.
+    /// Where the report (`crossover-<N>threads.md`) goes.
     #[arg(long, default_value = "target/bench")]
     pub report_dir: PathBuf,
 }

@@ -111,13 +111,13 @@ impl SparseLinear {
     }
 
     /// The layer of a trained dense weight `(out, in)` and bias, dispatched by the measured
-    /// crossover table: its zeros are left out (2:4 when every group of four columns holds at
-    /// most two non-zeros, compressed rows otherwise).
+    /// crossover table for this process's thread count: its zeros are left out (2:4 when every
+    /// group of four columns holds at most two non-zeros, compressed rows otherwise).
     pub fn from_dense(weight: &Tensor, bias: Option<&Tensor>) -> crate::Result<Self> {
-        Self::with_table(weight, bias, Crossover::measured().clone())
+        Self::with_table(weight, bias, Crossover::measured().for_this_process())
     }
 
-    /// [`SparseLinear::from_dense`] dispatched by `table`.
+    /// [`SparseLinear::from_dense`] dispatched by `table` (one thread count's points).
     pub fn with_table(
         weight: &Tensor,
         bias: Option<&Tensor>,

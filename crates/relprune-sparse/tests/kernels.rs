@@ -189,11 +189,13 @@ fn a_layer_runs_dense_where_the_table_says_dense_wins_and_equals_it_either_way()
     let dev = Device::Cpu;
     let table = Crossover::new(vec![
         Point {
+            threads: 1,
             pattern: Pattern::Unstructured,
             batch: 1,
             max_density: 0.0,
         },
         Point {
+            threads: 1,
             pattern: Pattern::Unstructured,
             batch: 16,
             max_density: 0.5,
