@@ -135,6 +135,37 @@ impl Csr {
     pub fn nnz(&self) -> usize {
         self.values.len()
     }
+
+    /// The column of every stored entry, in storage order.
+    pub fn columns(&self) -> Vec<usize> {
+        match &self.indices {
+            Indices::U8(i) => i.iter().map(|&c| c as usize).collect(),
+            Indices::U16(i) => i.iter().map(|&c| c as usize).collect(),
+            Indices::U32(i) => i.iter().map(|&c| c as usize).collect(),
+        }
+    }
+
+    /// The columns holding some entry (increasing), and the matrix restricted to them (column
+    /// `k` of the result is column `used[k]` of this one).
+    pub fn compact_columns(&self) -> (Vec<usize>, Csr) {
+        let cols = self.columns();
+        let mut position = vec![usize::MAX; self.cols];
+        for &c in &cols {
+            position[c] = 0;
+        }
+        let used: Vec<usize> = (0..self.cols).filter(|&c| position[c] == 0).collect();
+        for (k, &c) in used.iter().enumerate() {
+            position[c] = k;
+        }
+        let compact = Csr {
+            rows: self.rows,
+            cols: used.len(),
+            row_ptr: self.row_ptr.clone(),
+            indices: Indices::narrowest(used.len(), cols.iter().map(|&c| position[c]).collect()),
+            values: self.values.clone(),
+        };
+        (used, compact)
+    }
 }
 
 impl NM {

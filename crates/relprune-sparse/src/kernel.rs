@@ -84,6 +84,12 @@ const ROWS_PER_TASK: usize = 128;
 /// Tiles at which every tile is a task of its own.
 const MIN_TILES_ALONE: usize = 8;
 
+/// The fraction of a layer's columns up to which its used columns alone are transposed.
+const COMPACT_MAX_USED: f64 = 0.75;
+
+/// Multiply-adds (inputs × stored non-zeros) up to which a product runs on the calling thread.
+const INLINE_MAX_WORK: f64 = 65_536.0;
+
 /// Output rows written out together (contiguous runs of whole cache lines per input).
 const ROW_BLOCK: usize = 16;
 
@@ -93,6 +99,10 @@ const ROW_BLOCK: usize = 16;
 pub struct Prepared {
     weight: SparseWeight,
     plan: Option<Plan>,
+    /// For a weight many of whose columns hold nothing: the columns that do, and the weight on
+    /// them alone (with its own plan). Tiles of inputs then transpose only those columns: with
+    /// very sparse layers the transposition, not the product, is most of the time.
+    compact: Option<(Vec<usize>, SparseWeight, Option<Plan>)>,
 }
 
 impl Prepared {
@@ -105,7 +115,22 @@ impl Prepared {
             csr => csr,
         };
         let plan = (weight.density() >= BLOCKED_MIN_DENSITY).then(|| Plan::new(&weight));
-        Self { weight, plan }
+        let compact = match &weight {
+            SparseWeight::Csr(m) => {
+                let (used, c) = m.compact_columns();
+                (used.len() as f64 <= COMPACT_MAX_USED * m.cols as f64).then(|| {
+                    let c = SparseWeight::Csr(c);
+                    let plan = (c.density() >= BLOCKED_MIN_DENSITY).then(|| Plan::new(&c));
+                    (used, c, plan)
+                })
+            }
+            SparseWeight::NM(_) => None,
+        };
+        Self {
+            weight,
+            plan,
+            compact,
+        }
     }
 
     /// The layout.
@@ -121,7 +146,11 @@ impl Prepared {
         bias: Option<&[f32]>,
         y: &mut [f32],
     ) -> Result<()> {
-        run(x, batch, &self.weight, self.plan.as_ref(), bias, y)
+        let compact = self
+            .compact
+            .as_ref()
+            .map(|(used, w, plan)| (used.as_slice(), w, plan.as_ref()));
+        run(x, batch, &self.weight, self.plan.as_ref(), compact, bias, y)
     }
 }
 
@@ -135,14 +164,18 @@ pub fn matmul_t(
     y: &mut [f32],
 ) -> Result<()> {
     let plan = (w.density() >= BLOCKED_MIN_DENSITY).then(|| Plan::new(w));
-    run(x, batch, w, plan.as_ref(), bias, y)
+    run(x, batch, w, plan.as_ref(), None, bias, y)
 }
+
+/// A weight restricted to its used columns: the columns, the weight on them, its plan.
+type Compact<'a> = (&'a [usize], &'a SparseWeight, Option<&'a Plan>);
 
 fn run(
     x: &[f32],
     batch: usize,
     w: &SparseWeight,
     plan: Option<&Plan>,
+    compact: Option<Compact>,
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
@@ -169,38 +202,57 @@ fn run(
         return Ok(());
     }
     let simd = simd_available();
+    // Below this much work a product runs on the calling thread: handing tasks to the pool
+    // costs microseconds, more than a small sparse layer's whole product. The tasks are the same
+    // either way, so the result is too.
+    let inline = (batch as f64) * w.density() * (rows * cols) as f64 <= INLINE_MAX_WORK;
     if batch == 1 {
         // One input: split the rows, each block's outputs written in place.
-        y.par_chunks_mut(ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(k, out)| {
-                let r0 = k * ROWS_PER_TASK;
-                with_rows!(w, |v| dots(x, v, r0..r0 + out.len(), out, simd));
-                add_bias(out, 1, bias, r0);
-            });
+        let task = |(k, out): (usize, &mut [f32])| {
+            let r0 = k * ROWS_PER_TASK;
+            with_rows!(w, |v| dots(x, v, r0..r0 + out.len(), out, simd));
+            add_bias(out, 1, bias, r0);
+        };
+        if inline {
+            y.chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+        } else {
+            y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+        }
         return Ok(());
     }
+    // From here on the inputs are transposed tile by tile: only the used columns, if few.
+    let (used, w, plan) = match compact {
+        Some((used, w, plan)) => (Some(used), w, plan),
+        None => (None, w, plan),
+    };
+    let transpose = |b0: usize, n: usize, width: usize| {
+        transpose(&x[b0 * cols..(b0 + n) * cols], n, cols, used, width)
+    };
     let tile = if plan.is_some() { BLOCKED_TILE } else { TILE };
     let tiles: Vec<(usize, usize)> = (0..batch)
         .step_by(tile)
         .map(|b0| (b0, (batch - b0).min(tile)))
         .collect();
     let width_for = |n: usize| width_for(n, tile);
-    if tiles.len() >= MIN_TILES_ALONE {
-        // Enough tiles to go round: one task per tile, writing its rows of `y` in place.
-        y.par_chunks_mut(tile * rows)
-            .zip(&tiles)
-            .for_each(|(out, &(b0, n))| {
-                let t = transpose(&x[b0 * cols..(b0 + n) * cols], n, cols, width_for(n));
-                tile_rows(&t, n, w, plan, 0..rows, out, rows, simd);
-                add_bias(out, n, bias, 0);
-            });
+    if tiles.len() >= MIN_TILES_ALONE || inline {
+        // Enough tiles to go round (or work too small to share): one task per tile, writing
+        // its rows of `y` in place.
+        let task = |(out, &(b0, n)): (&mut [f32], &(usize, usize))| {
+            let t = transpose(b0, n, width_for(n));
+            tile_rows(&t, n, w, plan, 0..rows, out, rows, simd);
+            add_bias(out, n, bias, 0);
+        };
+        if inline {
+            y.chunks_mut(tile * rows).zip(&tiles).for_each(task);
+        } else {
+            y.par_chunks_mut(tile * rows).zip(&tiles).for_each(task);
+        }
         return Ok(());
     }
     // Few inputs: every (tile, block of rows) is a task, scattered into `y` after.
     let transposed: Vec<Vec<f32>> = tiles
         .iter()
-        .map(|&(b0, n)| transpose(&x[b0 * cols..(b0 + n) * cols], n, cols, width_for(n)))
+        .map(|&(b0, n)| transpose(b0, n, width_for(n)))
         .collect();
     let blocks = rows.div_ceil(ROWS_PER_TASK);
     let tasks: Vec<(usize, usize)> = (0..tiles.len())
@@ -250,17 +302,36 @@ fn add_bias(out: &mut [f32], n: usize, bias: Option<&[f32]>, r0: usize) {
     }
 }
 
-/// A tile of `n` inputs transposed to `cols × width`, zero beyond the `n`-th column.
-fn transpose(x: &[f32], n: usize, cols: usize, width: usize) -> Vec<f32> {
-    let mut data = vec![0f32; cols * width];
-    // Eight columns of the input at a time: each output row (one input column) is then written
-    // as a run, not one value per cache line.
-    for c0 in (0..cols).step_by(8) {
-        let c1 = (c0 + 8).min(cols);
-        for j in 0..n {
-            let src = &x[j * cols + c0..j * cols + c1];
-            for (i, &v) in src.iter().enumerate() {
-                data[(c0 + i) * width + j] = v;
+/// A tile of `n` inputs transposed to `k × width` (`k`: the `used` columns, else all `cols`),
+/// zero beyond the `n`-th column.
+fn transpose(x: &[f32], n: usize, cols: usize, used: Option<&[usize]>, width: usize) -> Vec<f32> {
+    let k = used.map_or(cols, <[usize]>::len);
+    let mut data = vec![0f32; k * width];
+    // Blocks of 8 columns × 8 inputs, gathered into registers and written as runs of 8 (widths
+    // are multiples of 8): the writes stay whole, and reading the block touches 8 short runs.
+    for c0 in (0..k).step_by(8) {
+        let c1 = (c0 + 8).min(k);
+        for j0 in (0..n).step_by(8) {
+            let j1 = (j0 + 8).min(n);
+            let mut block = [[0f32; 8]; 8];
+            for j in j0..j1 {
+                let row = &x[j * cols..(j + 1) * cols];
+                match used {
+                    Some(used) => {
+                        for (i, &c) in used[c0..c1].iter().enumerate() {
+                            block[i][j - j0] = row[c];
+                        }
+                    }
+                    None => {
+                        for (i, &v) in row[c0..c1].iter().enumerate() {
+                            block[i][j - j0] = v;
+                        }
+                    }
+                }
+            }
+            for (i, b) in block[..c1 - c0].iter().enumerate() {
+                let at = (c0 + i) * width + j0;
+                data[at..at + 8].copy_from_slice(b);
             }
         }
     }
@@ -394,11 +465,24 @@ unsafe fn dots_avx2<V: Rows>(x: &[f32], v: &V, rows: std::ops::Range<usize>, out
 #[inline(always)]
 fn dots_generic<V: Rows>(x: &[f32], v: &V, rows: std::ops::Range<usize>, out: &mut [f32]) {
     for (o, r) in out.iter_mut().zip(rows) {
+        let len = v.len(r);
+        // Eight independent accumulators over whole groups of eight entries, then the rest:
+        // fixed slots, so they stay in registers.
         let mut acc = [0f32; 8];
-        for k in 0..v.len(r) {
-            acc[k & 7] = v.value(r, k).mul_add(x[v.col(r, k)], acc[k & 7]);
+        let mut k = 0;
+        while k + 8 <= len {
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = v.value(r, k + i).mul_add(x[v.col(r, k + i)], *a);
+            }
+            k += 8;
         }
-        *o = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        let mut rest = 0f32;
+        while k < len {
+            rest = v.value(r, k).mul_add(x[v.col(r, k)], rest);
+            k += 1;
+        }
+        *o = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+            + rest;
     }
 }
 

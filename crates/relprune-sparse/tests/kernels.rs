@@ -238,3 +238,31 @@ fn a_two_of_four_layer_is_stored_as_such_and_a_sparser_one_as_compressed_rows() 
     let layer = SparseLinear::from_dense(&t, None).unwrap();
     assert_eq!(layer.pattern(), relprune_sparse::Pattern::Unstructured);
 }
+
+#[test]
+fn a_weight_with_empty_columns_computes_the_same_products_on_its_used_columns_alone() {
+    use relprune_sparse::Prepared;
+    let (rows, cols) = (40, 300);
+    // Only every third column holds entries (as the border pixels of MNIST hold none).
+    let mut w = random_sparse(rows, cols, 0.3, 41);
+    for (i, v) in w.iter_mut().enumerate() {
+        if (i % cols) % 3 != 0 {
+            *v = 0.0;
+        }
+    }
+    let b = random_dense(rows, 42);
+    let sw = SparseWeight::Csr(Csr::from_dense(&w, rows, cols).unwrap());
+    let prepared = Prepared::new(sw.clone());
+    for batch in [1, 3, 17, 100, 130, 600] {
+        let x = random_dense(batch * cols, 43 + batch as u64);
+        let mut compact = vec![0f32; batch * rows];
+        prepared
+            .matmul_t(&x, batch, Some(&b), &mut compact)
+            .unwrap();
+        let mut full = vec![0f32; batch * rows];
+        matmul_t(&x, batch, &sw, Some(&b), &mut full).unwrap();
+        assert_eq!(compact, full, "batch {batch}");
+        let err = relative_error(&compact, &reference(&x, batch, &w, rows, cols, &b));
+        assert!(err < 1e-5, "batch {batch}: {err}");
+    }
+}
