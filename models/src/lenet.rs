@@ -5,6 +5,8 @@ use candle_nn::VarMap;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use relprune_sparse::{Activation, SparseChain};
+
 use crate::{init, Lin, Result};
 
 /// LeNet-300-100: 784-300-100-10 with ReLU; parameters `fc{1,2,3}.{weight,bias}`.
@@ -13,6 +15,8 @@ pub struct Lenet300 {
     fc1: Lin,
     fc2: Lin,
     fc3: Lin,
+    /// The three sparse layers and their ReLUs as one op, when that is never the slower choice.
+    fused: Option<SparseChain>,
 }
 
 impl Lenet300 {
@@ -28,16 +32,38 @@ impl Lenet300 {
             fc1: init::linear(varmap, "fc1", Self::INPUT, 300, &mut rng, device)?.into(),
             fc2: init::linear(varmap, "fc2", 300, 100, &mut rng, device)?.into(),
             fc3: init::linear(varmap, "fc3", 100, Self::CLASSES, &mut rng, device)?.into(),
+            fused: None,
         })
     }
 
-    /// The same network with its layers' weights stored sparse, for inference.
+    /// The same network with its layers' weights stored sparse, for inference (fused into one
+    /// op when every layer runs sparse: see [`SparseChain::fused`]).
     pub fn to_sparse(&self) -> Result<Self> {
+        let (fc1, fc2, fc3) = (
+            self.fc1.to_sparse()?,
+            self.fc2.to_sparse()?,
+            self.fc3.to_sparse()?,
+        );
+        let fused = match (&fc1, &fc2, &fc3) {
+            (Lin::Sparse(a), Lin::Sparse(b), Lin::Sparse(c)) => SparseChain::fused(&[
+                (a, Activation::Relu),
+                (b, Activation::Relu),
+                (c, Activation::Identity),
+            ])
+            .map_err(|e| crate::Error::Config(format!("sparse chain: {e}")))?,
+            _ => None,
+        };
         Ok(Self {
-            fc1: self.fc1.to_sparse()?,
-            fc2: self.fc2.to_sparse()?,
-            fc3: self.fc3.to_sparse()?,
+            fc1,
+            fc2,
+            fc3,
+            fused,
         })
+    }
+
+    /// Whether the network runs as one fused sparse op.
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
     }
 }
 
@@ -49,6 +75,9 @@ impl Module for Lenet300 {
         } else {
             x.flatten_from(1)?
         };
+        if let Some(chain) = &self.fused {
+            return chain.forward(&x);
+        }
         let x = self.fc1.forward(&x)?.relu()?;
         let x = self.fc2.forward(&x)?.relu()?;
         self.fc3.forward(&x)

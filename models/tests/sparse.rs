@@ -81,16 +81,18 @@ fn inputs(dir: &Path) -> Value {
 #[test]
 fn sparse_lenets_compute_what_the_dense_ones_compute() {
     let dev = Device::Cpu;
-    for batch in [1, 100] {
+    for batch in [1, 100, 130] {
         let x = Tensor::randn(0f32, 1.0, (batch, 784), &dev).unwrap();
-        let vm = VarMap::new();
-        let net = Lenet300::new(&vm, 3, &dev).unwrap();
-        prune(&vm, 0.99);
-        let d = rel_diff(
-            &net.forward(&x).unwrap(),
-            &net.to_sparse().unwrap().forward(&x).unwrap(),
-        );
-        assert!(d < 1e-5, "LeNet-300, batch {batch}: {d}");
+        // At 99% the three layers run as one fused op; at 50% each dispatches on its own.
+        for (sparsity, fused) in [(0.99, true), (0.5, false)] {
+            let vm = VarMap::new();
+            let net = Lenet300::new(&vm, 3, &dev).unwrap();
+            prune(&vm, sparsity);
+            let sparse = net.to_sparse().unwrap();
+            assert_eq!(sparse.is_fused(), fused, "LeNet-300 at {sparsity}");
+            let d = rel_diff(&net.forward(&x).unwrap(), &sparse.forward(&x).unwrap());
+            assert!(d < 1e-5, "LeNet-300 at {sparsity}, batch {batch}: {d}");
+        }
         let vm = VarMap::new();
         let net = Lenet5::new(&vm, 3, &dev).unwrap();
         prune(&vm, 0.95);

@@ -202,10 +202,11 @@ fn run(
         return Ok(());
     }
     let simd = simd_available();
-    // Below this much work a product runs on the calling thread: handing tasks to the pool
-    // costs microseconds, more than a small sparse layer's whole product. The tasks are the same
-    // either way, so the result is too.
-    let inline = (batch as f64) * w.density() * (rows * cols) as f64 <= INLINE_MAX_WORK;
+    // Below this much work, or with a pool of one thread, a product runs on the calling thread:
+    // handing tasks to the pool costs microseconds (two context switches), more than a small
+    // sparse layer's whole product. The tasks are the same either way, so the result is too.
+    let inline = (batch as f64) * w.density() * (rows * cols) as f64 <= INLINE_MAX_WORK
+        || rayon::current_num_threads() == 1;
     if batch == 1 {
         // One input: split the rows, each block's outputs written in place.
         let task = |(k, out): (usize, &mut [f32])| {
@@ -307,12 +308,13 @@ fn add_bias(out: &mut [f32], n: usize, bias: Option<&[f32]>, r0: usize) {
 fn transpose(x: &[f32], n: usize, cols: usize, used: Option<&[usize]>, width: usize) -> Vec<f32> {
     let k = used.map_or(cols, <[usize]>::len);
     let mut data = vec![0f32; k * width];
-    // Blocks of 8 columns × 8 inputs, gathered into registers and written as runs of 8 (widths
-    // are multiples of 8): the writes stay whole, and reading the block touches 8 short runs.
-    for c0 in (0..k).step_by(8) {
-        let c1 = (c0 + 8).min(k);
-        for j0 in (0..n).step_by(8) {
-            let j1 = (j0 + 8).min(n);
+    // Blocks of 8 inputs × 8 columns, gathered into registers and written as runs of 8 (widths
+    // are multiples of 8). Inputs outermost: the 8 rows being read are swept front to back, 8
+    // streams the prefetcher follows (the tile's input usually comes from memory, not cache).
+    for j0 in (0..n).step_by(8) {
+        let j1 = (j0 + 8).min(n);
+        for c0 in (0..k).step_by(8) {
+            let c1 = (c0 + 8).min(k);
             let mut block = [[0f32; 8]; 8];
             for j in j0..j1 {
                 let row = &x[j * cols..(j + 1) * cols];
@@ -547,6 +549,28 @@ fn rows_generic<const S: usize, V: Rows>(
     stride: usize,
 ) {
     let start = rows.start;
+    let acc = tile_acc::<S, V>(xt, v, plan, rows);
+    // Written input by input, as contiguous runs of `ROW_BLOCK` outputs.
+    for (i0, chunk) in acc.chunks(ROW_BLOCK).enumerate() {
+        let r = start + i0 * ROW_BLOCK;
+        for j in 0..n {
+            let dst = &mut out[j * stride + r - start..j * stride + r - start + chunk.len()];
+            for (d, a) in dst.iter_mut().zip(chunk) {
+                *d = a[j];
+            }
+        }
+    }
+}
+
+/// The accumulators of the rows `rows` over a transposed tile of width `S` (row-major: `S`
+/// inputs per row, the layout of the next layer's transposed tile).
+#[inline(always)]
+fn tile_acc<const S: usize, V: Rows>(
+    xt: &[f32],
+    v: &V,
+    plan: Option<&Plan>,
+    rows: std::ops::Range<usize>,
+) -> Vec<[f32; S]> {
     let mut acc = vec![[0f32; S]; rows.len()];
     let blocks = plan.map_or(1, |p| p.blocks);
     let x_at = |c: usize| -> &[f32; S] { xt[c * S..(c + 1) * S].try_into().expect("tile width") };
@@ -585,14 +609,195 @@ fn rows_generic<const S: usize, V: Rows>(
             *slot = a;
         }
     }
-    // Written input by input, as contiguous runs of `ROW_BLOCK` outputs.
-    for (i0, chunk) in acc.chunks(ROW_BLOCK).enumerate() {
-        let r = start + i0 * ROW_BLOCK;
-        for j in 0..n {
-            let dst = &mut out[j * stride + r - start..j * stride + r - start + chunk.len()];
-            for (d, a) in dst.iter_mut().zip(chunk) {
-                *d = a[j];
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_acc_avx2<const S: usize, V: Rows>(
+    xt: &[f32],
+    v: &V,
+    rows: std::ops::Range<usize>,
+) -> Vec<[f32; S]> {
+    tile_acc::<S, V>(xt, v, None, rows)
+}
+
+/// [`tile_acc`] over every row, columns in one pass, vectorized where the CPU allows.
+fn acc_all<const S: usize, V: Rows>(xt: &[f32], v: &V, rows: usize, simd: bool) -> Vec<[f32; S]> {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: AVX2 and FMA were detected on this CPU.
+        return unsafe { tile_acc_avx2::<S, V>(xt, v, 0..rows) };
+    }
+    let _ = simd;
+    tile_acc::<S, V>(xt, v, None, 0..rows)
+}
+
+/// What follows a layer of a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Nothing.
+    Identity,
+    /// `max(0, v)`.
+    Relu,
+}
+
+impl Activation {
+    #[inline(always)]
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            Self::Identity => v,
+            Self::Relu => v.max(0.0),
+        }
+    }
+}
+
+/// One layer of a chain: its weight, its bias (one per output), what follows it.
+#[derive(Clone, Debug)]
+pub struct ChainLayer {
+    /// The weight, as the kernels run it.
+    pub weight: std::sync::Arc<Prepared>,
+    /// The bias.
+    pub bias: Option<std::sync::Arc<Vec<f32>>>,
+    /// The activation applied to the layer's outputs.
+    pub activation: Activation,
+}
+
+/// Checks that `layers` follow one another (each takes the previous one's outputs) and that
+/// each bias has one value per output; returns the first layer's inputs and the last's outputs.
+pub fn chain_dims(layers: &[ChainLayer]) -> Result<(usize, usize)> {
+    let Some(first) = layers.first() else {
+        return Err(Error::Shape("a chain needs at least one layer".into()));
+    };
+    let mut prev = first.weight.weight().dims().1;
+    let cols = prev;
+    for (i, l) in layers.iter().enumerate() {
+        let (rows, c) = l.weight.weight().dims();
+        if c != prev {
+            return Err(Error::Shape(format!(
+                "chain layer {i} takes {c} inputs, the layer before gives {prev}"
+            )));
+        }
+        if let Some(b) = l.bias.as_ref().filter(|b| b.len() != rows) {
+            return Err(Error::Shape(format!(
+                "chain layer {i}: bias has {} values for {rows} outputs",
+                b.len()
+            )));
+        }
+        prev = rows;
+    }
+    Ok((cols, prev))
+}
+
+/// `y = f_k(… f_1(x·W_1ᵀ + b_1) …·W_kᵀ + b_k)`: sparse layers run one after another on each tile
+/// of inputs, the activations between them kept in the kernels' transposed layout (a layer's
+/// accumulators are the next layer's transposed tile). One transposition per tile instead of one
+/// per layer, and one op instead of one per layer and activation: for small, very sparse
+/// networks (LeNet-300 at 99%) these, not the products, were most of the time.
+pub fn chain_t(x: &[f32], batch: usize, layers: &[ChainLayer], y: &mut [f32]) -> Result<()> {
+    let (cols, out_rows) = chain_dims(layers)?;
+    if x.len() != batch * cols || y.len() != batch * out_rows {
+        return Err(Error::Shape(format!(
+            "chain of {cols} inputs and {out_rows} outputs: {} input and {} output values for \
+             {batch} rows",
+            x.len(),
+            y.len()
+        )));
+    }
+    if batch == 0 || out_rows == 0 {
+        return Ok(());
+    }
+    let simd = simd_available();
+    let nnz: f64 = layers
+        .iter()
+        .map(|l| {
+            let (r, c) = l.weight.weight().dims();
+            l.weight.weight().density() * (r * c) as f64
+        })
+        .sum();
+    let inline = batch as f64 * nnz <= INLINE_MAX_WORK || rayon::current_num_threads() == 1;
+    if batch == 1 {
+        // One input: the layers' outputs, one after another.
+        let mut input = x.to_vec();
+        for (i, l) in layers.iter().enumerate() {
+            let rows = l.weight.weight().dims().0;
+            let mut out = vec![0f32; rows];
+            let w = l.weight.weight();
+            let task = |(k, out): (usize, &mut [f32])| {
+                let r0 = k * ROWS_PER_TASK;
+                with_rows!(w, |v| dots(&input, v, r0..r0 + out.len(), out, simd));
+            };
+            if inline {
+                out.chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+            } else {
+                out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
             }
+            for (r, o) in out.iter_mut().enumerate() {
+                let b = l.bias.as_ref().map_or(0.0, |b| b[r]);
+                *o = l.activation.apply(*o + b);
+            }
+            if i + 1 == layers.len() {
+                y.copy_from_slice(&out);
+            } else {
+                input = out;
+            }
+        }
+        return Ok(());
+    }
+    let tiles: Vec<(usize, usize)> = (0..batch)
+        .step_by(TILE)
+        .map(|b0| (b0, (batch - b0).min(TILE)))
+        .collect();
+    let task = |(out, &(b0, n)): (&mut [f32], &(usize, usize))| {
+        let x = &x[b0 * cols..(b0 + n) * cols];
+        match width_for(n, TILE) {
+            8 => chain_tile::<8>(x, n, cols, layers, out, simd),
+            16 => chain_tile::<16>(x, n, cols, layers, out, simd),
+            32 => chain_tile::<32>(x, n, cols, layers, out, simd),
+            _ => chain_tile::<64>(x, n, cols, layers, out, simd),
+        }
+    };
+    if inline {
+        y.chunks_mut(TILE * out_rows).zip(&tiles).for_each(task);
+    } else {
+        y.par_chunks_mut(TILE * out_rows).zip(&tiles).for_each(task);
+    }
+    Ok(())
+}
+
+/// One tile of `n ≤ S` inputs through the chain, into `out` (`n × outputs`, input-major).
+fn chain_tile<const S: usize>(
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    layers: &[ChainLayer],
+    out: &mut [f32],
+    simd: bool,
+) {
+    let first = &layers[0].weight;
+    let (used, w0) = match &first.compact {
+        Some((used, w, _)) => (Some(used.as_slice()), w),
+        None => (None, &first.weight),
+    };
+    let mut xt = transpose(x, n, cols, used, S);
+    for (i, l) in layers.iter().enumerate() {
+        let w = if i == 0 { w0 } else { l.weight.weight() };
+        let rows = w.dims().0;
+        let mut acc: Vec<[f32; S]> = with_rows!(w, |v| acc_all::<S, _>(&xt, v, rows, simd));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let b = l.bias.as_ref().map_or(0.0, |b| b[r]);
+            for v in a.iter_mut() {
+                *v = l.activation.apply(*v + b);
+            }
+        }
+        if i + 1 == layers.len() {
+            for j in 0..n {
+                for (o, a) in out[j * rows..(j + 1) * rows].iter_mut().zip(&acc) {
+                    *o = a[j];
+                }
+            }
+        } else {
+            xt = acc.as_flattened().to_vec();
         }
     }
 }

@@ -10,7 +10,8 @@
 //! - [`file`]: compressed checkpoints (`compressed-tensors`' `sparse-bitmask` and relprune's own
 //!   format), and back, bit for bit;
 //! - [`op`]: the kernels as a candle custom op and [`op::SparseLinear`], a drop-in linear layer
-//!   for inference that runs sparse or dense, whichever the table says is faster.
+//!   for inference that runs sparse or dense, whichever the table says is faster, and
+//!   [`op::SparseChain`], sparse layers and activations fused into one op.
 //!
 //! Depends on candle-core only.
 
@@ -22,8 +23,8 @@ pub mod op;
 
 pub use dispatch::{Crossover, Pattern};
 pub use format::{Csr, Indices, SparseWeight, NM};
-pub use kernel::{matmul_t, Prepared};
-pub use op::{SparseLinear, SparseMatmul};
+pub use kernel::{chain_t, matmul_t, Activation, ChainLayer, Prepared};
+pub use op::{SparseChain, SparseLinear, SparseMatmul};
 
 /// What can go wrong building or running a sparse layer.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 
 use crate::dispatch::{Crossover, Pattern};
 use crate::format::{Csr, SparseWeight, NM};
-use crate::kernel::Prepared;
+use crate::kernel::{chain_dims, chain_t, Activation, ChainLayer, Prepared};
 
 /// `x (…, cols)` → `x·Wᵀ + b (…, rows)` with a sparse `W`, on f32 CPU tensors.
 #[derive(Clone, Debug)]
@@ -160,6 +160,20 @@ impl SparseLinear {
         self.pattern
     }
 
+    /// Whether the layer runs sparse at every batch size (it keeps no dense weight).
+    pub fn always_sparse(&self) -> bool {
+        self.dense.is_none()
+    }
+
+    /// The layer as one link of a [`SparseChain`], followed by `activation`.
+    pub fn chain_layer(&self, activation: Activation) -> ChainLayer {
+        ChainLayer {
+            weight: self.op.weight.clone(),
+            bias: self.op.bias.clone(),
+            activation,
+        }
+    }
+
     /// Whether `batch` inputs at once run through the sparse kernels.
     pub fn runs_sparse(&self, batch: usize) -> bool {
         self.dense.is_none()
@@ -187,5 +201,87 @@ impl Module for SparseLinear {
             }
             _ => x.apply_op1_no_bwd(&self.op),
         }
+    }
+}
+
+/// Weights up to which a layer is small enough to join a chain whatever the crossover table
+/// says: its whole product, dense or sparse, costs less than one op's overhead.
+const SMALL_LAYER: usize = 16_384;
+
+/// Sparse linear layers with activations between them, run as one op ([`chain_t`]): a network
+/// of small, very sparse layers (LeNet-300 at 99%) runs in the time of its non-zeros instead of
+/// its ops and transpositions. Inference only.
+#[derive(Clone, Debug)]
+pub struct SparseChain {
+    layers: Arc<Vec<ChainLayer>>,
+    cols: usize,
+    rows: usize,
+}
+
+impl SparseChain {
+    /// A chain of `layers`, each followed by its activation; layers that do not follow one
+    /// another are an error.
+    pub fn new(layers: Vec<ChainLayer>) -> crate::Result<Self> {
+        let (cols, rows) = chain_dims(&layers)?;
+        Ok(Self {
+            layers: Arc::new(layers),
+            cols,
+            rows,
+        })
+    }
+
+    /// The chain of `layers` if running them fused is never the slower choice: each layer runs
+    /// sparse at every batch size by the crossover table, or is small (at most 16,384 weights);
+    /// `None` otherwise (then each layer dispatches on its own).
+    pub fn fused(layers: &[(&SparseLinear, Activation)]) -> crate::Result<Option<Self>> {
+        let worth = |l: &SparseLinear| {
+            let (r, c) = l.weight().dims();
+            l.always_sparse() || r * c <= SMALL_LAYER
+        };
+        if layers.iter().all(|(l, _)| worth(l)) {
+            Self::new(layers.iter().map(|(l, a)| l.chain_layer(*a)).collect()).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl CustomOp1 for SparseChain {
+    fn name(&self) -> &'static str {
+        "relprune-sparse-chain"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("sparse chain: only f32 inputs are supported")
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("sparse chain: the input must be contiguous")
+        };
+        let dims = l.dims();
+        if dims.last() != Some(&self.cols) {
+            candle_core::bail!(
+                "sparse chain: input of shape {dims:?}, the chain takes {} inputs",
+                self.cols
+            );
+        }
+        let batch = (b - a) / self.cols.max(1);
+        let mut y = output_buffer(batch * self.rows);
+        chain_t(&v[a..b], batch, &self.layers, &mut y)
+            .map_err(|e| candle_core::Error::Msg(format!("sparse chain: {e}")))?;
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("checked above") = self.rows;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+}
+
+impl Module for SparseChain {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = if x.dtype() == DType::F32 {
+            x.contiguous()?
+        } else {
+            x.to_dtype(DType::F32)?.contiguous()?
+        };
+        x.apply_op1_no_bwd(self)
     }
 }

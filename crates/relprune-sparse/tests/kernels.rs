@@ -266,3 +266,90 @@ fn a_weight_with_empty_columns_computes_the_same_products_on_its_used_columns_al
         assert!(err < 1e-5, "batch {batch}: {err}");
     }
 }
+
+#[test]
+fn a_chain_computes_what_its_layers_compute_one_by_one_whatever_the_threads() {
+    use relprune_sparse::{Activation, SparseChain};
+    let dev = Device::Cpu;
+    // 200 → 90 → 40 → 7, the first layer with unused columns, ReLU between.
+    let shapes = [(90, 200, 0.05), (40, 90, 0.1), (7, 40, 0.4)];
+    let layers: Vec<SparseLinear> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(rows, cols, density))| {
+            let mut w = random_sparse(rows, cols, density, 50 + i as u64);
+            if i == 0 {
+                for (k, v) in w.iter_mut().enumerate() {
+                    if k % cols >= 120 {
+                        *v = 0.0;
+                    }
+                }
+            }
+            let w = Tensor::from_vec(w, (rows, cols), &dev).unwrap();
+            let b = Tensor::from_vec(random_dense(rows, 60 + i as u64), rows, &dev).unwrap();
+            SparseLinear::new(
+                SparseWeight::Csr(
+                    Csr::from_dense(&w.flatten_all().unwrap().to_vec1().unwrap(), rows, cols)
+                        .unwrap(),
+                ),
+                Some(b.to_vec1().unwrap()),
+            )
+            .unwrap()
+        })
+        .collect();
+    let chain = SparseChain::new(vec![
+        layers[0].chain_layer(Activation::Relu),
+        layers[1].chain_layer(Activation::Relu),
+        layers[2].chain_layer(Activation::Identity),
+    ])
+    .unwrap();
+    for batch in [1, 5, 64, 100, 700] {
+        let x = Tensor::from_vec(
+            random_dense(batch * 200, 70 + batch as u64),
+            (batch, 200),
+            &dev,
+        )
+        .unwrap();
+        let h = layers[0].forward(&x).unwrap().relu().unwrap();
+        let h = layers[1].forward(&h).unwrap().relu().unwrap();
+        let want: Vec<f32> = layers[2]
+            .forward(&h)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let run = |threads: usize| -> Vec<f32> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                chain
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+        };
+        let got = run(1);
+        assert_eq!(got, run(3), "batch {batch}");
+        let scale = want.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() / scale)
+            .fold(0.0, f32::max);
+        assert!(err < 1e-5, "batch {batch}: {err}");
+    }
+    // Layers that do not follow one another are an error, not a panic.
+    let e = SparseChain::new(vec![
+        layers[0].chain_layer(Activation::Relu),
+        layers[2].chain_layer(Activation::Identity),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("takes 40 inputs"), "{e}");
+}
