@@ -36,9 +36,19 @@ impl Conv {
         }
     }
 
+    /// The sparse form where it runs sparse at every batch size by the crossover table;
+    /// a denser convolution stays the fused dense convolution (faster than im2col + a dense
+    /// product).
     fn to_sparse(&self) -> Result<Self> {
         Ok(match self {
-            Self::Dense(c) => Self::Sparse(SparseConv2d::from_dense(c)?),
+            Self::Dense(c) => {
+                let s = SparseConv2d::from_dense(c)?;
+                if s.always_sparse() {
+                    Self::Sparse(s)
+                } else {
+                    Self::Dense(c.clone())
+                }
+            }
             Self::Sparse(c) => Self::Sparse(c.clone()),
         })
     }

@@ -105,6 +105,45 @@ fn sparse_lenets_compute_what_the_dense_ones_compute() {
 }
 
 #[test]
+fn a_sparse_convolution_computes_what_the_dense_one_computes_at_any_stride_and_padding() {
+    use relprune_models::ops::{Conv2d, SparseConv2d};
+    let dev = Device::Cpu;
+    // (channels in, out, input side, stride, padding): 576 output positions (nine 64-wide
+    // tiles), 64 (one tile, read in place), 81 and 100 (a last tile padded to its width).
+    for (cin, cout, side, stride, padding) in [
+        (1, 6, 28, 1, 0),
+        (4, 9, 12, 1, 0),
+        (3, 5, 19, 2, 1),
+        (2, 7, 10, 1, 2),
+    ] {
+        let w = Tensor::randn(0f32, 1.0, (cout, cin, 5, 5), &dev).unwrap();
+        let keep = Tensor::rand(0f32, 1.0, (cout, cin, 5, 5), &dev)
+            .unwrap()
+            .lt(0.3)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let conv = Conv2d {
+            weight: (w * keep).unwrap(),
+            bias: Some(Tensor::randn(0f32, 1.0, cout, &dev).unwrap()),
+            stride,
+            padding,
+        };
+        let sparse = SparseConv2d::from_dense(&conv).unwrap();
+        for batch in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (batch, cin, side, side), &dev).unwrap();
+            let (a, b) = (conv.forward(&x).unwrap(), sparse.forward(&x).unwrap());
+            assert_eq!(a.dims(), b.dims());
+            let d = rel_diff(&a, &b);
+            assert!(
+                d < 1e-5,
+                "{cin}→{cout} on {side}², stride {stride}, pad {padding}: {d}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_sparse_transformer_computes_what_the_dense_one_computes() {
     let dev = Device::Cpu;
     let cfg = TransformerConfig {

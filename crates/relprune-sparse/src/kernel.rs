@@ -152,6 +152,62 @@ impl Prepared {
         run(x, batch, &self.weight, self.plan.as_ref(), compact, bias, y)
     }
 
+    /// The product on inputs already laid out as the kernels take them: `xt` holds, for each of
+    /// the weight's columns, `width` inputs (8, 16, 32 or 64; the first `n` count), and
+    /// `out[r·stride + j] = Σ_c W[r, c]·xt[c·width + j] (+ b[r])` for `j < n`. A convolution's
+    /// receptive fields (im2col: one row per weight column, one column per output position) are
+    /// this layout already, and its outputs land channel by channel, as NCHW wants them.
+    pub fn matmul_pretransposed(
+        &self,
+        xt: &[f32],
+        width: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> Result<()> {
+        let (rows, cols) = self.weight.dims();
+        if ![8, 16, 32, 64].contains(&width) || n > width || xt.len() != cols * width {
+            return Err(Error::Shape(format!(
+                "pre-transposed input: {} values for {cols} columns of width {width} ({n} used; \
+                 widths are 8, 16, 32 or 64)",
+                xt.len()
+            )));
+        }
+        if rows > 0 && n > 0 && (stride < n || out.len() < (rows - 1) * stride + n) {
+            return Err(Error::Shape(format!(
+                "output of {} values for {rows} rows of {n} at a stride of {stride}",
+                out.len()
+            )));
+        }
+        if let Some(b) = bias.filter(|b| b.len() != rows) {
+            return Err(Error::Shape(format!(
+                "bias has {} values for {rows} outputs",
+                b.len()
+            )));
+        }
+        let simd = simd_available();
+        let w = &self.weight;
+        macro_rules! go {
+            ($s:literal) => {{
+                let acc: Vec<[f32; $s]> = with_rows!(w, |v| acc_all::<$s, _>(xt, v, rows, simd));
+                for (r, a) in acc.iter().enumerate() {
+                    let b = bias.map_or(0.0, |b| b[r]);
+                    for (o, &v) in out[r * stride..r * stride + n].iter_mut().zip(a) {
+                        *o = v + b;
+                    }
+                }
+            }};
+        }
+        match width {
+            8 => go!(8),
+            16 => go!(16),
+            32 => go!(32),
+            _ => go!(64),
+        }
+        Ok(())
+    }
+
     /// The weight on its used columns, when transposing those alone pays: always where
     /// transposing is scalar; with vector transposes (8×8 blocks of whole columns, about four
     /// times cheaper per value than gathering scattered columns) only for a quarter of the
@@ -288,6 +344,11 @@ fn run(
         }
     }
     Ok(())
+}
+
+/// The width a tile of `n ≤ 64` inputs is padded to for [`Prepared::matmul_pretransposed`].
+pub fn tile_width(n: usize) -> usize {
+    width_for(n, TILE)
 }
 
 /// The width a tile of `n` inputs is padded to: one the loops are specialized for, at most

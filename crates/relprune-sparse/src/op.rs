@@ -160,6 +160,17 @@ impl SparseLinear {
         self.pattern
     }
 
+    /// The weight as the kernels run it, for products on pre-transposed inputs
+    /// ([`Prepared::matmul_pretransposed`]).
+    pub fn prepared(&self) -> &Prepared {
+        &self.op.weight
+    }
+
+    /// The bias (one per output).
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.op.bias.as_deref().map(|b| b.as_slice())
+    }
+
     /// Whether the layer runs sparse at every batch size (it keeps no dense weight).
     pub fn always_sparse(&self) -> bool {
         self.dense.is_none()
@@ -193,11 +204,19 @@ impl Module for SparseLinear {
         let cols = self.weight().dims().1.max(1);
         match &self.dense {
             Some((w, b)) if !self.runs_sparse(x.elem_count() / cols) => {
-                let y = x.broadcast_matmul(&w.t()?)?;
-                match b {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+                // As candle-nn's `Linear`: leading dimensions folded into one matrix product
+                // (a batched product over a broadcast weight was measured slower).
+                let dims = x.dims().to_vec();
+                let rows = w.dim(0)?;
+                let y = x.reshape((x.elem_count() / cols, cols))?.matmul(&w.t()?)?;
+                let y = match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                let mut out = dims;
+                *out.last_mut()
+                    .expect("a matrix product's input has a last dimension") = rows;
+                y.reshape(out)
             }
             _ => x.apply_op1_no_bwd(&self.op),
         }

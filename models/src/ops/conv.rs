@@ -653,6 +653,11 @@ impl SparseConv2d {
         })
     }
 
+    /// Whether the weight runs sparse at every batch size by the crossover table.
+    pub fn always_sparse(&self) -> bool {
+        self.lin.always_sparse()
+    }
+
     /// This convolution followed by a max pooling.
     pub fn forward_max_pool(&self, x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
         super::max_pool2d(&self.forward(x)?, kernel, stride)
@@ -670,28 +675,52 @@ impl Module for SparseConv2d {
             self.padding,
         )?;
         let (k, positions) = (g.rows(), g.oh * g.ow);
-        // Receptive fields as rows: (B·OH·OW, C·k·k).
-        let mut patches = vec![0f32; g.b * positions * k];
-        super::with_f32(&x, "sparse conv2d", |xs| {
-            let mut cols = vec![0f32; k * positions];
-            for (img, out) in xs
-                .chunks_exact(g.c * g.h * g.w)
-                .zip(patches.chunks_exact_mut(positions * k))
-            {
-                im2col_image(img, &g, &mut cols);
-                for (r, row) in cols.chunks_exact(positions).enumerate() {
-                    for (p, &v) in row.iter().enumerate() {
-                        out[p * k + r] = v;
+        let o = self.lin.weight().dims().0;
+        let (prepared, bias) = (self.lin.prepared(), self.lin.bias());
+        let mut y = vec![0f32; g.b * o * positions];
+        // Per image: its receptive fields (im2col, one row per weight column, one column per
+        // output position) are the kernels' transposed input as they stand, in tiles of at most
+        // 64 positions, and the outputs come out channel by channel: no transposition either way.
+        let image = |bufs: &mut (Vec<f32>, Vec<f32>), (img, out): (&[f32], &mut [f32])| {
+            let (cols, tile) = bufs;
+            im2col_image(img, &g, cols);
+            for p0 in (0..positions).step_by(64) {
+                let n = (positions - p0).min(64);
+                let width = relprune_sparse::kernel::tile_width(n);
+                let xt: &[f32] = if n == positions && width == n {
+                    cols
+                } else {
+                    tile.clear();
+                    tile.resize(k * width, 0.0);
+                    for (dst, src) in tile
+                        .chunks_exact_mut(width)
+                        .zip(cols.chunks_exact(positions))
+                    {
+                        dst[..n].copy_from_slice(&src[p0..p0 + n]);
                     }
-                }
+                    tile
+                };
+                prepared
+                    .matmul_pretransposed(xt, width, n, bias, &mut out[p0..], positions)
+                    .map_err(|e| candle_core::Error::Msg(format!("sparse conv2d: {e}")))?;
             }
             Ok(())
+        };
+        let bufs = || (vec![0f32; k * positions], Vec::new());
+        super::with_f32(&x, "sparse conv2d", |xs| {
+            let plane = g.c * g.h * g.w;
+            // Images are independent and each is computed the same way whatever the thread.
+            if rayon::current_num_threads() > 1 && g.b > 1 {
+                xs.par_chunks_exact(plane)
+                    .zip(y.par_chunks_exact_mut(o * positions))
+                    .try_for_each_init(bufs, image)
+            } else {
+                let mut b = bufs();
+                xs.chunks_exact(plane)
+                    .zip(y.chunks_exact_mut(o * positions))
+                    .try_for_each(|item| image(&mut b, item))
+            }
         })?;
-        let patches = Tensor::from_vec(patches, (g.b * positions, k), x.device())?;
-        let y = self.lin.forward(&patches)?; // (B·OH·OW, O)
-        let o = y.dim(1)?;
-        y.reshape((g.b, g.oh, g.ow, o))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()
+        Tensor::from_vec(y, (g.b, o, g.oh, g.ow), x.device())
     }
 }
