@@ -37,6 +37,19 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `relprune compress --model input --format format --out out`, which must succeed.
+fn compress(input: &Path, format: &str, out: &Path) {
+    ok(&[
+        "compress",
+        "--model",
+        s(input),
+        "--format",
+        format,
+        "--out",
+        s(out),
+    ]);
+}
+
 /// Every file under `dir`, by relative path, with its bytes.
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -88,15 +101,7 @@ fn compress_then_decompress_gives_every_file_back_and_the_compressed_model_compu
         for format in ["sparse-bitmask", "relprune-sparse"] {
             let c = tmp.path().join(format!("{name}-{format}"));
             let d = tmp.path().join(format!("{name}-{format}-back"));
-            ok(&[
-                "compress",
-                "--model",
-                s(&input),
-                "--format",
-                format,
-                "--out",
-                s(&c),
-            ]);
+            compress(&input, format, &c);
             ok(&["decompress", "--model", s(&c), "--out", s(&d)]);
             assert!(
                 files(&input) == files(&d),
@@ -130,15 +135,7 @@ fn a_sparse_bitmask_checkpoint_announces_itself_as_compressed_tensors_does() {
     let tmp = tempfile::tempdir().unwrap();
     let c = tmp.path().join("c");
     let input = fixture("marian-tiny-pruned90");
-    ok(&[
-        "compress",
-        "--model",
-        s(&input),
-        "--format",
-        "sparse-bitmask",
-        "--out",
-        s(&c),
-    ]);
+    compress(&input, "sparse-bitmask", &c);
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(c.join("config.json")).unwrap()).unwrap();
     let q = &config["quantization_config"];
@@ -198,25 +195,9 @@ fn a_damaged_compressed_file_is_an_error_naming_the_tensor_and_the_file_and_writ
     let tmp = tempfile::tempdir().unwrap();
     let input = fixture("marian-tiny-pruned90");
     let bitmask = tmp.path().join("bitmask");
-    ok(&[
-        "compress",
-        "--model",
-        s(&input),
-        "--format",
-        "sparse-bitmask",
-        "--out",
-        s(&bitmask),
-    ]);
+    compress(&input, "sparse-bitmask", &bitmask);
     let relprune_dir = tmp.path().join("relprune");
-    ok(&[
-        "compress",
-        "--model",
-        s(&input),
-        "--format",
-        "relprune-sparse",
-        "--out",
-        s(&relprune_dir),
-    ]);
+    compress(&input, "relprune-sparse", &relprune_dir);
     let (tensors, meta) = stored(&bitmask.join("model.safetensors"));
     let prefix = tensors
         .keys()
@@ -372,15 +353,7 @@ fn compress_refuses_what_it_cannot_do_before_writing_anything() {
     let tmp = tempfile::tempdir().unwrap();
     let input = fixture("marian-tiny-pruned90");
     let c = tmp.path().join("c");
-    ok(&[
-        "compress",
-        "--model",
-        s(&input),
-        "--format",
-        "sparse-bitmask",
-        "--out",
-        s(&c),
-    ]);
+    compress(&input, "sparse-bitmask", &c);
     let out = tmp.path().join("out");
     let nope = tmp.path().join("nope");
     let cases: [(Vec<&str>, &str); 4] = [

@@ -180,12 +180,7 @@ impl Prepared {
                 out.len()
             )));
         }
-        if let Some(b) = bias.filter(|b| b.len() != rows) {
-            return Err(Error::Shape(format!(
-                "bias has {} values for {rows} outputs",
-                b.len()
-            )));
-        }
+        check_bias(bias, rows)?;
         let simd = simd_available();
         let w = &self.weight;
         macro_rules! go {
@@ -257,12 +252,7 @@ fn run(
             y.len()
         )));
     }
-    if let Some(b) = bias.filter(|b| b.len() != rows) {
-        return Err(Error::Shape(format!(
-            "bias has {} values for {rows} outputs",
-            b.len()
-        )));
-    }
+    check_bias(bias, rows)?;
     if batch == 0 || rows == 0 {
         return Ok(());
     }
@@ -359,6 +349,17 @@ fn width_for(n: usize, tile: usize) -> usize {
         .find(|&s| s >= n)
         .unwrap_or(tile)
         .min(tile)
+}
+
+/// A bias must hold one value per output.
+pub fn check_bias(bias: Option<&[f32]>, rows: usize) -> Result<()> {
+    match bias.filter(|b| b.len() != rows) {
+        Some(b) => Err(Error::Shape(format!(
+            "bias has {} values for {rows} outputs",
+            b.len()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// `out` (`n × width`, input-major) += the bias of the rows from `r0`.
@@ -809,12 +810,8 @@ pub fn chain_dims(layers: &[ChainLayer]) -> Result<(usize, usize)> {
                 "chain layer {i} takes {c} inputs, the layer before gives {prev}"
             )));
         }
-        if let Some(b) = l.bias.as_ref().filter(|b| b.len() != rows) {
-            return Err(Error::Shape(format!(
-                "chain layer {i}: bias has {} values for {rows} outputs",
-                b.len()
-            )));
-        }
+        check_bias(l.bias.as_ref().map(|b| b.as_slice()), rows)
+            .map_err(|e| Error::Shape(format!("chain layer {i}: {e}")))?;
         prev = rows;
     }
     Ok((cols, prev))

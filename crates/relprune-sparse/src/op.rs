@@ -22,28 +22,48 @@ impl CustomOp1 for SparseMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("sparse matmul: only f32 inputs are supported")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("sparse matmul: the input must be contiguous")
-        };
         let (rows, cols) = self.weight.weight().dims();
-        let dims = l.dims();
-        if dims.last() != Some(&cols) {
-            candle_core::bail!(
-                "sparse matmul: input of shape {dims:?}, the weight takes {cols} inputs"
-            );
-        }
-        let batch = (b - a) / cols.max(1);
-        let mut y = output_buffer(batch * rows);
         let bias = self.bias.as_deref().map(|b| b.as_slice());
-        self.weight
-            .matmul_t(&v[a..b], batch, bias, &mut y)
-            .map_err(|e| candle_core::Error::Msg(format!("sparse matmul: {e}")))?;
-        let mut out = dims.to_vec();
-        *out.last_mut().expect("checked above") = rows;
-        Ok((CpuStorage::F32(y), Shape::from(out)))
+        rows_through("sparse matmul", s, l, cols, rows, |x, batch, y| {
+            self.weight.matmul_t(x, batch, bias, y)
+        })
+    }
+}
+
+/// The f32 contiguous input of an op from `cols` features to `rows`, run through `f(x, batch,
+/// y)` into a fresh output of the input's shape with its last dimension `rows`.
+fn rows_through(
+    op: &str,
+    s: &CpuStorage,
+    l: &Layout,
+    cols: usize,
+    rows: usize,
+    f: impl FnOnce(&[f32], usize, &mut [f32]) -> crate::Result<()>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: only f32 inputs are supported")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input must be contiguous")
+    };
+    let dims = l.dims();
+    if dims.last() != Some(&cols) {
+        candle_core::bail!("{op}: input of shape {dims:?}, the weight takes {cols} inputs");
+    }
+    let batch = (b - a) / cols.max(1);
+    let mut y = output_buffer(batch * rows);
+    f(&v[a..b], batch, &mut y).map_err(|e| candle_core::Error::Msg(format!("{op}: {e}")))?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("checked above") = rows;
+    Ok((CpuStorage::F32(y), Shape::from(out)))
+}
+
+/// `x` as an f32 contiguous tensor, as the ops take it.
+fn f32_contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        x.contiguous()
+    } else {
+        x.to_dtype(DType::F32)?.contiguous()
     }
 }
 
@@ -88,13 +108,7 @@ impl SparseLinear {
     /// A layer that always runs sparse, from a sparse weight and an optional bias (one per
     /// output).
     pub fn new(weight: SparseWeight, bias: Option<Vec<f32>>) -> crate::Result<Self> {
-        let (rows, _) = weight.dims();
-        if let Some(b) = bias.as_ref().filter(|b| b.len() != rows) {
-            return Err(crate::Error::Shape(format!(
-                "bias has {} values for {rows} outputs",
-                b.len()
-            )));
-        }
+        crate::kernel::check_bias(bias.as_deref(), weight.dims().0)?;
         let pattern = match &weight {
             SparseWeight::Csr(_) => Pattern::Unstructured,
             SparseWeight::NM(m) => Pattern::NM(m.n, m.m),
@@ -196,11 +210,7 @@ impl SparseLinear {
 
 impl Module for SparseLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = if x.dtype() == DType::F32 {
-            x.contiguous()?
-        } else {
-            x.to_dtype(DType::F32)?.contiguous()?
-        };
+        let x = f32_contiguous(x)?;
         let cols = self.weight().dims().1.max(1);
         match &self.dense {
             Some((w, b)) if !self.runs_sparse(x.elem_count() / cols) => {
@@ -271,36 +281,14 @@ impl CustomOp1 for SparseChain {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("sparse chain: only f32 inputs are supported")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("sparse chain: the input must be contiguous")
-        };
-        let dims = l.dims();
-        if dims.last() != Some(&self.cols) {
-            candle_core::bail!(
-                "sparse chain: input of shape {dims:?}, the chain takes {} inputs",
-                self.cols
-            );
-        }
-        let batch = (b - a) / self.cols.max(1);
-        let mut y = output_buffer(batch * self.rows);
-        chain_t(&v[a..b], batch, &self.layers, &mut y)
-            .map_err(|e| candle_core::Error::Msg(format!("sparse chain: {e}")))?;
-        let mut out = dims.to_vec();
-        *out.last_mut().expect("checked above") = self.rows;
-        Ok((CpuStorage::F32(y), Shape::from(out)))
+        rows_through("sparse chain", s, l, self.cols, self.rows, |x, batch, y| {
+            chain_t(x, batch, &self.layers, y)
+        })
     }
 }
 
 impl Module for SparseChain {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = if x.dtype() == DType::F32 {
-            x.contiguous()?
-        } else {
-            x.to_dtype(DType::F32)?.contiguous()?
-        };
-        x.apply_op1_no_bwd(self)
+        f32_contiguous(x)?.apply_op1_no_bwd(self)
     }
 }
