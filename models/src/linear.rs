@@ -3,9 +3,12 @@
 //! `relprune_sparse`'s layout; every model of the zoo builds its linear layers from [`Lin`] and
 //! offers a `to_sparse` of its own that swaps them all.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use candle_core::{Module, Tensor};
 use candle_nn::Linear;
-use relprune_sparse::SparseLinear;
+use relprune_sparse::{Csr, SparseLinear};
 
 use crate::Result;
 
@@ -54,5 +57,56 @@ impl Module for Lin {
             Self::Dense(l) => l.forward(x),
             Self::Sparse(s) => s.forward(x),
         }
+    }
+}
+
+/// Linear-layer weights read straight from a compressed checkpoint into compressed rows, by
+/// weight name: a model builder makes these layers sparse without a dense tensor ever existing
+/// (loading a compressed model then takes about the memory of its file).
+#[derive(Debug, Default)]
+pub struct SparseRows(RefCell<HashMap<String, Csr>>);
+
+impl SparseRows {
+    /// Adds the rows of weight `name`.
+    pub fn insert(&mut self, name: String, rows: Csr) {
+        self.0.get_mut().insert(name, rows);
+    }
+
+    /// Whether weight `name` was read as rows.
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.borrow().contains_key(name)
+    }
+
+    /// Checks that every weight read as rows went into a layer (one left over would be a
+    /// tensor the model silently lacks).
+    pub fn check_used(&self) -> Result<()> {
+        let left = self.0.borrow();
+        if left.is_empty() {
+            return Ok(());
+        }
+        let mut names: Vec<&String> = left.keys().collect();
+        names.sort();
+        Err(crate::Error::Config(format!(
+            "weights read as sparse rows but used by no linear layer: {names:?}"
+        )))
+    }
+
+    /// The layer of weight `name` and `bias`: sparse from its rows if it was read so (each
+    /// weight's rows are used once), dense from `dense()` otherwise.
+    pub fn lin(
+        &self,
+        name: &str,
+        dense: impl FnOnce() -> Result<Tensor>,
+        bias: Option<Tensor>,
+    ) -> Result<Lin> {
+        let Some(rows) = self.0.borrow_mut().remove(name) else {
+            return Ok(Lin::new(dense()?, bias));
+        };
+        let bias = bias
+            .map(|b| b.flatten_all()?.to_vec1::<f32>())
+            .transpose()?;
+        SparseLinear::from_rows(rows, bias)
+            .map(Lin::Sparse)
+            .map_err(|e| crate::Error::Config(format!("sparse layer `{name}`: {e}")))
     }
 }

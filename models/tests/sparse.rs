@@ -221,3 +221,82 @@ fn a_pruned_minilm_embeds_sparse_as_it_embeds_dense() {
     let d = rel_diff(&embed(&model), &embed(&model.to_sparse().unwrap()));
     assert!(d < 1e-5, "{d}");
 }
+
+/// `dir`'s checkpoint with `model.safetensors` replaced by `weights` compressed in `format`,
+/// in a fresh directory.
+fn compressed_copy(
+    dir: &Path,
+    weights: &[u8],
+    format: relprune_sparse::file::Format,
+) -> tempfile::TempDir {
+    use relprune_sparse::file;
+    let out = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("config.json"), out.path().join("config.json")).unwrap();
+    let c = file::compress(weights, format, |_, _| true).unwrap();
+    let bytes = file::serialize(&c.tensors, &c.metadata).unwrap();
+    std::fs::write(out.path().join("model.safetensors"), bytes).unwrap();
+    out
+}
+
+#[test]
+fn compressed_checkpoints_load_straight_into_sparse_layers_that_compute_what_dense_ones_do() {
+    use relprune_models::hf::Layers;
+    use relprune_sparse::file::Format;
+    for (name, sparsity, a_linear) in [
+        (
+            "bert-tiny",
+            0.8,
+            "encoder.layer.0.attention.self.query.weight",
+        ),
+        (
+            "marian-tiny-pruned90",
+            0.0,
+            "model.encoder.layers.0.fc1.weight",
+        ),
+        (
+            "t5-tiny",
+            0.7,
+            "encoder.block.0.layer.0.SelfAttention.q.weight",
+        ),
+    ] {
+        let dir = fixture(name);
+        let vm = VarMap::new();
+        let (arch, dense) = relprune_models::hf::load(&dir, &vm, &Device::Cpu).unwrap();
+        let weights = if sparsity > 0.0 {
+            prune(&vm, sparsity);
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("w.safetensors");
+            vm.save(&path).unwrap();
+            std::fs::read(path).unwrap()
+        } else {
+            std::fs::read(dir.join("model.safetensors")).unwrap()
+        };
+        for format in [Format::SparseBitmask, Format::RelpruneSparse] {
+            let copy = compressed_copy(&dir, &weights, format);
+            let vars = VarMap::new();
+            (arch.load)(copy.path(), &vars, &Device::Cpu, Layers::Sparse).unwrap();
+            let data = vars.data().lock().unwrap();
+            assert!(
+                !data.contains_key(a_linear) && !data.is_empty(),
+                "{name} {format:?}: {a_linear} went through a dense variable"
+            );
+            drop(data);
+            let (_, sparse) = relprune_models::hf::load_sparse(copy.path(), &Device::Cpu).unwrap();
+            let inp = inputs(&dir);
+            let (x, mask) = (ids(&inp["input_ids"]), ids(&inp["attention_mask"]));
+            let d = match (&dense, &sparse) {
+                (HfModel::Encoder(a), HfModel::Encoder(b)) => rel_diff(
+                    &a.forward(&x, Some(&mask), None).unwrap(),
+                    &b.forward(&x, Some(&mask), None).unwrap(),
+                ),
+                (HfModel::Seq2Seq(a), HfModel::Seq2Seq(b)) => {
+                    let dec = ids(&inp["decoder_input_ids"]);
+                    let run = |m: &dyn HfSeq2Seq| m.forward(&x, &mask, &dec).unwrap().0;
+                    rel_diff(&run(a.as_ref()), &run(b.as_ref()))
+                }
+                _ => unreachable!("loading keeps the kind"),
+            };
+            assert!(d < 1e-5, "{name} {format:?}: {d}");
+        }
+    }
+}

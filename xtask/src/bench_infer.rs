@@ -11,6 +11,10 @@
 //! - `minilm-embed`: `relprune embed`'s path on each `--minilm-pruned` directory, dense and
 //!   `--sparse`, and sentence-transformers' `encode` on the same directories (sentences/s), on
 //!   1,000 sentences of 8–32 words (every 20th such line of `--sentences`).
+//! - `translate-greedy`: the pruned model of a translation reproduction (`--translation`),
+//!   dense and sparse, greedy-decoding the test split's first 500 sources as the run's BLEU
+//!   does (batches of 64 sorted by length) and its first 100 one at a time (tokens/s). No
+//!   PyTorch row: the model is relprune's own Transformer, which PyTorch has no class for.
 //!
 //! The thread count is xtask's `--threads` (default: every core), for both sides.
 
@@ -31,7 +35,13 @@ use crate::bench::median;
 use crate::flags;
 
 /// The inference tasks.
-pub const TASKS: [&str; 4] = ["layer", "lenet300-infer", "lenet5-infer", "minilm-embed"];
+pub const TASKS: [&str; 5] = [
+    "layer",
+    "lenet300-infer",
+    "lenet5-infer",
+    "minilm-embed",
+    "translate-greedy",
+];
 
 /// Sparsities of the layer task.
 const SPARSITIES: [f64; 6] = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98];
@@ -193,6 +203,11 @@ impl Setup {
             &f.lenet5.join("model.safetensors"),
             "--lenet5: a reproduce output",
         )?;
+        need(
+            "translate-greedy",
+            &f.translation.join("results.json"),
+            "--translation: a finished transformer-gettext-en-de reproduction",
+        )?;
         if tasks.contains(&"minilm-embed") {
             if f.minilm_pruned.is_empty() {
                 bail!("minilm-embed: --minilm-pruned DIR[,DIR...] (prune-hf outputs) is required");
@@ -226,6 +241,7 @@ pub fn run(f: &flags::Bench, tasks: &[&str], setup: &Setup) -> Result<Vec<Row>> 
             "lenet300-infer" => lenet(setup, "lenet300", &f.lenet300)?,
             "lenet5-infer" => lenet(setup, "lenet5", &f.lenet5)?,
             "minilm-embed" => minilm(setup, &f.minilm_pruned, &f.sentences)?,
+            "translate-greedy" => translate(setup, &f.translation)?,
             other => bail!("unknown inference task `{other}`"),
         };
         rows.append(&mut r);
@@ -438,6 +454,64 @@ fn minilm(setup: &Setup, dirs: &[PathBuf], text: &Path) -> Result<Vec<Row>> {
                 )?;
                 row.torch.push(Torch::first(&v, "seconds")?);
             }
+            row.log(round, setup.rounds);
+        }
+    }
+    Ok(rows)
+}
+
+/// The work of translate-greedy: (sentences, batch size).
+const TRANSLATE_WORK: [(usize, usize); 2] = [(500, 64), (100, 1)];
+
+fn translate(setup: &Setup, dir: &Path) -> Result<Vec<Row>> {
+    use relprune_models::Seq2Seq;
+    use relprune_tasks::seq2seq::{decode_all, Decoding};
+    let run = crate::translate::SavedRun::load(dir)?;
+    let sparse = run.model.to_sparse()?;
+    let special = run.model.special_tokens();
+    let most = TRANSLATE_WORK.iter().map(|w| w.0).max().unwrap_or(0);
+    let sources = run.test_sources(most)?;
+    let decode = |m: &dyn Fn(&Decoding<'_>, &[Vec<u32>]) -> Result<Vec<Vec<u32>>>,
+                  n: usize,
+                  batch: usize|
+     -> Result<(f64, Vec<Vec<u32>>)> {
+        let how = Decoding {
+            batch_size: batch,
+            ..Decoding::for_bleu(&run.config.decode, special)
+        };
+        let t = Instant::now();
+        let out = m(&how, &sources[..n.min(sources.len())])?;
+        Ok((t.elapsed().as_secs_f64(), out))
+    };
+    let dense_run = |how: &Decoding<'_>, s: &[Vec<u32>]| -> Result<Vec<Vec<u32>>> {
+        Ok(decode_all(&run.model, s, how, |_| {})?)
+    };
+    let sparse_run = |how: &Decoding<'_>, s: &[Vec<u32>]| -> Result<Vec<Vec<u32>>> {
+        Ok(decode_all(&sparse, s, how, |_| {})?)
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    for round in 0..setup.rounds {
+        for (i, &(n, batch)) in TRANSLATE_WORK.iter().enumerate() {
+            let (td, dense_out) = decode(&dense_run, n, batch)?;
+            let (ts, sparse_out) = decode(&sparse_run, n, batch)?;
+            if rows.len() <= i {
+                let same = dense_out.iter().zip(&sparse_out).filter(|(a, b)| a == b);
+                eprintln!(
+                    "translate-greedy: {} of {} translations identical dense and sparse",
+                    same.count(),
+                    dense_out.len()
+                );
+                rows.push(Row {
+                    task: "translate-greedy".into(),
+                    point: format!("{n} sentences, batch {batch}"),
+                    // Tokens generated (EOS included): the throughput is in tokens/s.
+                    items: dense_out.iter().map(Vec::len).sum(),
+                    ..Default::default()
+                });
+            }
+            let row = &mut rows[i];
+            row.dense.push(td);
+            row.sparse.push(ts);
             row.log(round, setup.rounds);
         }
     }

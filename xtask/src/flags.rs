@@ -186,6 +186,10 @@ pub struct Bench {
     /// The LeNet-5 reproduction whose model.safetensors lenet5-infer runs.
     #[arg(long, default_value = "target/reproduce/lenet5-mnist")]
     pub lenet5: PathBuf,
+    /// The translation reproduction (`reproduce transformer-gettext-en-de`) whose pruned model
+    /// translate-greedy runs.
+    #[arg(long, default_value = "target/reproduce/transformer-gettext-en-de")]
+    pub translation: PathBuf,
     /// The pruned MiniLM directories (prune-hf outputs) minilm-embed runs (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub minilm_pruned: Vec<PathBuf>,

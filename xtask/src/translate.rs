@@ -426,14 +426,7 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
     // 3. Judge the saved file: reload it into a fresh model and translate the test split.
     let mut pruned_bleu = None;
     let mut files = OwnNames(|path: &Path, task: &mut Seq2SeqTask<Transformer>| {
-        let reloaded = VarMap::new();
-        let fresh = Transformer::new(
-            cfg.model.clone(),
-            &reloaded,
-            cfg.seed.wrapping_add(1),
-            &device,
-        )?;
-        relprune_models::checkpoint::load(&reloaded, path)?;
+        let fresh = model_from_file(&cfg, path)?;
         let trained = std::mem::replace(&mut task.model, fresh);
         let judged = task.bleu(Split::Test);
         task.model = trained;
@@ -494,6 +487,67 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
         serde_json::to_value(&pruned_bleu)?,
     );
     Ok(results)
+}
+
+/// The model of a run of `cfg` saved in `path` (`model.safetensors` or `dense.safetensors`).
+fn model_from_file(cfg: &Config, path: &Path) -> relprune_models::Result<Transformer> {
+    let varmap = VarMap::new();
+    // The seed only draws initial values that the file then overwrites.
+    let model = Transformer::new(
+        cfg.model.clone(),
+        &varmap,
+        cfg.seed.wrapping_add(1),
+        &Device::Cpu,
+    )?;
+    relprune_models::checkpoint::load(&varmap, path)?;
+    Ok(model)
+}
+
+/// A finished run of this experiment, loaded back from its directory.
+pub struct SavedRun {
+    /// The pruned model (`model.safetensors`).
+    pub model: Transformer,
+    /// The run's tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// The run's configuration (vocabulary sizes and special ids set).
+    pub config: Config,
+}
+
+impl SavedRun {
+    /// Loads the run written into `dir` (`results.json`, `model.safetensors`,
+    /// `tokenizer.json`).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let results = RunResults::read_json(&dir.join("results.json"))
+            .with_context(|| format!("{}: not a finished run", dir.display()))?;
+        let config: Config = serde_json::from_value(results.config.clone()).with_context(|| {
+            format!(
+                "{}: the configuration is not this experiment's",
+                dir.join("results.json").display()
+            )
+        })?;
+        ensure!(
+            config.experiment == NAME,
+            "{}: a run of {}, not {NAME}",
+            dir.display(),
+            config.experiment
+        );
+        let model = model_from_file(&config, &dir.join("model.safetensors"))?;
+        let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
+        Ok(Self {
+            model,
+            tokenizer,
+            config,
+        })
+    }
+
+    /// The first `n` source sentences of the run's test split, tokenized.
+    pub fn test_sources(&self, n: usize) -> Result<Vec<Vec<u32>>> {
+        let pairs = read_split(&self.config.data_dir, TextSplit::Test, Some(n))?;
+        Ok(tokenize_pairs(&pairs, &self.tokenizer, &self.tokenizer)?
+            .into_iter()
+            .map(|p| p.source)
+            .collect())
+    }
 }
 
 /// Writes one line per entry, atomically.
@@ -653,6 +707,19 @@ mod tests {
         ] {
             assert!(dir.path().join(f).exists(), "{f}");
         }
+        // The run loads back (as the inference benchmark loads it) and translates as it did.
+        let saved = SavedRun::load(dir.path()).unwrap();
+        let sources = saved.test_sources(1000).unwrap();
+        let how = relprune_tasks::Decoding::for_bleu(
+            &saved.config.decode,
+            relprune_models::Seq2Seq::special_tokens(&saved.model),
+        );
+        let ids = relprune_tasks::decode_all(&saved.model, &sources, &how, |_| {}).unwrap();
+        let again: Vec<String> = ids
+            .iter()
+            .map(|t| saved.tokenizer.decode(t, true).unwrap())
+            .collect();
+        assert_eq!(again, hyps);
 
         // --dense-from: a second run starts from this run's dense model instead of training one.
         let again = tempfile::tempdir().unwrap();

@@ -46,10 +46,11 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
         .with_context(|| format!("cannot read input file {}", args.input.display()))?;
     let inputs =
         parse_inputs(&text).with_context(|| format!("input file {}", args.input.display()))?;
-    let (_, mut model) = relprune_models::hf::load(&args.model, &VarMap::new(), &Device::Cpu)?;
-    if args.sparse {
-        model = model.to_sparse()?;
-    }
+    let (_, model) = if args.sparse {
+        relprune_models::hf::load_sparse(&args.model, &Device::Cpu)?
+    } else {
+        relprune_models::hf::load(&args.model, &VarMap::new(), &Device::Cpu)?
+    };
     let out = match model {
         HfModel::Encoder(m) => run_encoder(args, &inputs, &m)?,
         HfModel::Seq2Seq(m) => run_seq2seq(args, &inputs, m.as_ref())?,

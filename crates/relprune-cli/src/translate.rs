@@ -84,14 +84,14 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
         .into_iter()
         .map(|l| l.strip_suffix('\r').map(String::from).unwrap_or(l))
         .collect();
-    let (_, model) =
-        relprune_models::hf::load(&args.model, &candle_nn::VarMap::new(), &Device::Cpu)?;
-    let HfModel::Seq2Seq(mut model) = model else {
+    let (_, model) = if args.sparse {
+        relprune_models::hf::load_sparse(&args.model, &Device::Cpu)?
+    } else {
+        relprune_models::hf::load(&args.model, &candle_nn::VarMap::new(), &Device::Cpu)?
+    };
+    let HfModel::Seq2Seq(model) = model else {
         bail!("{} is not an encoder-decoder", args.model.display());
     };
-    if args.sparse {
-        model = model.to_sparse()?;
-    }
     tokenizer
         .check_vocab(model.vocab_size())
         .context("the tokenizer does not fit the model")?;

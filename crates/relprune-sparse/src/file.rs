@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
+use crate::format::{Csr, CsrBuilder};
 use crate::{Error, Result};
 
 /// Metadata key of the input's safetensors header (length prefix and JSON, base-16).
@@ -352,21 +353,145 @@ const BITMASK_PARTS: [&str; 4] = ["shape", "compressed", "bitmask", "row_offsets
 
 /// The dense tensor `name`, stored as `how`, from its stored parts (`fetch(stored name)`).
 pub fn decode(name: &str, how: &Stored, fetch: impl Fn(&str) -> Option<Raw>) -> Result<Raw> {
+    if *how == Stored::Dense {
+        return fetch(name).ok_or_else(|| Error::Value(format!("`{name}` is missing")));
+    }
+    let mut dense = DenseSink::default();
+    walk(name, how, fetch, &mut dense)?;
+    dense
+        .raw
+        .ok_or_else(|| Error::Value(format!("`{name}`: no shape")))
+}
+
+/// The compressed matrix `name`, stored as `how`, straight into compressed rows of f32 without
+/// building the dense tensor (`None` when it is stored dense): how a sparse model loads in about
+/// the memory of its file.
+pub fn decode_rows(
+    name: &str,
+    how: &Stored,
+    fetch: impl Fn(&str) -> Option<Raw>,
+) -> Result<Option<Csr>> {
+    if *how == Stored::Dense {
+        return Ok(None);
+    }
+    let mut rows = RowsSink::default();
+    walk(name, how, fetch, &mut rows)?;
+    rows.builder
+        .map(|b| Some(b.finish()))
+        .ok_or_else(|| Error::Value(format!("`{name}`: no shape")))
+}
+
+/// Where a decoder puts the entries of a compressed tensor, in increasing position order.
+trait Sink {
+    /// Called once, before any entry, with the dense tensor's dtype and shape.
+    fn start(&mut self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<()>;
+    /// The entry at row-major `position`, as stored (little-endian bytes of the dtype).
+    fn put(&mut self, name: &str, position: usize, value: &[u8]) -> Result<()>;
+}
+
+/// Decodes into the dense tensor.
+#[derive(Default)]
+struct DenseSink {
+    raw: Option<Raw>,
+    size: usize,
+}
+
+impl Sink for DenseSink {
+    fn start(&mut self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<()> {
+        self.size = elem_size(dtype)
+            .ok_or_else(|| Error::Value(format!("`{name}`: values of dtype {dtype:?}")))?;
+        let n = shape
+            .iter()
+            .try_fold(self.size, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| Error::Value(format!("`{name}`: shape {shape:?} is too large")))?;
+        self.raw = Some(Raw {
+            dtype,
+            shape: shape.to_vec(),
+            data: vec![0u8; n],
+        });
+        Ok(())
+    }
+
+    fn put(&mut self, name: &str, position: usize, value: &[u8]) -> Result<()> {
+        let data = &mut self.raw.as_mut().expect("started before any entry").data;
+        let n = data.len() / self.size;
+        let dst = data
+            .get_mut(position * self.size..(position + 1) * self.size)
+            .ok_or_else(|| {
+                Error::Value(format!(
+                    "`{name}`: position {position} is past the end ({n} elements)"
+                ))
+            })?;
+        dst.copy_from_slice(value);
+        Ok(())
+    }
+}
+
+/// Decodes into compressed rows of f32.
+#[derive(Default)]
+struct RowsSink {
+    builder: Option<CsrBuilder>,
+    dtype: Option<Dtype>,
+}
+
+impl Sink for RowsSink {
+    fn start(&mut self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<()> {
+        let [rows, cols] = shape[..] else {
+            return Err(Error::Shape(format!(
+                "`{name}`: shape {shape:?} is not a matrix"
+            )));
+        };
+        let named = |e: Error| Error::Value(format!("`{name}`: {e}"));
+        self.builder = Some(CsrBuilder::new(rows, cols).map_err(named)?);
+        self.dtype = Some(dtype);
+        Ok(())
+    }
+
+    fn put(&mut self, name: &str, position: usize, value: &[u8]) -> Result<()> {
+        let v = match (self.dtype, value.len()) {
+            (Some(Dtype::F32), 4) => f32::from_le_bytes(value.try_into().expect("4 bytes")),
+            (Some(Dtype::F64), 8) => f64::from_le_bytes(value.try_into().expect("8 bytes")) as f32,
+            (Some(Dtype::F16), 2) => {
+                half::f16::from_le_bytes(value.try_into().expect("2 bytes")).to_f32()
+            }
+            (Some(Dtype::BF16), 2) => {
+                half::bf16::from_le_bytes(value.try_into().expect("2 bytes")).to_f32()
+            }
+            (dtype, _) => {
+                return Err(Error::Value(format!(
+                    "`{name}`: values of dtype {dtype:?} are not read as f32"
+                )))
+            }
+        };
+        let builder = self.builder.as_mut().expect("started before any entry");
+        builder
+            .push(position, v)
+            .map_err(|e| Error::Value(format!("`{name}`: {e}")))
+    }
+}
+
+/// Runs the decoder of `how` on the stored parts of `name` into `sink`.
+fn walk(
+    name: &str,
+    how: &Stored,
+    fetch: impl Fn(&str) -> Option<Raw>,
+    sink: &mut impl Sink,
+) -> Result<()> {
     let get = |part: String| {
         fetch(&part).ok_or_else(|| Error::Value(format!("`{name}`: `{part}` is missing")))
     };
     match how {
-        Stored::Dense => get(name.to_string()),
+        Stored::Dense => Err(Error::Value(format!("`{name}` is not compressed"))),
         Stored::Bitmask { prefix } => {
             let [shape, values, bitmask, offsets] =
                 BITMASK_PARTS.map(|s| get(format!("{prefix}.{s}")));
-            bitmask_decode(prefix, &shape?, &values?, &bitmask?, &offsets?)
+            bitmask_walk(prefix, &shape?, &values?, &bitmask?, &offsets?, sink)
         }
         Stored::Relprune { deltas, shape } => {
             let key = if *deltas { "deltas" } else { "bitmap" };
             let index = get(format!("{name}.{key}"))?;
             let values = get(format!("{name}.values"))?;
-            relprune_decode(name, *deltas, &index, &values, shape.clone())
+            relprune_walk(name, *deltas, &index, &values, shape, sink)
         }
     }
 }
@@ -388,13 +513,14 @@ pub fn decompress(bytes: &[u8]) -> Result<(BTreeMap<String, Raw>, HashMap<String
     Ok((tensors, meta))
 }
 
-fn bitmask_decode(
+fn bitmask_walk(
     name: &str,
     shape: &Raw,
     values: &Raw,
     bitmask: &Raw,
     offsets: &Raw,
-) -> Result<Raw> {
+    sink: &mut impl Sink,
+) -> Result<()> {
     let bad = |msg: String| Error::Value(format!("`{name}`: {msg}"));
     let shape = shape.to_i64s(&format!("`{name}.shape`"))?;
     let [rows, cols] = shape[..] else {
@@ -433,7 +559,7 @@ fn bitmask_decode(
             offsets.len()
         )));
     }
-    let mut data = vec![0u8; rows * cols * size];
+    sink.start(name, values.dtype, &[rows, cols])?;
     let mut k = 0usize;
     for (r, &offset) in offsets.iter().enumerate() {
         if offset != k as i64 {
@@ -443,38 +569,41 @@ fn bitmask_decode(
             )));
         }
         for c in (0..cols).filter(|&c| bits(r, c)) {
-            let dst = (r * cols + c) * size;
-            data[dst..dst + size].copy_from_slice(&values.data[k * size..(k + 1) * size]);
+            sink.put(name, r * cols + c, &values.data[k * size..(k + 1) * size])?;
             k += 1;
         }
     }
-    Ok(Raw {
-        dtype: values.dtype,
-        shape: vec![rows, cols],
-        data,
-    })
+    Ok(())
 }
 
-fn relprune_decode(
+fn relprune_walk(
     name: &str,
     is_delta: bool,
     index: &Raw,
     values: &Raw,
-    shape: Vec<usize>,
-) -> Result<Raw> {
+    shape: &[usize],
+    sink: &mut impl Sink,
+) -> Result<()> {
     let bad = |msg: String| Error::Value(format!("`{name}`: {msg}"));
     let size = elem_size(values.dtype)
         .ok_or_else(|| bad(format!("values of dtype {:?}", values.dtype)))?;
-    let n: usize = shape.iter().product();
+    if !values.data.len().is_multiple_of(size) {
+        return Err(bad(format!("{} bytes of values", values.data.len())));
+    }
+    let n = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
     let count = values.data.len() / size;
-    let mut data = vec![0u8; n * size];
+    sink.start(name, values.dtype, shape)?;
     let mut put = |i: usize, k: usize| -> Result<()> {
-        let dst = data
-            .get_mut(i * size..(i + 1) * size)
-            .ok_or_else(|| bad(format!("position {i} is past the end ({n} elements)")))?;
+        if i >= n {
+            return Err(bad(format!("position {i} is past the end ({n} elements)")));
+        }
         let src = &values.data[k * size..(k + 1) * size];
+        // Zero-valued fillers bridge gaps longer than 255: nothing to store.
         if src.iter().any(|&b| b != 0) {
-            dst.copy_from_slice(src);
+            sink.put(name, i, src)?;
         }
         Ok(())
     };
@@ -482,11 +611,14 @@ fn relprune_decode(
         if index.data.len() != count {
             return Err(bad(format!("{} gaps but {count} values", index.data.len())));
         }
-        let mut pos: i64 = -1;
+        let mut pos: usize = 0;
         for (k, &d) in index.data.iter().enumerate() {
-            pos += d as i64;
-            let i = usize::try_from(pos).map_err(|_| bad("a zero gap at the start".into()))?;
-            put(i, k)?;
+            if d == 0 {
+                return Err(bad(format!("gap {k} is zero (positions must increase)")));
+            }
+            // Gaps count from one before the first element.
+            pos = pos.saturating_add(d as usize);
+            put(pos - 1, k)?;
         }
     } else {
         if index.data.len() != n.div_ceil(8) {
@@ -508,11 +640,7 @@ fn relprune_decode(
             put(i, k)?;
         }
     }
-    Ok(Raw {
-        dtype: values.dtype,
-        shape,
-        data,
-    })
+    Ok(())
 }
 
 /// The bytes of a safetensors file holding `tensors` and `metadata` (what [`compress`]
@@ -750,5 +878,80 @@ mod tests {
         meta.remove(ORIGINAL_HEADER);
         let e = decompress(&serialize(&r.tensors, &meta).unwrap()).unwrap_err();
         assert!(e.to_string().contains("unknown compressed format"), "{e}");
+    }
+
+    /// A safetensors file with a 40×700 f32 matrix holding a few entries, some of them more
+    /// than 255 positions apart (the relprune layout then stores zero-valued fillers).
+    fn far_apart() -> Vec<u8> {
+        let mut w = vec![0f32; 40 * 700];
+        for (k, i) in (0..w.len()).step_by(613).enumerate() {
+            w[i] = k as f32 - 7.5;
+        }
+        w[1] = 0.25;
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, vec![40, 700], &bytes).unwrap();
+        safetensors::serialize(vec![("far.weight", view)], None).unwrap()
+    }
+
+    /// The dense f32 values of `raw` (f32 or bf16).
+    fn f32s(raw: &Raw) -> Vec<f32> {
+        match raw.dtype {
+            Dtype::F32 => raw
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dtype::BF16 => raw
+                .data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
+                .collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn compressed_matrices_decode_straight_into_the_rows_of_their_dense_tensors() {
+        for input in [sample(), far_apart()] {
+            for format in [Format::SparseBitmask, Format::RelpruneSparse] {
+                let c = compress(&input, format, |_, _| true).unwrap();
+                let file = serialize(&c.tensors, &c.metadata).unwrap();
+                let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+                let names: Vec<String> = st.names().into_iter().map(String::from).collect();
+                let (stored, _) = index(&names, &c.metadata).unwrap();
+                let fetch = |n: &str| st.tensor(n).ok().map(|v| Raw::of(&v));
+                let mut matrices = 0;
+                for (name, how) in &stored {
+                    let dense = decode(name, how, fetch).unwrap();
+                    let rows = decode_rows(name, how, fetch);
+                    if dense.shape.len() != 2 && *how != Stored::Dense {
+                        let e = rows.unwrap_err().to_string();
+                        assert!(e.contains("is not a matrix"), "{e}");
+                        continue;
+                    }
+                    match rows.unwrap() {
+                        None => assert_eq!(*how, Stored::Dense, "{name}"),
+                        Some(rows) => {
+                            let [r, cols] = dense.shape[..] else {
+                                panic!("{name}: {:?}", dense.shape)
+                            };
+                            let want = Csr::from_dense(&f32s(&dense), r, cols).unwrap();
+                            assert_eq!(rows, want, "{name} in {format:?}");
+                            matrices += 1;
+                        }
+                    }
+                }
+                assert!(matrices >= 1, "{format:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_gap_in_the_relprune_layout_is_an_error_naming_the_tensor() {
+        let c = compress(&far_apart(), Format::RelpruneSparse, |_, _| true).unwrap();
+        let mut t = c.tensors.clone();
+        t.get_mut("far.weight.deltas").unwrap().data[3] = 0;
+        let e = decompress(&serialize(&t, &c.metadata).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("`far.weight`: gap 3 is zero"), "{e}");
     }
 }

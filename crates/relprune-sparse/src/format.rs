@@ -25,13 +25,14 @@ impl Indices {
         }
     }
 
-    fn narrowest(cols: usize, idx: Vec<usize>) -> Self {
+    /// Indices below `cols` in the narrowest type that holds them.
+    fn narrowest(cols: usize, idx: Vec<u32>) -> Self {
         if cols <= 1 << 8 {
             Self::U8(idx.into_iter().map(|c| c as u8).collect())
         } else if cols <= 1 << 16 {
             Self::U16(idx.into_iter().map(|c| c as u16).collect())
         } else {
-            Self::U32(idx.into_iter().map(|c| c as u32).collect())
+            Self::U32(idx)
         }
     }
 }
@@ -80,55 +81,21 @@ pub enum SparseWeight {
     NM(NM),
 }
 
-/// Checks a row-major `rows × cols` buffer.
-fn check_dense(dense: &[f32], rows: usize, cols: usize) -> Result<()> {
-    if rows.checked_mul(cols) != Some(dense.len()) {
-        return Err(Error::Shape(format!(
-            "{} values do not make a {rows}×{cols} matrix",
-            dense.len()
-        )));
-    }
-    if let Some(i) = dense.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Value(format!(
-            "entry ({}, {}) is {}; sparse layouts hold finite weights only",
-            i / cols.max(1),
-            i % cols.max(1),
-            dense[i]
-        )));
-    }
-    if rows > 0 && u32::try_from(dense.len()).is_err() {
-        return Err(Error::Shape(format!(
-            "a {rows}×{cols} matrix has more entries than compressed rows index (2^32)"
-        )));
-    }
-    Ok(())
-}
-
 impl Csr {
     /// The compressed rows of a row-major `rows × cols` matrix (its exact zeros, `-0.0`
     /// included, are left out).
     pub fn from_dense(dense: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        check_dense(dense, rows, cols)?;
-        let mut row_ptr = Vec::with_capacity(rows + 1);
-        let mut idx = Vec::new();
-        let mut values = Vec::new();
-        row_ptr.push(0);
-        for r in 0..rows {
-            for (c, &v) in dense[r * cols..(r + 1) * cols].iter().enumerate() {
-                if v != 0.0 {
-                    idx.push(c);
-                    values.push(v);
-                }
-            }
-            row_ptr.push(values.len() as u32);
+        if rows.checked_mul(cols) != Some(dense.len()) {
+            return Err(Error::Shape(format!(
+                "{} values do not make a {rows}×{cols} matrix",
+                dense.len()
+            )));
         }
-        Ok(Self {
-            rows,
-            cols,
-            row_ptr,
-            indices: Indices::narrowest(cols, idx),
-            values,
-        })
+        let mut rows_of = CsrBuilder::new(rows, cols)?;
+        for (i, &v) in dense.iter().enumerate() {
+            rows_of.push(i, v)?;
+        }
+        Ok(rows_of.finish())
     }
 
     /// Non-zeros stored.
@@ -161,7 +128,10 @@ impl Csr {
             rows: self.rows,
             cols: used.len(),
             row_ptr: self.row_ptr.clone(),
-            indices: Indices::narrowest(used.len(), cols.iter().map(|&c| position[c]).collect()),
+            indices: Indices::narrowest(
+                used.len(),
+                cols.iter().map(|&c| position[c] as u32).collect(),
+            ),
             values: self.values.clone(),
         };
         (used, compact)
@@ -172,39 +142,41 @@ impl NM {
     /// The N:M layout of a row-major `rows × cols` matrix whose every group of `m` columns holds
     /// at most `n` non-zeros; an error naming the first group that holds more.
     pub fn from_dense(dense: &[f32], rows: usize, cols: usize, n: usize, m: usize) -> Result<Self> {
-        check_dense(dense, rows, cols)?;
+        Self::from_csr(&Csr::from_dense(dense, rows, cols)?, n, m)
+    }
+
+    /// The N:M layout of compressed rows whose every group of `m` columns holds at most `n`
+    /// entries; an error naming the first group that holds more.
+    pub fn from_csr(csr: &Csr, n: usize, m: usize) -> Result<Self> {
+        let (rows, cols) = (csr.rows, csr.cols);
         if n == 0 || m == 0 || n > m || m > 255 || !cols.is_multiple_of(m) {
             return Err(Error::Shape(format!(
                 "{n}:{m} needs 0 < n ≤ m ≤ 255 and the {cols} columns a multiple of m"
             )));
         }
         let groups = cols / m;
-        let mut values = Vec::with_capacity(rows * groups * n);
-        let mut offsets = Vec::with_capacity(rows * groups * n);
+        let mut values = vec![0f32; rows * groups * n];
+        let mut offsets = vec![0u8; rows * groups * n];
+        let columns = csr.columns();
         for r in 0..rows {
-            for g in 0..groups {
-                let group = &dense[r * cols + g * m..r * cols + (g + 1) * m];
-                let nz: Vec<usize> = (0..m).filter(|&j| group[j] != 0.0).collect();
-                if nz.len() > n {
+            let (start, end) = (csr.row_ptr[r] as usize, csr.row_ptr[r + 1] as usize);
+            // Entries of a row come in increasing column order: fill each group's slots in turn.
+            let mut filled = (usize::MAX, 0usize);
+            for k in start..end {
+                let (g, j) = (columns[k] / m, columns[k] % m);
+                let used = if filled.0 == g { filled.1 } else { 0 };
+                if used == n {
+                    let in_group = columns[start..end].iter().filter(|&&c| c / m == g).count();
                     return Err(Error::Value(format!(
-                        "row {r}, columns {}..{}: {} non-zeros, more than {n} of {m}",
+                        "row {r}, columns {}..{}: {in_group} non-zeros, more than {n} of {m}",
                         g * m,
                         (g + 1) * m,
-                        nz.len()
                     )));
                 }
-                for k in 0..n {
-                    match nz.get(k) {
-                        Some(&j) => {
-                            values.push(group[j]);
-                            offsets.push(j as u8);
-                        }
-                        None => {
-                            values.push(0.0);
-                            offsets.push(0);
-                        }
-                    }
-                }
+                let slot = (r * groups + g) * n + used;
+                values[slot] = csr.values[k];
+                offsets[slot] = j as u8;
+                filled = (g, used + 1);
             }
         }
         Ok(Self {
@@ -215,6 +187,98 @@ impl NM {
             values,
             offsets,
         })
+    }
+}
+
+/// Builds compressed rows from a matrix's entries given in row-major order (the one way this
+/// crate makes a [`Csr`]: from a dense buffer or straight from a compressed file).
+#[derive(Debug)]
+pub struct CsrBuilder {
+    rows: usize,
+    cols: usize,
+    row_ptr: Vec<u32>,
+    idx: Vec<u32>,
+    values: Vec<f32>,
+    /// The smallest position the next entry may have.
+    next: usize,
+}
+
+impl CsrBuilder {
+    /// An empty `rows × cols` matrix; one with more entries than compressed rows index (2^32)
+    /// is an error.
+    pub fn new(rows: usize, cols: usize) -> Result<Self> {
+        if rows > 0
+            && rows
+                .checked_mul(cols)
+                .and_then(|n| u32::try_from(n).ok())
+                .is_none()
+        {
+            return Err(Error::Shape(format!(
+                "a {rows}×{cols} matrix has more entries than compressed rows index (2^32)"
+            )));
+        }
+        let mut row_ptr = Vec::with_capacity(rows + 1);
+        row_ptr.push(0);
+        Ok(Self {
+            rows,
+            cols,
+            row_ptr,
+            idx: Vec::new(),
+            values: Vec::new(),
+            next: 0,
+        })
+    }
+
+    /// Adds `value` at row-major `position` (`row · cols + col`); exact zeros (`-0.0` included)
+    /// are left out. A position past the matrix, a non-zero not after the previous one, and a
+    /// value that is not finite are errors.
+    pub fn push(&mut self, position: usize, value: f32) -> Result<()> {
+        let (rows, cols) = (self.rows, self.cols);
+        if position >= rows * cols {
+            return Err(Error::Shape(format!(
+                "entry at position {position} is past the end of a {rows}×{cols} matrix"
+            )));
+        }
+        if !value.is_finite() {
+            return Err(Error::Value(format!(
+                "entry ({}, {}) is {value}; sparse layouts hold finite weights only",
+                position / cols,
+                position % cols
+            )));
+        }
+        if value == 0.0 {
+            return Ok(());
+        }
+        if position < self.next {
+            return Err(Error::Shape(format!(
+                "entry ({}, {}) comes after a later one (entries must be in row-major order)",
+                position / cols,
+                position % cols
+            )));
+        }
+        self.next = position + 1;
+        let row = position / cols;
+        while self.row_ptr.len() <= row {
+            self.row_ptr.push(self.values.len() as u32);
+        }
+        self.idx.push((position % cols) as u32);
+        self.values.push(value);
+        Ok(())
+    }
+
+    /// The matrix, with the narrowest column index that fits.
+    pub fn finish(mut self) -> Csr {
+        while self.row_ptr.len() <= self.rows {
+            self.row_ptr.push(self.values.len() as u32);
+        }
+        let cols = self.cols;
+        Csr {
+            rows: self.rows,
+            cols,
+            row_ptr: self.row_ptr,
+            indices: Indices::narrowest(cols, self.idx),
+            values: self.values,
+        }
     }
 }
 
@@ -253,7 +317,7 @@ impl SparseWeight {
         row_ptr.push(0u32);
         for r in 0..rows {
             self.for_row(r, |c, v| {
-                idx.push(c);
+                idx.push(c as u32);
                 values.push(v);
             });
             row_ptr.push(values.len() as u32);

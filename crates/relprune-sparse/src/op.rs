@@ -1,7 +1,7 @@
 //! The kernels as a candle custom op, and [`SparseLinear`], a linear layer that stores its
 //! weight sparse and runs it through them (inference only: the op has no backward).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 
@@ -94,15 +94,20 @@ const NM_MIN_FILL: f64 = 0.8;
 
 /// A linear layer `y = x·Wᵀ + b` whose weight is stored sparse, for inference. It runs the
 /// sparse kernels or, where the crossover table says the dense product is faster (low sparsity,
-/// small batches), the dense one; a layer that may run dense keeps its dense weight too.
+/// small batches), the dense one; a layer that may run dense rebuilds its dense weight the first
+/// time a batch runs dense, and keeps it.
 #[derive(Clone, Debug)]
 pub struct SparseLinear {
     op: SparseMatmul,
     pattern: Pattern,
     table: Arc<Crossover>,
-    /// The dense weight `(out, in)` and bias, when some batch size runs dense.
-    dense: Option<(Tensor, Option<Tensor>)>,
+    /// The dense weight `(out, in)` and bias, built when first needed; `None` when every batch
+    /// size runs sparse.
+    dense: Option<Arc<OnceLock<DenseParts>>>,
 }
+
+/// A layer's dense weight `(out, in)` and bias.
+type DenseParts = (Tensor, Option<Tensor>);
 
 impl SparseLinear {
     /// A layer that always runs sparse, from a sparse weight and an optional bias (one per
@@ -145,23 +150,51 @@ impl SparseLinear {
         let b = bias
             .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
             .transpose()?;
-        let csr = Csr::from_dense(&w, rows, cols)?;
+        Self::from_rows_with_table(Csr::from_dense(&w, rows, cols)?, b, table)
+    }
+
+    /// The layer of a weight already in compressed rows (read straight from a compressed
+    /// checkpoint, say) and a bias, dispatched as [`SparseLinear::from_dense`]; no dense copy of
+    /// the weight exists unless a batch runs dense.
+    pub fn from_rows(weight: Csr, bias: Option<Vec<f32>>) -> crate::Result<Self> {
+        Self::from_rows_with_table(weight, bias, Crossover::measured().for_this_process())
+    }
+
+    /// [`SparseLinear::from_rows`] dispatched by `table`.
+    pub fn from_rows_with_table(
+        csr: Csr,
+        bias: Option<Vec<f32>>,
+        table: Crossover,
+    ) -> crate::Result<Self> {
         // A 2:4 layer is stored as such; a sparser one that happens to fit 2:4 is not (its
         // compressed rows hold fewer entries).
-        let nnz = csr.nnz() as f64 / (rows * cols).max(1) as f64;
-        let sparse = match NM::from_dense(&w, rows, cols, 2, 4) {
-            Ok(nm) if nnz > NM_MIN_FILL * 0.5 => SparseWeight::NM(nm),
+        let density = csr.nnz() as f64 / (csr.rows * csr.cols).max(1) as f64;
+        let sparse = match NM::from_csr(&csr, 2, 4) {
+            Ok(nm) if density > NM_MIN_FILL * 0.5 => SparseWeight::NM(nm),
             _ => SparseWeight::Csr(csr),
         };
-        let mut layer = Self::new(sparse, b)?;
-        let density = layer.weight().density();
-        if table.dense_somewhere(layer.pattern, density) {
-            let dense_w = weight.to_dtype(DType::F32)?;
-            let dense_b = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-            layer.dense = Some((dense_w, dense_b));
+        let mut layer = Self::new(sparse, bias)?;
+        if table.dense_somewhere(layer.pattern, layer.weight().density()) {
+            layer.dense = Some(Arc::new(OnceLock::new()));
         }
         layer.table = Arc::new(table);
         Ok(layer)
+    }
+
+    /// The dense weight and bias, built from the sparse ones on first use.
+    fn dense_parts(&self, cell: &OnceLock<DenseParts>) -> candle_core::Result<DenseParts> {
+        if let Some(parts) = cell.get() {
+            return Ok(parts.clone());
+        }
+        let (rows, cols) = self.weight().dims();
+        let device = candle_core::Device::Cpu;
+        let w = Tensor::from_vec(self.weight().to_dense(), (rows, cols), &device)?;
+        let b = self
+            .bias()
+            .map(|b| Tensor::from_slice(b, rows, &device))
+            .transpose()?;
+        // Two threads may build it at once: both results are equal, the first one is kept.
+        Ok(cell.get_or_init(|| (w, b)).clone())
     }
 
     /// The sparse weight, as the kernels run it.
@@ -213,13 +246,14 @@ impl Module for SparseLinear {
         let x = f32_contiguous(x)?;
         let cols = self.weight().dims().1.max(1);
         match &self.dense {
-            Some((w, b)) if !self.runs_sparse(x.elem_count() / cols) => {
+            Some(cell) if !self.runs_sparse(x.elem_count() / cols) => {
+                let (w, b) = self.dense_parts(cell)?;
                 // As candle-nn's `Linear`: leading dimensions folded into one matrix product
                 // (a batched product over a broadcast weight was measured slower).
                 let dims = x.dims().to_vec();
                 let rows = w.dim(0)?;
                 let y = x.reshape((x.elem_count() / cols, cols))?.matmul(&w.t()?)?;
-                let y = match b {
+                let y = match &b {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
                 };

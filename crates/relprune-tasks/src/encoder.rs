@@ -284,10 +284,11 @@ impl Embedder {
     /// pruned layers sparse.
     pub fn load(dir: &std::path::Path, sparse: bool) -> crate::Result<Self> {
         relprune_models::hf::detect_kind(dir, relprune_models::hf::Kind::Encoder)?;
-        let mut model = BertModel::load(dir, &Device::Cpu)?;
-        if sparse {
-            model = model.to_sparse()?;
-        }
+        let model = if sparse {
+            BertModel::load_sparse(dir, &Device::Cpu)?
+        } else {
+            BertModel::load(dir, &Device::Cpu)?
+        };
         let tokenizer = relprune_data::text::TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         tokenizer
             .check_vocab(model.config().vocab_size)

@@ -19,10 +19,10 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::weights::Weights;
-use super::LinearHook;
+use super::{Layers, LinearHook};
 use crate::dropout::unseeded as dropout;
 use crate::fused::{softmax_last_dim, LayerNorm};
-use crate::linear::Lin;
+use crate::linear::{Lin, SparseRows};
 use crate::LayerType;
 use crate::{init, Error, Result};
 
@@ -356,6 +356,22 @@ impl BertModel {
     /// and layer norms may be called `gamma`/`beta` (old TensorFlow conversions). Half-precision
     /// weights are converted to f32.
     pub fn load_into(varmap: &VarMap, dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_into_as(varmap, dir, device, Layers::Dense)
+    }
+
+    /// Loads `dir` for inference with every linear layer sparse; weights stored compressed go
+    /// straight into sparse layers without a dense copy (see [`Layers::Sparse`]).
+    pub fn load_sparse(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_into_as(&VarMap::new(), dir, device, Layers::Sparse)?.to_sparse()
+    }
+
+    /// [`Self::load_into`], with the linear layers loaded as `layers` says.
+    pub fn load_into_as(
+        varmap: &VarMap,
+        dir: &Path,
+        device: &Device,
+        layers: Layers,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::Checkpoint {
                 path: dir.to_path_buf(),
@@ -364,7 +380,7 @@ impl BertModel {
         }
         let config = BertConfig::from_file(&dir.join("config.json"))?;
         let path = dir.join("model.safetensors");
-        let tensors = read_weights(&config, &path, device)?;
+        let (tensors, sparse) = read_weights(&config, &path, device, layers)?;
         {
             let mut data = varmap
                 .data()
@@ -374,7 +390,7 @@ impl BertModel {
                 data.insert(name, Var::from_tensor(&t)?);
             }
         }
-        Self::from_varmap(config, varmap)
+        Self::from_parts(config, varmap, &sparse)
     }
 
     /// A network with fresh seeded weights (HF's init: weights of standard deviation
@@ -417,6 +433,12 @@ impl BertModel {
     /// Builds the modules on the variables already in `varmap` (as [`Self::new`] or
     /// [`Self::load_into`] put them there); the pooler is used when its variables are present.
     pub fn from_varmap(config: BertConfig, varmap: &VarMap) -> Result<Self> {
+        Self::from_parts(config, varmap, &SparseRows::default())
+    }
+
+    /// [`Self::from_varmap`], with the linear layers whose weights are in `sparse` built
+    /// sparse from them (those weights are not in `varmap`).
+    fn from_parts(config: BertConfig, varmap: &VarMap, sparse: &SparseRows) -> Result<Self> {
         config.validate()?;
         let data = varmap
             .data()
@@ -428,10 +450,9 @@ impl BertModel {
                 .ok_or_else(|| Error::Config(format!("the VarMap has no variable `{name}`")))
         };
         let linear = |prefix: &str| -> Result<Lin> {
-            Ok(Lin::new(
-                get(&format!("{prefix}.weight"))?,
-                Some(get(&format!("{prefix}.bias"))?),
-            ))
+            let weight = format!("{prefix}.weight");
+            let bias = get(&format!("{prefix}.bias"))?;
+            sparse.lin(&weight, || get(&weight), Some(bias))
         };
         let eps = config.layer_norm_eps;
         let norm = |prefix: &str| -> Result<LayerNorm> {
@@ -462,6 +483,7 @@ impl BertModel {
         } else {
             None
         };
+        sparse.check_used()?;
         Ok(Self {
             activation: config.activation()?,
             word: Embedding::new(get("embeddings.word_embeddings.weight")?, h),
@@ -765,7 +787,8 @@ fn read_weights(
     config: &BertConfig,
     path: &Path,
     device: &Device,
-) -> Result<HashMap<String, Tensor>> {
+    layers: Layers,
+) -> Result<(HashMap<String, Tensor>, SparseRows)> {
     let weights = Weights::open(path)?;
     let prefix = STORED_PREFIXES
         .into_iter()
@@ -776,12 +799,18 @@ fn read_weights(
         wanted.extend(config.pooler_shapes());
     }
     let mut out = HashMap::with_capacity(wanted.len());
+    let mut sparse = SparseRows::default();
     for (name, shape) in wanted {
         let candidates = stored_names(prefix, &name);
+        let stored = &candidates[0];
+        if let Some(rows) = weights.linear_rows(layers, is_linear(&name), stored, &shape)? {
+            sparse.insert(name, rows);
+            continue;
+        }
         let candidates: Vec<&str> = candidates.iter().map(String::as_str).collect();
         out.insert(name, weights.require_any(&candidates, &shape, device)?);
     }
-    Ok(out)
+    Ok((out, sparse))
 }
 
 /// Prefixes a BERT checkpoint's tensor names may carry (`BertFor*` checkpoints store the
@@ -832,13 +861,21 @@ pub fn layer_type(name: &str) -> LayerType {
     }
 }
 
+/// Whether `name` is the weight of a linear layer.
+fn is_linear(name: &str) -> bool {
+    matches!(
+        layer_type(name),
+        LayerType::Attention | LayerType::FeedForward
+    ) && name.ends_with(".weight")
+}
+
 /// The registry entry of `bert` checkpoints.
 pub const ARCHITECTURE: super::Architecture = super::Architecture {
     kind: super::Kind::Encoder,
     model_type: "bert",
-    load: |dir, varmap, device| {
-        Ok(super::HfModel::Encoder(Box::new(BertModel::load_into(
-            varmap, dir, device,
+    load: |dir, varmap, device, layers| {
+        Ok(super::HfModel::Encoder(Box::new(BertModel::load_into_as(
+            varmap, dir, device, layers,
         )?)))
     },
     variable_names,

@@ -17,13 +17,14 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Module, VarMap};
 
-use crate::linear::Lin;
+use crate::linear::{Lin, SparseRows};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::generate::{pad_rows, GenerateConfig};
 use super::weights::{tied_names, variable_names_with, Weights};
+use super::Layers;
 pub use crate::attention::DecoderCache;
 use crate::attention::{causal_mask, key_mask, Attention, DecoderLayers};
 use crate::fused::LayerNorm;
@@ -396,10 +397,20 @@ impl MarianModel {
     /// are read when present and recomputed otherwise. A missing tensor, a wrong shape or a
     /// corrupt or truncated file is an error naming the tensor and the file.
     pub fn load(dir: &Path, varmap: &VarMap, device: &Device) -> Result<Self> {
+        Self::load_as(dir, varmap, device, Layers::Dense)
+    }
+
+    /// [`Self::load`], with the linear layers loaded as `layers` says.
+    pub fn load_as(dir: &Path, varmap: &VarMap, device: &Device, layers: Layers) -> Result<Self> {
         let config = MarianConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::open(&dir.join("model.safetensors"))?;
         let mut tensors = HashMap::new();
+        let mut sparse = SparseRows::default();
         for (name, shape) in parameter_shapes(&config) {
+            if let Some(rows) = weights.linear_rows(layers, is_linear(&name), &name, &shape)? {
+                sparse.insert(name, rows);
+                continue;
+            }
             let t = if name == "model.shared.weight" {
                 weights.tied(
                     tied_names(SHARED_ALIASES, config.tie_word_embeddings),
@@ -421,7 +432,8 @@ impl MarianModel {
         };
         let enc_pos = positions("encoder")?;
         let dec_pos = positions("decoder")?;
-        Self::from_tensors(config, tensors, enc_pos, dec_pos, varmap, device)
+        let positions = (enc_pos, dec_pos);
+        Self::from_tensors(config, tensors, &sparse, positions, varmap, device)
     }
 
     /// A model with fresh seeded weights (N(0, init_std²) matrices, zero biases, unit layer
@@ -440,14 +452,15 @@ impl MarianModel {
             };
             tensors.insert(name, t);
         }
-        Self::from_tensors(config, tensors, None, None, varmap, device)
+        let sparse = SparseRows::default();
+        Self::from_tensors(config, tensors, &sparse, (None, None), varmap, device)
     }
 
     fn from_tensors(
         config: MarianConfig,
         mut tensors: HashMap<String, Tensor>,
-        encoder_positions: Option<Tensor>,
-        decoder_positions: Option<Tensor>,
+        sparse: &SparseRows,
+        (encoder_positions, decoder_positions): (Option<Tensor>, Option<Tensor>),
         varmap: &VarMap,
         device: &Device,
     ) -> Result<Self> {
@@ -455,6 +468,9 @@ impl MarianModel {
         let act = Activation::parse(&config.activation_function)?;
         let mut vars = HashMap::new();
         for (name, _) in parameter_shapes(&config) {
+            if sparse.contains(&name) {
+                continue;
+            }
             let t = tensors
                 .remove(&name)
                 .ok_or_else(|| Error::Config(format!("missing tensor `{name}`")))?;
@@ -462,11 +478,10 @@ impl MarianModel {
             vars.insert(name, var);
         }
         let take = |name: &str| -> Tensor { vars[name].as_tensor().clone() };
-        let linear = |p: &str| {
-            Lin::new(
-                take(&format!("{p}.weight")),
-                Some(take(&format!("{p}.bias"))),
-            )
+        let linear = |p: &str| -> Result<Lin> {
+            let weight = format!("{p}.weight");
+            let bias = take(&format!("{p}.bias"));
+            sparse.lin(&weight, || Ok(take(&weight)), Some(bias))
         };
         let ln = |p: &str| {
             LayerNorm::new(
@@ -475,45 +490,52 @@ impl MarianModel {
                 LAYER_NORM_EPS,
             )
         };
-        let attention = |p: &str, heads: usize| {
-            Attention::new(
-                linear(&format!("{p}.q_proj")),
-                linear(&format!("{p}.k_proj")),
-                linear(&format!("{p}.v_proj")),
-                linear(&format!("{p}.out_proj")),
+        let attention = |p: &str, heads: usize| -> Result<Attention> {
+            Ok(Attention::new(
+                linear(&format!("{p}.q_proj"))?,
+                linear(&format!("{p}.k_proj"))?,
+                linear(&format!("{p}.v_proj"))?,
+                linear(&format!("{p}.out_proj"))?,
                 heads,
                 config.d_model / heads,
-            )
+            ))
         };
         let encoder_layers = (0..config.encoder_layers)
             .map(|l| {
                 let p = format!("model.encoder.layers.{l}");
-                EncoderLayer {
-                    self_attn: attention(&format!("{p}.self_attn"), config.encoder_attention_heads),
+                Ok(EncoderLayer {
+                    self_attn: attention(
+                        &format!("{p}.self_attn"),
+                        config.encoder_attention_heads,
+                    )?,
                     self_attn_layer_norm: ln(&format!("{p}.self_attn_layer_norm")),
-                    fc1: linear(&format!("{p}.fc1")),
-                    fc2: linear(&format!("{p}.fc2")),
+                    fc1: linear(&format!("{p}.fc1"))?,
+                    fc2: linear(&format!("{p}.fc2"))?,
                     final_layer_norm: ln(&format!("{p}.final_layer_norm")),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let decoder_layers = (0..config.decoder_layers)
             .map(|l| {
                 let p = format!("model.decoder.layers.{l}");
-                DecoderLayer {
-                    self_attn: attention(&format!("{p}.self_attn"), config.decoder_attention_heads),
+                Ok(DecoderLayer {
+                    self_attn: attention(
+                        &format!("{p}.self_attn"),
+                        config.decoder_attention_heads,
+                    )?,
                     self_attn_layer_norm: ln(&format!("{p}.self_attn_layer_norm")),
                     encoder_attn: attention(
                         &format!("{p}.encoder_attn"),
                         config.decoder_attention_heads,
-                    ),
+                    )?,
                     encoder_attn_layer_norm: ln(&format!("{p}.encoder_attn_layer_norm")),
-                    fc1: linear(&format!("{p}.fc1")),
-                    fc2: linear(&format!("{p}.fc2")),
+                    fc1: linear(&format!("{p}.fc1"))?,
+                    fc2: linear(&format!("{p}.fc2"))?,
                     final_layer_norm: ln(&format!("{p}.final_layer_norm")),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
+        sparse.check_used()?;
         let shared = take("model.shared.weight");
         let lm_head = if config.tie_word_embeddings {
             shared.clone()
@@ -753,13 +775,21 @@ pub fn layer_type(name: &str) -> LayerType {
     }
 }
 
+/// Whether `name` is the weight of a linear layer.
+fn is_linear(name: &str) -> bool {
+    matches!(
+        layer_type(name),
+        LayerType::Attention | LayerType::FeedForward
+    ) && name.ends_with(".weight")
+}
+
 /// The registry entry of `marian` checkpoints.
 pub const ARCHITECTURE: super::Architecture = super::Architecture {
     kind: super::Kind::Seq2Seq,
     model_type: "marian",
-    load: |dir, varmap, device| {
-        Ok(super::HfModel::Seq2Seq(Box::new(MarianModel::load(
-            dir, varmap, device,
+    load: |dir, varmap, device, layers| {
+        Ok(super::HfModel::Seq2Seq(Box::new(MarianModel::load_as(
+            dir, varmap, device, layers,
         )?)))
     },
     variable_names,

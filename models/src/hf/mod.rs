@@ -45,8 +45,9 @@ pub struct Architecture {
     pub model_type: &'static str,
     /// What models of this architecture are for.
     pub kind: Kind,
-    /// Loads a checkpoint directory, registering its parameters in the `VarMap`.
-    pub load: fn(&Path, &VarMap, &Device) -> Result<HfModel>,
+    /// Loads a checkpoint directory, registering its parameters in the `VarMap` (under
+    /// [`Layers::Sparse`], all but the weights read straight into sparse layers).
+    pub load: fn(&Path, &VarMap, &Device, Layers) -> Result<HfModel>,
     /// The variable names a stored tensor name may denote (tied aliases and renamings resolved).
     pub variable_names: fn(&str) -> Vec<String>,
     /// The layer type of a parameter.
@@ -151,7 +152,26 @@ pub fn load(
     device: &Device,
 ) -> Result<(&'static Architecture, HfModel)> {
     let arch = detect(dir)?;
-    Ok((arch, (arch.load)(dir, varmap, device)?))
+    Ok((arch, (arch.load)(dir, varmap, device, Layers::Dense)?))
+}
+
+/// Loads the checkpoint in `dir` for inference with every linear layer sparse
+/// ([`HfModel::to_sparse`]); the weights a compressed checkpoint stores compressed go straight
+/// into sparse layers, never through a dense tensor.
+pub fn load_sparse(dir: &Path, device: &Device) -> Result<(&'static Architecture, HfModel)> {
+    let arch = detect(dir)?;
+    let model = (arch.load)(dir, &VarMap::new(), device, Layers::Sparse)?;
+    Ok((arch, model.to_sparse()?))
+}
+
+/// How a checkpoint's linear layers are loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layers {
+    /// Dense, every weight a trainable variable.
+    Dense,
+    /// For inference: the attention and feed-forward weights stored compressed are decoded
+    /// straight into sparse layers (see [`weights::Weights::linear_rows`]); the rest load dense.
+    Sparse,
 }
 
 /// A loaded checkpoint, by what it is for.

@@ -21,13 +21,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Module, VarMap};
 
-use crate::linear::Lin;
+use crate::linear::{Lin, SparseRows};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::generate::{pad_rows, GenerateConfig};
 use super::weights::{tied_names, variable_names_with, Weights};
+use super::Layers;
 pub use crate::attention::DecoderCache;
 use crate::attention::{causal_mask, key_mask, Attention, DecoderLayers};
 use crate::dropout::{unseeded as dropout, Dropout};
@@ -445,10 +446,20 @@ impl T5Model {
     /// tied). A missing tensor, a wrong shape or a corrupt or truncated file is an error naming
     /// the tensor and the file.
     pub fn load(dir: &Path, varmap: &VarMap, device: &Device) -> Result<Self> {
+        Self::load_as(dir, varmap, device, Layers::Dense)
+    }
+
+    /// [`Self::load`], with the linear layers loaded as `layers` says.
+    pub fn load_as(dir: &Path, varmap: &VarMap, device: &Device, layers: Layers) -> Result<Self> {
         let config = T5Config::from_file(&dir.join("config.json"))?;
         let weights = Weights::open(&dir.join("model.safetensors"))?;
         let mut tensors = HashMap::new();
+        let mut sparse = SparseRows::default();
         for (name, shape) in config.parameter_shapes() {
+            if let Some(rows) = weights.linear_rows(layers, is_linear(&name), &name, &shape)? {
+                sparse.insert(name, rows);
+                continue;
+            }
             let t = if name == SHARED {
                 weights.tied(
                     tied_names(SHARED_ALIASES, config.tie_word_embeddings),
@@ -460,7 +471,7 @@ impl T5Model {
             };
             tensors.insert(name, t);
         }
-        Self::from_tensors(config, tensors, varmap)
+        Self::from_tensors(config, tensors, &sparse, varmap)
     }
 
     /// A model with fresh seeded weights, drawn as `T5PreTrainedModel._init_weights` does:
@@ -491,18 +502,22 @@ impl T5Model {
             };
             tensors.insert(name, init::normal(&shape, std, &mut rng, device)?);
         }
-        Self::from_tensors(config, tensors, varmap)
+        Self::from_tensors(config, tensors, &SparseRows::default(), varmap)
     }
 
     fn from_tensors(
         config: T5Config,
         mut tensors: HashMap<String, Tensor>,
+        sparse: &SparseRows,
         varmap: &VarMap,
     ) -> Result<Self> {
         config.validate()?;
         let (gated, act) = config.feed_forward()?;
         let mut vars = HashMap::new();
         for (name, _) in config.parameter_shapes() {
+            if sparse.contains(&name) {
+                continue;
+            }
             let t = tensors
                 .remove(&name)
                 .ok_or_else(|| Error::Config(format!("missing tensor `{name}`")))?;
@@ -513,7 +528,7 @@ impl T5Model {
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
         let take = |name: &str| -> Tensor { params[name].clone() };
-        let linear = |name: String| Lin::new(take(&name), None);
+        let linear = |name: String| sparse.lin(&name, || Ok(take(&name)), None);
         let norm = |p: &str| {
             RmsNorm::new(
                 take(&format!("{p}.layer_norm.weight")),
@@ -521,60 +536,61 @@ impl T5Model {
             )
         };
         // No score scaling: T5 folds it into the initialization.
-        let attention = |p: &str| {
-            Attention::new(
-                linear(format!("{p}.q.weight")),
-                linear(format!("{p}.k.weight")),
-                linear(format!("{p}.v.weight")),
-                linear(format!("{p}.o.weight")),
+        let attention = |p: &str| -> Result<Attention> {
+            Ok(Attention::new(
+                linear(format!("{p}.q.weight"))?,
+                linear(format!("{p}.k.weight"))?,
+                linear(format!("{p}.v.weight"))?,
+                linear(format!("{p}.o.weight"))?,
                 config.num_heads,
                 config.d_kv,
             )
             .unscaled()
-            .with_dropout(Dropout::Unseeded(config.dropout_rate))
+            .with_dropout(Dropout::Unseeded(config.dropout_rate)))
         };
-        let ff = |p: &str| {
+        let ff = |p: &str| -> Result<FeedForward> {
             let p = format!("{p}.DenseReluDense");
-            if gated {
+            Ok(if gated {
                 FeedForward {
-                    wi: linear(format!("{p}.wi_0.weight")),
-                    wi_1: Some(linear(format!("{p}.wi_1.weight"))),
-                    wo: linear(format!("{p}.wo.weight")),
+                    wi: linear(format!("{p}.wi_0.weight"))?,
+                    wi_1: Some(linear(format!("{p}.wi_1.weight"))?),
+                    wo: linear(format!("{p}.wo.weight"))?,
                     act,
                 }
             } else {
                 FeedForward {
-                    wi: linear(format!("{p}.wi.weight")),
+                    wi: linear(format!("{p}.wi.weight"))?,
                     wi_1: None,
-                    wo: linear(format!("{p}.wo.weight")),
+                    wo: linear(format!("{p}.wo.weight"))?,
                     act,
                 }
-            }
+            })
         };
         let encoder = (0..config.num_layers)
             .map(|b| {
                 let p = format!("encoder.block.{b}.layer");
-                EncoderBlock {
-                    self_attn: attention(&format!("{p}.0.SelfAttention")),
+                Ok(EncoderBlock {
+                    self_attn: attention(&format!("{p}.0.SelfAttention"))?,
                     self_attn_norm: norm(&format!("{p}.0")),
-                    ff: ff(&format!("{p}.1")),
+                    ff: ff(&format!("{p}.1"))?,
                     ff_norm: norm(&format!("{p}.1")),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let decoder = (0..config.decoder_layers())
             .map(|b| {
                 let p = format!("decoder.block.{b}.layer");
-                DecoderBlock {
-                    self_attn: attention(&format!("{p}.0.SelfAttention")),
+                Ok(DecoderBlock {
+                    self_attn: attention(&format!("{p}.0.SelfAttention"))?,
                     self_attn_norm: norm(&format!("{p}.0")),
-                    cross_attn: attention(&format!("{p}.1.EncDecAttention")),
+                    cross_attn: attention(&format!("{p}.1.EncDecAttention"))?,
                     cross_attn_norm: norm(&format!("{p}.1")),
-                    ff: ff(&format!("{p}.2")),
+                    ff: ff(&format!("{p}.2"))?,
                     ff_norm: norm(&format!("{p}.2")),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
+        sparse.check_used()?;
         let bias_name = |stack: &str| {
             format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
         };
@@ -919,13 +935,23 @@ pub fn layer_type(name: &str) -> LayerType {
     }
 }
 
+/// Whether `name` is the weight of a linear layer (the relative position bias is an attention
+/// parameter but a lookup table).
+fn is_linear(name: &str) -> bool {
+    matches!(
+        layer_type(name),
+        LayerType::Attention | LayerType::FeedForward
+    ) && name.ends_with(".weight")
+        && !name.contains("relative_attention_bias")
+}
+
 /// The registry entry of `t5` checkpoints.
 pub const ARCHITECTURE: super::Architecture = super::Architecture {
     kind: super::Kind::Seq2Seq,
     model_type: "t5",
-    load: |dir, varmap, device| {
-        Ok(super::HfModel::Seq2Seq(Box::new(T5Model::load(
-            dir, varmap, device,
+    load: |dir, varmap, device, layers| {
+        Ok(super::HfModel::Seq2Seq(Box::new(T5Model::load_as(
+            dir, varmap, device, layers,
         )?)))
     },
     variable_names,

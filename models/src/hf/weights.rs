@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use relprune_sparse::file::{self, Raw, Stored};
+use relprune_sparse::format::Csr;
 
+use super::Layers;
 use crate::{Error, Result};
 
 /// The stored names that may hold a tied embedding, the canonical one first and the language-model
@@ -109,6 +111,45 @@ impl Weights {
             other => Err(self.error(format!(
                 "tensor `{name}` has dtype {other:?}, expected a float type"
             ))),
+        }
+    }
+
+    /// The matrix `name` as compressed rows of f32, decoded straight from its compressed parts
+    /// (the dense tensor is never built), checked to have `shape`; `None` when the file stores
+    /// it dense (or not at all).
+    pub fn sparse_rows(&self, name: &str, shape: &[usize]) -> Result<Option<Csr>> {
+        let Some(how) = self.stored.get(name) else {
+            return Ok(None);
+        };
+        let fetch = |part: &str| self.st.get(part).ok().map(|v| Raw::of(&v));
+        let Some(rows) =
+            file::decode_rows(name, how, fetch).map_err(|e| self.error(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        if [rows.rows, rows.cols] != shape {
+            return Err(self.error(format!(
+                "tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                [rows.rows, rows.cols]
+            )));
+        }
+        Ok(Some(rows))
+    }
+
+    /// Under [`Layers::Sparse`], the weight `name` of a linear layer (`linear`: the
+    /// architecture says it is one) as compressed rows when the file stores it compressed;
+    /// `None` otherwise (then it is read dense).
+    pub fn linear_rows(
+        &self,
+        layers: Layers,
+        linear: bool,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<Csr>> {
+        if layers == Layers::Sparse && linear && shape.len() == 2 {
+            self.sparse_rows(name, shape)
+        } else {
+            Ok(None)
         }
     }
 
