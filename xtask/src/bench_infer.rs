@@ -464,36 +464,23 @@ fn minilm(setup: &Setup, dirs: &[PathBuf], text: &Path) -> Result<Vec<Row>> {
 const TRANSLATE_WORK: [(usize, usize); 2] = [(500, 64), (100, 1)];
 
 fn translate(setup: &Setup, dir: &Path) -> Result<Vec<Row>> {
-    use relprune_models::Seq2Seq;
-    use relprune_tasks::seq2seq::{decode_all, Decoding};
     let run = crate::translate::SavedRun::load(dir)?;
     let sparse = run.model.to_sparse()?;
-    let special = run.model.special_tokens();
     let most = TRANSLATE_WORK.iter().map(|w| w.0).max().unwrap_or(0);
     let sources = run.test_sources(most)?;
-    let decode = |m: &dyn Fn(&Decoding<'_>, &[Vec<u32>]) -> Result<Vec<Vec<u32>>>,
-                  n: usize,
-                  batch: usize|
-     -> Result<(f64, Vec<Vec<u32>>)> {
-        let how = Decoding {
-            batch_size: batch,
-            ..Decoding::for_bleu(&run.config.decode, special)
-        };
-        let t = Instant::now();
-        let out = m(&how, &sources[..n.min(sources.len())])?;
-        Ok((t.elapsed().as_secs_f64(), out))
-    };
-    let dense_run = |how: &Decoding<'_>, s: &[Vec<u32>]| -> Result<Vec<Vec<u32>>> {
-        Ok(decode_all(&run.model, s, how, |_| {})?)
-    };
-    let sparse_run = |how: &Decoding<'_>, s: &[Vec<u32>]| -> Result<Vec<Vec<u32>>> {
-        Ok(decode_all(&sparse, s, how, |_| {})?)
+    let decode = |sparse_model: bool, n: usize, batch: usize| {
+        let s = &sources[..n.min(sources.len())];
+        if sparse_model {
+            timed_greedy(&sparse, s, &run.config.decode, batch)
+        } else {
+            timed_greedy(&run.model, s, &run.config.decode, batch)
+        }
     };
     let mut rows: Vec<Row> = Vec::new();
     for round in 0..setup.rounds {
         for (i, &(n, batch)) in TRANSLATE_WORK.iter().enumerate() {
-            let (td, dense_out) = decode(&dense_run, n, batch)?;
-            let (ts, sparse_out) = decode(&sparse_run, n, batch)?;
+            let (td, dense_out) = decode(false, n, batch)?;
+            let (ts, sparse_out) = decode(true, n, batch)?;
             if rows.len() <= i {
                 let same = dense_out.iter().zip(&sparse_out).filter(|(a, b)| a == b);
                 eprintln!(
@@ -516,6 +503,24 @@ fn translate(setup: &Setup, dir: &Path) -> Result<Vec<Row>> {
         }
     }
     Ok(rows)
+}
+
+/// Seconds to decode `sources` as the run's metric does, with `batch` sentences at a time, and
+/// the tokens generated.
+fn timed_greedy<M: relprune_models::Seq2Seq>(
+    model: &M,
+    sources: &[Vec<u32>],
+    decode: &relprune_tasks::DecodeConfig,
+    batch: usize,
+) -> Result<(f64, Vec<Vec<u32>>)> {
+    use relprune_tasks::{decode_all, Decoding};
+    let how = Decoding {
+        batch_size: batch,
+        ..Decoding::for_bleu(decode, model.special_tokens())
+    };
+    let t = Instant::now();
+    let out = decode_all(model, sources, &how, |_| {})?;
+    Ok((t.elapsed().as_secs_f64(), out))
 }
 
 fn ratio(x: Option<f64>) -> String {
