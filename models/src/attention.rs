@@ -3,14 +3,18 @@
 //!
 //! What differs between those architectures is a setting, not a copy: whether the projected
 //! queries are scaled by `head_dim^-0.5` (T5 folds the scale into its weights), whether the
-//! projections have biases (a property of the [`Lin`]s), and which dropout the attention
-//! weights get. Masks are additive: [`key_mask`] hides padded keys, [`causal_mask`] future ones.
+//! projections have biases (a property of the [`Lin`]s), which dropout the attention
+//! weights get, and, for the decoder-only LMs, fewer key/value heads than query heads
+//! (grouped-query attention), rotary positions ([`Rope`]) and per-head query/key norms (Qwen3).
+//! Masks are additive: [`key_mask`] hides padded keys, [`causal_mask`] future ones.
 
-use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::Module;
 
 use crate::dropout::Dropout;
-use crate::fused::softmax_last_dim;
+use crate::fused::{softmax_last_dim, RmsNorm};
 use crate::linear::Lin;
 use crate::{Error, Result};
 
@@ -28,11 +32,146 @@ pub fn key_mask(attention_mask: &Tensor) -> Result<Tensor> {
 
 /// The causal mask (1, 1, T, past + T) of queries at positions `past..past+T`.
 pub fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    windowed_causal_mask(t, past, None, device)
+}
+
+/// [`causal_mask`], and with a `window` each query also ignores keys `window` or more positions
+/// back (Mistral's sliding window).
+pub fn windowed_causal_mask(
+    t: usize,
+    past: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let total = past + t;
+    let seen = |i: usize, j: usize| j <= past + i && window.is_none_or(|w| past + i - j < w);
     let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
+        .flat_map(|i| (0..total).map(move |j| if seen(i, j) { 0.0 } else { MASKED }))
         .collect();
     Ok(Tensor::from_vec(data, (1, 1, t, total), device)?)
+}
+
+/// How a rotary embedding's frequencies are scaled for contexts longer than the training one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// None (`rope_type` "default").
+    None,
+    /// Every frequency divided by `factor` (`rope_type` "linear").
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3's: low frequencies divided by `factor`, high ones kept, those between blended
+    /// (`rope_type` "llama3").
+    Llama3 {
+        /// The divisor of the low frequencies.
+        factor: f64,
+        /// Wavelengths above `original / low_freq_factor` are low frequencies.
+        low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` are high frequencies.
+        high_freq_factor: f64,
+        /// The context length the model was trained with.
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Rotary position embedding as `transformers` applies it: each head's features are split in
+/// halves, and pair `(x_i, x_{i+D/2})` is rotated by the angle `position · inv_freq_i`.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    /// `cos` and `sin` of the angles, (max positions, head_dim), each half repeated.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// The inverse frequencies of a `head_dim`-feature head with base `theta`, scaled as
+    /// `scaling` says, computed in f32 as `transformers` computes them.
+    pub fn inv_freq(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
+        let base = theta as f32;
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        match scaling {
+            RopeScaling::None => inv,
+            RopeScaling::Linear { factor } => inv.iter().map(|f| f / factor as f32).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, low, high) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                );
+                let old = original_max_position_embeddings as f32;
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                inv.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen > low_wavelen {
+                            f / factor
+                        } else if wavelen < high_wavelen {
+                            f
+                        } else {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The embedding of positions `0..max_positions` for `inv_freq` (one per feature pair).
+    pub fn new(inv_freq: &[f32], max_positions: usize, device: &Device) -> Result<Self> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(max_positions * 2 * half);
+        let mut sin = Vec::with_capacity(max_positions * 2 * half);
+        for p in 0..max_positions {
+            // f32 angles, as transformers computes them.
+            let angles: Vec<f32> = inv_freq.iter().map(|&f| f * p as f32).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let shape = (max_positions, 2 * half);
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, device)?,
+            sin: Tensor::from_vec(sin, shape, device)?,
+        })
+    }
+
+    /// The positions it covers.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// `x` (B, H, T, head_dim) rotated as the tokens at positions `past..past+T`.
+    pub fn apply(&self, x: &Tensor, past: usize) -> candle_core::Result<Tensor> {
+        let (_, _, t, d) = x.dims4()?;
+        if past + t > self.max_positions() {
+            candle_core::bail!(
+                "position {} is beyond the {} positions the model has (max_position_embeddings)",
+                past + t - 1,
+                self.max_positions()
+            );
+        }
+        let cos = self.cos.narrow(0, past, t)?;
+        let sin = self.sin.narrow(0, past, t)?;
+        let half = d / 2;
+        let rotated = Tensor::cat(
+            &[
+                &x.narrow(D::Minus1, half, half)?.neg()?,
+                &x.narrow(D::Minus1, 0, half)?,
+            ],
+            D::Minus1,
+        )?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
 }
 
 /// Keys and values split into heads, (B, H, S, head_dim) each.
@@ -47,10 +186,16 @@ pub struct Attention {
     o: Lin,
     heads: usize,
     head_dim: usize,
+    /// Key/value heads; each serves `heads / kv_heads` consecutive query heads.
+    kv_heads: usize,
     /// Multiplies the projected queries (`None`: unscaled).
     query_scale: Option<f64>,
     /// Dropout of the attention weights.
     dropout: Dropout,
+    /// Rotary positions of queries and keys.
+    rope: Option<Arc<Rope>>,
+    /// RMS norms of each head's queries and keys, before the rotation.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
 }
 
 impl Attention {
@@ -64,8 +209,33 @@ impl Attention {
             o,
             heads,
             head_dim,
+            kv_heads: heads,
             query_scale: Some((head_dim as f64).powf(-0.5)),
             dropout: Dropout::Off,
+            rope: None,
+            qk_norm: None,
+        }
+    }
+
+    /// The same attention with `kv_heads` key/value heads (grouped-query attention; `heads`
+    /// must be a multiple, which the configurations check).
+    pub fn grouped(self, kv_heads: usize) -> Self {
+        Self { kv_heads, ..self }
+    }
+
+    /// The same attention with rotary positions.
+    pub fn with_rope(self, rope: Arc<Rope>) -> Self {
+        Self {
+            rope: Some(rope),
+            ..self
+        }
+    }
+
+    /// The same attention with RMS norms of each head's queries and keys (Qwen3).
+    pub fn with_qk_norm(self, q_norm: RmsNorm, k_norm: RmsNorm) -> Self {
+        Self {
+            qk_norm: Some((q_norm, k_norm)),
+            ..self
         }
     }
 
@@ -93,19 +263,38 @@ impl Attention {
         Self { dropout, ..self }
     }
 
-    /// (B, L, H·head_dim) → (B, H, L, head_dim).
-    fn split(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// (B, L, heads·head_dim) → (B, heads, L, head_dim).
+    fn split(&self, x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        x.reshape((b, l, self.heads, self.head_dim))?
+        x.reshape((b, l, heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()
     }
 
+    /// Split queries or keys (`which`: 0 or 1 of the norms) normed and rotated as the tokens
+    /// at positions `past..`.
+    fn position(&self, x: Tensor, which: usize, past: usize) -> candle_core::Result<Tensor> {
+        let x = match &self.qk_norm {
+            Some(norms) => [&norms.0, &norms.1][which].forward(&x)?,
+            None => x,
+        };
+        match &self.rope {
+            Some(rope) => rope.apply(&x, past),
+            None => Ok(x),
+        }
+    }
+
     /// Keys and values of `x`, split into heads.
     pub fn kv(&self, x: &Tensor) -> candle_core::Result<KeyValues> {
+        self.kv_at(x, 0)
+    }
+
+    /// Keys and values of the tokens `x` at positions `past..`, split into heads.
+    fn kv_at(&self, x: &Tensor, past: usize) -> candle_core::Result<KeyValues> {
+        let k = self.split(&self.k.forward(x)?, self.kv_heads)?;
         Ok((
-            self.split(&self.k.forward(x)?)?,
-            self.split(&self.v.forward(x)?)?,
+            self.position(k, 1, past)?,
+            self.split(&self.v.forward(x)?, self.kv_heads)?,
         ))
     }
 
@@ -114,27 +303,49 @@ impl Attention {
     pub fn attend(
         &self,
         x: &Tensor,
-        (k, v): (&Tensor, &Tensor),
+        kv: (&Tensor, &Tensor),
         mask: Option<&Tensor>,
         train: bool,
     ) -> candle_core::Result<Tensor> {
+        self.attend_at(x, kv, mask, train, 0)
+    }
+
+    /// [`Self::attend`] for queries at positions `past..`.
+    fn attend_at(
+        &self,
+        x: &Tensor,
+        (k, v): (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        train: bool,
+        past: usize,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let q = self.q.forward(x)?;
+        let q = self.split(&self.q.forward(x)?, self.heads)?;
+        let q = self.position(q, 0, past)?;
         let q = match self.query_scale {
-            Some(s) => self.split(&(q * s)?)?,
-            None => self.split(&q)?,
+            Some(s) => (q * s)?,
+            None => q,
         };
-        let scores = q.matmul(&k.t()?)?;
+        // Grouped queries: the heads sharing a key/value head are consecutive, so folding them
+        // into the rows of one product needs no copy of the keys and values.
+        let (h, g, s) = (self.heads, self.kv_heads, k.dim(2)?);
+        let rows = h / g * t;
+        let scores = q
+            .reshape((b, g, rows, self.head_dim))?
+            .matmul(&k.t()?)?
+            .reshape((b, h, t, s))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
         let probs = self.dropout.apply(&softmax_last_dim(&scores)?, train)?;
-        let ctx = probs.matmul(v)?.transpose(1, 2)?.contiguous()?.reshape((
-            b,
-            t,
-            self.heads * self.head_dim,
-        ))?;
+        let ctx = probs
+            .reshape((b, g, rows, s))?
+            .matmul(v)?
+            .reshape((b, h, t, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, h * self.head_dim))?;
         self.o.forward(&ctx)
     }
 
@@ -158,12 +369,16 @@ impl Attention {
         mask: Option<&Tensor>,
         train: bool,
     ) -> candle_core::Result<Tensor> {
-        let (k, v) = self.kv(x)?;
+        let past = match cache {
+            Some((pk, _)) => pk.dim(2)?,
+            None => 0,
+        };
+        let (k, v) = self.kv_at(x, past)?;
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
         };
-        let a = self.attend(x, (&k, &v), mask, train)?;
+        let a = self.attend_at(x, (&k, &v), mask, train, past)?;
         *cache = Some((k, v));
         Ok(a)
     }

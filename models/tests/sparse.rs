@@ -172,6 +172,8 @@ fn sparse_hugging_face_models_compute_what_the_dense_ones_compute() {
         ("bert-tiny", 0.8),
         ("marian-tiny-pruned90", 0.0),
         ("t5-tiny", 0.7),
+        ("llama-tiny", 0.6),
+        ("qwen3-tiny", 0.6),
     ] {
         let dir = fixture(name);
         let vm = VarMap::new();
@@ -192,6 +194,10 @@ fn sparse_hugging_face_models_compute_what_the_dense_ones_compute() {
                 let run = |m: &dyn HfSeq2Seq| m.forward(&x, &mask, &dec).unwrap().0;
                 rel_diff(&run(a.as_ref()), &run(b.as_ref()))
             }
+            (HfModel::CausalLm(a), HfModel::CausalLm(b)) => rel_diff(
+                &a.forward(&x, Some(&mask)).unwrap(),
+                &b.forward(&x, Some(&mask)).unwrap(),
+            ),
             _ => unreachable!("to_sparse keeps the kind"),
         };
         assert!(d < 1e-5, "{name}: {d}");
@@ -294,6 +300,10 @@ fn compressed_checkpoints_load_straight_into_sparse_layers_that_compute_what_den
                     let run = |m: &dyn HfSeq2Seq| m.forward(&x, &mask, &dec).unwrap().0;
                     rel_diff(&run(a.as_ref()), &run(b.as_ref()))
                 }
+                (HfModel::CausalLm(a), HfModel::CausalLm(b)) => rel_diff(
+                    &a.forward(&x, Some(&mask)).unwrap(),
+                    &b.forward(&x, Some(&mask)).unwrap(),
+                ),
                 _ => unreachable!("loading keeps the kind"),
             };
             assert!(d < 1e-5, "{name} {format:?}: {d}");

@@ -6,7 +6,8 @@
 //! (BERT) and `decoder_input_ids` (Marian, T5), each a list of equally long rows of integers; a whole
 //! reference file with such an object under `inputs` is accepted too. The model is whatever
 //! architecture the directory holds (`relprune_models::hf::load`): an encoder writes
-//! `last_hidden_state`, an encoder–decoder `logits` and `encoder_last_hidden_state`.
+//! `last_hidden_state`, an encoder–decoder `logits` and `encoder_last_hidden_state`, a
+//! decoder-only LM `logits`.
 
 use std::path::PathBuf;
 
@@ -15,6 +16,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use clap::Args;
 use relprune_models::hf::bert::BertModel;
+use relprune_models::hf::llama::CausalLm;
 use relprune_models::hf::{HfModel, HfSeq2Seq};
 use serde_json::Value;
 
@@ -28,8 +30,9 @@ pub struct ForwardArgs {
     /// encoder–decoder `decoder_input_ids`).
     #[arg(long, value_name = "IN.json")]
     pub input: PathBuf,
-    /// Where to write `{"last_hidden_state": [...]}` (encoders) or `{"logits": [...],
-    /// "encoder_last_hidden_state": [...]}` (encoder–decoders).
+    /// Where to write `{"last_hidden_state": [...]}` (encoders), `{"logits": [...],
+    /// "encoder_last_hidden_state": [...]}` (encoder–decoders) or `{"logits": [...]}`
+    /// (decoder-only LMs).
     #[arg(long, value_name = "OUT.json")]
     pub out: PathBuf,
     /// Run the pruned layers sparse (their zeros left out; per batch, sparse or dense, whichever
@@ -54,6 +57,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let out = match model {
         HfModel::Encoder(m) => run_encoder(args, &inputs, &m)?,
         HfModel::Seq2Seq(m) => run_seq2seq(args, &inputs, m.as_ref())?,
+        HfModel::CausalLm(m) => run_causal(args, &inputs, &m)?,
     };
     Ok(relprune_io::write(
         &args.out,
@@ -133,6 +137,49 @@ fn run_seq2seq(args: &ForwardArgs, inputs: &Inputs, model: &dyn HfSeq2Seq) -> Re
     let logits: Vec<Vec<Vec<f32>>> = logits.to_vec3()?;
     let enc: Vec<Vec<Vec<f32>>> = enc.to_vec3()?;
     Ok(serde_json::json!({ "logits": logits, "encoder_last_hidden_state": enc }))
+}
+
+/// The causal LM's forward pass: `logits`.
+fn run_causal(args: &ForwardArgs, inputs: &Inputs, model: &CausalLm) -> Result<Value> {
+    let name = &model.config().model_type;
+    for (given, what) in [
+        (inputs.token_type_ids.is_some(), "token_type_ids"),
+        (inputs.decoder_input_ids.is_some(), "decoder_input_ids"),
+    ] {
+        if given {
+            bail!(
+                "input file {}: `{what}` given, but {name} is a decoder-only model",
+                args.input.display()
+            );
+        }
+    }
+    let vocab = model.config().vocab_size;
+    if let Some(bad) = inputs
+        .input_ids
+        .iter()
+        .flatten()
+        .find(|&&id| id as usize >= vocab)
+    {
+        bail!(
+            "input file {}: `input_ids` holds token id {bad}, outside the vocabulary of {vocab}",
+            args.input.display()
+        );
+    }
+    let positions = model.config().max_position_embeddings;
+    if inputs.input_ids[0].len() > positions {
+        bail!(
+            "input file {}: {} tokens per row, the model has {positions} positions",
+            args.input.display(),
+            inputs.input_ids[0].len()
+        );
+    }
+    let ids = tensor(&inputs.input_ids)?;
+    let mask = inputs.attention_mask.as_deref().map(tensor).transpose()?;
+    let logits = model
+        .forward(&ids, mask.as_ref())
+        .with_context(|| format!("forward pass of {}", args.model.display()))?;
+    let logits: Vec<Vec<Vec<f32>>> = logits.to_vec3()?;
+    Ok(serde_json::json!({ "logits": logits }))
 }
 
 /// The token ids of one forward pass, as rectangular row-major matrices.

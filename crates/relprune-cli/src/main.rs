@@ -5,6 +5,7 @@ mod bleu;
 mod compress;
 mod embed;
 mod forward;
+mod generate;
 mod prune_hf;
 mod translate;
 
@@ -31,8 +32,10 @@ enum Command {
     Compress(compress::CompressArgs),
     /// Turns a compressed checkpoint back into the dense one, byte for byte.
     Decompress(compress::DecompressArgs),
-    /// One forward pass of a Hugging Face checkpoint (BERT, Marian, T5) on token ids from JSON; writes its outputs as JSON.
+    /// One forward pass of a Hugging Face checkpoint (BERT, Marian, T5, Llama, Mistral, Qwen2, Qwen3) on token ids from JSON; writes its outputs as JSON.
     Forward(forward::ForwardArgs),
+    /// Continues prompts with a Hugging Face decoder-only LM (Llama, Mistral, Qwen2, Qwen3), greedily or by sampling.
+    Generate(generate::GenerateArgs),
     /// Sentence embeddings (mean pooling, L2-normalized) of a text file's lines with a BERT checkpoint.
     Embed(embed::EmbedArgs),
     /// Prunes a pretrained Hugging Face checkpoint (BERT, Marian, T5) with the method; writes a directory HF libraries load.
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Compress(args) => compress::compress(&args),
         Command::Decompress(args) => compress::decompress(&args),
         Command::Forward(args) => forward::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Embed(args) => embed::run(&args),
         Command::Translate(args) => translate::run(&args),
         Command::PruneHf(args) => prune_hf::run(&args),

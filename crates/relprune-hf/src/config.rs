@@ -262,6 +262,14 @@ impl Config {
         }
         let model_dir = resolve(&model_arg, o.revision.as_deref())?;
         let arch = detect(&model_dir)?;
+        if arch.kind == Kind::CausalLm {
+            return Err(invalid(format!(
+                "{}: prune-hf does not prune decoder-only language models ({}) yet; they run \
+                 with relprune forward and generate",
+                model_dir.display(),
+                arch.model_type
+            )));
+        }
         if crate::compress::is_compressed(&model_dir)? {
             return Err(invalid(format!(
                 "{}: the checkpoint is compressed; prune its dense form (relprune decompress \

@@ -87,9 +87,17 @@ pub fn build_task(cfg: &Config, varmap: &VarMap, quiet: bool) -> Result<Built> {
     let (arch, model) = relprune_models::hf::load(&cfg.model_dir, varmap, &Device::Cpu)?;
     let tok_path = cfg.model_dir.join("tokenizer.json");
     let tok = TextTokenizer::from_file(&tok_path)?;
+    // Refused when the configuration is checked; still an error for a caller that skips that.
+    let not_yet = || {
+        invalid(format!(
+            "{}: decoder-only language models are not pruned by prune-hf yet",
+            cfg.model_dir.display()
+        ))
+    };
     let vocab = match &model {
         HfModel::Encoder(m) => m.config().vocab_size,
         HfModel::Seq2Seq(m) => m.vocab_size(),
+        HfModel::CausalLm(_) => return Err(not_yet()),
     };
     tok.check_vocab(vocab).map_err(|e| {
         invalid(format!(
@@ -100,6 +108,7 @@ pub fn build_task(cfg: &Config, varmap: &VarMap, quiet: bool) -> Result<Built> {
     let (task, dataset) = match model {
         HfModel::Encoder(m) => encoder_task(cfg, *m, &tok, quiet)?,
         HfModel::Seq2Seq(m) => seq2seq_task(cfg, m, &tok, quiet)?,
+        HfModel::CausalLm(_) => return Err(not_yet()),
     };
     Ok(Built {
         arch,

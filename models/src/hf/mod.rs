@@ -9,6 +9,7 @@
 
 pub mod bert;
 pub mod generate;
+pub mod llama;
 pub mod marian;
 pub mod save;
 pub mod t5;
@@ -35,6 +36,10 @@ pub const ARCHITECTURES: &[&Architecture] = &[
     &bert::ARCHITECTURE,
     &marian::ARCHITECTURE,
     &t5::ARCHITECTURE,
+    &llama::LLAMA,
+    &llama::MISTRAL,
+    &llama::QWEN2,
+    &llama::QWEN3,
 ];
 
 /// One Hugging Face architecture: how to recognise, load and write it back.
@@ -69,6 +74,8 @@ pub enum Kind {
     Encoder,
     /// An encoder–decoder: translation.
     Seq2Seq,
+    /// A decoder-only language model: next-token logits, generation.
+    CausalLm,
 }
 
 /// The `model_type`s of [`ARCHITECTURES`].
@@ -180,6 +187,8 @@ pub enum HfModel {
     Encoder(Box<bert::BertModel>),
     /// An encoder–decoder: translation (Marian, T5).
     Seq2Seq(Box<dyn HfSeq2Seq>),
+    /// A decoder-only language model (Llama, Mistral, Qwen2, Qwen3).
+    CausalLm(Box<llama::CausalLm>),
 }
 
 impl HfModel {
@@ -188,6 +197,7 @@ impl HfModel {
         Ok(match self {
             Self::Encoder(m) => Self::Encoder(Box::new(m.to_sparse()?)),
             Self::Seq2Seq(m) => Self::Seq2Seq(m.to_sparse()?),
+            Self::CausalLm(m) => Self::CausalLm(Box::new(m.to_sparse()?)),
         })
     }
 
@@ -196,6 +206,11 @@ impl HfModel {
         match self {
             Self::Encoder(_) => bert::ARCHITECTURE.model_type,
             Self::Seq2Seq(m) => m.model_type(),
+            Self::CausalLm(m) => ARCHITECTURES
+                .iter()
+                .map(|a| a.model_type)
+                .find(|t| *t == m.config().model_type)
+                .unwrap_or("llama"),
         }
     }
 }

@@ -1,0 +1,189 @@
+//! `relprune forward` and `relprune generate` on the decoder-only LMs as a user runs them: the
+//! built binary on the tiny Llama, Mistral, Qwen2 and Qwen3 checkpoints of relprune-models,
+//! checked against the logits and greedy ids `transformers` wrote into their `reference.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const FIXTURES: [&str; 4] = ["llama-tiny", "mistral-tiny", "qwen2-tiny", "qwen3-tiny"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/tests/data")
+        .join(name)
+}
+
+fn relprune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_relprune"))
+        .args(args)
+        .output()
+        .expect("runs the relprune binary")
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A copy of fixture `name` with a word-level tokenizer whose token `tN` is id N (the fixtures
+/// have ids only).
+fn with_tokenizer(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture(name).join(f), dir.path().join(f)).unwrap();
+    }
+    let vocab: serde_json::Map<String, Value> =
+        (0..97).map(|i| (format!("t{i}"), Value::from(i))).collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+    });
+    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn forward_reproduces_every_causal_lm_reference_at_unpadded_positions() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let dir = fixture(name);
+        let out = tmp.path().join(format!("{name}.json"));
+        let reference = dir.join("reference.json");
+        let run = relprune(&[
+            "forward",
+            "--model",
+            dir.to_str().unwrap(),
+            "--input",
+            reference.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            run.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let (ours, want) = (read_json(&out), read_json(&reference));
+        let mask = &want["inputs"]["attention_mask"];
+        let mut err = 0f64;
+        for (b, row) in mask.as_array().unwrap().iter().enumerate() {
+            for (t, m) in row.as_array().unwrap().iter().enumerate() {
+                if m.as_u64() == Some(1) {
+                    let x = ours["logits"][b][t].as_array().unwrap();
+                    let y = want["outputs"]["logits"][b][t].as_array().unwrap();
+                    assert_eq!(x.len(), 97);
+                    for (p, q) in x.iter().zip(y) {
+                        err = err.max((p.as_f64().unwrap() - q.as_f64().unwrap()).abs());
+                    }
+                }
+            }
+        }
+        assert!(err <= 1e-4, "{name}: {err}");
+    }
+}
+
+#[test]
+fn generate_continues_prompts_with_transformers_greedy_tokens_dense_and_sparse() {
+    for name in FIXTURES {
+        let dir = with_tokenizer(name);
+        let r = read_json(&fixture(name).join("reference.json"));
+        let prompt: Vec<String> = r["greedy"]["input_ids"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| format!("t{}", id.as_u64().unwrap()))
+            .collect();
+        let prompt = prompt.join(" ");
+        let want: Vec<u64> = serde_json::from_value(r["greedy"]["generated_ids"].clone()).unwrap();
+        for sparse in [false, true] {
+            let mut args = vec![
+                "generate",
+                "--model",
+                dir.path().to_str().unwrap(),
+                "--prompt",
+                &prompt,
+                // The shorter prompt is left-padded in the batch and must not change the first.
+                "--prompt",
+                "t5 t6",
+                "--max-new-tokens",
+                "8",
+                "--json",
+            ];
+            if sparse {
+                args.push("--sparse");
+            }
+            let run = relprune(&args);
+            assert!(
+                run.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            let text = String::from_utf8(run.stdout).unwrap();
+            let lines: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(lines.len(), 2, "{text}");
+            let ids: Vec<u64> = serde_json::from_value(lines[0]["ids"].clone()).unwrap();
+            assert_eq!(ids, want, "{name} sparse={sparse}");
+            let words: Vec<String> = want.iter().map(|i| format!("t{i}")).collect();
+            assert_eq!(lines[0]["continuation"], words.join(" "), "{name}");
+        }
+    }
+}
+
+#[test]
+fn generate_errors_name_the_problem() {
+    let dir = with_tokenizer("llama-tiny");
+    let model = dir.path().to_str().unwrap();
+    let err = |args: &[&str]| {
+        let run = relprune(args);
+        assert!(!run.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&run.stderr).into_owned()
+    };
+    let e = err(&[
+        "generate", "--model", model, "--prompt", "t1", "--top-p", "0",
+    ]);
+    assert!(e.contains("top_p 0 is outside"), "{e}");
+    let e = err(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "t1",
+        "--temperature",
+        "NaN",
+    ]);
+    assert!(e.contains("temperature"), "{e}");
+    let marian = fixture("marian-tiny");
+    let e = err(&[
+        "generate",
+        "--model",
+        marian.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert!(e.contains("\"marian\" is not supported here"), "{e}");
+    let bare = fixture("llama-tiny");
+    let e = err(&[
+        "generate",
+        "--model",
+        bare.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert!(e.contains("tokenizer.json is missing"), "{e}");
+    let e = err(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "t1",
+        "--max-new-tokens",
+        "300",
+    ]);
+    assert!(e.contains("exceed the model's 256 positions"), "{e}");
+}
