@@ -79,10 +79,16 @@ pub enum RopeScaling {
 /// halves, and pair `(x_i, x_{i+D/2})` is rotated by the angle `position · inv_freq_i`.
 #[derive(Clone, Debug)]
 pub struct Rope {
-    /// `cos` and `sin` of the angles, (max positions, head_dim), each half repeated.
+    inv_freq: Vec<f32>,
+    max_positions: usize,
+    /// `cos` and `sin` of the first positions' angles, (positions, head_dim), each half
+    /// repeated; later positions are computed when asked for.
     cos: Tensor,
     sin: Tensor,
 }
+
+/// Positions whose angles are tabulated up front (8,192 × a 128-feature head: 8 MB of tables).
+const ROPE_TABLE: usize = 8192;
 
 impl Rope {
     /// The inverse frequencies of a `head_dim`-feature head with base `theta`, scaled as
@@ -127,41 +133,59 @@ impl Rope {
 
     /// The embedding of positions `0..max_positions` for `inv_freq` (one per feature pair).
     pub fn new(inv_freq: &[f32], max_positions: usize, device: &Device) -> Result<Self> {
+        let (cos, sin) = Self::angles(inv_freq, 0, max_positions.min(ROPE_TABLE), device)?;
+        Ok(Self {
+            inv_freq: inv_freq.to_vec(),
+            max_positions,
+            cos,
+            sin,
+        })
+    }
+
+    /// `cos` and `sin` (n, head_dim) of positions `start..start+n`, in f32 as transformers
+    /// computes them.
+    fn angles(
+        inv_freq: &[f32],
+        start: usize,
+        n: usize,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(max_positions * 2 * half);
-        let mut sin = Vec::with_capacity(max_positions * 2 * half);
-        for p in 0..max_positions {
-            // f32 angles, as transformers computes them.
+        let mut cos = Vec::with_capacity(n * 2 * half);
+        let mut sin = Vec::with_capacity(n * 2 * half);
+        for p in start..start + n {
             let angles: Vec<f32> = inv_freq.iter().map(|&f| f * p as f32).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let shape = (max_positions, 2 * half);
-        Ok(Self {
-            cos: Tensor::from_vec(cos, shape, device)?,
-            sin: Tensor::from_vec(sin, shape, device)?,
-        })
+        Ok((
+            Tensor::from_vec(cos, (n, 2 * half), device)?,
+            Tensor::from_vec(sin, (n, 2 * half), device)?,
+        ))
     }
 
     /// The positions it covers.
     pub fn max_positions(&self) -> usize {
-        self.cos.dims()[0]
+        self.max_positions
     }
 
     /// `x` (B, H, T, head_dim) rotated as the tokens at positions `past..past+T`.
     pub fn apply(&self, x: &Tensor, past: usize) -> candle_core::Result<Tensor> {
         let (_, _, t, d) = x.dims4()?;
-        if past + t > self.max_positions() {
+        if past + t > self.max_positions {
             candle_core::bail!(
                 "position {} is beyond the {} positions the model has (max_position_embeddings)",
                 past + t - 1,
-                self.max_positions()
+                self.max_positions
             );
         }
-        let cos = self.cos.narrow(0, past, t)?;
-        let sin = self.sin.narrow(0, past, t)?;
+        let (cos, sin) = if past + t <= self.cos.dim(0)? {
+            (self.cos.narrow(0, past, t)?, self.sin.narrow(0, past, t)?)
+        } else {
+            Self::angles(&self.inv_freq, past, t, x.device())?
+        };
         let half = d / 2;
         let rotated = Tensor::cat(
             &[
@@ -505,6 +529,32 @@ mod tests {
         let m = causal_mask(2, 1, &Device::Cpu).unwrap();
         let v: Vec<Vec<f32>> = m.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         assert_eq!(v, [[0.0, 0.0, MASKED], [0.0, 0.0, 0.0]]);
+    }
+
+    #[test]
+    fn rotary_angles_past_the_table_are_the_ones_the_table_would_hold() {
+        let inv = Rope::inv_freq(8, 10_000.0, RopeScaling::None);
+        let long = Rope::new(&inv, ROPE_TABLE + 8, &Device::Cpu).unwrap();
+        let x = Tensor::rand(-1f32, 1.0, (1, 2, 4, 8), &Device::Cpu).unwrap();
+        let (cos, sin) = Rope::angles(&inv, ROPE_TABLE - 2, 4, &Device::Cpu).unwrap();
+        let tabled = Rope {
+            inv_freq: inv.clone(),
+            max_positions: ROPE_TABLE + 8,
+            cos: Tensor::cat(&[&long.cos.narrow(0, 0, ROPE_TABLE - 2).unwrap(), &cos], 0).unwrap(),
+            sin: Tensor::cat(&[&long.sin.narrow(0, 0, ROPE_TABLE - 2).unwrap(), &sin], 0).unwrap(),
+        };
+        let a = long.apply(&x, ROPE_TABLE - 2).unwrap();
+        let b = tabled.apply(&x, ROPE_TABLE - 2).unwrap();
+        let d: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        assert!(long.apply(&x, ROPE_TABLE + 5).is_err());
     }
 
     #[test]
