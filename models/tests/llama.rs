@@ -178,3 +178,74 @@ fn sampling_is_seeded_and_top_p_near_zero_is_greedy() {
     };
     assert!(model.generate(&prompt, &mask, &bad).is_err());
 }
+
+/// The real SmolLM2-135M-Instruct GGUF of `../shared`, if present.
+fn smollm2() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/models/SmolLM2-135M-Instruct-Q4_1");
+    dir.join("reference.json").exists().then_some(dir)
+}
+
+#[test]
+fn smollm2_gguf_reproduces_transformers_logits_and_greedy_tokens() {
+    let Some(dir) = smollm2() else {
+        eprintln!("skipped: ../shared/models/SmolLM2-135M-Instruct-Q4_1 is absent");
+        return;
+    };
+    let r = reference(&dir);
+    // The directory as it is: the GGUF file, transformers' config and tokenizer beside it.
+    let (arch, model) = relprune_models::hf::load(&dir, &VarMap::new(), &Device::Cpu).unwrap();
+    assert_eq!(arch.model_type, "llama");
+    let relprune_models::hf::HfModel::CausalLm(model) = model else {
+        panic!("not a causal LM")
+    };
+    // The configuration built from the GGUF metadata is the one transformers derived.
+    let theirs: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let ours = serde_json::to_value(model.config()).unwrap();
+    for key in [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+    ] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    assert_eq!(model.config().rope().unwrap().0, 100_000.0);
+    for p in r["prompts"].as_array().unwrap() {
+        let ids: Vec<u32> = serde_json::from_value(p["input_ids"].clone()).unwrap();
+        let t = ids.len();
+        let x = Tensor::from_vec(ids.clone(), (1, t), &Device::Cpu).unwrap();
+        let logits: Vec<Vec<f32>> = model
+            .forward(&x, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let first: Vec<Vec<f32>> = serde_json::from_value(p["logits_first_128"].clone()).unwrap();
+        let last: Vec<f32> = serde_json::from_value(p["last_logits"].clone()).unwrap();
+        let mut err = 0f32;
+        for (ours, want) in logits.iter().zip(&first) {
+            for (a, b) in ours.iter().zip(want) {
+                err = err.max((a - b).abs());
+            }
+        }
+        for (a, b) in logits[t - 1].iter().zip(&last) {
+            err = err.max((a - b).abs());
+        }
+        eprintln!("{}: max |Δlogit| {err:.2e}", p["text"]);
+        assert!(err <= 1e-3, "{}: {err}", p["text"]);
+        let want: Vec<u32> = serde_json::from_value(p["greedy_16"].clone()).unwrap();
+        let mask = Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap();
+        let got = model
+            .generate(&x, &mask, &SampleConfig::greedy(want.len()))
+            .unwrap();
+        assert_eq!(got[0], want, "{}", p["text"]);
+    }
+}

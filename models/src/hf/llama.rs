@@ -454,6 +454,15 @@ impl CausalLm {
         Self::from_tensors(config, tensors, &sparse, varmap, device)
     }
 
+    /// Loads a GGUF file (see [`super::gguf`]): configuration from its metadata, every tensor
+    /// dequantized to f32 and registered in `varmap` under its Hugging Face name.
+    pub fn load_gguf(path: &Path, varmap: &VarMap, device: &Device) -> Result<Self> {
+        let mut file = super::gguf::Gguf::open(path)?;
+        let config = file.config()?;
+        let tensors = file.tensors(&config, device)?;
+        Self::from_tensors(config, tensors, &SparseRows::default(), varmap, device)
+    }
+
     /// A model with fresh seeded weights (matrices N(0, initializer_range²) as `transformers`
     /// draws them with its default 0.02, unit norms, zero biases).
     pub fn new(config: LlamaConfig, varmap: &VarMap, seed: u64, device: &Device) -> Result<Self> {

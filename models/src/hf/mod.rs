@@ -9,6 +9,7 @@
 
 pub mod bert;
 pub mod generate;
+pub mod gguf;
 pub mod llama;
 pub mod marian;
 pub mod save;
@@ -86,6 +87,17 @@ pub fn supported() -> Vec<&'static str> {
 /// The architecture of the checkpoint in `dir`, from `config.json`'s `model_type`, else its
 /// `architectures` class names; an error naming the file and the supported types otherwise.
 pub fn detect(dir: &Path) -> Result<&'static Architecture> {
+    if let Some(file) = gguf::find(dir)? {
+        let arch = gguf::Gguf::open(&file)?.config()?.model_type;
+        return ARCHITECTURES
+            .iter()
+            .copied()
+            .find(|a| a.model_type == arch)
+            .ok_or_else(|| Error::Checkpoint {
+                path: file,
+                msg: format!("model_type {arch:?} is not supported"),
+            });
+    }
     let path = dir.join("config.json");
     let err = |msg: String| Error::Checkpoint {
         path: path.clone(),
@@ -151,14 +163,18 @@ pub fn detect_kind(dir: &Path, kind: Kind) -> Result<&'static Architecture> {
     })
 }
 
-/// Loads the checkpoint in `dir`, whatever its architecture, with its parameters registered in
-/// `varmap`.
+/// Loads the checkpoint in `dir` (or a GGUF file, or a directory holding one: see [`gguf`]),
+/// whatever its architecture, with its parameters registered in `varmap`.
 pub fn load(
     dir: &Path,
     varmap: &VarMap,
     device: &Device,
 ) -> Result<(&'static Architecture, HfModel)> {
     let arch = detect(dir)?;
+    if let Some(file) = gguf::find(dir)? {
+        let model = llama::CausalLm::load_gguf(&file, varmap, device)?;
+        return Ok((arch, HfModel::CausalLm(Box::new(model))));
+    }
     Ok((arch, (arch.load)(dir, varmap, device, Layers::Dense)?))
 }
 
@@ -167,7 +183,14 @@ pub fn load(
 /// into sparse layers, never through a dense tensor.
 pub fn load_sparse(dir: &Path, device: &Device) -> Result<(&'static Architecture, HfModel)> {
     let arch = detect(dir)?;
-    let model = (arch.load)(dir, &VarMap::new(), device, Layers::Sparse)?;
+    let model = match gguf::find(dir)? {
+        Some(file) => HfModel::CausalLm(Box::new(llama::CausalLm::load_gguf(
+            &file,
+            &VarMap::new(),
+            device,
+        )?)),
+        None => (arch.load)(dir, &VarMap::new(), device, Layers::Sparse)?,
+    };
     Ok((arch, model.to_sparse()?))
 }
 
