@@ -124,7 +124,7 @@ impl Gguf {
             v.to_i64()
                 .map_err(|e| e.to_string())
                 .and_then(|i| u64::try_from(i).map_err(|e| e.to_string()))
-                .map_err(|e| candle_core::Error::Msg(e))
+                .map_err(candle_core::Error::Msg)
         });
         match n {
             Ok(n) => usize::try_from(n)
