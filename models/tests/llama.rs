@@ -249,3 +249,129 @@ fn smollm2_gguf_reproduces_transformers_logits_and_greedy_tokens() {
         assert_eq!(got[0], want, "{}", p["text"]);
     }
 }
+
+/// Writes llama-tiny as llama.cpp would (its names, q/k rows permuted for its RoPE kernel,
+/// metadata instead of config.json) into `path`.
+fn write_llama_tiny_gguf(path: &Path) {
+    use candle_core::quantized::gguf_file::{write, Value as G};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dir = fixture("llama-tiny");
+    let st = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let permute = |t: &Tensor, heads: usize| {
+        let (rows, cols) = t.dims2().unwrap();
+        t.reshape((heads, 2, rows / heads / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap()
+    };
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut add = |name: String, t: &Tensor| {
+        tensors.push((name, QTensor::quantize(t, GgmlDType::F32).unwrap()));
+    };
+    add("token_embd.weight".into(), &st["model.embed_tokens.weight"]);
+    add("output_norm.weight".into(), &st["model.norm.weight"]);
+    for l in 0..2 {
+        let hf = |n: &str| st[&format!("model.layers.{l}.{n}.weight")].clone();
+        let mut put = |n: &str, t: Tensor| add(format!("blk.{l}.{n}.weight"), &t);
+        put("attn_q", permute(&hf("self_attn.q_proj"), 4));
+        put("attn_k", permute(&hf("self_attn.k_proj"), 2));
+        put("attn_v", hf("self_attn.v_proj"));
+        put("attn_output", hf("self_attn.o_proj"));
+        put("ffn_gate", hf("mlp.gate_proj"));
+        put("ffn_up", hf("mlp.up_proj"));
+        put("ffn_down", hf("mlp.down_proj"));
+        put("attn_norm", hf("input_layernorm"));
+        put("ffn_norm", hf("post_attention_layernorm"));
+    }
+    let meta: Vec<(&str, G)> = vec![
+        ("general.architecture", G::String("llama".into())),
+        ("llama.block_count", G::U32(2)),
+        ("llama.context_length", G::U32(256)),
+        ("llama.embedding_length", G::U32(64)),
+        ("llama.feed_forward_length", G::U32(160)),
+        ("llama.attention.head_count", G::U32(4)),
+        ("llama.attention.head_count_kv", G::U32(2)),
+        ("llama.rope.freq_base", G::F32(10_000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", G::F32(1e-6)),
+        ("tokenizer.ggml.bos_token_id", G::U32(1)),
+        ("tokenizer.ggml.eos_token_id", G::U32(2)),
+        ("tokenizer.ggml.padding_token_id", G::U32(0)),
+    ];
+    let meta_refs: Vec<(&str, &G)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    write(&mut f, &meta_refs, &tensor_refs).unwrap();
+}
+
+#[test]
+fn a_llama_cpp_file_loads_as_the_model_it_was_converted_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tiny.gguf");
+    write_llama_tiny_gguf(&path);
+    let r = reference(&fixture("llama-tiny"));
+    // As a file and as the directory holding it.
+    for given in [path.clone(), tmp.path().to_path_buf()] {
+        let (arch, model) = relprune_models::hf::load(&given, &VarMap::new(), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e}", given.display()));
+        assert_eq!(arch.model_type, "llama");
+        let relprune_models::hf::HfModel::CausalLm(model) = model else {
+            panic!("not a causal LM")
+        };
+        assert!(model.config().tie_word_embeddings);
+        let logits = model
+            .forward(
+                &ids(&r["inputs"]["input_ids"]),
+                Some(&ids(&r["inputs"]["attention_mask"])),
+            )
+            .unwrap();
+        let (err, _) = logit_error(&logits, &r);
+        assert!(err <= 1e-4, "{err}");
+    }
+}
+
+#[test]
+fn damaged_or_unsupported_gguf_files_are_errors_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("tiny.gguf");
+    write_llama_tiny_gguf(&good);
+    let bytes = std::fs::read(&good).unwrap();
+    let load = |name: &str, data: &[u8]| -> String {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        match relprune_models::hf::load(&p, &VarMap::new(), &Device::Cpu) {
+            Ok(_) => panic!("{name} loaded"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains(name), "{e}");
+                e
+            }
+        }
+    };
+    let e = load("truncated.gguf", &bytes[..bytes.len() / 2]);
+    assert!(e.contains("tensor"), "{e}");
+    let e = load("header-only.gguf", &bytes[..40]);
+    assert!(e.contains("not a readable GGUF file"), "{e}");
+    // The first tensor's type field: after its name, its rank (u32) and two u64 dims.
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16;
+    let mut odd = bytes.clone();
+    odd[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
+    let e = load("unknown-type.gguf", &odd);
+    assert!(e.contains("not a readable GGUF file"), "{e}");
+    let mut arch = bytes.clone();
+    // Three heads do not divide the 64-wide hidden state.
+    let field = b"llama.attention.head_count";
+    let at = arch
+        .windows(field.len() + 4)
+        .position(|w| &w[..field.len()] == field && w[field.len()..] == 4u32.to_le_bytes())
+        .unwrap()
+        + field.len()
+        + 4;
+    arch[at..at + 4].copy_from_slice(&3u32.to_le_bytes());
+    let e = load("three-heads.gguf", &arch);
+    assert!(e.contains("does not divide"), "{e}");
+}

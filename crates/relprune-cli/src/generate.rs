@@ -16,8 +16,9 @@ use relprune_models::hf::{detect_kind, HfModel, Kind};
 /// Arguments of `relprune generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// The model directory (`config.json`, `model.safetensors`, `tokenizer.json`).
-    #[arg(long, value_name = "DIR")]
+    /// The model: a directory (`config.json`, `model.safetensors`, `tokenizer.json`), a GGUF
+    /// file with `tokenizer.json` beside it, or a directory holding both.
+    #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     /// A prompt (repeatable); without any, each line of stdin is one.
     #[arg(long, value_name = "TEXT")]
@@ -65,7 +66,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         .check()
         .map_err(|e| anyhow::anyhow!("--temperature/--top-p: {e}"))?;
     detect_kind(&args.model, Kind::CausalLm)?;
-    let tok_path = args.model.join("tokenizer.json");
+    let tok_path = relprune_models::hf::gguf::model_dir(&args.model).join("tokenizer.json");
     if !tok_path.is_file() {
         bail!(
             "{} is missing: generate needs the model's tokenizer",

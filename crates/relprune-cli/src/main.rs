@@ -6,6 +6,7 @@ mod compress;
 mod embed;
 mod forward;
 mod generate;
+mod perplexity;
 mod prune_hf;
 mod translate;
 
@@ -38,6 +39,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Sentence embeddings (mean pooling, L2-normalized) of a text file's lines with a BERT checkpoint.
     Embed(embed::EmbedArgs),
+    /// Perplexity of a text file under a decoder-only LM (Hugging Face directory or GGUF file).
+    Perplexity(perplexity::PerplexityArgs),
     /// Prunes a pretrained Hugging Face checkpoint (BERT, Marian, T5) with the method; writes a directory HF libraries load.
     PruneHf(Box<prune_hf::PruneHfArgs>),
     /// Translates stdin line by line with a Hugging Face Marian checkpoint (greedy or beam search).
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Decompress(args) => compress::decompress(&args),
         Command::Forward(args) => forward::run(&args),
         Command::Generate(args) => generate::run(&args),
+        Command::Perplexity(args) => perplexity::run(&args),
         Command::Embed(args) => embed::run(&args),
         Command::Translate(args) => translate::run(&args),
         Command::PruneHf(args) => prune_hf::run(&args),

@@ -187,3 +187,83 @@ fn generate_errors_name_the_problem() {
     ]);
     assert!(e.contains("exceed the model's 256 positions"), "{e}");
 }
+
+#[test]
+fn perplexity_of_smollm2_gguf_reproduces_the_reference_figure() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/models/SmolLM2-135M-Instruct-Q4_1");
+    let text = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/debian-reference-en/valid.txt");
+    if !dir.join("reference.json").exists() || !text.exists() {
+        eprintln!("skipped: ../shared's SmolLM2 or Debian Reference text is absent");
+        return;
+    }
+    let want = &read_json(&dir.join("reference.json"))["perplexity"][0];
+    let run = relprune(&[
+        "perplexity",
+        "--model",
+        dir.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let got: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(got["tokens"], want["tokens"]);
+    assert_eq!(got["predicted_tokens"], want["predicted_tokens"]);
+    let (p, q) = (
+        got["perplexity"].as_f64().unwrap(),
+        want["perplexity"].as_f64().unwrap(),
+    );
+    assert!((p / q - 1.0).abs() < 1e-3, "{p} vs {q}");
+}
+
+#[test]
+fn perplexity_errors_name_the_problem() {
+    let dir = with_tokenizer("llama-tiny");
+    let model = dir.path().to_str().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "t5 t6 t7\n\n  \nt8 t9\n").unwrap();
+    let text = text.to_str().unwrap();
+    let run = relprune(&["perplexity", "--model", model, "--text", text, "--json"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let got: Value = serde_json::from_slice(&run.stdout).unwrap();
+    // "t5 t6 t7\n\nt8 t9": five word-level tokens, one window, four predicted.
+    assert_eq!(got["tokens"], 5);
+    assert_eq!(got["predicted_tokens"], 4);
+    let err = |args: &[&str]| {
+        let run = relprune(args);
+        assert!(!run.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&run.stderr).into_owned()
+    };
+    let e = err(&[
+        "perplexity",
+        "--model",
+        model,
+        "--text",
+        text,
+        "--window",
+        "1",
+    ]);
+    assert!(e.contains("--window must be at least 2"), "{e}");
+    let e = err(&[
+        "perplexity",
+        "--model",
+        model,
+        "--text",
+        text,
+        "--window",
+        "999",
+    ]);
+    assert!(e.contains("exceeds the model's 256 positions"), "{e}");
+    let e = err(&["perplexity", "--model", model, "--text", "/nonexistent.txt"]);
+    assert!(e.contains("/nonexistent.txt: no such file"), "{e}");
+}

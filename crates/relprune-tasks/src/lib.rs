@@ -4,6 +4,7 @@
 //!   [`image::ImageClassification`] (cross-entropy, top-1 error), [`seq2seq::Seq2SeqTask`]
 //!   (label-smoothed cross-entropy, corpus BLEU of decoded sentences) and
 //!   [`encoder::EncoderDistill`] (an encoder distilled against its own dense self, cosine).
+//! - [`lm`]: perplexity of a text under a causal language model.
 //! - [`run`]: the one pipeline, checkpointed start or resume → dense reference → pruning →
 //!   model written, read back and judged from the file → results; [`report`] writes them.
 //! - [`options`]: the options people choose by name, as types, and the shared engine flags.
@@ -11,6 +12,7 @@
 pub mod encoder;
 pub mod error;
 pub mod image;
+pub mod lm;
 pub mod loss;
 pub mod options;
 pub mod report;

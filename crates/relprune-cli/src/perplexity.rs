@@ -1,0 +1,93 @@
+//! `relprune perplexity`: perplexity of a text file under a decoder-only LM (a Hugging Face
+//! directory, a GGUF file or a directory holding one), by the protocol of
+//! [`relprune_tasks::lm`]: non-empty lines joined with a blank line, no special tokens,
+//! non-overlapping windows.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use relprune_data::text::TextTokenizer;
+use relprune_models::hf::{detect_kind, gguf, HfModel, Kind};
+use relprune_tasks::lm;
+
+/// The window when `--window` is not given (the pruning literature's, and the anchors').
+const DEFAULT_WINDOW: usize = 512;
+
+/// Arguments of `relprune perplexity`.
+#[derive(Debug, Args)]
+pub struct PerplexityArgs {
+    /// The model: a directory (`config.json`, `model.safetensors`, `tokenizer.json`), a GGUF
+    /// file with `tokenizer.json` beside it, or a directory holding both.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// The text (UTF-8); its non-empty lines are joined with a blank line.
+    #[arg(long, value_name = "FILE")]
+    pub text: PathBuf,
+    /// Tokens per window (each window is scored alone); default 512, or the model's positions
+    /// if it has fewer.
+    #[arg(long, value_name = "N")]
+    pub window: Option<usize>,
+    /// Print `{"perplexity": …, "tokens": …, …}` instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+    /// Run the pruned layers sparse (their zeros left out; per batch, sparse or dense, whichever
+    /// the measured crossover table says is faster).
+    #[arg(long)]
+    pub sparse: bool,
+}
+
+/// Runs `relprune perplexity`.
+pub fn run(args: &PerplexityArgs) -> Result<()> {
+    if args.window.is_some_and(|w| w < 2) {
+        bail!("--window must be at least 2 (a window predicts all but its first token)");
+    }
+    if !args.text.is_file() {
+        bail!("--text {}: no such file", args.text.display());
+    }
+    detect_kind(&args.model, Kind::CausalLm)?;
+    let tok_path = gguf::model_dir(&args.model).join("tokenizer.json");
+    if !tok_path.is_file() {
+        bail!(
+            "{} is missing: perplexity needs the model's tokenizer",
+            tok_path.display()
+        );
+    }
+    let tokenizer = TextTokenizer::from_file(&tok_path)?;
+    let tokens = lm::text_tokens(&args.text, &tokenizer)?;
+    let (_, model) = if args.sparse {
+        relprune_models::hf::load_sparse(&args.model, &Device::Cpu)?
+    } else {
+        relprune_models::hf::load(&args.model, &candle_nn::VarMap::new(), &Device::Cpu)?
+    };
+    let HfModel::CausalLm(model) = model else {
+        bail!("{} is not a decoder-only LM", args.model.display());
+    };
+    tokenizer
+        .check_vocab(model.config().vocab_size)
+        .context("the tokenizer does not fit the model")?;
+    let window = args
+        .window
+        .unwrap_or(DEFAULT_WINDOW.min(model.config().max_position_embeddings));
+    let bar = ProgressBar::new(tokens.len().div_ceil(window) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("perplexity {bar:30} {pos}/{len} windows {elapsed}")
+            .context("progress bar template")?,
+    );
+    let result = lm::perplexity(&model, &tokens, window, |done, _| {
+        bar.set_position(done as u64)
+    })
+    .with_context(|| format!("perplexity of {}", args.text.display()))?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "perplexity {:.4} over {} tokens ({} predicted, windows of {})",
+            result.perplexity, result.tokens, result.predicted_tokens, result.window
+        );
+    }
+    Ok(())
+}
