@@ -338,6 +338,24 @@ impl Attention {
     fn attend_at(
         &self,
         x: &Tensor,
+        kv: (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        train: bool,
+        past: usize,
+    ) -> candle_core::Result<Tensor> {
+        self.output(&self.context_at(x, kv, mask, train, past)?)
+    }
+
+    /// The output projection of a context (B, T, heads·head_dim): the last step of attending.
+    pub fn output(&self, context: &Tensor) -> candle_core::Result<Tensor> {
+        self.o.forward(context)
+    }
+
+    /// The attention context (B, T, heads·head_dim) of queries at positions `past..`, before
+    /// the output projection.
+    fn context_at(
+        &self,
+        x: &Tensor,
         (k, v): (&Tensor, &Tensor),
         mask: Option<&Tensor>,
         train: bool,
@@ -370,7 +388,7 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, h * self.head_dim))?;
-        self.o.forward(&ctx)
+        Ok(ctx)
     }
 
     /// Self-attention of `x` to itself (an encoder layer).
@@ -393,6 +411,18 @@ impl Attention {
         mask: Option<&Tensor>,
         train: bool,
     ) -> candle_core::Result<Tensor> {
+        self.output(&self.self_context_cached(x, cache, mask, train)?)
+    }
+
+    /// [`Self::self_attend_cached`] up to the context, before the output projection (for
+    /// callers that look at the projection's input, as calibration does).
+    pub fn self_context_cached(
+        &self,
+        x: &Tensor,
+        cache: &mut Option<KeyValues>,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
         let past = match cache {
             Some((pk, _)) => pk.dim(2)?,
             None => 0,
@@ -402,7 +432,7 @@ impl Attention {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
         };
-        let a = self.attend_at(x, (&k, &v), mask, train, past)?;
+        let a = self.context_at(x, (&k, &v), mask, train, past)?;
         *cache = Some((k, v));
         Ok(a)
     }

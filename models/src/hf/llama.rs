@@ -633,12 +633,7 @@ impl CausalLm {
                 "token id {max} is outside the vocabulary ({vocab})"
             )));
         }
-        let device = input_ids.device();
-        let causal = windowed_causal_mask(t, past, self.config.window(), device)?;
-        let mask = match attention_mask {
-            Some(m) => causal.broadcast_add(&key_mask(m)?)?,
-            None => causal,
-        };
+        let mask = self.mask(t, past, attention_mask, input_ids.device())?;
         let mut h = self.embed.forward(input_ids)?;
         let mut caches = match cache.as_deref_mut() {
             Some(c) => Some(c.layers_for(self.layers.len())?),
@@ -650,18 +645,95 @@ impl CausalLm {
                 Some(layers) => &mut layers[i].self_kv,
                 None => &mut uncached,
             };
-            let x = layer.input_norm.forward(&h)?;
-            let a = layer.attn.self_attend_cached(&x, kv, Some(&mask), train)?;
-            h = (h + a)?;
-            let x = layer.post_norm.forward(&h)?;
-            let gated = (layer.gate.forward(&x)?.silu()? * layer.up.forward(&x)?)?;
-            h = (h + layer.down.forward(&gated)?)?;
+            h = self.block(i, layer, &h, kv, &mask, train, None)?;
         }
         if let Some(c) = cache {
             c.advance(t);
         }
         let h = self.norm.forward(&h)?;
         Ok(self.lm_head.forward(&h)?)
+    }
+
+    /// The additive mask (B or 1, 1, T, past + T) of `t` new tokens after `past`: causal (and
+    /// windowed for Mistral), padded keys hidden.
+    fn mask(
+        &self,
+        t: usize,
+        past: usize,
+        attention_mask: Option<&Tensor>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let causal = windowed_causal_mask(t, past, self.config.window(), device)?;
+        Ok(match attention_mask {
+            Some(m) => causal.broadcast_add(&key_mask(m)?)?,
+            None => causal,
+        })
+    }
+
+    /// Decoder layer `index` on the hidden states `h`, its keys and values appended to `kv`;
+    /// `observe(weight name, input)` sees the input of each of its linear layers.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        index: usize,
+        layer: &Block,
+        h: &Tensor,
+        kv: &mut Option<crate::attention::KeyValues>,
+        mask: &Tensor,
+        train: bool,
+        mut observe: Option<&mut dyn FnMut(&str, &Tensor) -> Result<()>>,
+    ) -> Result<Tensor> {
+        let mut see = |names: &[&str], x: &Tensor| -> Result<()> {
+            if let Some(f) = observe.as_deref_mut() {
+                for n in names {
+                    f(&format!("model.layers.{index}.{n}.weight"), x)?;
+                }
+            }
+            Ok(())
+        };
+        let x = layer.input_norm.forward(h)?;
+        see(
+            &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            &x,
+        )?;
+        let ctx = layer.attn.self_context_cached(&x, kv, Some(mask), train)?;
+        see(&["self_attn.o_proj"], &ctx)?;
+        let h = (h + layer.attn.output(&ctx)?)?;
+        let x = layer.post_norm.forward(&h)?;
+        see(&["mlp.gate_proj", "mlp.up_proj"], &x)?;
+        let gated = (layer.gate.forward(&x)?.silu()? * layer.up.forward(&x)?)?;
+        see(&["mlp.down_proj"], &gated)?;
+        Ok((h + layer.down.forward(&gated)?)?)
+    }
+
+    /// The hidden states (B, T, D) of tokens before the first decoder layer: their embedding.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed.forward(input_ids)?)
+    }
+
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Decoder layer `index` on hidden states `h` (B, T, D) of whole sequences (`attention_mask`
+    /// as in [`Self::forward`]), calling `observe(weight name, input)` with the input of each of
+    /// its seven linear layers: how layer-by-layer calibration sees what a layer sees.
+    pub fn layer_forward(
+        &self,
+        index: usize,
+        h: &Tensor,
+        attention_mask: Option<&Tensor>,
+        observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        let layer = self.layers.get(index).ok_or_else(|| {
+            Error::Config(format!(
+                "layer {index} of a {}-layer model",
+                self.layers.len()
+            ))
+        })?;
+        let mask = self.mask(h.dim(1)?, 0, attention_mask, h.device())?;
+        self.block(index, layer, h, &mut None, &mask, false, Some(observe))
     }
 
     /// Continues each row of `input_ids` (B, T; `attention_mask` 0 at left padding) by up to
