@@ -365,6 +365,9 @@ impl LlamaConfig {
     }
 }
 
+/// Sees the input of a linear layer, by the layer's weight name (calibration statistics).
+pub type Observer<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<()>;
+
 /// One decoder layer.
 #[derive(Clone, Debug)]
 struct Block {
@@ -681,7 +684,7 @@ impl CausalLm {
         kv: &mut Option<crate::attention::KeyValues>,
         mask: &Tensor,
         train: bool,
-        mut observe: Option<&mut dyn FnMut(&str, &Tensor) -> Result<()>>,
+        mut observe: Option<Observer<'_>>,
     ) -> Result<Tensor> {
         let mut see = |names: &[&str], x: &Tensor| -> Result<()> {
             if let Some(f) = observe.as_deref_mut() {
@@ -724,7 +727,7 @@ impl CausalLm {
         index: usize,
         h: &Tensor,
         attention_mask: Option<&Tensor>,
-        observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+        observe: Observer<'_>,
     ) -> Result<Tensor> {
         let layer = self.layers.get(index).ok_or_else(|| {
             Error::Config(format!(
