@@ -30,6 +30,61 @@ pub enum Cmd {
     Ablate(Ablate),
     /// Measure where sparse products beat dense ones and write the dispatch table.
     Crossover(Crossover),
+    /// Prune a decoder LM with the one-shot baselines and compare perplexities with the anchors.
+    LlmBaselines(LlmBaselines),
+}
+
+/// A sparsity pattern of `llm-baselines`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LlmPattern {
+    /// `--sparsity` of each comparison group, anywhere.
+    Unstructured,
+    /// Two of every four consecutive inputs kept.
+    #[value(name = "2:4")]
+    TwoFour,
+}
+
+impl LlmPattern {
+    /// Its name in the anchors and the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unstructured => "unstructured 50%",
+            Self::TwoFour => "2:4",
+        }
+    }
+}
+
+/// Flags of `llm-baselines`.
+#[derive(Debug, clap::Args)]
+pub struct LlmBaselines {
+    /// The model (Hugging Face directory, GGUF file or a directory holding one).
+    #[arg(long, default_value = "../shared/models/SmolLM2-135M-Instruct-Q4_1")]
+    pub model: PathBuf,
+    /// The anchor figures and calibration windows.
+    #[arg(long, default_value = "../shared/anchors/smollm2-pruning.json")]
+    pub anchors: PathBuf,
+    /// Calibration text.
+    #[arg(long, default_value = "../shared/data/debian-reference-en/calib.txt")]
+    pub calib: PathBuf,
+    /// Evaluation text.
+    #[arg(long, default_value = "../shared/data/debian-reference-en/valid.txt")]
+    pub valid: PathBuf,
+    /// Methods (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "magnitude,wanda,sparsegpt"
+    )]
+    pub methods: Vec<relprune_hf::llm::OneShot>,
+    /// Patterns (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "unstructured,2:4")]
+    pub patterns: Vec<LlmPattern>,
+    /// The unstructured sparsity.
+    #[arg(long, default_value_t = 0.5)]
+    pub sparsity: f64,
+    /// Where `llm.json` and `llm.md` go.
+    #[arg(long, default_value = "target/llm")]
+    pub out: PathBuf,
 }
 
 /// Flags of `crossover`.

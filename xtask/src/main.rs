@@ -6,6 +6,7 @@ mod bench_infer;
 mod classify;
 mod crossover;
 mod flags;
+mod llm;
 mod reproduce;
 mod translate;
 
@@ -27,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::Bench(f) => bench::run(f),
         flags::Cmd::Ablate(f) => ablate::run(f),
         flags::Cmd::Crossover(f) => crossover::run(f),
+        flags::Cmd::LlmBaselines(f) => llm::run(f),
         flags::Cmd::EmbedMnist(f) => {
             let out = root.join("crates/relprune-data/embedded");
             relprune_data::mnist::write_embedded_subset(&f.mnist, &out, f.train, f.test)?;

@@ -28,6 +28,7 @@
 pub mod compress;
 pub mod config;
 pub mod error;
+pub mod llm;
 pub mod memory;
 pub mod prune;
 pub mod resolve;

@@ -1,0 +1,337 @@
+//! One-shot pruning of decoder-only LMs, the baselines the method is compared against on them:
+//! magnitude, Wanda (Sun et al. 2024: `|W_ij| · ‖X_j‖₂`) and SparseGPT (Frantar & Alistarh
+//! 2023, [`relprune_prune::reconstruct`]), each as in its reference code: sequential, layer by
+//! layer, the calibration inputs of a decoder layer being the outputs of the layers below it
+//! already pruned; the attention and MLP projections pruned, embeddings, norms and the head
+//! left dense.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use relprune_models::hf::llama::CausalLm;
+use relprune_prune::reconstruct::{obs_prune, Gram, ObsConfig};
+use serde::Serialize;
+
+use crate::error::invalid;
+use crate::Result;
+
+/// A one-shot pruning method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum OneShot {
+    /// The smallest `|W|` of each matrix (all of the matrix compared together).
+    Magnitude,
+    /// The smallest `|W_ij| · ‖X_j‖₂` of each output row.
+    Wanda,
+    /// Optimal-brain-surgeon pruning with updates of the survivors (blocks of 128 columns, 1%
+    /// dampening).
+    #[serde(rename = "sparsegpt")]
+    #[cfg_attr(feature = "cli", value(name = "sparsegpt"))]
+    SparseGpt,
+}
+
+impl OneShot {
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Magnitude => "magnitude",
+            Self::Wanda => "wanda",
+            Self::SparseGpt => "sparsegpt",
+        }
+    }
+}
+
+/// Which weights may be zeroed together.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum Sparsity {
+    /// This fraction of each comparison group, anywhere.
+    Unstructured(f64),
+    /// `n` of every `m` consecutive inputs of a row kept (`2:4`: half zeroed).
+    NM(usize, usize),
+}
+
+impl Sparsity {
+    fn check(self) -> Result<()> {
+        match self {
+            Self::Unstructured(s) if (0.0..1.0).contains(&s) => Ok(()),
+            Self::Unstructured(s) => Err(invalid(format!("sparsity {s} is outside [0, 1)"))),
+            Self::NM(n, m) if n < m && m > 0 => Ok(()),
+            Self::NM(n, m) => Err(invalid(format!("{n}:{m} is not a pattern (need n < m)"))),
+        }
+    }
+}
+
+/// What [`prune`] did.
+#[derive(Clone, Debug, Serialize)]
+pub struct OneShotReport {
+    /// The method.
+    pub method: OneShot,
+    /// The pattern.
+    pub sparsity: Sparsity,
+    /// Calibration windows and their tokens.
+    pub calibration_windows: usize,
+    /// Calibration tokens in all.
+    pub calibration_tokens: usize,
+    /// Zeros over all pruned matrices.
+    pub zeros: usize,
+    /// Weights of all pruned matrices.
+    pub weights: usize,
+}
+
+impl OneShotReport {
+    /// The fraction of the pruned matrices' weights that are zero.
+    pub fn linear_sparsity(&self) -> f64 {
+        self.zeros as f64 / self.weights.max(1) as f64
+    }
+}
+
+/// `count` windows of `len` tokens of `tokens` at the given starts (the anchors list theirs).
+pub fn windows_at(tokens: &[u32], starts: &[usize], len: usize) -> Result<Vec<Vec<u32>>> {
+    starts
+        .iter()
+        .map(|&s| {
+            tokens.get(s..s + len).map(<[u32]>::to_vec).ok_or_else(|| {
+                invalid(format!(
+                    "a calibration window at {s} of {len} tokens passes the end of the \
+                         {}-token text",
+                    tokens.len()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The names of the seven linear layers of decoder layer `l`, in forward order.
+fn linears(l: usize) -> Vec<String> {
+    [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
+    .iter()
+    .map(|n| format!("model.layers.{l}.{n}.weight"))
+    .collect()
+}
+
+/// Per linear layer of one decoder layer, what the method needs of its inputs.
+enum Stats {
+    None,
+    /// Σ x_j² per input feature.
+    ColumnSquares(BTreeMap<String, Vec<f64>>),
+    /// Σ x xᵀ.
+    Gram(BTreeMap<String, Gram>),
+}
+
+/// Prunes `model` in place (its variables) with `method` to `sparsity`, calibrated on `windows`
+/// of token ids; `progress(layer, layers)` after each decoder layer.
+pub fn prune(
+    model: &CausalLm,
+    windows: &[Vec<u32>],
+    method: OneShot,
+    sparsity: Sparsity,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<OneShotReport> {
+    sparsity.check()?;
+    if windows.is_empty() && method != OneShot::Magnitude {
+        return Err(invalid(format!("{} needs calibration text", method.name())));
+    }
+    let device = Device::Cpu;
+    let mut hidden: Vec<Tensor> = windows
+        .iter()
+        .map(|w| Ok(model.embed(&Tensor::from_slice(w, (1, w.len()), &device)?)?))
+        .collect::<Result<_>>()?;
+    let vars: BTreeMap<String, Var> = model
+        .varmap()
+        .data()
+        .lock()
+        .map_err(|_| invalid("VarMap lock poisoned"))?
+        .clone()
+        .into_iter()
+        .collect();
+    let (mut zeros, mut weights) = (0, 0);
+    let layers = model.num_layers();
+    for l in 0..layers {
+        let names = linears(l);
+        let mut stats = match method {
+            OneShot::Magnitude => Stats::None,
+            OneShot::Wanda => Stats::ColumnSquares(BTreeMap::new()),
+            OneShot::SparseGpt => Stats::Gram(BTreeMap::new()),
+        };
+        if !matches!(stats, Stats::None) {
+            for h in &hidden {
+                model.layer_forward(l, h, None, &mut |name, x| {
+                    let d = *x.dims().last().unwrap_or(&0);
+                    match &mut stats {
+                        Stats::None => {}
+                        Stats::ColumnSquares(map) => {
+                            let sq = x
+                                .reshape(((), d))?
+                                .sqr()?
+                                .sum(0)?
+                                .to_dtype(DType::F64)?
+                                .to_vec1::<f64>()?;
+                            let acc = map.entry(name.to_string()).or_insert(vec![0.0; d]);
+                            for (a, v) in acc.iter_mut().zip(sq) {
+                                *a += v;
+                            }
+                        }
+                        Stats::Gram(map) => {
+                            map.entry(name.to_string())
+                                .or_insert_with(|| Gram::new(d))
+                                .add(x, None)
+                                .map_err(|e| {
+                                    relprune_models::Error::Config(format!("{name}: {e}"))
+                                })?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        for name in &names {
+            let var = vars
+                .get(name)
+                .ok_or_else(|| invalid(format!("the model has no variable `{name}`")))?;
+            let w = var.as_tensor();
+            let pruned = match &stats {
+                Stats::None => select(w, &w.abs()?, sparsity, Group::Matrix)?,
+                Stats::ColumnSquares(map) => {
+                    let norms: Vec<f32> = map[name].iter().map(|s| s.sqrt() as f32).collect();
+                    let n = norms.len();
+                    let metric =
+                        w.abs()?
+                            .broadcast_mul(&Tensor::from_vec(norms, (1, n), &device)?)?;
+                    select(w, &metric, sparsity, Group::Row)?
+                }
+                Stats::Gram(map) => {
+                    let s = match sparsity {
+                        Sparsity::Unstructured(s) => s,
+                        Sparsity::NM(..) => {
+                            return Err(invalid(
+                                "SparseGPT with an N:M pattern is not implemented yet",
+                            ))
+                        }
+                    };
+                    let ones = w.ones_like()?;
+                    let h = map[name].mean()?;
+                    obs_prune(w, &ones, &h, s, &ObsConfig::default())?.weight
+                }
+            };
+            var.set(&pruned)?;
+            let v = pruned.flatten_all()?.to_vec1::<f32>()?;
+            zeros += v.iter().filter(|&&x| x == 0.0).count();
+            weights += v.len();
+        }
+        // The next layer's inputs: this layer's outputs, pruned.
+        hidden = hidden
+            .iter()
+            .map(|h| Ok(model.layer_forward(l, h, None, &mut |_, _| Ok(()))?))
+            .collect::<Result<_>>()?;
+        progress(l + 1, layers);
+    }
+    Ok(OneShotReport {
+        method,
+        sparsity,
+        calibration_windows: windows.len(),
+        calibration_tokens: windows.iter().map(Vec::len).sum(),
+        zeros,
+        weights,
+    })
+}
+
+/// The comparison group of an unstructured selection.
+#[derive(Clone, Copy, PartialEq)]
+enum Group {
+    /// The whole matrix (magnitude).
+    Matrix,
+    /// Each output row (Wanda).
+    Row,
+}
+
+/// `w` with the entries of lowest `metric` zeroed as the references do: unstructured over the
+/// matrix, every entry at or below the `⌊s·n⌋`-th smallest (ties included); unstructured per
+/// row, the `⌊s·cols⌋` smallest of each row (a stable sort); N:M, the `m − n` smallest of each
+/// group of `m` consecutive inputs.
+fn select(w: &Tensor, metric: &Tensor, sparsity: Sparsity, group: Group) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let m: Vec<f32> = metric.flatten_all()?.to_vec1()?;
+    let mut keep = vec![1f32; rows * cols];
+    match sparsity {
+        Sparsity::Unstructured(s) if group == Group::Matrix => {
+            let mut sorted = m.clone();
+            sorted.sort_by(f32::total_cmp);
+            let k = ((s * sorted.len() as f64) as usize).min(sorted.len().saturating_sub(1));
+            let threshold = sorted[k];
+            if s > 0.0 {
+                for (kv, &v) in keep.iter_mut().zip(&m) {
+                    if v <= threshold {
+                        *kv = 0.0;
+                    }
+                }
+            }
+        }
+        Sparsity::Unstructured(s) => {
+            let k = (s * cols as f64) as usize;
+            for r in 0..rows {
+                let row = &m[r * cols..(r + 1) * cols];
+                let mut order: Vec<usize> = (0..cols).collect();
+                order.sort_by(|&a, &b| row[a].total_cmp(&row[b]));
+                for &c in &order[..k] {
+                    keep[r * cols + c] = 0.0;
+                }
+            }
+        }
+        Sparsity::NM(n, group_len) => {
+            if cols % group_len != 0 {
+                return Err(invalid(format!(
+                    "{n}:{group_len} needs the {cols} inputs to be a multiple of {group_len}"
+                )));
+            }
+            for r in 0..rows {
+                for g in (0..cols).step_by(group_len) {
+                    let at = r * cols + g;
+                    let mut order: Vec<usize> = (0..group_len).collect();
+                    order.sort_by(|&a, &b| m[at + a].total_cmp(&m[at + b]));
+                    for &j in &order[..group_len - n] {
+                        keep[at + j] = 0.0;
+                    }
+                }
+            }
+        }
+    }
+    let keep = Tensor::from_vec(keep, (rows, cols), w.device())?;
+    Ok((w * keep)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selections_follow_the_reference_rules() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, -2.0, 3.0, -4.0], [0.5, 0.5, 8.0, -0.1]], &dev).unwrap();
+        let abs = w.abs().unwrap();
+        let rows = |t: Tensor| t.to_vec2::<f32>().unwrap();
+        // Matrix-wide, ties at the threshold go too: the 4th smallest of 8 is 1.0 (k = 4 → 2.0).
+        assert_eq!(
+            rows(select(&w, &abs, Sparsity::Unstructured(0.5), Group::Matrix).unwrap()),
+            [[0.0, 0.0, 3.0, -4.0], [0.0, 0.0, 8.0, 0.0]]
+        );
+        // Per row: two of four in each row.
+        assert_eq!(
+            rows(select(&w, &abs, Sparsity::Unstructured(0.5), Group::Row).unwrap()),
+            [[0.0, 0.0, 3.0, -4.0], [0.0, 0.5, 8.0, 0.0]]
+        );
+        // 2:4: the two smallest of each group of four inputs.
+        assert_eq!(
+            rows(select(&w, &abs, Sparsity::NM(2, 4), Group::Row).unwrap()),
+            [[0.0, 0.0, 3.0, -4.0], [0.0, 0.5, 8.0, 0.0]]
+        );
+    }
+}

@@ -1,0 +1,107 @@
+//! One-shot pruning of a decoder LM (the tiny Llama fixture): each method's pattern holds in
+//! every pruned matrix, only the seven projections of each layer are touched, and the model
+//! still runs.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use relprune_hf::llm::{prune, windows_at, OneShot, Sparsity};
+use relprune_models::hf::llama::CausalLm;
+
+fn model() -> (CausalLm, VarMap) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tests/data/llama-tiny");
+    let vm = VarMap::new();
+    (CausalLm::load(&dir, &vm, &Device::Cpu).unwrap(), vm)
+}
+
+fn values(vm: &VarMap, name: &str) -> Vec<Vec<f32>> {
+    vm.data().lock().unwrap()[name]
+        .as_tensor()
+        .to_vec2()
+        .unwrap()
+}
+
+fn calibration() -> Vec<Vec<u32>> {
+    let tokens: Vec<u32> = (0..400).map(|i| (i * 37 % 94 + 3) as u32).collect();
+    windows_at(&tokens, &[0, 100, 250], 64).unwrap()
+}
+
+#[test]
+fn every_method_prunes_the_projections_to_its_pattern_and_nothing_else() {
+    let proj = "model.layers.1.mlp.down_proj.weight";
+    for method in [OneShot::Magnitude, OneShot::Wanda, OneShot::SparseGpt] {
+        let (m, vm) = model();
+        let embed_before = values(&vm, "model.embed_tokens.weight");
+        let r = prune(
+            &m,
+            &calibration(),
+            method,
+            Sparsity::Unstructured(0.5),
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(
+            (0.5..0.52).contains(&r.linear_sparsity()),
+            "{method:?}: {}",
+            r.linear_sparsity()
+        );
+        assert_eq!(values(&vm, "model.embed_tokens.weight"), embed_before);
+        let w = values(&vm, proj);
+        if method == OneShot::Wanda {
+            // Per output row: exactly half of each row.
+            for row in &w {
+                assert_eq!(row.iter().filter(|&&x| x == 0.0).count(), row.len() / 2);
+            }
+        }
+        let x = Tensor::new(&[[5u32, 6, 7, 8]], &Device::Cpu).unwrap();
+        let logits = m.forward(&x, None).unwrap();
+        let finite = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(finite.iter().all(|v| v.is_finite()), "{method:?}");
+    }
+}
+
+#[test]
+fn two_of_four_keeps_two_of_every_four_inputs() {
+    for method in [OneShot::Magnitude, OneShot::Wanda] {
+        let (m, vm) = model();
+        prune(&m, &calibration(), method, Sparsity::NM(2, 4), |_, _| {}).unwrap();
+        for name in [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.gate_proj.weight",
+        ] {
+            for row in values(&vm, name) {
+                for g in row.chunks(4) {
+                    assert!(
+                        g.iter().filter(|&&x| x != 0.0).count() <= 2,
+                        "{method:?} {name}"
+                    );
+                }
+            }
+        }
+    }
+    let (m, _) = model();
+    let e = prune(
+        &m,
+        &calibration(),
+        OneShot::SparseGpt,
+        Sparsity::NM(2, 4),
+        |_, _| {},
+    );
+    assert!(e.unwrap_err().to_string().contains("not implemented"));
+}
+
+#[test]
+fn wanda_without_calibration_text_is_an_error() {
+    let (m, _) = model();
+    let e = prune(
+        &m,
+        &[],
+        OneShot::Wanda,
+        Sparsity::Unstructured(0.5),
+        |_, _| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("needs calibration text"), "{e}");
+    assert!(windows_at(&[1, 2, 3], &[2], 4).is_err());
+}
