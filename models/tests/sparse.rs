@@ -78,6 +78,27 @@ fn inputs(dir: &Path) -> Value {
     serde_json::from_str::<Value>(&text).unwrap()["inputs"].clone()
 }
 
+/// The relative difference of two models' outputs (of the same kind) on a fixture's inputs.
+fn output_diff(a: &HfModel, b: &HfModel, inp: &Value) -> f32 {
+    let (x, mask) = (ids(&inp["input_ids"]), ids(&inp["attention_mask"]));
+    match (a, b) {
+        (HfModel::Encoder(a), HfModel::Encoder(b)) => rel_diff(
+            &a.forward(&x, Some(&mask), None).unwrap(),
+            &b.forward(&x, Some(&mask), None).unwrap(),
+        ),
+        (HfModel::Seq2Seq(a), HfModel::Seq2Seq(b)) => {
+            let dec = ids(&inp["decoder_input_ids"]);
+            let run = |m: &dyn HfSeq2Seq| m.forward(&x, &mask, &dec).unwrap().0;
+            rel_diff(&run(a.as_ref()), &run(b.as_ref()))
+        }
+        (HfModel::CausalLm(a), HfModel::CausalLm(b)) => rel_diff(
+            &a.forward(&x, Some(&mask)).unwrap(),
+            &b.forward(&x, Some(&mask)).unwrap(),
+        ),
+        _ => panic!("models of different kinds"),
+    }
+}
+
 #[test]
 fn sparse_lenets_compute_what_the_dense_ones_compute() {
     let dev = Device::Cpu;
@@ -181,25 +202,7 @@ fn sparse_hugging_face_models_compute_what_the_dense_ones_compute() {
         if sparsity > 0.0 {
             prune(&vm, sparsity);
         }
-        let sparse = model.to_sparse().unwrap();
-        let inp = inputs(&dir);
-        let (x, mask) = (ids(&inp["input_ids"]), ids(&inp["attention_mask"]));
-        let d = match (&model, &sparse) {
-            (HfModel::Encoder(a), HfModel::Encoder(b)) => rel_diff(
-                &a.forward(&x, Some(&mask), None).unwrap(),
-                &b.forward(&x, Some(&mask), None).unwrap(),
-            ),
-            (HfModel::Seq2Seq(a), HfModel::Seq2Seq(b)) => {
-                let dec = ids(&inp["decoder_input_ids"]);
-                let run = |m: &dyn HfSeq2Seq| m.forward(&x, &mask, &dec).unwrap().0;
-                rel_diff(&run(a.as_ref()), &run(b.as_ref()))
-            }
-            (HfModel::CausalLm(a), HfModel::CausalLm(b)) => rel_diff(
-                &a.forward(&x, Some(&mask)).unwrap(),
-                &b.forward(&x, Some(&mask)).unwrap(),
-            ),
-            _ => unreachable!("to_sparse keeps the kind"),
-        };
+        let d = output_diff(&model, &model.to_sparse().unwrap(), &inputs(&dir));
         assert!(d < 1e-5, "{name}: {d}");
     }
 }
@@ -288,24 +291,7 @@ fn compressed_checkpoints_load_straight_into_sparse_layers_that_compute_what_den
             );
             drop(data);
             let (_, sparse) = relprune_models::hf::load_sparse(copy.path(), &Device::Cpu).unwrap();
-            let inp = inputs(&dir);
-            let (x, mask) = (ids(&inp["input_ids"]), ids(&inp["attention_mask"]));
-            let d = match (&dense, &sparse) {
-                (HfModel::Encoder(a), HfModel::Encoder(b)) => rel_diff(
-                    &a.forward(&x, Some(&mask), None).unwrap(),
-                    &b.forward(&x, Some(&mask), None).unwrap(),
-                ),
-                (HfModel::Seq2Seq(a), HfModel::Seq2Seq(b)) => {
-                    let dec = ids(&inp["decoder_input_ids"]);
-                    let run = |m: &dyn HfSeq2Seq| m.forward(&x, &mask, &dec).unwrap().0;
-                    rel_diff(&run(a.as_ref()), &run(b.as_ref()))
-                }
-                (HfModel::CausalLm(a), HfModel::CausalLm(b)) => rel_diff(
-                    &a.forward(&x, Some(&mask)).unwrap(),
-                    &b.forward(&x, Some(&mask)).unwrap(),
-                ),
-                _ => unreachable!("loading keeps the kind"),
-            };
+            let d = output_diff(&dense, &sparse, &inputs(&dir));
             assert!(d < 1e-5, "{name} {format:?}: {d}");
         }
     }

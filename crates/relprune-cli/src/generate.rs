@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use relprune_data::text::{split_lines, TextTokenizer};
+use relprune_data::text::split_lines;
 use relprune_models::hf::llama::SampleConfig;
-use relprune_models::hf::{detect_kind, HfModel, Kind};
 
 /// Arguments of `relprune generate`.
 #[derive(Debug, Args)]
@@ -65,15 +64,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     sampling
         .check()
         .map_err(|e| anyhow::anyhow!("--temperature/--top-p: {e}"))?;
-    detect_kind(&args.model, Kind::CausalLm)?;
-    let tok_path = relprune_models::hf::gguf::model_dir(&args.model).join("tokenizer.json");
-    if !tok_path.is_file() {
-        bail!(
-            "{} is missing: generate needs the model's tokenizer",
-            tok_path.display()
-        );
-    }
-    let tokenizer = TextTokenizer::from_file(&tok_path)?;
+    let tokenizer = crate::causal::tokenizer(&args.model, "generate")?;
     let prompts = if args.prompt.is_empty() {
         let mut input = Vec::new();
         std::io::stdin()
@@ -83,17 +74,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     } else {
         args.prompt.clone()
     };
-    let (_, model) = if args.sparse {
-        relprune_models::hf::load_sparse(&args.model, &Device::Cpu)?
-    } else {
-        relprune_models::hf::load(&args.model, &candle_nn::VarMap::new(), &Device::Cpu)?
-    };
-    let HfModel::CausalLm(model) = model else {
-        bail!("{} is not a decoder-only LM", args.model.display());
-    };
-    tokenizer
-        .check_vocab(model.config().vocab_size)
-        .context("the tokenizer does not fit the model")?;
+    let model = crate::causal::load(&args.model, args.sparse, &tokenizer)?;
     let pad = model
         .config()
         .pad_token_id

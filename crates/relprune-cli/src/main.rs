@@ -2,6 +2,7 @@
 //! arguments, dispatches, and turns errors into a message and a non-zero exit code.
 
 mod bleu;
+mod causal;
 mod compress;
 mod embed;
 mod forward;

@@ -6,11 +6,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use relprune_data::text::TextTokenizer;
-use relprune_models::hf::{detect_kind, gguf, HfModel, Kind};
 use relprune_tasks::lm;
 
 /// The window when `--window` is not given (the pruning literature's, and the anchors').
@@ -47,27 +44,9 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
     if !args.text.is_file() {
         bail!("--text {}: no such file", args.text.display());
     }
-    detect_kind(&args.model, Kind::CausalLm)?;
-    let tok_path = gguf::model_dir(&args.model).join("tokenizer.json");
-    if !tok_path.is_file() {
-        bail!(
-            "{} is missing: perplexity needs the model's tokenizer",
-            tok_path.display()
-        );
-    }
-    let tokenizer = TextTokenizer::from_file(&tok_path)?;
+    let tokenizer = crate::causal::tokenizer(&args.model, "perplexity")?;
     let tokens = lm::text_tokens(&args.text, &tokenizer)?;
-    let (_, model) = if args.sparse {
-        relprune_models::hf::load_sparse(&args.model, &Device::Cpu)?
-    } else {
-        relprune_models::hf::load(&args.model, &candle_nn::VarMap::new(), &Device::Cpu)?
-    };
-    let HfModel::CausalLm(model) = model else {
-        bail!("{} is not a decoder-only LM", args.model.display());
-    };
-    tokenizer
-        .check_vocab(model.config().vocab_size)
-        .context("the tokenizer does not fit the model")?;
+    let model = crate::causal::load(&args.model, args.sparse, &tokenizer)?;
     let window = args
         .window
         .unwrap_or(DEFAULT_WINDOW.min(model.config().max_position_embeddings));

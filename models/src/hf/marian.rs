@@ -404,24 +404,16 @@ impl MarianModel {
     pub fn load_as(dir: &Path, varmap: &VarMap, device: &Device, layers: Layers) -> Result<Self> {
         let config = MarianConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::open(&dir.join("model.safetensors"))?;
-        let mut tensors = HashMap::new();
-        let mut sparse = SparseRows::default();
-        for (name, shape) in parameter_shapes(&config) {
-            if let Some(rows) = weights.linear_rows(layers, is_linear(&name), &name, &shape)? {
-                sparse.insert(name, rows);
-                continue;
-            }
-            let t = if name == "model.shared.weight" {
-                weights.tied(
-                    tied_names(SHARED_ALIASES, config.tie_word_embeddings),
-                    &shape,
-                    device,
-                )?
-            } else {
-                weights.require(&name, &shape, device)?
-            };
-            tensors.insert(name, t);
-        }
+        let (tensors, sparse) = weights.read_parameters(
+            parameter_shapes(&config),
+            (
+                "model.shared.weight",
+                tied_names(SHARED_ALIASES, config.tie_word_embeddings),
+            ),
+            layers,
+            is_linear,
+            device,
+        )?;
         let positions = |stack: &str| -> Result<Option<Tensor>> {
             let name = format!("model.{stack}.embed_positions.weight");
             if !weights.contains(&name) {

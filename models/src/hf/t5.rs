@@ -453,24 +453,16 @@ impl T5Model {
     pub fn load_as(dir: &Path, varmap: &VarMap, device: &Device, layers: Layers) -> Result<Self> {
         let config = T5Config::from_file(&dir.join("config.json"))?;
         let weights = Weights::open(&dir.join("model.safetensors"))?;
-        let mut tensors = HashMap::new();
-        let mut sparse = SparseRows::default();
-        for (name, shape) in config.parameter_shapes() {
-            if let Some(rows) = weights.linear_rows(layers, is_linear(&name), &name, &shape)? {
-                sparse.insert(name, rows);
-                continue;
-            }
-            let t = if name == SHARED {
-                weights.tied(
-                    tied_names(SHARED_ALIASES, config.tie_word_embeddings),
-                    &shape,
-                    device,
-                )?
-            } else {
-                weights.require(&name, &shape, device)?
-            };
-            tensors.insert(name, t);
-        }
+        let (tensors, sparse) = weights.read_parameters(
+            config.parameter_shapes(),
+            (
+                SHARED,
+                tied_names(SHARED_ALIASES, config.tie_word_embeddings),
+            ),
+            layers,
+            is_linear,
+            device,
+        )?;
         Self::from_tensors(config, tensors, &sparse, varmap)
     }
 

@@ -4,7 +4,7 @@
 //! (`sparse-bitmask`, `relprune-sparse`; see [`relprune_sparse::file`]) are read as the dense
 //! tensors they hold, each decompressed when it is asked for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -12,6 +12,7 @@ use relprune_sparse::file::{self, Raw, Stored};
 use relprune_sparse::format::Csr;
 
 use super::Layers;
+use crate::linear::SparseRows;
 use crate::{Error, Result};
 
 /// The stored names that may hold a tied embedding, the canonical one first and the language-model
@@ -151,6 +152,34 @@ impl Weights {
         } else {
             Ok(None)
         }
+    }
+
+    /// Every parameter of `shapes`, checked against them: the tied embedding `tied.0` from the
+    /// first of its stored names `tied.1`; under [`Layers::Sparse`] the linear weights
+    /// (`is_linear`) the file stores compressed straight into rows; the rest as f32 tensors.
+    pub fn read_parameters(
+        &self,
+        shapes: Vec<(String, Vec<usize>)>,
+        tied: (&str, &[&str]),
+        layers: Layers,
+        is_linear: fn(&str) -> bool,
+        device: &Device,
+    ) -> Result<(HashMap<String, Tensor>, SparseRows)> {
+        let mut tensors = HashMap::new();
+        let mut sparse = SparseRows::default();
+        for (name, shape) in shapes {
+            if let Some(rows) = self.linear_rows(layers, is_linear(&name), &name, &shape)? {
+                sparse.insert(name, rows);
+                continue;
+            }
+            let t = if name == tied.0 {
+                self.tied(tied.1, &shape, device)?
+            } else {
+                self.require(&name, &shape, device)?
+            };
+            tensors.insert(name, t);
+        }
+        Ok((tensors, sparse))
     }
 
     /// The first of `names` the file holds, as f32, checked to have `shape`.
