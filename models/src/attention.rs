@@ -433,7 +433,12 @@ impl Attention {
             None => (k, v),
         };
         let a = self.context_at(x, (&k, &v), mask, train, past)?;
-        *cache = Some((k, v));
+        // Outside training nothing will be differentiated: keep no graph alive through the cache.
+        *cache = Some(if train {
+            (k, v)
+        } else {
+            (k.detach(), v.detach())
+        });
         Ok(a)
     }
 

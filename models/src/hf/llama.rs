@@ -698,7 +698,10 @@ impl CausalLm {
         see(&["mlp.gate_proj", "mlp.up_proj"], &x)?;
         let gated = (layer.gate.forward(&x)?.silu()? * layer.up.forward(&x)?)?;
         see(&["mlp.down_proj"], &gated)?;
-        Ok((h + layer.down.forward(&gated)?)?)
+        let out = (h + layer.down.forward(&gated)?)?;
+        // Outside training, a layer's output does not keep the graph of every layer below alive
+        // (layer-by-layer calibration holds many of them).
+        Ok(if train { out } else { out.detach() })
     }
 
     /// The hidden states (B, T, D) of tokens before the first decoder layer: their embedding.
