@@ -295,9 +295,7 @@ fn select(w: &Tensor, metric: &Tensor, sparsity: Sparsity, group: Group) -> Resu
             for r in 0..rows {
                 for g in (0..cols).step_by(group_len) {
                     let at = r * cols + g;
-                    let mut order: Vec<usize> = (0..group_len).collect();
-                    order.sort_by(|&a, &b| m[at + a].total_cmp(&m[at + b]));
-                    for &j in &order[..group_len - n] {
+                    for j in torch_topk_smallest(&m[at..at + group_len], group_len - n) {
                         keep[at + j] = 0.0;
                     }
                 }
@@ -308,9 +306,129 @@ fn select(w: &Tensor, metric: &Tensor, sparsity: Sparsity, group: Group) -> Resu
     Ok((w * keep)?)
 }
 
+/// The indices of the `k` smallest of `values`, ties broken as `torch.topk(largest=False)` on
+/// a CPU breaks them: quantized weights hold many equal magnitudes, and which of them a group
+/// loses changes the result (magnitude 2:4 on SmolLM2's Q4_1 weights: 1077 against the
+/// reference's 1373 with ties broken by position). PyTorch selects with libstdc++'s
+/// `nth_element` on (value, index) pairs when `64·k > n`, which this replays step by step.
+fn torch_topk_smallest(values: &[f32], k: usize) -> Vec<usize> {
+    let n = values.len();
+    if k == 0 {
+        return Vec::new();
+    }
+    if k >= n {
+        return (0..n).collect();
+    }
+    let mut q: Vec<usize> = (0..n).collect();
+    // torch's comparator: NaN first, then smaller values.
+    let less = |a: usize, b: usize| {
+        let (x, y) = (values[a], values[b]);
+        (x.is_nan() && !y.is_nan()) || x < y
+    };
+    if 64 * k <= n {
+        // partial_sort: the k smallest in order; which of equal values is libstdc++'s heap's
+        // choice, not replayed here (never the case for N:M groups).
+        q.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+        q.truncate(k);
+        return q;
+    }
+    let nth = k - 1;
+    let (mut first, mut last) = (0usize, n);
+    let mut depth = 2 * (usize::BITS - 1 - n.leading_zeros()) as usize;
+    while last - first > 3 {
+        if depth == 0 {
+            // heap_select fallback: only for adversarial inputs far longer than a group.
+            q[first..last].sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+            break;
+        }
+        depth -= 1;
+        // __unguarded_partition_pivot: median of (first+1, mid, last-1) moved to first.
+        let mid = first + (last - first) / 2;
+        let (a, b, c) = (first + 1, mid, last - 1);
+        let median = if less(q[a], q[b]) {
+            if less(q[b], q[c]) {
+                b
+            } else if less(q[a], q[c]) {
+                c
+            } else {
+                a
+            }
+        } else if less(q[a], q[c]) {
+            a
+        } else if less(q[b], q[c]) {
+            c
+        } else {
+            b
+        };
+        q.swap(first, median);
+        // __unguarded_partition(first + 1, last, pivot = first).
+        let (mut lo, mut hi) = (first + 1, last);
+        let cut = loop {
+            while less(q[lo], q[first]) {
+                lo += 1;
+            }
+            hi -= 1;
+            while less(q[first], q[hi]) {
+                hi -= 1;
+            }
+            if lo >= hi {
+                break lo;
+            }
+            q.swap(lo, hi);
+            lo += 1;
+        };
+        if cut <= nth {
+            first = cut;
+        } else {
+            last = cut;
+        }
+    }
+    // __insertion_sort(first, last).
+    for i in first + 1..last {
+        let v = q[i];
+        if less(v, q[first]) {
+            q.copy_within(first..i, first + 1);
+            q[first] = v;
+        } else {
+            let mut j = i;
+            while less(v, q[j - 1]) {
+                q[j] = q[j - 1];
+                j -= 1;
+            }
+            q[j] = v;
+        }
+    }
+    q.truncate(k);
+    q
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ties_are_broken_as_torch_topk_breaks_them() {
+        // Each case as torch 2.15's `torch.topk(t, 2, largest=False)` answered on this machine.
+        for (v, want) in [
+            ([1f32, 1.0, 1.0, 1.0], [2, 3]),
+            ([2.0, 1.0, 1.0, 3.0], [1, 2]),
+            ([0.5, 0.5, 0.2, 0.9], [1, 2]),
+            ([1.0, 2.0, 2.0, 2.0], [0, 2]),
+            ([1.0, 2.0, 2.0, 3.0], [0, 1]),
+            ([1.0, 2.0, 3.0, 2.0], [0, 1]),
+            ([1.0, 3.0, 2.0, 2.0], [0, 2]),
+            ([2.0, 3.0, 3.0, 3.0], [0, 2]),
+            ([3.0, 1.0, 2.0, 1.0], [1, 3]),
+            ([0.5, 0.5, 8.0, 0.1], [1, 3]),
+            ([2.0, 2.0, 1.0, 1.0], [2, 3]),
+            ([3.0, 3.0, 3.0, 1.0], [2, 3]),
+            ([1.0, 1.0, 2.0, 1.0], [1, 3]),
+        ] {
+            let mut got = torch_topk_smallest(&v, 2);
+            got.sort();
+            assert_eq!(got, want, "{v:?}");
+        }
+    }
 
     #[test]
     fn selections_follow_the_reference_rules() {
@@ -328,10 +446,11 @@ mod tests {
             rows(select(&w, &abs, Sparsity::Unstructured(0.5), Group::Row).unwrap()),
             [[0.0, 0.0, 3.0, -4.0], [0.0, 0.5, 8.0, 0.0]]
         );
-        // 2:4: the two smallest of each group of four inputs.
+        // 2:4: the two smallest of each group of four inputs (of the tied 0.5s, torch drops
+        // the second).
         assert_eq!(
             rows(select(&w, &abs, Sparsity::NM(2, 4), Group::Row).unwrap()),
-            [[0.0, 0.0, 3.0, -4.0], [0.0, 0.5, 8.0, 0.0]]
+            [[0.0, 0.0, 3.0, -4.0], [0.5, 0.0, 8.0, 0.0]]
         );
     }
 }
