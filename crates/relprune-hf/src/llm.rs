@@ -255,8 +255,8 @@ enum Group {
 
 /// `w` with the entries of lowest `metric` zeroed as the references do: unstructured over the
 /// matrix, every entry at or below the `⌊s·n⌋`-th smallest (ties included); unstructured per
-/// row, the `⌊s·cols⌋` smallest of each row (a stable sort); N:M, the `m − n` smallest of each
-/// group of `m` consecutive inputs.
+/// row, the `⌊s·cols⌋` smallest of each row (a stable sort); N:M, all but the `n` largest of
+/// each group of `m` consecutive inputs (`torch.topk`'s choice among ties).
 fn select(w: &Tensor, metric: &Tensor, sparsity: Sparsity, group: Group) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let m: Vec<f32> = metric.flatten_all()?.to_vec1()?;
@@ -295,7 +295,8 @@ fn select(w: &Tensor, metric: &Tensor, sparsity: Sparsity, group: Group) -> Resu
             for r in 0..rows {
                 for g in (0..cols).step_by(group_len) {
                     let at = r * cols + g;
-                    for j in torch_topk_smallest(&m[at..at + group_len], group_len - n) {
+                    let kept = torch_topk_largest(&m[at..at + group_len], n);
+                    for j in (0..group_len).filter(|j| !kept.contains(j)) {
                         keep[at + j] = 0.0;
                     }
                 }
@@ -306,12 +307,13 @@ fn select(w: &Tensor, metric: &Tensor, sparsity: Sparsity, group: Group) -> Resu
     Ok((w * keep)?)
 }
 
-/// The indices of the `k` smallest of `values`, ties broken as `torch.topk(largest=False)` on
-/// a CPU breaks them: quantized weights hold many equal magnitudes, and which of them a group
-/// loses changes the result (magnitude 2:4 on SmolLM2's Q4_1 weights: 1077 against the
-/// reference's 1373 with ties broken by position). PyTorch selects with libstdc++'s
-/// `nth_element` on (value, index) pairs when `64·k > n`, which this replays step by step.
-fn torch_topk_smallest(values: &[f32], k: usize) -> Vec<usize> {
+/// The indices of the `k` largest of `values`, ties broken as `torch.topk` (largest) on a CPU
+/// breaks them: quantized weights hold many equal magnitudes, and which of them a group keeps
+/// changes the result (magnitude 2:4 on SmolLM2's Q4_1 weights: 1372.77 with this rule, the
+/// anchors' 1372.76; 1077 with ties broken by position, 971 keeping what `topk` of the smallest
+/// leaves). PyTorch selects with libstdc++'s `nth_element` on (value, index) pairs when
+/// `64·k > n`, which this replays step by step.
+fn torch_topk_largest(values: &[f32], k: usize) -> Vec<usize> {
     let n = values.len();
     if k == 0 {
         return Vec::new();
@@ -320,15 +322,15 @@ fn torch_topk_smallest(values: &[f32], k: usize) -> Vec<usize> {
         return (0..n).collect();
     }
     let mut q: Vec<usize> = (0..n).collect();
-    // torch's comparator: NaN first, then smaller values.
+    // torch's comparator for the largest: NaN first, then larger values ("less" = goes first).
     let less = |a: usize, b: usize| {
         let (x, y) = (values[a], values[b]);
-        (x.is_nan() && !y.is_nan()) || x < y
+        (x.is_nan() && !y.is_nan()) || x > y
     };
     if 64 * k <= n {
-        // partial_sort: the k smallest in order; which of equal values is libstdc++'s heap's
+        // partial_sort: the k largest in order; which of equal values is libstdc++'s heap's
         // choice, not replayed here (never the case for N:M groups).
-        q.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+        q.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
         q.truncate(k);
         return q;
     }
@@ -338,7 +340,7 @@ fn torch_topk_smallest(values: &[f32], k: usize) -> Vec<usize> {
     while last - first > 3 {
         if depth == 0 {
             // heap_select fallback: only for adversarial inputs far longer than a group.
-            q[first..last].sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+            q[first..last].sort_by(|&a, &b| values[b].total_cmp(&values[a]));
             break;
         }
         depth -= 1;
@@ -408,23 +410,22 @@ mod tests {
 
     #[test]
     fn ties_are_broken_as_torch_topk_breaks_them() {
-        // Each case as torch 2.15's `torch.topk(t, 2, largest=False)` answered on this machine.
+        // Each case as torch 2.15's `torch.topk(t, 2)` answered on this machine.
         for (v, want) in [
             ([1f32, 1.0, 1.0, 1.0], [2, 3]),
-            ([2.0, 1.0, 1.0, 3.0], [1, 2]),
-            ([0.5, 0.5, 0.2, 0.9], [1, 2]),
-            ([1.0, 2.0, 2.0, 2.0], [0, 2]),
-            ([1.0, 2.0, 2.0, 3.0], [0, 1]),
-            ([1.0, 2.0, 3.0, 2.0], [0, 1]),
-            ([1.0, 3.0, 2.0, 2.0], [0, 2]),
-            ([2.0, 3.0, 3.0, 3.0], [0, 2]),
-            ([3.0, 1.0, 2.0, 1.0], [1, 3]),
-            ([0.5, 0.5, 8.0, 0.1], [1, 3]),
-            ([2.0, 2.0, 1.0, 1.0], [2, 3]),
-            ([3.0, 3.0, 3.0, 1.0], [2, 3]),
-            ([1.0, 1.0, 2.0, 1.0], [1, 3]),
+            ([2.0, 1.0, 1.0, 3.0], [0, 3]),
+            ([0.5, 0.5, 0.2, 0.9], [1, 3]),
+            ([1.0, 2.0, 2.0, 2.0], [2, 3]),
+            ([1.0, 2.0, 2.0, 3.0], [2, 3]),
+            ([1.0, 3.0, 2.0, 2.0], [1, 3]),
+            ([3.0, 1.0, 2.0, 1.0], [0, 2]),
+            ([0.5, 0.5, 8.0, 0.1], [1, 2]),
+            ([2.0, 2.0, 1.0, 1.0], [0, 1]),
+            ([3.0, 3.0, 3.0, 1.0], [1, 2]),
+            ([1.0, 1.0, 2.0, 1.0], [2, 3]),
+            ([1.0, 4.0, 2.0, 3.0], [1, 3]),
         ] {
-            let mut got = torch_topk_smallest(&v, 2);
+            let mut got = torch_topk_largest(&v, 2);
             got.sort();
             assert_eq!(got, want, "{v:?}");
         }
@@ -446,11 +447,11 @@ mod tests {
             rows(select(&w, &abs, Sparsity::Unstructured(0.5), Group::Row).unwrap()),
             [[0.0, 0.0, 3.0, -4.0], [0.0, 0.5, 8.0, 0.0]]
         );
-        // 2:4: the two smallest of each group of four inputs (of the tied 0.5s, torch drops
-        // the second).
+        // 2:4: the two largest of each group of four inputs kept (of the tied 0.5s, torch
+        // keeps the second).
         assert_eq!(
             rows(select(&w, &abs, Sparsity::NM(2, 4), Group::Row).unwrap()),
-            [[0.0, 0.0, 3.0, -4.0], [0.5, 0.0, 8.0, 0.0]]
+            [[0.0, 0.0, 3.0, -4.0], [0.0, 0.5, 8.0, 0.0]]
         );
     }
 }
