@@ -141,6 +141,12 @@ pub fn prune(
         return Err(invalid(format!("{} needs calibration text", method.name())));
     }
     let device = Device::Cpu;
+    // Magnitude looks at the weights alone: no calibration pass.
+    let windows = if method == OneShot::Magnitude {
+        &[][..]
+    } else {
+        windows
+    };
     let mut hidden: Vec<Tensor> = windows
         .iter()
         .map(|w| Ok(model.embed(&Tensor::from_slice(w, (1, w.len()), &device)?)?))
