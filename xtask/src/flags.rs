@@ -34,26 +34,6 @@ pub enum Cmd {
     LlmBaselines(LlmBaselines),
 }
 
-/// A sparsity pattern of `llm-baselines`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LlmPattern {
-    /// `--sparsity` of each comparison group, anywhere.
-    Unstructured,
-    /// Two of every four consecutive inputs kept.
-    #[value(name = "2:4")]
-    TwoFour,
-}
-
-impl LlmPattern {
-    /// Its name in the anchors and the report.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Unstructured => "unstructured 50%",
-            Self::TwoFour => "2:4",
-        }
-    }
-}
-
 /// Flags of `llm-baselines`.
 #[derive(Debug, clap::Args)]
 pub struct LlmBaselines {
@@ -73,18 +53,36 @@ pub struct LlmBaselines {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "magnitude,wanda,sparsegpt"
+        default_value = "magnitude,wanda,sparsegpt,relprune"
     )]
-    pub methods: Vec<relprune_hf::llm::OneShot>,
+    pub methods: Vec<relprune_hf::llm::Method>,
     /// Patterns (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "unstructured,2:4")]
-    pub patterns: Vec<LlmPattern>,
+    pub patterns: Vec<relprune_hf::llm::Pattern>,
     /// The unstructured sparsity.
     #[arg(long, default_value_t = 0.5)]
     pub sparsity: f64,
     /// Where `llm.json` and `llm.md` go.
     #[arg(long, default_value = "target/llm")]
     pub out: PathBuf,
+    /// The method's starting masks.
+    #[arg(long, default_value = "sparsegpt")]
+    pub start: relprune_hf::llm::OneShot,
+    /// The method: the sparsity the regularizer chooses rather than the baseline.
+    #[arg(long, default_value_t = relprune_hf::llm::Distill::default().head_start)]
+    pub head_start: f64,
+    /// The method: passes with the selective decay per layer.
+    #[arg(long, default_value_t = relprune_hf::llm::Distill::default().regularized_epochs)]
+    pub regularized_epochs: usize,
+    /// The method: passes of recovery per layer.
+    #[arg(long, default_value_t = relprune_hf::llm::Distill::default().recovery_epochs)]
+    pub recovery_epochs: usize,
+    /// The method: Adam's learning rate.
+    #[arg(long, default_value_t = relprune_hf::llm::Distill::default().lr)]
+    pub lr: f64,
+    /// The method: the decay strength λ.
+    #[arg(long, default_value_t = relprune_hf::llm::Distill::default().regularizer.lambda)]
+    pub lambda: f64,
 }
 
 /// Flags of `crossover`.

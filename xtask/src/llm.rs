@@ -10,12 +10,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
 use relprune_data::text::TextTokenizer;
-use relprune_hf::llm::{self, OneShot, Sparsity};
+use relprune_hf::llm::{self, Distill, Method, Pattern};
 use relprune_models::hf::{gguf, HfModel};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::flags::{self, LlmPattern};
+use crate::flags;
 
 /// One measured row.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -34,6 +34,14 @@ fn load(model: &Path) -> Result<relprune_models::hf::llama::CausalLm> {
     match relprune_models::hf::load(model, &VarMap::new(), &Device::Cpu)?.1 {
         HfModel::CausalLm(m) => Ok(*m),
         _ => bail!("{} is not a decoder-only LM", model.display()),
+    }
+}
+
+/// A pattern as the anchors name it (`unstructured 50%`, `2:4`).
+fn anchor_label(p: Pattern, sparsity: f64) -> String {
+    match p {
+        Pattern::Unstructured => format!("unstructured {:.0}%", 100.0 * sparsity),
+        _ => p.name().to_string(),
     }
 }
 
@@ -74,7 +82,15 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
     let calib = relprune_tasks::lm::text_tokens(&f.calib, &tokenizer)?;
     let valid = relprune_tasks::lm::text_tokens(&f.valid, &tokenizer)?;
     let windows = llm::windows_at(&calib, &starts, window)?;
-    let mut configs: Vec<(Option<OneShot>, Option<LlmPattern>)> = vec![(None, None)];
+    let distill = Distill {
+        start: f.start,
+        head_start: f.head_start,
+        regularized_epochs: f.regularized_epochs,
+        recovery_epochs: f.recovery_epochs,
+        lr: f.lr,
+        regularizer: Distill::default().regularizer.with_lambda(f.lambda),
+    };
+    let mut configs: Vec<(Option<Method>, Option<Pattern>)> = vec![(None, None)];
     for &m in &f.methods {
         for &p in &f.patterns {
             configs.push((Some(m), Some(p)));
@@ -82,13 +98,9 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
     }
     for (method, pattern) in configs {
         let (mname, pname) = match (method, pattern) {
-            (Some(m), Some(p)) => (m.name(), p.name()),
-            _ => ("dense", "dense"),
+            (Some(m), Some(p)) => (m.name(), anchor_label(p, f.sparsity)),
+            _ => ("dense", "dense".to_string()),
         };
-        if method == Some(OneShot::SparseGpt) && pattern == Some(LlmPattern::TwoFour) {
-            eprintln!("{mname} {pname}: not implemented yet, skipped");
-            continue;
-        }
         if rows.iter().any(|r| r.method == mname && r.pattern == pname) {
             eprintln!("{mname} {pname}: kept from {}", json_path.display());
             continue;
@@ -97,13 +109,12 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
         let t = Instant::now();
         let (sparsity, calibration_tokens) = match (method, pattern) {
             (Some(m), Some(p)) => {
-                let s = match p {
-                    LlmPattern::Unstructured => Sparsity::Unstructured(f.sparsity),
-                    LlmPattern::TwoFour => Sparsity::NM(2, 4),
+                let s = p.at(f.sparsity);
+                let progress = |l, n| eprint!("\r{mname} {pname}: layer {l}/{n}");
+                let r = match m.one_shot() {
+                    Some(o) => llm::prune(&model, &windows, o, s, progress)?,
+                    None => llm::prune_distilled(&model, &windows, s, &distill, progress)?,
                 };
-                let r = llm::prune(&model, &windows, m, s, |l, n| {
-                    eprint!("\r{mname} {pname}: layer {l}/{n}")
-                })?;
                 eprintln!();
                 (r.linear_sparsity(), r.calibration_tokens)
             }
@@ -113,10 +124,10 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
         let ppl = relprune_tasks::lm::perplexity(&model, &valid, window, |_, _| {})?;
         let row = Row {
             method: mname.into(),
-            pattern: pname.into(),
+            pattern: pname.clone(),
             linear_sparsity: sparsity,
             ppl_valid: ppl.perplexity,
-            anchor_ppl_valid: anchor(mname, pname),
+            anchor_ppl_valid: anchor(mname, &pname),
             prune_seconds,
             calibration_tokens,
             peak_rss_mb: relprune_hf::memory::rss_mb().map(|(_, peak)| peak),

@@ -35,6 +35,9 @@ pub struct PruneHfArgs {
 /// Runs `relprune prune-hf`.
 pub fn run(args: &PruneHfArgs) -> Result<()> {
     relprune_hf::memory::return_freed_buffers();
+    if args.resume.is_none() && relprune_hf::causal::applies(&args.options)? {
+        return run_causal(args);
+    }
     let interrupt_after = match std::env::var(INTERRUPT_ENV) {
         Ok(v) => Some(
             v.parse::<usize>()
@@ -89,5 +92,36 @@ pub fn run(args: &PruneHfArgs) -> Result<()> {
         linear,
         results.wall_seconds
     );
+    Ok(())
+}
+
+/// `prune-hf` on a decoder-only LM: prints the perplexities and the sparsity.
+fn run_causal(args: &PruneHfArgs) -> Result<()> {
+    if args.work.is_some() || args.keep_work {
+        anyhow::bail!(
+            "--work and --keep-work: a decoder-only LM is pruned without a work directory"
+        );
+    }
+    let cfg = relprune_hf::causal::CausalConfig::new(&args.options)?;
+    let r = relprune_hf::causal::run(cfg, &args.out, args.quiet)?;
+    for p in &r.perplexity {
+        println!(
+            "{}: perplexity of {}{} {:.3} → {:.3}; projections {:.2}% zero; {:.0} s{}",
+            args.out.display(),
+            p.file.display(),
+            if p.calibration {
+                " (calibration text)"
+            } else {
+                ""
+            },
+            p.dense,
+            p.pruned,
+            100.0 * r.linear_sparsity,
+            r.wall_seconds,
+            r.peak_rss_mb_pruning
+                .map(|m| format!("; peak RSS {m:.0} MB"))
+                .unwrap_or_default()
+        );
+    }
     Ok(())
 }

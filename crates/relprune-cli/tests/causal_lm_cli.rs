@@ -267,3 +267,169 @@ fn perplexity_errors_name_the_problem() {
     let e = err(&["perplexity", "--model", model, "--text", "/nonexistent.txt"]);
     assert!(e.contains("/nonexistent.txt: no such file"), "{e}");
 }
+
+/// `n` lines of 40 word-level tokens `t3`…`t96` (a pseudo-random walk: text the tiny models
+/// can be calibrated on).
+fn token_text(path: &Path, n: usize) {
+    let lines: Vec<String> = (0..n)
+        .map(|l| {
+            (0..40)
+                .map(|i| format!("t{}", (l * 131 + i * 37 + i * i) % 94 + 3))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+#[test]
+fn prune_hf_prunes_a_causal_lm_to_each_pattern_into_a_directory_it_reloads() {
+    let dir = with_tokenizer("llama-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    token_text(&text, 30);
+    for (method, pattern) in [
+        ("relprune", "unstructured"),
+        ("sparsegpt", "2:4"),
+        ("wanda", "4:8"),
+    ] {
+        let out = tmp
+            .path()
+            .join(format!("{method}-{}", pattern.replace(':', "-")));
+        let run = relprune(&[
+            "prune-hf",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--method",
+            method,
+            "--pattern",
+            pattern,
+            "--calib-windows",
+            "4",
+            "--window",
+            "64",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            run.status.success(),
+            "{method} {pattern}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let report = read_json(&out.join("relprune_report.json"));
+        assert!(report["linear_sparsity"].as_f64().unwrap() >= 0.5);
+        assert_eq!(report["calibration_tokens"], 4 * 64);
+        assert!(out.join("report.md").is_file() && out.join("tokenizer.json").is_file());
+        // The written file holds the pattern, and perplexity reloads it as prune-hf judged it.
+        let st = candle_core::safetensors::load(
+            out.join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let w: Vec<Vec<f32>> = st["model.layers.1.mlp.up_proj.weight"].to_vec2().unwrap();
+        let group = match pattern {
+            "2:4" => Some(4),
+            "4:8" => Some(8),
+            _ => None,
+        };
+        for row in &w {
+            match group {
+                Some(m) => {
+                    for g in row.chunks(m) {
+                        assert!(g.iter().filter(|&&x| x != 0.0).count() <= m / 2, "{g:?}");
+                    }
+                }
+                None => assert!(row.iter().filter(|&&x| x == 0.0).count() >= row.len() / 2),
+            }
+        }
+        let ppl = relprune(&[
+            "perplexity",
+            "--model",
+            out.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--window",
+            "64",
+            "--json",
+        ]);
+        assert!(
+            ppl.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ppl.stderr)
+        );
+        let got: Value = serde_json::from_slice(&ppl.stdout).unwrap();
+        let want = report["perplexity"][0]["pruned"].as_f64().unwrap();
+        assert!((got["perplexity"].as_f64().unwrap() / want - 1.0).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn prune_hf_on_a_causal_lm_refuses_bad_flags_before_any_work() {
+    let dir = with_tokenizer("llama-tiny");
+    let model = dir.path().to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    token_text(&text, 3);
+    let text = text.to_str().unwrap();
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    let err = |args: &[&str]| {
+        let run = relprune(args);
+        assert!(!run.status.success(), "{args:?} succeeded");
+        assert!(!out.exists(), "{args:?} wrote {o}");
+        String::from_utf8_lossy(&run.stderr).to_string()
+    };
+    let e = err(&[
+        "prune-hf",
+        "--model",
+        model,
+        "--out",
+        o,
+        "--pattern",
+        "2:4",
+        "--target-sparsity",
+        "0.7",
+        "--text",
+        text,
+    ]);
+    assert!(e.contains("--pattern 2:4") && e.contains("0.7"), "{e}");
+    let e = err(&[
+        "prune-hf",
+        "--model",
+        model,
+        "--out",
+        o,
+        "--text",
+        "/no/such/file",
+    ]);
+    assert!(e.contains("--text /no/such/file"), "{e}");
+    // 3 lines of 40 tokens are fewer than one window of 512.
+    let e = err(&["prune-hf", "--model", model, "--out", o, "--text", text]);
+    assert!(e.contains("fewer than one window of 512"), "{e}");
+    let e = err(&[
+        "prune-hf",
+        "--model",
+        model,
+        "--out",
+        o,
+        "--text",
+        text,
+        "--pattern",
+        "3:4",
+    ]);
+    assert!(e.contains("3:4"), "{e}");
+    std::fs::create_dir(&out).unwrap();
+    let run = relprune(&[
+        "prune-hf", "--model", model, "--out", o, "--text", text, "--window", "16",
+    ]);
+    let e = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && e.contains("already exists"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        0,
+        "an existing output is left alone"
+    );
+}

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compress::CheckpointFormat;
 use crate::error::{invalid, Result};
+use crate::llm::{Method, Pattern};
 use crate::resolve::{absolute, resolve};
 
 /// `--augment` of encoders when not given: measured on all-MiniLM-L6-v2 (docs/PRUNE_HF.md).
@@ -25,6 +26,10 @@ pub const MAX_TOKENS: usize = 768;
 pub const VALID_FRACTION: f64 = 0.15;
 /// Longest input in tokens.
 pub const MAX_LEN: usize = 128;
+/// Decoder LMs: calibration windows (the pruning literature's 16…128; 16 are the anchors').
+pub const CALIB_WINDOWS: usize = 16;
+/// Decoder LMs: tokens per window.
+pub const WINDOW: usize = 512;
 
 /// How the final step brings every prunable matrix to the target sparsity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,9 +118,21 @@ pub struct Options {
     /// Longest input in tokens (longer inputs are truncated; also capped by the model).
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = MAX_LEN))]
     pub max_len: usize,
-    /// Seed of the split and the batch order.
+    /// Seed of the split and the batch order (decoder LMs: of the calibration windows' starts).
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = 1))]
     pub seed: u64,
+    /// Decoder LMs: the method, or a one-shot baseline to compare with.
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = Method::Relprune))]
+    pub method: Method,
+    /// Decoder LMs: the sparsity pattern (unstructured at --target-sparsity, or N:M).
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = Pattern::Unstructured))]
+    pub pattern: Pattern,
+    /// Decoder LMs: calibration windows drawn from --text (at seeded random starts).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = CALIB_WINDOWS))]
+    pub calib_windows: usize,
+    /// Decoder LMs: tokens per calibration window and per perplexity window.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = WINDOW))]
+    pub window: usize,
     /// The engine's settings, over prune-hf's preset: 12 pruning epochs (--epochs) at Adam's
     /// learning rate 1e-4, LOBSTER's soft gate at λ 1e-4, a round after 1 epoch without a 10%
     /// improvement, each round's thresholds per layer within a 0.02 metric drop
@@ -162,6 +179,10 @@ impl Options {
             augment: None,
             max_len: MAX_LEN,
             seed: 1,
+            method: Method::Relprune,
+            pattern: Pattern::Unstructured,
+            calib_windows: CALIB_WINDOWS,
+            window: WINDOW,
             engine: EngineArgs::default(),
         }
     }
@@ -264,8 +285,15 @@ impl Config {
         let arch = detect(&model_dir)?;
         if arch.kind == Kind::CausalLm {
             return Err(invalid(format!(
-                "{}: prune-hf does not prune decoder-only language models ({}) yet; they run \
-                 with relprune forward and generate",
+                "{}: a decoder-only LM ({}) is pruned by relprune_hf::causal (prune-hf does it \
+                 on its own)",
+                model_dir.display(),
+                arch.model_type
+            )));
+        }
+        if o.method != Method::Relprune || o.pattern != Pattern::Unstructured {
+            return Err(invalid(format!(
+                "--method and --pattern are for decoder-only LMs; {} is a {} model",
                 model_dir.display(),
                 arch.model_type
             )));

@@ -25,6 +25,7 @@
 //! with [`RunOptions::resume`]), and the output is written into a temporary directory renamed at
 //! the end: a failure leaves no partial output directory.
 
+pub mod causal;
 pub mod compress;
 pub mod config;
 pub mod error;

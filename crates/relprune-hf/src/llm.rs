@@ -8,8 +8,10 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
+use relprune_core::SelectiveDecay;
 use relprune_models::hf::llama::CausalLm;
 use relprune_prune::reconstruct::{obs_prune, Gram, ObsConfig};
+use relprune_prune::{AdamConfig, MaskedAdam, Masks, Optimizer, Param, ParamSet};
 use serde::Serialize;
 
 use crate::error::invalid;
@@ -42,6 +44,82 @@ impl OneShot {
     }
 }
 
+/// A pruning method for decoder LMs: the method, or one of the one-shot baselines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The selective decay, layer by layer from a baseline's masks ([`Distill`]).
+    Relprune,
+    /// See [`OneShot::Magnitude`].
+    Magnitude,
+    /// See [`OneShot::Wanda`].
+    Wanda,
+    /// See [`OneShot::SparseGpt`].
+    #[serde(rename = "sparsegpt")]
+    #[cfg_attr(feature = "cli", value(name = "sparsegpt"))]
+    SparseGpt,
+}
+
+impl Method {
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self.one_shot() {
+            Some(o) => o.name(),
+            None => "relprune",
+        }
+    }
+
+    /// The baseline it is, if it is one.
+    pub fn one_shot(self) -> Option<OneShot> {
+        match self {
+            Self::Relprune => None,
+            Self::Magnitude => Some(OneShot::Magnitude),
+            Self::Wanda => Some(OneShot::Wanda),
+            Self::SparseGpt => Some(OneShot::SparseGpt),
+        }
+    }
+}
+
+/// The shape of the sparsity a run asks for (with a target fraction for unstructured).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum Pattern {
+    /// Anywhere in each comparison group.
+    #[default]
+    #[serde(rename = "unstructured")]
+    #[cfg_attr(feature = "cli", value(name = "unstructured"))]
+    Unstructured,
+    /// Two of every four consecutive inputs of a row kept.
+    #[serde(rename = "2:4")]
+    #[cfg_attr(feature = "cli", value(name = "2:4"))]
+    TwoFour,
+    /// Four of every eight.
+    #[serde(rename = "4:8")]
+    #[cfg_attr(feature = "cli", value(name = "4:8"))]
+    FourEight,
+}
+
+impl Pattern {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unstructured => "unstructured",
+            Self::TwoFour => "2:4",
+            Self::FourEight => "4:8",
+        }
+    }
+
+    /// This pattern at `sparsity` (used by unstructured only).
+    pub fn at(self, sparsity: f64) -> Sparsity {
+        match self {
+            Self::Unstructured => Sparsity::Unstructured(sparsity),
+            Self::TwoFour => Sparsity::NM(2, 4),
+            Self::FourEight => Sparsity::NM(4, 8),
+        }
+    }
+}
+
 /// Which weights may be zeroed together.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub enum Sparsity {
@@ -58,6 +136,79 @@ impl Sparsity {
             Self::Unstructured(s) => Err(invalid(format!("sparsity {s} is outside [0, 1)"))),
             Self::NM(n, m) if n < m && m > 0 => Ok(()),
             Self::NM(n, m) => Err(invalid(format!("{n}:{m} is not a pattern (need n < m)"))),
+        }
+    }
+}
+
+/// The method on a decoder LM, one decoder layer at a time: from a baseline's masks, each layer
+/// is trained to reproduce the dense model's output of that layer (on the dense model's own
+/// hidden states: the layer also makes up for the error of the pruned layers below) from the
+/// pruned model's inputs, with the selective decay shrinking the weights irrelevant to that
+/// loss; the weights it shrank are then removed and the layer recovers without the regularizer.
+/// Memory stays one layer's calibration activations (three copies) and one layer's Adam state.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Distill {
+    /// The baseline that chooses the starting masks (Wanda or SparseGPT).
+    pub start: OneShot,
+    /// What the regularizer chooses rather than the baseline: for an unstructured target `s`,
+    /// the baseline prunes to `s − head_start`; for `n:m`, with any head start, to `n+1:m`.
+    pub head_start: f64,
+    /// Passes over the calibration windows with the selective decay on.
+    pub regularized_epochs: usize,
+    /// Passes after the weights it shrank are removed (masks fixed, no regularizer).
+    pub recovery_epochs: usize,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// The regularizer of the regularized passes.
+    pub regularizer: SelectiveDecay,
+}
+
+impl Default for Distill {
+    fn default() -> Self {
+        Self {
+            start: OneShot::SparseGpt,
+            head_start: 0.1,
+            regularized_epochs: 2,
+            recovery_epochs: 2,
+            lr: 2e-5,
+            regularizer: SelectiveDecay {
+                relevance: relprune_core::Relevance::Taylor,
+                gate: relprune_core::Gate::Hard {
+                    stat: relprune_core::GateStat::Quantile(0.25),
+                    tau: 1.0,
+                },
+                lambda: 0.02,
+                ..SelectiveDecay::default()
+            },
+        }
+    }
+}
+
+impl Distill {
+    fn check(&self) -> Result<()> {
+        if self.start == OneShot::Magnitude {
+            return Err(invalid(
+                "the method starts from Wanda's or SparseGPT's masks",
+            ));
+        }
+        if !((0.0..1.0).contains(&self.head_start) && self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(invalid(format!(
+                "need a head start in [0, 1) and a positive learning rate, got {} and {}",
+                self.head_start, self.lr
+            )));
+        }
+        self.regularizer
+            .validate()
+            .map_err(|e| invalid(format!("the regularizer: {e}")))
+    }
+
+    /// The pattern the baseline prunes to before the regularizer chooses the rest.
+    fn start_pattern(&self, target: Sparsity) -> Sparsity {
+        match target {
+            _ if self.head_start == 0.0 => target,
+            Sparsity::Unstructured(s) => Sparsity::Unstructured((s - self.head_start).max(0.0)),
+            Sparsity::NM(n, m) if n + 1 < m => Sparsity::NM(n + 1, m),
+            Sparsity::NM(..) => target,
         }
     }
 }
@@ -103,7 +254,7 @@ pub fn windows_at(tokens: &[u32], starts: &[usize], len: usize) -> Result<Vec<Ve
 }
 
 /// The names of the seven linear layers of decoder layer `l`, in forward order.
-fn linears(l: usize) -> Vec<String> {
+pub(crate) fn linears(l: usize) -> Vec<String> {
     [
         "self_attn.q_proj",
         "self_attn.k_proj",
@@ -134,6 +285,30 @@ pub fn prune(
     windows: &[Vec<u32>],
     method: OneShot,
     sparsity: Sparsity,
+    progress: impl FnMut(usize, usize),
+) -> Result<OneShotReport> {
+    run(model, windows, method, sparsity, None, progress)
+}
+
+/// Prunes `model` in place to `sparsity` with the method ([`Distill`]), calibrated on `windows`;
+/// `progress(layer, layers)` after each decoder layer.
+pub fn prune_distilled(
+    model: &CausalLm,
+    windows: &[Vec<u32>],
+    sparsity: Sparsity,
+    cfg: &Distill,
+    progress: impl FnMut(usize, usize),
+) -> Result<OneShotReport> {
+    cfg.check()?;
+    run(model, windows, cfg.start, sparsity, Some(cfg), progress)
+}
+
+fn run(
+    model: &CausalLm,
+    windows: &[Vec<u32>],
+    method: OneShot,
+    sparsity: Sparsity,
+    distill: Option<&Distill>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<OneShotReport> {
     sparsity.check()?;
@@ -151,6 +326,12 @@ pub fn prune(
         .iter()
         .map(|w| Ok(model.embed(&Tensor::from_slice(w, (1, w.len()), &device)?)?))
         .collect::<Result<_>>()?;
+    // The dense model's hidden states, the targets of the method's layer-by-layer distillation.
+    let mut dense = match distill {
+        Some(_) => hidden.clone(),
+        None => Vec::new(),
+    };
+    let first = distill.map_or(sparsity, |d| d.start_pattern(sparsity));
     let vars: BTreeMap<String, Var> = model
         .varmap()
         .data()
@@ -163,6 +344,9 @@ pub fn prune(
     let layers = model.num_layers();
     for l in 0..layers {
         let names = linears(l);
+        if distill.is_some() {
+            dense = forward_layer(model, l, &dense)?;
+        }
         let mut stats = match method {
             OneShot::Magnitude => Stats::None,
             OneShot::Wanda => Stats::ColumnSquares(BTreeMap::new()),
@@ -205,39 +389,34 @@ pub fn prune(
                 .ok_or_else(|| invalid(format!("the model has no variable `{name}`")))?;
             let w = var.as_tensor();
             let pruned = match &stats {
-                Stats::None => select(w, &w.abs()?, sparsity, Group::Matrix)?,
-                Stats::ColumnSquares(map) => {
-                    let norms: Vec<f32> = map[name].iter().map(|s| s.sqrt() as f32).collect();
-                    let n = norms.len();
-                    let metric =
-                        w.abs()?
-                            .broadcast_mul(&Tensor::from_vec(norms, (1, n), &device)?)?;
-                    select(w, &metric, sparsity, Group::Row)?
-                }
+                Stats::None => select(w, &w.abs()?, first, Group::Matrix)?,
+                Stats::ColumnSquares(_) => select(w, &wanda(w, &stats, name)?, first, Group::Row)?,
                 Stats::Gram(map) => {
-                    let s = match sparsity {
-                        Sparsity::Unstructured(s) => s,
-                        Sparsity::NM(..) => {
-                            return Err(invalid(
-                                "SparseGPT with an N:M pattern is not implemented yet",
-                            ))
-                        }
+                    let (s, n_of_m) = match first {
+                        Sparsity::Unstructured(s) => (s, None),
+                        Sparsity::NM(n, m) => (0.0, Some((n, m))),
+                    };
+                    let cfg = ObsConfig {
+                        n_of_m,
+                        ..ObsConfig::default()
                     };
                     let ones = w.ones_like()?;
                     let h = map[name].mean()?;
-                    obs_prune(w, &ones, &h, s, &ObsConfig::default())?.weight
+                    obs_prune(w, &ones, &h, s, &cfg)?.weight
                 }
             };
             var.set(&pruned)?;
-            let v = pruned.flatten_all()?.to_vec1::<f32>()?;
+        }
+        if let Some(cfg) = distill {
+            distill_layer(model, l, &vars, &hidden, &dense, &stats, sparsity, cfg)?;
+        }
+        for name in &names {
+            let v = vars[name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
             zeros += v.iter().filter(|&&x| x == 0.0).count();
             weights += v.len();
         }
         // The next layer's inputs: this layer's outputs, pruned.
-        hidden = hidden
-            .iter()
-            .map(|h| Ok(model.layer_forward(l, h, None, &mut |_, _| Ok(()))?))
-            .collect::<Result<_>>()?;
+        hidden = forward_layer(model, l, &hidden)?;
         progress(l + 1, layers);
     }
     Ok(OneShotReport {
@@ -248,6 +427,90 @@ pub fn prune(
         zeros,
         weights,
     })
+}
+
+/// Decoder layer `l` of `model` on each of `hidden`.
+fn forward_layer(model: &CausalLm, l: usize, hidden: &[Tensor]) -> Result<Vec<Tensor>> {
+    hidden
+        .iter()
+        .map(|h| Ok(model.layer_forward(l, h, None, &mut |_, _| Ok(()))?))
+        .collect()
+}
+
+/// Wanda's metric `|W_ij| · ‖X_j‖₂` of the weight `name`, the norms from `stats` (column
+/// squares, or the diagonal of the Gram matrix).
+fn wanda(w: &Tensor, stats: &Stats, name: &str) -> Result<Tensor> {
+    let squares: Vec<f64> = match stats {
+        Stats::ColumnSquares(map) => map[name].clone(),
+        Stats::Gram(map) => {
+            let g = &map[name];
+            let (d, sum) = (g.dim(), g.mean()?);
+            (0..d).map(|i| sum[i * d + i]).collect()
+        }
+        Stats::None => return Err(invalid("Wanda's metric needs calibration statistics")),
+    };
+    let n = squares.len();
+    let norms: Vec<f32> = squares.iter().map(|s| s.sqrt() as f32).collect();
+    Ok(w.abs()?
+        .broadcast_mul(&Tensor::from_vec(norms, (1, n), w.device())?)?)
+}
+
+/// The method on decoder layer `l`, whose weights hold the baseline's start: distils the layer
+/// with the selective decay from the pruned inputs `inputs` to the dense outputs `targets`, then
+/// removes what is left to reach `sparsity` (lowest `|W_ij|·‖X_j‖` of each row, or of each group
+/// for `n:m`), then distils without the regularizer, the masks fixed.
+#[allow(clippy::too_many_arguments)]
+fn distill_layer(
+    model: &CausalLm,
+    l: usize,
+    vars: &BTreeMap<String, Var>,
+    inputs: &[Tensor],
+    targets: &[Tensor],
+    stats: &Stats,
+    sparsity: Sparsity,
+    cfg: &Distill,
+) -> Result<()> {
+    let names = linears(l);
+    let params = ParamSet::from_params(
+        names
+            .iter()
+            .map(|n| Param {
+                name: n.clone(),
+                var: vars[n].clone(),
+                prunable: true,
+                aliases: Vec::new(),
+            })
+            .collect(),
+    )?;
+    let adam = AdamConfig {
+        lr: cfg.lr,
+        ..AdamConfig::default()
+    };
+    let mut opt = MaskedAdam::new(adam, Some(cfg.regularizer))?;
+    let epoch = |opt: &mut MaskedAdam, masks: &Masks| -> Result<f64> {
+        let mut total = 0.0;
+        for (x, y) in inputs.iter().zip(targets) {
+            let loss = (model.layer_forward_train(l, x)? - y)?.sqr()?.mean_all()?;
+            total += loss.to_scalar::<f32>()? as f64;
+            opt.step(&params, masks, &loss.backward()?)?;
+        }
+        Ok(total / inputs.len().max(1) as f64)
+    };
+    let masks = Masks::from_nonzero(&params)?;
+    for _ in 0..cfg.regularized_epochs {
+        epoch(&mut opt, &masks)?;
+    }
+    for name in &names {
+        let w = vars[name].as_tensor();
+        vars[name].set(&select(w, &wanda(w, stats, name)?, sparsity, Group::Row)?)?;
+    }
+    let masks = Masks::from_nonzero(&params)?;
+    opt.set_regularizer(None)?;
+    opt.reset_state();
+    for _ in 0..cfg.recovery_epochs {
+        epoch(&mut opt, &masks)?;
+    }
+    Ok(())
 }
 
 /// The comparison group of an unstructured selection.

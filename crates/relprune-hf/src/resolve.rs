@@ -131,6 +131,7 @@ fn copy_dir(
             continue;
         } else if OTHER_WEIGHT_FILES.contains(&name.as_str())
             || name.starts_with("pytorch_model-")
+            || name.ends_with(".gguf")
             || (dir == root && name.starts_with("model.") && name.ends_with(".safetensors"))
         {
             skipped.push(rel_s);

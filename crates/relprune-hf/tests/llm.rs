@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use relprune_hf::llm::{prune, windows_at, OneShot, Sparsity};
+use relprune_hf::llm::{prune, prune_distilled, windows_at, Distill, OneShot, Sparsity};
 use relprune_models::hf::llama::CausalLm;
 
 fn model() -> (CausalLm, VarMap) {
@@ -63,7 +63,7 @@ fn every_method_prunes_the_projections_to_its_pattern_and_nothing_else() {
 
 #[test]
 fn two_of_four_keeps_two_of_every_four_inputs() {
-    for method in [OneShot::Magnitude, OneShot::Wanda] {
+    for method in [OneShot::Magnitude, OneShot::Wanda, OneShot::SparseGpt] {
         let (m, vm) = model();
         prune(&m, &calibration(), method, Sparsity::NM(2, 4), |_, _| {}).unwrap();
         for name in [
@@ -80,15 +80,6 @@ fn two_of_four_keeps_two_of_every_four_inputs() {
             }
         }
     }
-    let (m, _) = model();
-    let e = prune(
-        &m,
-        &calibration(),
-        OneShot::SparseGpt,
-        Sparsity::NM(2, 4),
-        |_, _| {},
-    );
-    assert!(e.unwrap_err().to_string().contains("not implemented"));
 }
 
 #[test]
@@ -104,4 +95,91 @@ fn wanda_without_calibration_text_is_an_error() {
     .unwrap_err();
     assert!(e.to_string().contains("needs calibration text"), "{e}");
     assert!(windows_at(&[1, 2, 3], &[2], 4).is_err());
+}
+
+/// Mean squared difference of the two models' logits on the calibration windows.
+fn logit_error(a: &CausalLm, b: &CausalLm) -> f32 {
+    let mut total = 0.0;
+    for w in calibration() {
+        let x = Tensor::from_slice(&w, (1, w.len()), &Device::Cpu).unwrap();
+        let d = (a.forward(&x, None).unwrap() - b.forward(&x, None).unwrap()).unwrap();
+        total += d
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+    }
+    total
+}
+
+#[test]
+fn the_method_reaches_the_pattern_and_tracks_the_dense_model_closer_than_its_start() {
+    let (dense, _) = model();
+    let cfg = Distill {
+        regularized_epochs: 3,
+        recovery_epochs: 3,
+        lr: 1e-3,
+        ..Distill::default()
+    };
+    for sparsity in [Sparsity::Unstructured(0.5), Sparsity::NM(2, 4)] {
+        let (start, _) = model();
+        prune(
+            &start,
+            &calibration(),
+            OneShot::SparseGpt,
+            sparsity,
+            |_, _| {},
+        )
+        .unwrap();
+        let (m, vm) = model();
+        let embed_before = values(&vm, "model.embed_tokens.weight");
+        let r = prune_distilled(&m, &calibration(), sparsity, &cfg, |_, _| {}).unwrap();
+        assert!(
+            (0.5..0.52).contains(&r.linear_sparsity()),
+            "{sparsity:?}: {}",
+            r.linear_sparsity()
+        );
+        assert_eq!(values(&vm, "model.embed_tokens.weight"), embed_before);
+        for row in values(&vm, "model.layers.1.mlp.up_proj.weight") {
+            match sparsity {
+                Sparsity::NM(..) => {
+                    for g in row.chunks(4) {
+                        assert!(g.iter().filter(|&&x| x != 0.0).count() <= 2, "{g:?}");
+                    }
+                }
+                Sparsity::Unstructured(_) => {
+                    assert!(row.iter().filter(|&&x| x == 0.0).count() >= row.len() / 2)
+                }
+            }
+        }
+        let (ours, theirs) = (logit_error(&m, &dense), logit_error(&start, &dense));
+        assert!(
+            ours < theirs,
+            "{sparsity:?}: the method's logit error {ours} vs SparseGPT's {theirs}"
+        );
+    }
+}
+
+#[test]
+fn the_method_rejects_magnitude_starts_and_bad_settings() {
+    let (m, _) = model();
+    for cfg in [
+        Distill {
+            start: OneShot::Magnitude,
+            ..Distill::default()
+        },
+        Distill {
+            lr: 0.0,
+            ..Distill::default()
+        },
+        Distill {
+            head_start: 1.5,
+            ..Distill::default()
+        },
+    ] {
+        let s = Sparsity::Unstructured(0.5);
+        assert!(prune_distilled(&m, &calibration(), s, &cfg, |_, _| {}).is_err());
+    }
 }

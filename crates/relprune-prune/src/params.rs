@@ -121,12 +121,17 @@ impl ParamSet {
                 aliases: Vec::new(),
             });
         }
-        params.sort_by(|a, b| a.name.cmp(&b.name));
+        Self::from_params(params)
+    }
+
+    /// A set of the given parameters (e.g. one layer's, for layer-by-layer training).
+    pub fn from_params(mut params: Vec<Param>) -> Result<Self> {
         if !params.iter().any(|p| p.prunable) {
             return Err(Error::Config(
                 "no parameter matches the prunable selection".into(),
             ));
         }
+        params.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Self { params })
     }
 

@@ -23,6 +23,11 @@ pub struct ObsConfig {
     pub block: usize,
     /// Dampening added to the diagonal of `H`, as a fraction of its mean diagonal.
     pub damp: f64,
+    /// `Some((n, m))`: keep `n` of every `m` consecutive inputs of each row (2:4), each group
+    /// chosen when the column sweep reaches it, on the weights updated so far (SparseGPT's N:M
+    /// rule); the sparsity argument is then not used.
+    #[serde(default)]
+    pub n_of_m: Option<(usize, usize)>,
 }
 
 impl Default for ObsConfig {
@@ -30,6 +35,7 @@ impl Default for ObsConfig {
         Self {
             block: 128,
             damp: 0.01,
+            n_of_m: None,
         }
     }
 }
@@ -228,6 +234,14 @@ pub fn obs_prune(
             cfg.block, cfg.damp
         )));
     }
+    if let Some((n, g)) = cfg.n_of_m {
+        if n == 0 || n >= g || !d.is_multiple_of(g) || !cfg.block.is_multiple_of(g) {
+            return Err(Error::Config(format!(
+                "{n}:{g} needs 0 < n < m, and m dividing the {d} inputs and the block of {}",
+                cfg.block
+            )));
+        }
+    }
     let mut w = weight
         .to_dtype(DType::F64)?
         .flatten_all()?
@@ -286,7 +300,7 @@ pub fn obs_prune(
         let k = ((sparsity * (rows * bw) as f64).ceil() as usize)
             .max(already)
             .min(rows * bw);
-        if k > 0 {
+        if k > 0 && cfg.n_of_m.is_none() {
             scores.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             for &(_, idx) in &scores[..k] {
                 m[(idx / bw) * d + i1 + idx % bw] = 0.0;
@@ -296,6 +310,9 @@ pub fn obs_prune(
         // columns; remember the errors for the lazy update of the later blocks.
         let mut err = vec![0.0f64; rows * bw];
         for c in i1..i2 {
+            if let Some((n, g)) = cfg.n_of_m.filter(|&(_, g)| c.is_multiple_of(g)) {
+                prune_group(&w, &mut m, &u, d, c, n, g);
+            }
             let ucc = u[c * d + c];
             let urow = &u[c * d + c..c * d + i2];
             for r in 0..rows {
@@ -345,6 +362,29 @@ pub fn obs_prune(
         mask: Tensor::from_vec(m, (rows, d), device)?,
         pruned: after - before,
     })
+}
+
+/// Zeroes in `mask` all but the `n` inputs `c..c + g` of each row with the largest
+/// `w² / U_jj²` on the current weights `w`; entries already masked count among the zeroed.
+fn prune_group(w: &[f64], mask: &mut [f32], u: &[f64], d: usize, c: usize, n: usize, g: usize) {
+    let rows = w.len() / d;
+    for r in 0..rows {
+        let mut scores: Vec<(f64, usize)> = (c..c + g)
+            .map(|j| {
+                let s = if mask[r * d + j] == 0.0 {
+                    f64::NEG_INFINITY
+                } else {
+                    let ujj = u[j * d + j];
+                    w[r * d + j] * w[r * d + j] / (ujj * ujj)
+                };
+                (s, j)
+            })
+            .collect();
+        scores.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for &(_, j) in &scores[..g - n] {
+            mask[r * d + j] = 0.0;
+        }
+    }
 }
 
 /// Brings every prunable matrix that has input statistics in `grams` to at least `sparsity` by
@@ -547,6 +587,7 @@ mod tests {
         let cfg = ObsConfig {
             block: 16,
             damp: 0.01,
+            n_of_m: None,
         };
         let r = obs_prune(&w, &mask, &g.mean().unwrap(), 0.6, &cfg).unwrap();
         let m = r.mask.to_vec2::<f32>().unwrap();
@@ -586,6 +627,7 @@ mod tests {
         let cfg = ObsConfig {
             block: 48,
             damp: 0.01,
+            n_of_m: None,
         };
         let r = obs_prune(&w, &mask, &g.mean().unwrap(), 0.5, &cfg).unwrap();
         let obs = output_error(&w, &r.weight, &x);
@@ -594,6 +636,55 @@ mod tests {
             obs < 0.5 * mag,
             "reconstruction error {obs} vs magnitude {mag}"
         );
+    }
+
+    #[test]
+    fn n_of_m_keeps_n_per_group_and_reconstructs_better_than_magnitude() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (rows, d) = (16, 48);
+        let x = inputs(&mut rng, 600, d);
+        let mut g = Gram::new(d);
+        g.add(&x, None).unwrap();
+        let w = Tensor::from_vec(randn(&mut rng, rows * d), (rows, d), &Device::Cpu).unwrap();
+        let mut mv = vec![1f32; rows * d];
+        mv[5] = 0.0;
+        let mask = Tensor::from_vec(mv, (rows, d), &Device::Cpu).unwrap();
+        let cfg = ObsConfig {
+            block: 16,
+            damp: 0.01,
+            n_of_m: Some((2, 4)),
+        };
+        let r = obs_prune(&w, &mask, &g.mean().unwrap(), 0.0, &cfg).unwrap();
+        let m = r.mask.to_vec2::<f32>().unwrap();
+        assert_eq!(m[0][5], 0.0, "an entry pruned before stays pruned");
+        for row in &m {
+            for group in row.chunks(4) {
+                assert_eq!(group.iter().filter(|&&v| v == 1.0).count(), 2, "{group:?}");
+            }
+        }
+        // Magnitude 2:4: the two largest |w| of each group.
+        let wv = w.to_vec2::<f32>().unwrap();
+        let mut mag = vec![0f32; rows * d];
+        for (i, row) in wv.iter().enumerate() {
+            for (gi, group) in row.chunks(4).enumerate() {
+                let mut order: Vec<usize> = (0..4).collect();
+                order.sort_by(|&a, &b| group[b].abs().total_cmp(&group[a].abs()));
+                for &j in &order[..2] {
+                    mag[i * d + gi * 4 + j] = group[j];
+                }
+            }
+        }
+        let mag = Tensor::from_vec(mag, (rows, d), &Device::Cpu).unwrap();
+        let (obs, mag) = (output_error(&w, &r.weight, &x), output_error(&w, &mag, &x));
+        assert!(
+            obs < 0.7 * mag,
+            "2:4 reconstruction {obs} vs magnitude {mag}"
+        );
+        let bad = ObsConfig {
+            n_of_m: Some((2, 5)),
+            ..cfg
+        };
+        assert!(obs_prune(&w, &mask, &g.mean().unwrap(), 0.0, &bad).is_err());
     }
 
     #[test]
@@ -609,6 +700,7 @@ mod tests {
         let cfg = ObsConfig {
             block: d,
             damp: 0.0,
+            n_of_m: None,
         };
         let r = obs_prune(&w, &mask, &h, 0.5, &cfg).unwrap();
         let want = magnitude(&w, 0.5).to_vec2::<f32>().unwrap();

@@ -724,14 +724,32 @@ impl CausalLm {
         attention_mask: Option<&Tensor>,
         observe: Observer<'_>,
     ) -> Result<Tensor> {
-        let layer = self.layers.get(index).ok_or_else(|| {
+        let mask = self.mask(h.dim(1)?, 0, attention_mask, h.device())?;
+        self.block(
+            index,
+            self.layer(index)?,
+            h,
+            &mut None,
+            &mask,
+            false,
+            Some(observe),
+        )
+    }
+
+    /// Decoder layer `index` on hidden states `h` (B, T, D) of whole unpadded sequences, keeping
+    /// the graph back to the layer's weights: what block-by-block distillation trains.
+    pub fn layer_forward_train(&self, index: usize, h: &Tensor) -> Result<Tensor> {
+        let mask = self.mask(h.dim(1)?, 0, None, h.device())?;
+        self.block(index, self.layer(index)?, h, &mut None, &mask, true, None)
+    }
+
+    fn layer(&self, index: usize) -> Result<&Block> {
+        self.layers.get(index).ok_or_else(|| {
             Error::Config(format!(
                 "layer {index} of a {}-layer model",
                 self.layers.len()
             ))
-        })?;
-        let mask = self.mask(h.dim(1)?, 0, attention_mask, h.device())?;
-        self.block(index, layer, h, &mut None, &mask, false, Some(observe))
+        })
     }
 
     /// Continues each row of `input_ids` (B, T; `attention_mask` 0 at left padding) by up to

@@ -55,6 +55,32 @@ impl safetensors::View for OutTensor<'_> {
     }
 }
 
+/// Writes `out` (atomically) with the variables of `varmap` named `names`, in f32 (pruned
+/// weights as `+0.0`): a model read from something other than safetensors (a GGUF file) saved
+/// as Hugging Face stores it.
+pub fn save_variables(varmap: &VarMap, names: &[String], out: &Path) -> Result<()> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?
+        .clone();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let t = vars
+            .get(name)
+            .ok_or_else(|| Error::Config(format!("the model has no variable `{name}` to save")))?
+            .as_tensor();
+        let zero = t.zeros_like()?;
+        let t = t.ne(0.0)?.where_cond(t, &zero)?.to_dtype(DType::F32)?;
+        tensors.push((name.clone(), OutTensor::Trained(t)));
+    }
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    relprune_io::write_with(out, |tmp| {
+        safetensors::serialize_to_file(tensors, metadata, tmp)
+    })?;
+    Ok(())
+}
+
 /// Writes `out` (atomically) with exactly the tensors of `input` (names, shapes, dtypes, header
 /// metadata): each tensor the model holds as a variable of `varmap` (found through `arch`'s
 /// stored-name rules) gets its trained value in the stored dtype, pruned weights as `+0.0`; any
