@@ -110,12 +110,16 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
         let (sparsity, calibration_tokens) = match (method, pattern) {
             (Some(m), Some(p)) => {
                 let s = p.at(f.sparsity);
-                let progress = |l, n| eprint!("\r{mname} {pname}: layer {l}/{n}");
+                let progress = |d: &llm::LayerDone| {
+                    let error = d.error.map_or(String::new(), |(a, b)| {
+                        format!(" (output error {a:.2e} → {b:.2e})")
+                    });
+                    eprintln!("{mname} {pname}: layer {}/{}{error}", d.layer, d.layers);
+                };
                 let r = match m.one_shot() {
                     Some(o) => llm::prune(&model, &windows, o, s, progress)?,
                     None => llm::prune_distilled(&model, &windows, s, &distill, progress)?,
                 };
-                eprintln!();
                 (r.linear_sparsity(), r.calibration_tokens)
             }
             _ => (0.0, 0),

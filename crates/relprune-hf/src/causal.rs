@@ -289,12 +289,12 @@ pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
 
     let t = Instant::now();
     let sparsity = cfg.pattern.at(cfg.target_sparsity);
-    let progress = |l: usize, n: usize| {
+    let progress = |d: &llm::LayerDone| {
         if !quiet {
-            eprint!("\r{}: layer {l}/{n}", cfg.method.name());
-            if l == n {
-                eprintln!();
-            }
+            let error = d.error.map_or(String::new(), |(a, b)| {
+                format!(" (output error {a:.2e} → {b:.2e})")
+            });
+            eprintln!("{}: layer {}/{}{error}", cfg.method.name(), d.layer, d.layers);
         }
     };
     let report = match (cfg.method.one_shot(), &cfg.distill) {

@@ -213,6 +213,18 @@ impl Distill {
     }
 }
 
+/// A decoder layer done, what progress reports show.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct LayerDone {
+    /// Layers done.
+    pub layer: usize,
+    /// Layers in all.
+    pub layers: usize,
+    /// The method only: the layer's output error against the dense model's (squared, relative
+    /// to the dense output's), with the baseline's start and at the end.
+    pub error: Option<(f64, f64)>,
+}
+
 /// What [`prune`] did.
 #[derive(Clone, Debug, Serialize)]
 pub struct OneShotReport {
@@ -228,6 +240,8 @@ pub struct OneShotReport {
     pub zeros: usize,
     /// Weights of all pruned matrices.
     pub weights: usize,
+    /// The method only: per layer, [`LayerDone::error`].
+    pub layer_errors: Vec<(f64, f64)>,
 }
 
 impl OneShotReport {
@@ -279,25 +293,25 @@ enum Stats {
 }
 
 /// Prunes `model` in place (its variables) with `method` to `sparsity`, calibrated on `windows`
-/// of token ids; `progress(layer, layers)` after each decoder layer.
+/// of token ids; `progress` after each decoder layer.
 pub fn prune(
     model: &CausalLm,
     windows: &[Vec<u32>],
     method: OneShot,
     sparsity: Sparsity,
-    progress: impl FnMut(usize, usize),
+    progress: impl FnMut(&LayerDone),
 ) -> Result<OneShotReport> {
     run(model, windows, method, sparsity, None, progress)
 }
 
 /// Prunes `model` in place to `sparsity` with the method ([`Distill`]), calibrated on `windows`;
-/// `progress(layer, layers)` after each decoder layer.
+/// `progress` after each decoder layer.
 pub fn prune_distilled(
     model: &CausalLm,
     windows: &[Vec<u32>],
     sparsity: Sparsity,
     cfg: &Distill,
-    progress: impl FnMut(usize, usize),
+    progress: impl FnMut(&LayerDone),
 ) -> Result<OneShotReport> {
     cfg.check()?;
     run(model, windows, cfg.start, sparsity, Some(cfg), progress)
@@ -309,7 +323,7 @@ fn run(
     method: OneShot,
     sparsity: Sparsity,
     distill: Option<&Distill>,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(&LayerDone),
 ) -> Result<OneShotReport> {
     sparsity.check()?;
     if windows.is_empty() && method != OneShot::Magnitude {
@@ -341,6 +355,7 @@ fn run(
         .into_iter()
         .collect();
     let (mut zeros, mut weights) = (0, 0);
+    let mut layer_errors = Vec::new();
     let layers = model.num_layers();
     for l in 0..layers {
         let names = linears(l);
@@ -388,28 +403,16 @@ fn run(
                 .get(name)
                 .ok_or_else(|| invalid(format!("the model has no variable `{name}`")))?;
             let w = var.as_tensor();
-            let pruned = match &stats {
-                Stats::None => select(w, &w.abs()?, first, Group::Matrix)?,
-                Stats::ColumnSquares(_) => select(w, &wanda(w, &stats, name)?, first, Group::Row)?,
-                Stats::Gram(map) => {
-                    let (s, n_of_m) = match first {
-                        Sparsity::Unstructured(s) => (s, None),
-                        Sparsity::NM(n, m) => (0.0, Some((n, m))),
-                    };
-                    let cfg = ObsConfig {
-                        n_of_m,
-                        ..ObsConfig::default()
-                    };
-                    let ones = w.ones_like()?;
-                    let h = map[name].mean()?;
-                    obs_prune(w, &ones, &h, s, &cfg)?.weight
-                }
-            };
+            let pruned = prune_matrix(w, &stats, name, first)?;
             var.set(&pruned)?;
         }
-        if let Some(cfg) = distill {
-            distill_layer(model, l, &vars, &hidden, &dense, &stats, sparsity, cfg)?;
-        }
+        let error = match distill {
+            Some(cfg) => Some(distill_layer(
+                model, l, &vars, &hidden, &dense, &stats, sparsity, cfg,
+            )?),
+            None => None,
+        };
+        layer_errors.extend(error);
         for name in &names {
             let v = vars[name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
             zeros += v.iter().filter(|&&x| x == 0.0).count();
@@ -417,7 +420,11 @@ fn run(
         }
         // The next layer's inputs: this layer's outputs, pruned.
         hidden = forward_layer(model, l, &hidden)?;
-        progress(l + 1, layers);
+        progress(&LayerDone {
+            layer: l + 1,
+            layers,
+            error,
+        });
     }
     Ok(OneShotReport {
         method,
@@ -426,6 +433,28 @@ fn run(
         calibration_tokens: windows.iter().map(Vec::len).sum(),
         zeros,
         weights,
+        layer_errors,
+    })
+}
+
+/// `w` (the weight `name`) pruned to `sparsity` by the method `stats` are for: magnitude over
+/// the matrix, Wanda per row, or SparseGPT (its zeros kept, the survivors updated).
+fn prune_matrix(w: &Tensor, stats: &Stats, name: &str, sparsity: Sparsity) -> Result<Tensor> {
+    Ok(match stats {
+        Stats::None => select(w, &w.abs()?, sparsity, Group::Matrix)?,
+        Stats::ColumnSquares(_) => select(w, &wanda(w, stats, name)?, sparsity, Group::Row)?,
+        Stats::Gram(map) => {
+            let (s, n_of_m) = match sparsity {
+                Sparsity::Unstructured(s) => (s, None),
+                Sparsity::NM(n, m) => (0.0, Some((n, m))),
+            };
+            let cfg = ObsConfig {
+                n_of_m,
+                ..ObsConfig::default()
+            };
+            let mask = w.ne(0f32)?.to_dtype(DType::F32)?;
+            obs_prune(w, &mask, &map[name].mean()?, s, &cfg)?.weight
+        }
     })
 }
 
@@ -469,7 +498,7 @@ fn distill_layer(
     stats: &Stats,
     sparsity: Sparsity,
     cfg: &Distill,
-) -> Result<()> {
+) -> Result<(f64, f64)> {
     let names = linears(l);
     let params = ParamSet::from_params(
         names
@@ -496,21 +525,33 @@ fn distill_layer(
         }
         Ok(total / inputs.len().max(1) as f64)
     };
+    let error = || -> Result<f64> {
+        let (mut diff, mut norm) = (0.0, 0.0);
+        for (x, y) in inputs.iter().zip(targets) {
+            let out = model.layer_forward(l, x, None, &mut |_, _| Ok(()))?;
+            diff += (out - y)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            norm += y.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        Ok(diff / norm.max(f64::MIN_POSITIVE))
+    };
     let masks = Masks::from_nonzero(&params)?;
     for _ in 0..cfg.regularized_epochs {
         epoch(&mut opt, &masks)?;
     }
+    // What the regularizer shrank goes, as the starting method removes weights (SparseGPT's
+    // choice and updates on the layer's inputs, or Wanda's per row).
     for name in &names {
         let w = vars[name].as_tensor();
-        vars[name].set(&select(w, &wanda(w, stats, name)?, sparsity, Group::Row)?)?;
+        vars[name].set(&prune_matrix(w, stats, name, sparsity)?)?;
     }
+    let start = error()?;
     let masks = Masks::from_nonzero(&params)?;
     opt.set_regularizer(None)?;
     opt.reset_state();
     for _ in 0..cfg.recovery_epochs {
         epoch(&mut opt, &masks)?;
     }
-    Ok(())
+    Ok((start, error()?))
 }
 
 /// The comparison group of an unstructured selection.

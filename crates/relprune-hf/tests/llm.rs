@@ -38,7 +38,7 @@ fn every_method_prunes_the_projections_to_its_pattern_and_nothing_else() {
             &calibration(),
             method,
             Sparsity::Unstructured(0.5),
-            |_, _| {},
+            |_| {},
         )
         .unwrap();
         assert!(
@@ -65,7 +65,7 @@ fn every_method_prunes_the_projections_to_its_pattern_and_nothing_else() {
 fn two_of_four_keeps_two_of_every_four_inputs() {
     for method in [OneShot::Magnitude, OneShot::Wanda, OneShot::SparseGpt] {
         let (m, vm) = model();
-        prune(&m, &calibration(), method, Sparsity::NM(2, 4), |_, _| {}).unwrap();
+        prune(&m, &calibration(), method, Sparsity::NM(2, 4), |_| {}).unwrap();
         for name in [
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.1.mlp.gate_proj.weight",
@@ -90,7 +90,7 @@ fn wanda_without_calibration_text_is_an_error() {
         &[],
         OneShot::Wanda,
         Sparsity::Unstructured(0.5),
-        |_, _| {},
+        |_| {},
     )
     .unwrap_err();
     assert!(e.to_string().contains("needs calibration text"), "{e}");
@@ -130,12 +130,12 @@ fn the_method_reaches_the_pattern_and_tracks_the_dense_model_closer_than_its_sta
             &calibration(),
             OneShot::SparseGpt,
             sparsity,
-            |_, _| {},
+            |_| {},
         )
         .unwrap();
         let (m, vm) = model();
         let embed_before = values(&vm, "model.embed_tokens.weight");
-        let r = prune_distilled(&m, &calibration(), sparsity, &cfg, |_, _| {}).unwrap();
+        let r = prune_distilled(&m, &calibration(), sparsity, &cfg, |_| {}).unwrap();
         assert!(
             (0.5..0.52).contains(&r.linear_sparsity()),
             "{sparsity:?}: {}",
@@ -180,6 +180,6 @@ fn the_method_rejects_magnitude_starts_and_bad_settings() {
         },
     ] {
         let s = Sparsity::Unstructured(0.5);
-        assert!(prune_distilled(&m, &calibration(), s, &cfg, |_, _| {}).is_err());
+        assert!(prune_distilled(&m, &calibration(), s, &cfg, |_| {}).is_err());
     }
 }
