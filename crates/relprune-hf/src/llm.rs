@@ -221,7 +221,7 @@ pub struct LayerDone {
     /// Layers in all.
     pub layers: usize,
     /// The method only: the layer's output error against the dense model's (squared, relative
-    /// to the dense output's), with the baseline's start and at the end.
+    /// to the dense output's) right after its last pruning step, and at the end.
     pub error: Option<(f64, f64)>,
 }
 
