@@ -65,6 +65,9 @@ pub struct LlmBaselines {
     /// Where `llm.json` and `llm.md` go.
     #[arg(long, default_value = "target/llm")]
     pub out: PathBuf,
+    /// Also each unstructured row with OWL's layer sparsities (rows named `METHOD+owl`).
+    #[arg(long)]
+    pub owl: bool,
     /// The method's starting masks.
     #[arg(long, default_value = "sparsegpt")]
     pub start: relprune_hf::llm::OneShot,

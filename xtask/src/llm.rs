@@ -90,16 +90,20 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
         lr: f.lr,
         regularizer: Distill::default().regularizer.with_lambda(f.lambda),
     };
-    let mut configs: Vec<(Option<Method>, Option<Pattern>)> = vec![(None, None)];
+    let mut configs: Vec<(Option<Method>, Option<Pattern>, bool)> = vec![(None, None, false)];
     for &m in &f.methods {
         for &p in &f.patterns {
-            configs.push((Some(m), Some(p)));
+            configs.push((Some(m), Some(p), false));
+            if f.owl && p == Pattern::Unstructured && m != Method::Magnitude {
+                configs.push((Some(m), Some(p), true));
+            }
         }
     }
-    for (method, pattern) in configs {
+    for (method, pattern, owl) in configs {
         let (mname, pname) = match (method, pattern) {
-            (Some(m), Some(p)) => (m.name(), anchor_label(p, f.sparsity)),
-            _ => ("dense", "dense".to_string()),
+            (Some(m), Some(p)) if owl => (format!("{}+owl", m.name()), anchor_label(p, f.sparsity)),
+            (Some(m), Some(p)) => (m.name().to_string(), anchor_label(p, f.sparsity)),
+            _ => ("dense".to_string(), "dense".to_string()),
         };
         if rows.iter().any(|r| r.method == mname && r.pattern == pname) {
             eprintln!("{mname} {pname}: kept from {}", json_path.display());
@@ -116,10 +120,13 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
                     });
                     eprintln!("{mname} {pname}: layer {}/{}{error}", d.layer, d.layers);
                 };
-                let r = match m.one_shot() {
-                    Some(o) => llm::prune(&model, &windows, o, s, progress)?,
-                    None => llm::prune_distilled(&model, &windows, s, &distill, progress)?,
+                let plan = llm::Plan {
+                    method: m,
+                    sparsity: s,
+                    owl: owl.then(llm::Owl::default),
+                    distill,
                 };
+                let r = llm::prune_with(&model, &windows, &plan, progress)?;
                 (r.linear_sparsity(), r.calibration_tokens)
             }
             _ => (0.0, 0),
@@ -127,11 +134,11 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
         let prune_seconds = t.elapsed().as_secs_f64();
         let ppl = relprune_tasks::lm::perplexity(&model, &valid, window, |_, _| {})?;
         let row = Row {
-            method: mname.into(),
+            method: mname.clone(),
             pattern: pname.clone(),
             linear_sparsity: sparsity,
             ppl_valid: ppl.perplexity,
-            anchor_ppl_valid: anchor(mname, &pname),
+            anchor_ppl_valid: anchor(&mname, &pname),
             prune_seconds,
             calibration_tokens,
             peak_rss_mb: relprune_hf::memory::rss_mb().map(|(_, peak)| peak),

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::compress::CheckpointFormat;
 use crate::error::invalid;
-use crate::llm::{self, Distill, Method, Pattern};
+use crate::llm::{self, Distill, Method, Owl, Pattern, Plan};
 use crate::resolve::{absolute, copy_model_files, resolve};
 use crate::{Options, Result, REPORT_FILE};
 use relprune_tasks::run::MODEL_FILE;
@@ -68,6 +68,8 @@ pub struct CausalConfig {
     pub seed: u64,
     /// The method's settings (with `--method relprune`).
     pub distill: Option<Distill>,
+    /// `--owl`: OWL's layer sparsities.
+    pub owl: Option<Owl>,
     /// `--format`.
     pub format: CheckpointFormat,
 }
@@ -115,6 +117,12 @@ impl CausalConfig {
                 o.pattern.name()
             )));
         }
+        if o.owl && o.pattern != Pattern::Unstructured {
+            return Err(invalid(format!(
+                "--owl sets unstructured layer sparsities; --pattern {} fixes them",
+                o.pattern.name()
+            )));
+        }
         if o.calib_windows == 0 || o.window < 2 {
             return Err(invalid(format!(
                 "need at least one calibration window (--calib-windows {}) of at least 2 tokens \
@@ -139,6 +147,7 @@ impl CausalConfig {
             window: o.window,
             seed: o.seed,
             distill: (o.method == Method::Relprune).then(|| distill(o)),
+            owl: o.owl.then(Owl::default),
             format: o.format,
         })
     }
@@ -206,6 +215,11 @@ pub struct CausalReport {
     pub layers: Vec<SparsityRow>,
     /// Per projection type.
     pub types: Vec<SparsityRow>,
+    /// OWL's sparsity of each decoder layer (with `--owl`).
+    pub layer_sparsity: Option<Vec<f64>>,
+    /// The method: each layer's output error against the dense model's after its last pruning
+    /// step and at the end.
+    pub layer_errors: Vec<(f64, f64)>,
     /// Seconds spent pruning (calibration included).
     pub prune_seconds: f64,
     /// Seconds of the whole run.
@@ -294,14 +308,21 @@ pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
             let error = d.error.map_or(String::new(), |(a, b)| {
                 format!(" (output error {a:.2e} → {b:.2e})")
             });
-            eprintln!("{}: layer {}/{}{error}", cfg.method.name(), d.layer, d.layers);
+            eprintln!(
+                "{}: layer {}/{}{error}",
+                cfg.method.name(),
+                d.layer,
+                d.layers
+            );
         }
     };
-    let report = match (cfg.method.one_shot(), &cfg.distill) {
-        (Some(o), _) => llm::prune(&model, &windows, o, sparsity, progress)?,
-        (None, Some(d)) => llm::prune_distilled(&model, &windows, sparsity, d, progress)?,
-        (None, None) => return Err(invalid("the method needs its settings")),
+    let plan = Plan {
+        method: cfg.method,
+        sparsity,
+        owl: cfg.owl,
+        distill: cfg.distill.unwrap_or_default(),
     };
+    let report = llm::prune_with(&model, &windows, &plan, progress)?;
     let prune_seconds = t.elapsed().as_secs_f64();
     let (layers, types) = sparsity_rows(&varmap, model.num_layers())?;
 
@@ -359,6 +380,8 @@ pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
         linear_sparsity: zeros as f64 / weights.max(1) as f64,
         layers,
         types,
+        layer_sparsity: report.layer_sparsity.clone(),
+        layer_errors: report.layer_errors.clone(),
         prune_seconds,
         wall_seconds: started.elapsed().as_secs_f64(),
         peak_rss_mb_pruning,

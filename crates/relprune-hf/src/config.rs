@@ -127,6 +127,10 @@ pub struct Options {
     /// Decoder LMs: the sparsity pattern (unstructured at --target-sparsity, or N:M).
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = Pattern::Unstructured))]
     pub pattern: Pattern,
+    /// Decoder LMs: OWL's layer sparsities (more zeros where fewer outlier weights; M 5, λ 0.08;
+    /// unstructured only) instead of the same sparsity in every layer.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub owl: bool,
     /// Decoder LMs: calibration windows drawn from --text (at seeded random starts).
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = CALIB_WINDOWS))]
     pub calib_windows: usize,
@@ -181,6 +185,7 @@ impl Options {
             seed: 1,
             method: Method::Relprune,
             pattern: Pattern::Unstructured,
+            owl: false,
             calib_windows: CALIB_WINDOWS,
             window: WINDOW,
             engine: EngineArgs::default(),
@@ -291,9 +296,9 @@ impl Config {
                 arch.model_type
             )));
         }
-        if o.method != Method::Relprune || o.pattern != Pattern::Unstructured {
+        if o.method != Method::Relprune || o.pattern != Pattern::Unstructured || o.owl {
             return Err(invalid(format!(
-                "--method and --pattern are for decoder-only LMs; {} is a {} model",
+                "--method, --pattern and --owl are for decoder-only LMs; {} is a {} model",
                 model_dir.display(),
                 arch.model_type
             )));

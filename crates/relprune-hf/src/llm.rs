@@ -242,6 +242,8 @@ pub struct OneShotReport {
     pub weights: usize,
     /// The method only: per layer, [`LayerDone::error`].
     pub layer_errors: Vec<(f64, f64)>,
+    /// OWL's sparsity of each decoder layer, when it chose them.
+    pub layer_sparsity: Option<Vec<f64>>,
 }
 
 impl OneShotReport {
@@ -301,7 +303,7 @@ pub fn prune(
     sparsity: Sparsity,
     progress: impl FnMut(&LayerDone),
 ) -> Result<OneShotReport> {
-    run(model, windows, method, sparsity, None, progress)
+    run(model, windows, method, sparsity, None, None, progress)
 }
 
 /// Prunes `model` in place to `sparsity` with the method ([`Distill`]), calibrated on `windows`;
@@ -314,7 +316,75 @@ pub fn prune_distilled(
     progress: impl FnMut(&LayerDone),
 ) -> Result<OneShotReport> {
     cfg.check()?;
-    run(model, windows, cfg.start, sparsity, Some(cfg), progress)
+    run(
+        model,
+        windows,
+        cfg.start,
+        sparsity,
+        Some(cfg),
+        None,
+        progress,
+    )
+}
+
+/// A pruning run on a decoder LM, what [`prune_with`] does.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Plan {
+    /// The method or a baseline.
+    pub method: Method,
+    /// The pattern.
+    pub sparsity: Sparsity,
+    /// OWL's layer sparsities (unstructured only); `None`: the same sparsity in every layer.
+    pub owl: Option<Owl>,
+    /// The method's settings (with [`Method::Relprune`]).
+    pub distill: Distill,
+}
+
+/// Prunes `model` in place as `plan` says, calibrated on `windows`; `progress` after each
+/// decoder layer.
+pub fn prune_with(
+    model: &CausalLm,
+    windows: &[Vec<u32>],
+    plan: &Plan,
+    progress: impl FnMut(&LayerDone),
+) -> Result<OneShotReport> {
+    plan.sparsity.check()?;
+    let per_layer = match (plan.owl, plan.sparsity) {
+        (Some(o), Sparsity::Unstructured(s)) => Some(owl_sparsities(model, windows, s, &o)?),
+        (Some(_), Sparsity::NM(..)) => {
+            return Err(invalid(
+                "OWL's layer sparsities are for unstructured patterns",
+            ))
+        }
+        (None, _) => None,
+    };
+    let d = &plan.distill;
+    let mut report = match plan.method.one_shot() {
+        Some(o) => run(
+            model,
+            windows,
+            o,
+            plan.sparsity,
+            None,
+            per_layer.as_deref(),
+            progress,
+        )?,
+        None => {
+            d.check()?;
+            let layers = per_layer.as_deref();
+            run(
+                model,
+                windows,
+                d.start,
+                plan.sparsity,
+                Some(d),
+                layers,
+                progress,
+            )?
+        }
+    };
+    report.layer_sparsity = per_layer;
+    Ok(report)
 }
 
 fn run(
@@ -323,6 +393,7 @@ fn run(
     method: OneShot,
     sparsity: Sparsity,
     distill: Option<&Distill>,
+    layer_sparsity: Option<&[f64]>,
     mut progress: impl FnMut(&LayerDone),
 ) -> Result<OneShotReport> {
     sparsity.check()?;
@@ -345,7 +416,6 @@ fn run(
         Some(_) => hidden.clone(),
         None => Vec::new(),
     };
-    let first = distill.map_or(sparsity, |d| d.start_pattern(sparsity));
     let vars: BTreeMap<String, Var> = model
         .varmap()
         .data()
@@ -362,42 +432,12 @@ fn run(
         if distill.is_some() {
             dense = forward_layer(model, l, &dense)?;
         }
-        let mut stats = match method {
-            OneShot::Magnitude => Stats::None,
-            OneShot::Wanda => Stats::ColumnSquares(BTreeMap::new()),
-            OneShot::SparseGpt => Stats::Gram(BTreeMap::new()),
+        let stats = collect(model, l, &hidden, method)?;
+        let target = match (sparsity, layer_sparsity) {
+            (Sparsity::Unstructured(_), Some(per_layer)) => Sparsity::Unstructured(per_layer[l]),
+            _ => sparsity,
         };
-        if !matches!(stats, Stats::None) {
-            for h in &hidden {
-                model.layer_forward(l, h, None, &mut |name, x| {
-                    let d = *x.dims().last().unwrap_or(&0);
-                    match &mut stats {
-                        Stats::None => {}
-                        Stats::ColumnSquares(map) => {
-                            let sq = x
-                                .reshape(((), d))?
-                                .sqr()?
-                                .sum(0)?
-                                .to_dtype(DType::F64)?
-                                .to_vec1::<f64>()?;
-                            let acc = map.entry(name.to_string()).or_insert(vec![0.0; d]);
-                            for (a, v) in acc.iter_mut().zip(sq) {
-                                *a += v;
-                            }
-                        }
-                        Stats::Gram(map) => {
-                            map.entry(name.to_string())
-                                .or_insert_with(|| Gram::new(d))
-                                .add(x, None)
-                                .map_err(|e| {
-                                    relprune_models::Error::Config(format!("{name}: {e}"))
-                                })?;
-                        }
-                    }
-                    Ok(())
-                })?;
-            }
-        }
+        let first = distill.map_or(target, |d| d.start_pattern(target));
         for name in &names {
             let var = vars
                 .get(name)
@@ -408,7 +448,7 @@ fn run(
         }
         let error = match distill {
             Some(cfg) => Some(distill_layer(
-                model, l, &vars, &hidden, &dense, &stats, sparsity, cfg,
+                model, l, &vars, &hidden, &dense, &stats, target, cfg,
             )?),
             None => None,
         };
@@ -434,7 +474,135 @@ fn run(
         zeros,
         weights,
         layer_errors,
+        layer_sparsity: None,
     })
+}
+
+/// What `method` needs of the inputs of decoder layer `l`'s linear layers, over `hidden`.
+fn collect(model: &CausalLm, l: usize, hidden: &[Tensor], method: OneShot) -> Result<Stats> {
+    let mut stats = match method {
+        OneShot::Magnitude => return Ok(Stats::None),
+        OneShot::Wanda => Stats::ColumnSquares(BTreeMap::new()),
+        OneShot::SparseGpt => Stats::Gram(BTreeMap::new()),
+    };
+    for h in hidden {
+        model.layer_forward(l, h, None, &mut |name, x| {
+            let d = *x.dims().last().unwrap_or(&0);
+            match &mut stats {
+                Stats::None => {}
+                Stats::ColumnSquares(map) => {
+                    let sq = x
+                        .reshape(((), d))?
+                        .sqr()?
+                        .sum(0)?
+                        .to_dtype(DType::F64)?
+                        .to_vec1::<f64>()?;
+                    let acc = map.entry(name.to_string()).or_insert(vec![0.0; d]);
+                    for (a, v) in acc.iter_mut().zip(sq) {
+                        *a += v;
+                    }
+                }
+                Stats::Gram(map) => {
+                    map.entry(name.to_string())
+                        .or_insert_with(|| Gram::new(d))
+                        .add(x, None)
+                        .map_err(|e| relprune_models::Error::Config(format!("{name}: {e}")))?;
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(stats)
+}
+
+/// OWL's rule (Yin et al. 2024, "Outlier Weighed Layerwise sparsity"): how many outliers each
+/// layer has decides its share of the zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Owl {
+    /// A weight is an outlier when its Wanda metric exceeds `m` times its layer's mean.
+    pub m: f64,
+    /// Layer sparsities spread over `target ± lambda`.
+    pub lambda: f64,
+}
+
+impl Default for Owl {
+    /// The paper's settings for LLaMA: `M = 5`, `λ = 0.08`.
+    fn default() -> Self {
+        Self {
+            m: 5.0,
+            lambda: 0.08,
+        }
+    }
+}
+
+/// Per decoder layer, the unstructured sparsity OWL gives it for an average of `target`: each
+/// layer's outlier ratio `D` (the share of its seven projections' `|W|·‖X‖` above `m` times
+/// their mean, on the dense model's calibration inputs), scaled to `[0, 2λ]`, shifted to mean
+/// `1 − target`, is its density: layers with more outliers keep more weights.
+pub fn owl_sparsities(
+    model: &CausalLm,
+    windows: &[Vec<u32>],
+    target: f64,
+    owl: &Owl,
+) -> Result<Vec<f64>> {
+    if windows.is_empty() {
+        return Err(invalid("OWL needs calibration text"));
+    }
+    if !(owl.m > 0.0 && owl.lambda >= 0.0 && owl.lambda < target.min(1.0 - target) + 1e-12) {
+        return Err(invalid(format!(
+            "OWL needs M > 0 and 0 ≤ λ ≤ min(target, 1 − target), got M {} λ {}",
+            owl.m, owl.lambda
+        )));
+    }
+    let vars: BTreeMap<String, Var> = model
+        .varmap()
+        .data()
+        .lock()
+        .map_err(|_| invalid("VarMap lock poisoned"))?
+        .clone()
+        .into_iter()
+        .collect();
+    let device = Device::Cpu;
+    let mut hidden: Vec<Tensor> = windows
+        .iter()
+        .map(|w| Ok(model.embed(&Tensor::from_slice(w, (1, w.len()), &device)?)?))
+        .collect::<Result<_>>()?;
+    let mut ratios = Vec::new();
+    for l in 0..model.num_layers() {
+        let stats = collect(model, l, &hidden, OneShot::Wanda)?;
+        let mut metric = Vec::new();
+        for name in linears(l) {
+            let w = vars
+                .get(&name)
+                .ok_or_else(|| invalid(format!("the model has no variable `{name}`")))?;
+            metric.extend(
+                wanda(w.as_tensor(), &stats, &name)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        let mean = metric.iter().map(|&v| v as f64).sum::<f64>() / metric.len().max(1) as f64;
+        let outliers = metric.iter().filter(|&&v| v as f64 > owl.m * mean).count();
+        ratios.push(outliers as f64 / metric.len().max(1) as f64);
+        hidden = forward_layer(model, l, &hidden)?;
+    }
+    let (lo, hi) = ratios
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &r| {
+            (a.min(r), b.max(r))
+        });
+    let scaled: Vec<f64> = ratios
+        .iter()
+        .map(|r| {
+            if hi > lo {
+                (r - lo) / (hi - lo) * 2.0 * owl.lambda
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mean = scaled.iter().sum::<f64>() / scaled.len().max(1) as f64;
+    Ok(scaled.iter().map(|d| target - (d - mean)).collect())
 }
 
 /// `w` (the weight `name`) pruned to `sparsity` by the method `stats` are for: magnitude over

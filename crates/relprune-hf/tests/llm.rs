@@ -85,14 +85,7 @@ fn two_of_four_keeps_two_of_every_four_inputs() {
 #[test]
 fn wanda_without_calibration_text_is_an_error() {
     let (m, _) = model();
-    let e = prune(
-        &m,
-        &[],
-        OneShot::Wanda,
-        Sparsity::Unstructured(0.5),
-        |_| {},
-    )
-    .unwrap_err();
+    let e = prune(&m, &[], OneShot::Wanda, Sparsity::Unstructured(0.5), |_| {}).unwrap_err();
     assert!(e.to_string().contains("needs calibration text"), "{e}");
     assert!(windows_at(&[1, 2, 3], &[2], 4).is_err());
 }
@@ -125,14 +118,7 @@ fn the_method_reaches_the_pattern_and_tracks_the_dense_model_closer_than_its_sta
     };
     for sparsity in [Sparsity::Unstructured(0.5), Sparsity::NM(2, 4)] {
         let (start, _) = model();
-        prune(
-            &start,
-            &calibration(),
-            OneShot::SparseGpt,
-            sparsity,
-            |_| {},
-        )
-        .unwrap();
+        prune(&start, &calibration(), OneShot::SparseGpt, sparsity, |_| {}).unwrap();
         let (m, vm) = model();
         let embed_before = values(&vm, "model.embed_tokens.weight");
         let r = prune_distilled(&m, &calibration(), sparsity, &cfg, |_| {}).unwrap();
@@ -142,16 +128,16 @@ fn the_method_reaches_the_pattern_and_tracks_the_dense_model_closer_than_its_sta
             r.linear_sparsity()
         );
         assert_eq!(values(&vm, "model.embed_tokens.weight"), embed_before);
-        for row in values(&vm, "model.layers.1.mlp.up_proj.weight") {
-            match sparsity {
-                Sparsity::NM(..) => {
-                    for g in row.chunks(4) {
-                        assert!(g.iter().filter(|&&x| x != 0.0).count() <= 2, "{g:?}");
-                    }
+        let w = values(&vm, "model.layers.1.mlp.up_proj.weight");
+        match sparsity {
+            Sparsity::NM(..) => {
+                for g in w.iter().flat_map(|row| row.chunks(4)) {
+                    assert!(g.iter().filter(|&&x| x != 0.0).count() <= 2, "{g:?}");
                 }
-                Sparsity::Unstructured(_) => {
-                    assert!(row.iter().filter(|&&x| x == 0.0).count() >= row.len() / 2)
-                }
+            }
+            Sparsity::Unstructured(_) => {
+                let zeros = w.iter().flatten().filter(|&&x| x == 0.0).count();
+                assert!(zeros >= w.len() * w[0].len() / 2, "{zeros}");
             }
         }
         let (ours, theirs) = (logit_error(&m, &dense), logit_error(&start, &dense));
@@ -182,4 +168,47 @@ fn the_method_rejects_magnitude_starts_and_bad_settings() {
         let s = Sparsity::Unstructured(0.5);
         assert!(prune_distilled(&m, &calibration(), s, &cfg, |_| {}).is_err());
     }
+}
+
+#[test]
+fn owl_spreads_layer_sparsities_around_the_target_and_prunes_each_layer_to_its_own() {
+    let (m, vm) = model();
+    let owl = relprune_hf::llm::Owl::default();
+    let s = relprune_hf::llm::owl_sparsities(&m, &calibration(), 0.5, &owl).unwrap();
+    // Two layers: min-max scaling puts one at each end of target ± λ.
+    let mut sorted = s.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert!(
+        (sorted[0] - 0.42).abs() < 1e-9 && (sorted[1] - 0.58).abs() < 1e-9,
+        "{s:?}"
+    );
+    let plan = relprune_hf::llm::Plan {
+        method: relprune_hf::llm::Method::Wanda,
+        sparsity: Sparsity::Unstructured(0.5),
+        owl: Some(owl),
+        distill: Distill::default(),
+    };
+    let r = relprune_hf::llm::prune_with(&m, &calibration(), &plan, |_| {}).unwrap();
+    assert_eq!(r.layer_sparsity.as_deref(), Some(&s[..]));
+    assert!(
+        (r.linear_sparsity() - 0.5).abs() < 0.01,
+        "{}",
+        r.linear_sparsity()
+    );
+    for (l, want) in s.iter().enumerate() {
+        let w = values(&vm, &format!("model.layers.{l}.mlp.gate_proj.weight"));
+        let zeros = w.iter().flatten().filter(|&&x| x == 0.0).count() as f64;
+        let got = zeros / (w.len() * w[0].len()) as f64;
+        // Wanda zeroes ⌊s·64⌋ of each row's 64 inputs.
+        assert_eq!(
+            zeros as usize,
+            w.len() * (want * 64.0) as usize,
+            "layer {l}: {got} vs {want}"
+        );
+    }
+    let nm = relprune_hf::llm::Plan {
+        sparsity: Sparsity::NM(2, 4),
+        ..plan
+    };
+    assert!(relprune_hf::llm::prune_with(&m, &calibration(), &nm, |_| {}).is_err());
 }
