@@ -22,6 +22,17 @@ fn relprune(args: &[&str]) -> Output {
         .expect("runs the relprune binary")
 }
 
+/// What `relprune perplexity ARGS --json` prints, once it succeeded.
+fn perplexity_json(args: &[&str]) -> Value {
+    let run = relprune(&[&["perplexity"], args, &["--json"]].concat());
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    serde_json::from_slice(&run.stdout).unwrap()
+}
+
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -199,20 +210,12 @@ fn perplexity_of_smollm2_gguf_reproduces_the_reference_figure() {
         return;
     }
     let want = &read_json(&dir.join("reference.json"))["perplexity"][0];
-    let run = relprune(&[
-        "perplexity",
+    let got = perplexity_json(&[
         "--model",
         dir.to_str().unwrap(),
         "--text",
         text.to_str().unwrap(),
-        "--json",
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let got: Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(got["tokens"], want["tokens"]);
     assert_eq!(got["predicted_tokens"], want["predicted_tokens"]);
     let (p, q) = (
@@ -346,22 +349,14 @@ fn prune_hf_prunes_a_causal_lm_to_each_pattern_into_a_directory_it_reloads() {
                 assert!(zeros >= w.len() * w[0].len() / 2, "{zeros}");
             }
         }
-        let ppl = relprune(&[
-            "perplexity",
+        let got = perplexity_json(&[
             "--model",
             out.to_str().unwrap(),
             "--text",
             text.to_str().unwrap(),
             "--window",
             "64",
-            "--json",
         ]);
-        assert!(
-            ppl.status.success(),
-            "{}",
-            String::from_utf8_lossy(&ppl.stderr)
-        );
-        let got: Value = serde_json::from_slice(&ppl.stdout).unwrap();
         let want = report["perplexity"][0]["pruned"].as_f64().unwrap();
         assert!((got["perplexity"].as_f64().unwrap() / want - 1.0).abs() < 1e-6);
     }

@@ -400,30 +400,19 @@ fn run(
     if windows.is_empty() && method != OneShot::Magnitude {
         return Err(invalid(format!("{} needs calibration text", method.name())));
     }
-    let device = Device::Cpu;
     // Magnitude looks at the weights alone: no calibration pass.
     let windows = if method == OneShot::Magnitude {
         &[][..]
     } else {
         windows
     };
-    let mut hidden: Vec<Tensor> = windows
-        .iter()
-        .map(|w| Ok(model.embed(&Tensor::from_slice(w, (1, w.len()), &device)?)?))
-        .collect::<Result<_>>()?;
+    let mut hidden = embedded(model, windows)?;
     // The dense model's hidden states, the targets of the method's layer-by-layer distillation.
     let mut dense = match distill {
         Some(_) => hidden.clone(),
         None => Vec::new(),
     };
-    let vars: BTreeMap<String, Var> = model
-        .varmap()
-        .data()
-        .lock()
-        .map_err(|_| invalid("VarMap lock poisoned"))?
-        .clone()
-        .into_iter()
-        .collect();
+    let vars = variables(model)?;
     let (mut zeros, mut weights) = (0, 0);
     let mut layer_errors = Vec::new();
     let layers = model.num_layers();
@@ -554,19 +543,8 @@ pub fn owl_sparsities(
             owl.m, owl.lambda
         )));
     }
-    let vars: BTreeMap<String, Var> = model
-        .varmap()
-        .data()
-        .lock()
-        .map_err(|_| invalid("VarMap lock poisoned"))?
-        .clone()
-        .into_iter()
-        .collect();
-    let device = Device::Cpu;
-    let mut hidden: Vec<Tensor> = windows
-        .iter()
-        .map(|w| Ok(model.embed(&Tensor::from_slice(w, (1, w.len()), &device)?)?))
-        .collect::<Result<_>>()?;
+    let vars = variables(model)?;
+    let mut hidden = embedded(model, windows)?;
     let mut ratios = Vec::new();
     for l in 0..model.num_layers() {
         let stats = collect(model, l, &hidden, OneShot::Wanda)?;
@@ -624,6 +602,26 @@ fn prune_matrix(w: &Tensor, stats: &Stats, name: &str, sparsity: Sparsity) -> Re
             obs_prune(w, &mask, &map[name].mean()?, s, &cfg)?.weight
         }
     })
+}
+
+/// The model's variables by name.
+fn variables(model: &CausalLm) -> Result<BTreeMap<String, Var>> {
+    Ok(model
+        .varmap()
+        .data()
+        .lock()
+        .map_err(|_| invalid("VarMap lock poisoned"))?
+        .clone()
+        .into_iter()
+        .collect())
+}
+
+/// The hidden states of `windows` before the first decoder layer.
+fn embedded(model: &CausalLm, windows: &[Vec<u32>]) -> Result<Vec<Tensor>> {
+    windows
+        .iter()
+        .map(|w| Ok(model.embed(&Tensor::from_slice(w, (1, w.len()), &Device::Cpu)?)?))
+        .collect()
 }
 
 /// Decoder layer `l` of `model` on each of `hidden`.
