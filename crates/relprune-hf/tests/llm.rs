@@ -110,7 +110,9 @@ fn logit_error(a: &CausalLm, b: &CausalLm) -> f32 {
 #[test]
 fn the_method_reaches_the_pattern_and_tracks_the_dense_model_closer_than_its_start() {
     let (dense, _) = model();
+    // The regularized head start too: the regularizer, then the last pruning step.
     let cfg = Distill {
+        head_start: 0.1,
         regularized_epochs: 3,
         recovery_epochs: 3,
         lr: 1e-3,
