@@ -429,3 +429,71 @@ fn prune_hf_on_a_causal_lm_refuses_bad_flags_before_any_work() {
         "an existing output is left alone"
     );
 }
+
+#[test]
+fn prune_hf_writes_a_gguf_model_as_a_hugging_face_directory() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/models/SmolLM2-135M-Instruct-Q4_1");
+    let valid = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/debian-reference-en/valid.txt");
+    if !dir.join("reference.json").exists() || !valid.exists() {
+        eprintln!("skipped: ../shared's SmolLM2 or Debian Reference text is absent");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // A short text keeps the two perplexity passes quick.
+    let text = tmp.path().join("text.txt");
+    let lines: Vec<String> = std::fs::read_to_string(&valid)
+        .unwrap()
+        .lines()
+        .take(12)
+        .map(str::to_string)
+        .collect();
+    std::fs::write(&text, lines.join("\n")).unwrap();
+    let out = tmp.path().join("smollm2-magnitude");
+    let run = relprune(&[
+        "prune-hf",
+        "--model",
+        dir.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--method",
+        "magnitude",
+        "--window",
+        "128",
+        "--calib-windows",
+        "1",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(!out.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists());
+    let st =
+        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    // Hugging Face's names; the tied head is the embedding, stored once.
+    assert!(st.contains_key("model.layers.29.mlp.down_proj.weight"));
+    assert!(st.contains_key("model.embed_tokens.weight") && !st.contains_key("lm_head.weight"));
+    let report = read_json(&out.join("relprune_report.json"));
+    assert!((report["linear_sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-3);
+    let row = &report["perplexity"][0];
+    assert!(row["pruned"].as_f64().unwrap() > row["dense"].as_f64().unwrap());
+    let got = perplexity_json(&[
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--window",
+        "128",
+    ]);
+    let want = row["pruned"].as_f64().unwrap();
+    assert!((got["perplexity"].as_f64().unwrap() / want - 1.0).abs() < 1e-6);
+}
