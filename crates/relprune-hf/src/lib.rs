@@ -21,6 +21,23 @@
 //! # }
 //! ```
 //!
+//! A decoder-only LM (Llama, Mistral, Qwen2, Qwen3; a directory or a GGUF file) goes through
+//! [`causal`] instead, layer by layer ([`llm`]):
+//!
+//! ```no_run
+//! # fn main() -> Result<(), relprune_hf::Error> {
+//! let options = relprune_hf::Options {
+//!     method: relprune_hf::llm::Method::Relprune,
+//!     pattern: relprune_hf::llm::Pattern::TwoFour,
+//!     ..relprune_hf::Options::text("SmolLM2-135M-Instruct-Q4_1", "calib.txt")
+//! };
+//! let config = relprune_hf::causal::CausalConfig::new(&options)?;
+//! let report = relprune_hf::causal::run(config, "smollm2-2-4".as_ref(), true)?;
+//! println!("perplexity {:.2} → {:.2}", report.perplexity[0].dense, report.perplexity[0].pruned);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! The run is checkpointed after every epoch into a work directory beside the output (resume
 //! with [`RunOptions::resume`]), and the output is written into a temporary directory renamed at
 //! the end: a failure leaves no partial output directory.
