@@ -3,15 +3,12 @@
 //! anchor figure measured by the PyTorch reference implementations, written as `llm.json` and
 //! `llm.md`. Rows already in `llm.json` are kept (a rerun resumes).
 
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
-use candle_nn::VarMap;
 use relprune_data::text::TextTokenizer;
 use relprune_hf::llm::{self, Distill, Method, Pattern};
-use relprune_models::hf::{gguf, HfModel};
+use relprune_models::hf::gguf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -28,13 +25,6 @@ struct Row {
     prune_seconds: f64,
     calibration_tokens: usize,
     peak_rss_mb: Option<f64>,
-}
-
-fn load(model: &Path) -> Result<relprune_models::hf::llama::CausalLm> {
-    match relprune_models::hf::load(model, &VarMap::new(), &Device::Cpu)?.1 {
-        HfModel::CausalLm(m) => Ok(*m),
-        _ => bail!("{} is not a decoder-only LM", model.display()),
-    }
 }
 
 /// A pattern as the anchors name it (`unstructured 50%`, `2:4`).
@@ -109,7 +99,7 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
             eprintln!("{mname} {pname}: kept from {}", json_path.display());
             continue;
         }
-        let model = load(&f.model)?;
+        let (model, _, _) = relprune_hf::causal::load(&f.model)?;
         let t = Instant::now();
         let (sparsity, calibration_tokens) = match (method, pattern) {
             (Some(m), Some(p)) => {

@@ -243,7 +243,8 @@ pub fn window_starts(len: usize, window: usize, count: usize, seed: u64) -> Resu
     Ok(starts)
 }
 
-fn load(model: &Path) -> Result<(CausalLm, VarMap, &'static str)> {
+/// The decoder-only LM at `model` (directory or GGUF file), its variables and `model_type`.
+pub fn load(model: &Path) -> Result<(CausalLm, VarMap, &'static str)> {
     let varmap = VarMap::new();
     let (arch, loaded) = relprune_models::hf::load(model, &varmap, &Device::Cpu)?;
     match loaded {
