@@ -293,7 +293,7 @@ fn prune_hf_prunes_tiny_bert_into_a_loadable_directory() {
 }
 
 #[test]
-fn the_reconstruction_step_keeps_embeddings_closer_than_magnitude() {
+fn distillation_beats_reconstruction_which_beats_magnitude_on_held_out_embeddings() {
     let dir = TempDir::new().unwrap();
     let text = dir.path().join("text.txt");
     std::fs::write(&text, sentences(64, 0)).unwrap();
@@ -336,6 +336,12 @@ fn the_reconstruction_step_keeps_embeddings_closer_than_magnitude() {
     assert!(
         rec > mag,
         "held-out cosine: reconstruct {rec}, magnitude {mag}"
+    );
+    // The same SparseGPT step, then each layer trained towards the dense layer's outputs.
+    let dist = cosine("distill");
+    assert!(
+        dist > rec,
+        "held-out cosine: distill {dist}, reconstruct {rec}"
     );
 }
 

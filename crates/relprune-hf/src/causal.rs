@@ -130,9 +130,20 @@ impl CausalConfig {
                 o.calib_windows, o.window
             )));
         }
-        if o.max_drop.is_some() || o.sparse || o.augment.is_some() {
+        if o.max_drop.is_some() || o.sparse || o.augment.is_some() || o.vocab_augment.is_some() {
             return Err(invalid(
-                "--max-drop, --sparse and --augment are for encoders and translation models",
+                "--max-drop, --sparse, --augment and --vocab-augment are for encoders and \
+                 translation models",
+            ));
+        }
+        let layer = crate::config::LayerDistill::default();
+        if o.final_step != crate::FinalStep::default()
+            || o.layer_epochs != layer.epochs
+            || o.layer_lr != layer.lr
+        {
+            return Err(invalid(
+                "--final-step, --layer-epochs and --layer-lr are for encoders; a decoder-only \
+                 LM's method is set with --lr, --lambda, --epochs and --finetune-epochs",
             ));
         }
         Ok(Self {

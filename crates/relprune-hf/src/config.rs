@@ -18,6 +18,8 @@ use crate::resolve::{absolute, resolve};
 
 /// `--augment` of encoders when not given: measured on all-MiniLM-L6-v2 (docs/PRUNE_HF.md).
 pub const AUGMENT_DEFAULT: usize = 2;
+/// `--vocab-augment` of encoders when not given.
+pub const VOCAB_AUGMENT_DEFAULT: usize = 0;
 /// Sentences (or pairs) per batch.
 pub const BATCH_SIZE: usize = 16;
 /// Padded tokens per encoder batch.
@@ -26,6 +28,10 @@ pub const MAX_TOKENS: usize = 768;
 pub const VALID_FRACTION: f64 = 0.15;
 /// Longest input in tokens.
 pub const MAX_LEN: usize = 128;
+/// Encoders, `--final-step distill`: distillation passes per layer.
+pub const LAYER_EPOCHS: usize = 4;
+/// Encoders, `--final-step distill`: their learning rate.
+pub const LAYER_LR: f64 = 3e-4;
 /// Decoder LMs: calibration windows (the pruning literature's 16…128; 16 are the anchors').
 pub const CALIB_WINDOWS: usize = 16;
 /// Decoder LMs: tokens per window.
@@ -43,6 +49,31 @@ pub enum FinalStep {
     Reconstruct,
     /// The smallest magnitudes of each matrix.
     Magnitude,
+    /// Encoders: Wanda (`|W_ij|·‖X_j‖₂`, per output row) layer by layer on the training text,
+    /// no weight update (a comparison row).
+    Wanda,
+    /// Encoders: layer by layer, SparseGPT's step then the layer distilled towards the dense
+    /// layer's token-level outputs (`--layer-epochs` passes at `--layer-lr`; its weights,
+    /// biases and layer norms), each layer on the outputs of the pruned layers below.
+    Distill,
+}
+
+/// `--final-step distill`'s per-layer distillation.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerDistill {
+    /// Passes over the training sentences per layer.
+    pub epochs: usize,
+    /// Adam's learning rate.
+    pub lr: f64,
+}
+
+impl Default for LayerDistill {
+    fn default() -> Self {
+        Self {
+            epochs: LAYER_EPOCHS,
+            lr: LAYER_LR,
+        }
+    }
 }
 
 /// What a run is asked to do, before any check.
@@ -101,6 +132,12 @@ pub struct Options {
     /// (layer-wise, SparseGPT, from the layer inputs on the training text; encoders) or magnitude.
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = FinalStep::Reconstruct))]
     pub final_step: FinalStep,
+    /// Encoders, --final-step distill: distillation passes over the training sentences per layer.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = LAYER_EPOCHS))]
+    pub layer_epochs: usize,
+    /// Encoders, --final-step distill: Adam's learning rate of the per-layer distillation.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "LR", default_value_t = LAYER_LR))]
+    pub layer_lr: f64,
     /// Sentences (or pairs) per batch.
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = BATCH_SIZE))]
     pub batch_size: usize,
@@ -115,6 +152,11 @@ pub struct Options {
     /// join the distillation inputs, labelled by the teacher [default: 2; 0 turns it off]
     #[cfg_attr(feature = "cli", arg(long, value_name = "K"))]
     pub augment: Option<usize>,
+    /// Encoders: K more variants of every training line with 30–60% of its words replaced by
+    /// words of the tokenizer's vocabulary (inputs beyond the text's own domain) [default: see
+    /// docs/PRUNE_HF.md; 0 turns it off]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "K"))]
+    pub vocab_augment: Option<usize>,
     /// Longest input in tokens (longer inputs are truncated; also capped by the model).
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = MAX_LEN))]
     pub max_len: usize,
@@ -177,10 +219,13 @@ impl Options {
             prune_embeddings: false,
             train_embeddings: false,
             final_step: FinalStep::Reconstruct,
+            layer_epochs: LAYER_EPOCHS,
+            layer_lr: LAYER_LR,
             batch_size: BATCH_SIZE,
             max_tokens: MAX_TOKENS,
             valid_fraction: VALID_FRACTION,
             augment: None,
+            vocab_augment: None,
             max_len: MAX_LEN,
             seed: 1,
             method: Method::Relprune,
@@ -225,6 +270,10 @@ pub struct Config {
     /// Distillation variants per training line (`--augment`; 0 in checkpoints written before it).
     #[serde(default)]
     pub augment: usize,
+    /// Vocabulary-substituted variants per training line (`--vocab-augment`; 0 in checkpoints
+    /// written before it).
+    #[serde(default)]
+    pub vocab_augment: usize,
     /// Truncation length.
     pub max_len: usize,
     /// Seed.
@@ -245,6 +294,9 @@ pub struct Config {
     /// `--final-step`.
     #[serde(default)]
     pub final_step: FinalStep,
+    /// `--layer-epochs`, `--layer-lr`.
+    #[serde(default)]
+    pub layer: LayerDistill,
 }
 
 impl Config {
@@ -286,6 +338,12 @@ impl Config {
         if !(o.valid_fraction > 0.0 && o.valid_fraction < 1.0) {
             return Err(invalid("--valid-fraction must be in (0, 1)"));
         }
+        if !(o.layer_lr.is_finite() && o.layer_lr > 0.0) {
+            return Err(invalid(format!(
+                "--layer-lr must be a positive number, got {}",
+                o.layer_lr
+            )));
+        }
         let model_dir = resolve(&model_arg, o.revision.as_deref())?;
         let arch = detect(&model_dir)?;
         if arch.kind == Kind::CausalLm {
@@ -320,6 +378,16 @@ impl Config {
         let augment = o
             .augment
             .unwrap_or(if encoder { AUGMENT_DEFAULT } else { 0 });
+        let vocab_augment =
+            o.vocab_augment
+                .unwrap_or(if encoder { VOCAB_AUGMENT_DEFAULT } else { 0 });
+        if !encoder && vocab_augment > 0 {
+            return Err(invalid(format!(
+                "--vocab-augment makes distillation inputs for encoders; {} is a {} model",
+                model_dir.display(),
+                arch.model_type
+            )));
+        }
         if !encoder && augment > 0 {
             return Err(invalid(format!(
                 "--augment makes distillation inputs for encoders; {} is a {} model",
@@ -353,6 +421,7 @@ impl Config {
             batch_size: o.batch_size,
             valid_fraction: o.valid_fraction,
             augment,
+            vocab_augment,
             max_tokens: o.max_tokens,
             max_len: o.max_len,
             seed: o.seed,
@@ -363,7 +432,22 @@ impl Config {
             sparse: o.sparse,
             format: o.format,
             final_step: o.final_step,
+            layer: LayerDistill {
+                epochs: o.layer_epochs,
+                lr: o.layer_lr,
+            },
         })
+    }
+}
+
+impl Config {
+    /// The per-layer distillation of `--final-step distill`, as the method's block settings.
+    pub fn layer_distill(&self) -> crate::llm::Distill {
+        crate::llm::Distill {
+            recovery_epochs: self.layer.epochs,
+            lr: self.layer.lr,
+            ..crate::llm::Distill::default()
+        }
     }
 }
 

@@ -42,6 +42,7 @@
 //! with [`RunOptions::resume`]), and the output is written into a temporary directory renamed at
 //! the end: a failure leaves no partial output directory.
 
+pub mod blockwise;
 pub mod causal;
 pub mod compress;
 pub mod config;
@@ -52,6 +53,7 @@ pub mod prune;
 pub mod resolve;
 pub mod task;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -60,18 +62,20 @@ use candle_nn::VarMap;
 use relprune_eval::RunResults;
 use relprune_models::hf::save::{save_like_input, stores_full_precision};
 use relprune_models::hf::{Architecture, HfModel};
+use relprune_prune::reconstruct::{layer_groups, prune_layers, ObsConfig};
 use relprune_prune::{AdamConfig, Evaluation, MaskedAdam, Masks, ParamSet, Split, Task, Trainer};
 use relprune_tasks::run::{Finish, ModelFiles, MODEL_FILE};
 use relprune_tasks::ReportFiles;
 
 pub use compress::{compress_dir, decompress_dir, CheckpointFormat, CompressedFormat};
-pub use config::{Config, FinalStep, Options};
+pub use config::{Config, FinalStep, LayerDistill, Options};
 pub use error::{Error, Result};
 pub use prune::prune;
 pub use resolve::resolve;
 pub use task::{build_task, Built, HfTask, Interruptible, INTERRUPT_ENV};
 
 use error::invalid;
+use llm::OneShot;
 
 /// The report file written into the output directory beside the model.
 pub const REPORT_FILE: &str = "relprune_report.json";
@@ -157,40 +161,68 @@ pub fn run(cfg: Config, opts: &RunOptions) -> Result<RunResults> {
         dataset,
         started,
     };
-    let results = match task {
-        HfTask::Encoder(task) => {
-            let bar = task::item_bar(task.train.len() as u64, "calibration", opts.quiet);
-            let mut calibrate = |task: &mut Interruptible<relprune_tasks::EncoderDistill>,
-                                 names: &[String]| {
+    let results =
+        match task {
+            HfTask::Encoder(task) => {
+                let bar = task::item_bar(task.train.len() as u64, "calibration", opts.quiet);
+                let (final_step, distill) = (cfg.final_step, cfg.layer_distill());
+                let mut layers = |task: &mut Interruptible<relprune_tasks::EncoderDistill>,
+                              params: &ParamSet,
+                              masks: &mut Masks,
+                              target: f64|
+             -> relprune_prune::Result<(&'static str, serde_json::Value)> {
                 bar.reset();
-                let grams = task.inner.input_grams(names, &bar);
+                let report = match final_step {
+                    FinalStep::Distill => {
+                        let done = blockwise::encoder_layers(
+                            &mut task.inner,
+                            params,
+                            masks,
+                            target,
+                            &distill,
+                            &bar,
+                        )
+                        .map_err(|e| relprune_prune::Error::Task(e.to_string()))?;
+                        ("distill", serde_json::json!({ "layers": done }))
+                    }
+                    FinalStep::Wanda => {
+                        let wanda = OneShot::Wanda;
+                        reconstruct_layers(&mut task.inner, params, masks, target, wanda, &bar)?;
+                        ("wanda", serde_json::Value::Null)
+                    }
+                    FinalStep::Reconstruct | FinalStep::Magnitude => {
+                        let gpt = OneShot::SparseGpt;
+                        reconstruct_layers(&mut task.inner, params, masks, target, gpt, &bar)?;
+                        ("reconstruct", serde_json::Value::Null)
+                    }
+                };
                 bar.finish_and_clear();
-                grams
+                Ok(report)
             };
-            // The dense model is the teacher: its cosine with itself is 1 by definition.
-            end.run(*task, Some(1.0), Some(&mut calibrate), |dir, task| {
-                let reloaded = relprune_models::hf::bert::BertModel::load_into(
-                    &VarMap::new(),
-                    dir,
-                    &Device::Cpu,
-                )?;
+                // The dense model is the teacher: its cosine with itself is 1 by definition.
+                end.run(*task, Some(1.0), Some(&mut layers), |dir, task| {
+                    let reloaded = relprune_models::hf::bert::BertModel::load_into(
+                        &VarMap::new(),
+                        dir,
+                        &Device::Cpu,
+                    )?;
+                    let trained = std::mem::replace(&mut task.model, reloaded);
+                    let judged = task.evaluate(Split::Test);
+                    task.model = trained;
+                    Ok(judged?)
+                })?
+            }
+            HfTask::Seq2Seq(task) => end.run(*task, None, None, |dir, task| {
+                let (_, reloaded) = relprune_models::hf::load(dir, &VarMap::new(), &Device::Cpu)?;
+                let HfModel::Seq2Seq(reloaded) = reloaded else {
+                    return Err(invalid("the written model is no longer an encoder-decoder"));
+                };
                 let trained = std::mem::replace(&mut task.model, reloaded);
                 let judged = task.evaluate(Split::Test);
                 task.model = trained;
                 Ok(judged?)
-            })?
-        }
-        HfTask::Seq2Seq(task) => end.run(*task, None, None, |dir, task| {
-            let (_, reloaded) = relprune_models::hf::load(dir, &VarMap::new(), &Device::Cpu)?;
-            let HfModel::Seq2Seq(reloaded) = reloaded else {
-                return Err(invalid("the written model is no longer an encoder-decoder"));
-            };
-            let trained = std::mem::replace(&mut task.model, reloaded);
-            let judged = task.evaluate(Split::Test);
-            task.model = trained;
-            Ok(judged?)
-        })?,
-    };
+            })?,
+        };
     if !opts.keep_work {
         std::fs::remove_dir_all(&opts.work).map_err(|e| {
             invalid(format!(
@@ -200,6 +232,47 @@ pub fn run(cfg: Config, opts: &RunOptions) -> Result<RunResults> {
         })?;
     }
     Ok(results)
+}
+
+/// SparseGPT (or Wanda) layer by layer in forward order (its sequential mode): a layer's inputs
+/// come from the layers before it as pruned, and only one layer's statistics are in memory at a
+/// time.
+fn reconstruct_layers(
+    task: &mut relprune_tasks::EncoderDistill,
+    params: &ParamSet,
+    masks: &mut Masks,
+    target: f64,
+    method: OneShot,
+    bar: &indicatif::ProgressBar,
+) -> relprune_prune::Result<()> {
+    let names: Vec<String> = params.prunable().map(|p| p.name.clone()).collect();
+    for group in layer_groups(&names) {
+        bar.reset();
+        let grams = task.input_grams(&group, bar)?;
+        if method == OneShot::Wanda {
+            let mut new = BTreeMap::new();
+            for p in params.prunable() {
+                let mask = match grams.get(&p.name) {
+                    Some(g) if g.rows() > 0 => {
+                        let w = p.var.as_tensor();
+                        let sparsity = llm::Sparsity::Unstructured(target);
+                        let pruned = llm::wanda_prune(w, g, sparsity)
+                            .map_err(|e| relprune_prune::Error::Task(format!("{}: {e}", p.name)))?;
+                        // Wanda only zeroes: the kept weights are unchanged, masks follow.
+                        let mask = pruned.ne(0f32)?.to_dtype(DType::F32)?;
+                        (mask * masks.mask_of(&p.name)?)?
+                    }
+                    _ => masks.mask_of(&p.name)?.clone(),
+                };
+                new.insert(p.name.clone(), mask);
+            }
+            *masks = Masks::from_tensors(new)?;
+            masks.apply(params)?;
+        } else {
+            prune_layers(params, masks, &grams, target, &ObsConfig::default())?;
+        }
+    }
+    Ok(())
 }
 
 /// What the shared end of a run needs, whatever the task.
@@ -221,7 +294,7 @@ impl End<'_> {
         self,
         inner: T,
         dense: Option<f64>,
-        calibrate: Option<prune::Calibrate<'_, Interruptible<T>>>,
+        layers: Option<prune::LayerStep<'_, Interruptible<T>>>,
         judge: impl FnMut(&Path, &mut T) -> Result<Evaluation>,
     ) -> Result<RunResults> {
         let mut task = Interruptible {
@@ -237,7 +310,7 @@ impl End<'_> {
                     .metric
             }
         };
-        let phase = prune(self.cfg, &mut trainer, &mut task, calibrate)?;
+        let phase = prune(self.cfg, &mut trainer, &mut task, layers)?;
         let stage = relprune_io::StagingDir::new(&self.opts.out)?;
         let skipped = resolve::copy_model_files(&self.cfg.model_dir, stage.path(), MODEL_FILE)?;
         let input = self.cfg.model_dir.join(MODEL_FILE);

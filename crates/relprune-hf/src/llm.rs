@@ -11,9 +11,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use relprune_core::SelectiveDecay;
 use relprune_models::hf::llama::CausalLm;
 use relprune_prune::reconstruct::{obs_prune, Gram, ObsConfig};
-use relprune_prune::{AdamConfig, MaskedAdam, Masks, Optimizer, Param, ParamSet};
 use serde::Serialize;
 
+use crate::blockwise::{block_params, distill_block};
 use crate::error::invalid;
 use crate::Result;
 
@@ -609,14 +609,7 @@ fn prune_matrix(w: &Tensor, stats: &Stats, name: &str, sparsity: Sparsity) -> Re
 
 /// The model's variables by name.
 fn variables(model: &CausalLm) -> Result<BTreeMap<String, Var>> {
-    Ok(model
-        .varmap()
-        .data()
-        .lock()
-        .map_err(|_| invalid("VarMap lock poisoned"))?
-        .clone()
-        .into_iter()
-        .collect())
+    crate::blockwise::variables(model.varmap())
 }
 
 /// The hidden states of `windows` before the first decoder layer.
@@ -640,17 +633,35 @@ fn forward_layer(model: &CausalLm, l: usize, hidden: &[Tensor]) -> Result<Vec<Te
 fn wanda(w: &Tensor, stats: &Stats, name: &str) -> Result<Tensor> {
     let squares: Vec<f64> = match stats {
         Stats::ColumnSquares(map) => map[name].clone(),
-        Stats::Gram(map) => {
-            let g = &map[name];
-            let (d, sum) = (g.dim(), g.mean()?);
-            (0..d).map(|i| sum[i * d + i]).collect()
-        }
+        Stats::Gram(map) => gram_diagonal(&map[name])?,
         Stats::None => return Err(invalid("Wanda's metric needs calibration statistics")),
     };
+    wanda_metric(w, &squares)
+}
+
+/// `|W_ij| · √squares_j`.
+fn wanda_metric(w: &Tensor, squares: &[f64]) -> Result<Tensor> {
     let n = squares.len();
     let norms: Vec<f32> = squares.iter().map(|s| s.sqrt() as f32).collect();
     Ok(w.abs()?
         .broadcast_mul(&Tensor::from_vec(norms, (1, n), w.device())?)?)
+}
+
+/// The mean squares of each input feature: the diagonal of the second moment.
+fn gram_diagonal(g: &Gram) -> Result<Vec<f64>> {
+    let (d, mean) = (g.dim(), g.mean()?);
+    Ok((0..d).map(|i| mean[i * d + i]).collect())
+}
+
+/// Wanda's step on one matrix `w` from its inputs' second moment `gram`: the entries of lowest
+/// `|W_ij| · ‖X_j‖₂` zeroed, per output row (unstructured) or per group (N:M).
+pub fn wanda_prune(w: &Tensor, gram: &Gram, sparsity: Sparsity) -> Result<Tensor> {
+    select(
+        w,
+        &wanda_metric(w, &gram_diagonal(gram)?)?,
+        sparsity,
+        Group::Row,
+    )
 }
 
 /// The method on decoder layer `l`, whose weights hold the baseline's start: distils the layer
@@ -669,30 +680,11 @@ fn distill_layer(
     cfg: &Distill,
 ) -> Result<(f64, f64)> {
     let names = linears(l);
-    let params = ParamSet::from_params(
-        names
-            .iter()
-            .map(|n| Param {
-                name: n.clone(),
-                var: vars[n].clone(),
-                prunable: true,
-                aliases: Vec::new(),
-            })
-            .collect(),
-    )?;
-    let adam = AdamConfig {
-        lr: cfg.lr,
-        ..AdamConfig::default()
-    };
-    let mut opt = MaskedAdam::new(adam, Some(cfg.regularizer))?;
-    let epoch = |opt: &mut MaskedAdam, masks: &Masks| -> Result<f64> {
-        let mut total = 0.0;
-        for (x, y) in inputs.iter().zip(targets) {
-            let loss = (model.layer_forward_train(l, x)? - y)?.sqr()?.mean_all()?;
-            total += loss.to_scalar::<f32>()? as f64;
-            opt.step(&params, masks, &loss.backward()?)?;
-        }
-        Ok(total / inputs.len().max(1) as f64)
+    let block: Vec<(String, bool)> = names.iter().map(|n| (n.clone(), true)).collect();
+    let params = block_params(vars, &block)?;
+    let loss = |b: usize| -> Result<Tensor> {
+        let out = model.layer_forward_train(l, &inputs[b])?;
+        Ok((out - &targets[b])?.sqr()?.mean_all()?)
     };
     let error = || -> Result<f64> {
         let (mut diff, mut norm) = (0.0, 0.0);
@@ -703,32 +695,16 @@ fn distill_layer(
         }
         Ok(diff / norm.max(f64::MIN_POSITIVE))
     };
-    let masks = Masks::from_nonzero(&params)?;
-    for _ in 0..cfg.regularized_epochs {
-        epoch(&mut opt, &masks)?;
-    }
     // What the regularizer shrank goes, as the starting method removes weights (SparseGPT's
     // choice and updates on the layer's inputs, or Wanda's per row).
-    for name in &names {
-        let w = vars[name].as_tensor();
-        vars[name].set(&prune_matrix(w, stats, name, sparsity)?)?;
-    }
-    let start = error()?;
-    let before = params.snapshot()?;
-    let masks = Masks::from_nonzero(&params)?;
-    opt.set_regularizer(None)?;
-    opt.reset_state();
-    for _ in 0..cfg.recovery_epochs {
-        epoch(&mut opt, &masks)?;
-    }
-    let end = error()?;
-    // A recovery that overshoots (the layer that creates SmolLM2's massive activations, at a
-    // high learning rate) is undone: the layer is never left worse than its pruning step made it.
-    if end > start {
-        params.restore(&before)?;
-        return Ok((start, start));
-    }
-    Ok((start, end))
+    let mut prune_rest = || -> Result<()> {
+        for name in &names {
+            let w = vars[name].as_tensor();
+            vars[name].set(&prune_matrix(w, stats, name, sparsity)?)?;
+        }
+        Ok(())
+    };
+    distill_block(&params, cfg, inputs.len(), &loss, &error, &mut prune_rest)
 }
 
 /// The comparison group of an unstructured selection.

@@ -3,28 +3,33 @@
 //! layer by layer by reconstruction where the task can report layer inputs, by magnitude
 //! otherwise, then the fine-tune.
 
-use std::collections::BTreeMap;
-
-use relprune_prune::reconstruct::{layer_groups, prune_layers, Gram, ObsConfig};
-use relprune_prune::{LrSchedule, Split, Task, Trainer};
+use relprune_prune::{LrSchedule, Masks, ParamSet, Split, Task, Trainer};
 use relprune_tasks::Phase;
 
 use crate::config::{Config, FinalStep};
 use crate::memory;
 use crate::Result;
 
-/// Computes the input second moments of the named linear layers on the task's training data.
-pub type Calibrate<'a, T> =
-    &'a mut dyn FnMut(&mut T, &[String]) -> relprune_prune::Result<BTreeMap<String, Gram>>;
+/// The task's own layer-by-layer step (`--final-step reconstruct` or `distill`): brings the
+/// prunable matrices of `params` to the target sparsity from the layer inputs on the task's
+/// training data, weights and `masks` together; returns the step's name and what else the report
+/// says of it (`null`: nothing).
+pub type LayerStep<'a, T> =
+    &'a mut dyn FnMut(
+        &mut T,
+        &ParamSet,
+        &mut Masks,
+        f64,
+    ) -> relprune_prune::Result<(&'static str, serde_json::Value)>;
 
-/// The method, then (target mode) the final step to the target (reconstruction where
-/// `calibrate` is given and asked for, else magnitude), then the fine-tune; leaves the result in
-/// the trainer and returns the report's entries (with the memory at each phase's end).
+/// The method, then (target mode) the final step to the target (the task's `layers` step where
+/// given and asked for, else magnitude), then the fine-tune; leaves the result in the trainer
+/// and returns the report's entries (with the memory at each phase's end).
 pub fn prune<T: Task + ?Sized>(
     cfg: &Config,
     trainer: &mut Trainer,
     task: &mut T,
-    mut calibrate: Option<Calibrate<'_, T>>,
+    mut layers: Option<LayerStep<'_, T>>,
 ) -> Result<Phase> {
     let mut memory = serde_json::Map::new();
     memory::mark(&mut memory, "loaded");
@@ -34,25 +39,17 @@ pub fn prune<T: Task + ?Sized>(
     // Without a metric budget the target is a promise: whatever the rounds reached, every
     // prunable matrix is brought to at least the target (then fine-tuned).
     if let (Some(target), None) = (cfg.target_sparsity, cfg.max_drop) {
-        let reconstruct = cfg.final_step == FinalStep::Reconstruct;
-        let calibrate = calibrate.as_mut().filter(|_| reconstruct);
+        let layers = layers
+            .as_mut()
+            .filter(|_| cfg.final_step != FinalStep::Magnitude);
         let step = trainer.once("final step", |trainer| {
             let before = 1.0 - trainer.masks.remaining_fraction()?;
-            let method = match calibrate {
-                Some(calibrate) => {
-                    let names: Vec<String> =
-                        trainer.params.prunable().map(|p| p.name.clone()).collect();
-                    // Layer by layer in forward order (SparseGPT's sequential mode): a layer's
-                    // inputs come from the layers before it as pruned, and only one layer's
-                    // statistics are in memory at a time.
-                    for group in layer_groups(&names) {
-                        let grams = calibrate(task, &group)?;
-                        let (params, masks) = (&trainer.params, &mut trainer.masks);
-                        prune_layers(params, masks, &grams, target, &ObsConfig::default())?;
-                    }
-                    "reconstruct"
+            let (method, details) = match layers {
+                Some(layers) => {
+                    let (params, masks) = (&trainer.params, &mut trainer.masks);
+                    layers(task, params, masks, target)?
                 }
-                None => "magnitude",
+                None => ("magnitude", serde_json::Value::Null),
             };
             // Whatever reconstruction did not cover (no calibration inputs) goes by magnitude.
             let pruned = trainer
@@ -66,6 +63,7 @@ pub fn prune<T: Task + ?Sized>(
                 "sparsity_after": 1.0 - trainer.masks.remaining_fraction()?,
                 "weights_pruned_by_magnitude": pruned,
                 "valid": valid,
+                "details": details,
             }))
         })?;
         phase.extra.insert("final_step".into(), step);

@@ -170,6 +170,18 @@ fn encoder_task(
     let mut train_lines: Vec<String> = pick(&train_idx).into_iter().map(String::from).collect();
     let variants = relprune_data::text::augment::variants(&pick(&train_idx), cfg.augment, cfg.seed);
     train_lines.extend(variants);
+    let words = if cfg.vocab_augment > 0 {
+        tok.words()
+    } else {
+        Vec::new()
+    };
+    let substituted = relprune_data::text::augment::substituted(
+        &pick(&train_idx),
+        &words,
+        cfg.vocab_augment,
+        cfg.seed,
+    );
+    train_lines.extend(substituted);
     let encode = |lines: &[&str]| -> Result<Sentences> {
         let ids = lines
             .iter()

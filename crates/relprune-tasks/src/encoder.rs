@@ -70,7 +70,7 @@ impl Sentences {
 }
 
 /// Padded `(input_ids, attention_mask)` of the sentences `rows` of `ids`.
-fn pad_batch(
+pub fn pad_batch(
     ids: &[Vec<u32>],
     rows: &[usize],
     pad: u32,
@@ -189,38 +189,13 @@ impl EncoderDistill {
         names: &[String],
         progress: &indicatif::ProgressBar,
     ) -> relprune_prune::Result<BTreeMap<String, Gram>> {
-        type Shared<T> = Arc<Mutex<T>>;
-        let grams: Shared<BTreeMap<String, Gram>> = Arc::default();
-        let keep: Shared<Option<Tensor>> = Arc::default();
-        let wanted: BTreeSet<String> = names.iter().cloned().collect();
-        let poisoned = || candle_core::Error::Msg("calibration statistics: lock poisoned".into());
-        let hook: LinearHook = {
-            let (grams, keep) = (grams.clone(), keep.clone());
-            Arc::new(move |name: &str, x: &Tensor| {
-                if !wanted.contains(name) {
-                    return Ok(());
-                }
-                let d = x.dims().last().copied().unwrap_or(0);
-                let mut grams = grams.lock().map_err(|_| poisoned())?;
-                let g = grams
-                    .entry(name.to_string())
-                    .or_insert_with(|| Gram::new(d));
-                let keep = keep.lock().map_err(|_| poisoned())?;
-                // The error ends the forward pass, which reports it.
-                g.add(x, keep.as_ref()).map_err(|e| {
-                    candle_core::Error::Msg(format!("calibration statistics of {name}: {e}"))
-                })
-            })
-        };
-        self.model.set_linear_hook(Some(hook));
+        let collector = GramCollector::new(names);
+        self.model.set_linear_hook(Some(collector.hook()));
         let device = self.device();
         let result = (|| -> relprune_prune::Result<()> {
             for rows in &self.train.batches {
                 let (ids, mask) = pad_batch(&self.train.ids, rows, self.pad, &device)?;
-                *keep
-                    .lock()
-                    .map_err(|_| relprune_prune::Error::Task("poisoned".into()))? =
-                    Some(mask.clone());
+                collector.set_mask(&mask)?;
                 self.model
                     .forward(&ids, Some(&mask), None)
                     .map_err(task_err)?;
@@ -230,13 +205,68 @@ impl EncoderDistill {
         })();
         self.model.set_linear_hook(None);
         result?;
-        let grams = std::mem::take(
-            &mut *grams
-                .lock()
-                .map_err(|_| relprune_prune::Error::Task("poisoned".into()))?,
-        );
-        Ok(grams)
+        collector.take()
     }
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+/// The second moments of the inputs of named linear layers, collected by a model's
+/// [`LinearHook`] over forward passes, padding excluded (the calibration data of reconstruction
+/// pruning).
+pub struct GramCollector {
+    grams: Shared<BTreeMap<String, Gram>>,
+    keep: Shared<Option<Tensor>>,
+    wanted: Arc<BTreeSet<String>>,
+}
+
+impl GramCollector {
+    /// A collector of the inputs of the linear layers `names` (their weights' names).
+    pub fn new(names: &[String]) -> Self {
+        Self {
+            grams: Arc::default(),
+            keep: Arc::default(),
+            wanted: Arc::new(names.iter().cloned().collect()),
+        }
+    }
+
+    /// The hook to install on the model while it runs the calibration passes.
+    pub fn hook(&self) -> LinearHook {
+        let (grams, keep, wanted) = (self.grams.clone(), self.keep.clone(), self.wanted.clone());
+        let poisoned = || candle_core::Error::Msg("calibration statistics: lock poisoned".into());
+        Arc::new(move |name: &str, x: &Tensor| {
+            if !wanted.contains(name) {
+                return Ok(());
+            }
+            let d = x.dims().last().copied().unwrap_or(0);
+            let mut grams = grams.lock().map_err(|_| poisoned())?;
+            let g = grams
+                .entry(name.to_string())
+                .or_insert_with(|| Gram::new(d));
+            let keep = keep.lock().map_err(|_| poisoned())?;
+            // The error ends the forward pass, which reports it.
+            g.add(x, keep.as_ref()).map_err(|e| {
+                candle_core::Error::Msg(format!("calibration statistics of {name}: {e}"))
+            })
+        })
+    }
+
+    /// The attention mask (B, T) of the next pass: its padded positions are not counted.
+    pub fn set_mask(&self, mask: &Tensor) -> relprune_prune::Result<()> {
+        *self.keep.lock().map_err(|_| poisoned())? = Some(mask.clone());
+        Ok(())
+    }
+
+    /// The matrices collected so far (the collector starts again empty).
+    pub fn take(&self) -> relprune_prune::Result<BTreeMap<String, Gram>> {
+        Ok(std::mem::take(
+            &mut *self.grams.lock().map_err(|_| poisoned())?,
+        ))
+    }
+}
+
+fn poisoned() -> relprune_prune::Error {
+    relprune_prune::Error::Task("calibration statistics: lock poisoned".into())
 }
 
 /// The model's sentence embeddings (N, H) of every sentence of `s` (mean pooling over the real

@@ -19,7 +19,7 @@ pub mod report;
 pub mod run;
 pub mod seq2seq;
 
-pub use encoder::{EncoderDistill, Sentences};
+pub use encoder::{EncoderDistill, GramCollector, Sentences};
 pub use error::{Error, Result};
 pub use image::ImageClassification;
 pub use loss::label_smoothed_cross_entropy;

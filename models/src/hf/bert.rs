@@ -613,32 +613,29 @@ impl BertModel {
         token_type_ids: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2().map_err(|_| {
-            Error::Config(format!(
-                "input_ids must be (batch, length), got shape {:?}",
-                input_ids.dims()
-            ))
-        })?;
-        if b == 0 || t == 0 {
-            return Err(Error::Config(format!(
-                "input_ids is empty (shape [{b}, {t}])"
-            )));
+        let mut x = self.embed_t(input_ids, token_type_ids, train)?;
+        let bias = self.attention_bias(attention_mask, input_ids)?;
+        for i in 0..self.layers.len() {
+            x = self.layer_t(i, &x, bias.as_ref(), train)?;
         }
-        if t > self.config.max_position_embeddings {
-            return Err(Error::Config(format!(
-                "input length {t} exceeds max_position_embeddings {}",
-                self.config.max_position_embeddings
-            )));
-        }
-        let check = |what: &str, x: &Tensor| -> Result<()> {
-            if x.dims() != [b, t] {
-                return Err(Error::Config(format!(
-                    "{what} has shape {:?}, input_ids has [{b}, {t}]",
-                    x.dims()
-                )));
-            }
-            Ok(())
-        };
+        Ok(x)
+    }
+
+    /// The number of encoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The hidden states (B, T, H) entering the first encoder layer: word, position and
+    /// token-type embeddings, normalized (with dropout when `train`); the inputs are checked
+    /// as [`Self::forward`] checks them.
+    pub fn embed_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = self.input_shape(input_ids)?;
         let device = input_ids.device();
         let ids = input_ids.to_dtype(DType::U32)?;
         let max_id = ids.max_all()?.to_scalar::<u32>()?;
@@ -650,7 +647,7 @@ impl BertModel {
         }
         let types = match token_type_ids {
             Some(tt) => {
-                check("token_type_ids", tt)?;
+                check_shape("token_type_ids", tt, b, t)?;
                 let tt = tt.to_dtype(DType::U32)?;
                 let max = tt.max_all()?.to_scalar::<u32>()?;
                 if max as usize >= self.config.type_vocab_size {
@@ -669,26 +666,68 @@ impl BertModel {
             .forward(&ids)?
             .broadcast_add(&self.position.forward(&positions)?)?
             .add(&self.token_type.forward(&types)?)?;
-        let mut x = dropout(&self.emb_norm.forward(&x)?, self.hidden_p(train))?;
+        Ok(dropout(&self.emb_norm.forward(&x)?, self.hidden_p(train))?)
+    }
 
-        let bias = match attention_mask {
-            Some(m) => {
-                check("attention_mask", m)?;
-                // (1 - m)·min: exactly 0 for kept keys and the dtype's minimum for padded ones,
-                // like transformers' `(1.0 - mask) * torch.finfo(dtype).min`.
-                let min = f32::MIN as f64;
-                Some(
-                    m.to_dtype(DType::F32)?
-                        .affine(-min, min)?
-                        .reshape((b, 1, 1, t))?,
-                )
-            }
-            None => None,
+    /// The additive attention bias (B, 1, 1, T) of `attention_mask` (B, T) for `input_ids`:
+    /// exactly 0 for kept keys and the dtype's minimum for padded ones, like transformers'
+    /// `(1.0 - mask) * torch.finfo(dtype).min`; `None` without a mask.
+    pub fn attention_bias(
+        &self,
+        attention_mask: Option<&Tensor>,
+        input_ids: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let (b, t) = self.input_shape(input_ids)?;
+        let Some(m) = attention_mask else {
+            return Ok(None);
         };
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, bias.as_ref(), train)?;
+        check_shape("attention_mask", m, b, t)?;
+        let min = f32::MIN as f64;
+        Ok(Some(
+            m.to_dtype(DType::F32)?
+                .affine(-min, min)?
+                .reshape((b, 1, 1, t))?,
+        ))
+    }
+
+    /// `(batch, length)` of `input_ids`, checked: rank 2, not empty, within the positions.
+    fn input_shape(&self, input_ids: &Tensor) -> Result<(usize, usize)> {
+        let (b, t) = input_ids.dims2().map_err(|_| {
+            Error::Config(format!(
+                "input_ids must be (batch, length), got shape {:?}",
+                input_ids.dims()
+            ))
+        })?;
+        if b == 0 || t == 0 {
+            return Err(Error::Config(format!(
+                "input_ids is empty (shape [{b}, {t}])"
+            )));
         }
-        Ok(x)
+        if t > self.config.max_position_embeddings {
+            return Err(Error::Config(format!(
+                "input length {t} exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        Ok((b, t))
+    }
+
+    /// Encoder layer `i` on hidden states `x` (B, T, H) with the attention bias of
+    /// [`Self::attention_bias`] (dropout when `train`): what layer-by-layer pruning runs alone.
+    pub fn layer_t(
+        &self,
+        i: usize,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let l = self.layers.get(i).ok_or_else(|| {
+            Error::Config(format!(
+                "encoder layer {i} does not exist (the model has {})",
+                self.layers.len()
+            ))
+        })?;
+        self.layer_forward(i, l, x, bias, train)
     }
 
     fn hidden_p(&self, train: bool) -> f64 {
@@ -755,6 +794,17 @@ impl BertModel {
             }
         }
     }
+}
+
+/// An error unless `x` is (b, t), the shape of `input_ids`.
+fn check_shape(what: &str, x: &Tensor, b: usize, t: usize) -> Result<()> {
+    if x.dims() != [b, t] {
+        return Err(Error::Config(format!(
+            "{what} has shape {:?}, input_ids has [{b}, {t}]",
+            x.dims()
+        )));
+    }
+    Ok(())
 }
 
 /// Mean of `hidden` (B, T, H) over the positions where `mask` (B, T) is 1 (sentence-transformers'

@@ -97,6 +97,29 @@ impl TextTokenizer {
         &self.inner
     }
 
+    /// The vocabulary's whole words (letters only, at least three; in a vocabulary that marks
+    /// word starts with `▁` or `Ġ`, only marked entries, the marker stripped; no sub-word
+    /// continuations or special tokens), sorted: material for inputs the user's text lacks.
+    pub fn words(&self) -> Vec<String> {
+        let vocab = self.inner.get_vocab(false);
+        let marker = ['\u{2581}', '\u{120}']
+            .into_iter()
+            .find(|m| vocab.keys().any(|t| t.starts_with(*m)));
+        let mut words: Vec<String> = vocab
+            .into_keys()
+            .filter_map(|t| {
+                let w = match marker {
+                    Some(m) => t.strip_prefix(m)?.to_string(),
+                    None => t,
+                };
+                (w.chars().count() >= 3 && w.chars().all(char::is_alphabetic)).then_some(w)
+            })
+            .collect();
+        words.sort();
+        words.dedup();
+        words
+    }
+
     /// Ids of `text` with the file's special tokens added (`[CLS] … [SEP]` for BERT, `… </s>` for Marian and T5).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.encode_with(text, true)

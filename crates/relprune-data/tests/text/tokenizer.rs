@@ -232,3 +232,22 @@ fn minilm_tokenizer_reproduces_reference_ids_with_the_files_padding_switched_off
     assert_eq!(tok.encode(&long).unwrap().len(), 302);
     assert_eq!(tok.encode("hi").unwrap().len(), 3);
 }
+
+#[test]
+fn vocabulary_words_are_whole_words_without_continuations_or_markers() {
+    let bert = fixture_tokenizer("bert-tiny").words();
+    assert!(bert.contains(&"garden".to_string()) && bert.contains(&"the".to_string()));
+    // WordPiece continuations (`##a`), special tokens and single letters are not words.
+    assert!(bert
+        .iter()
+        .all(|w| w.len() >= 3 && w.chars().all(char::is_alphabetic)));
+    let marian = fixture_tokenizer("marian-tiny").words();
+    // SentencePiece: `▁the` is the word "the"; `he` (no marker) continues a word.
+    assert!(marian.contains(&"the".to_string()) && marian.contains(&"katze".to_string()));
+    assert!(!marian
+        .iter()
+        .any(|w| w == "all" || w.starts_with('\u{2581}')));
+    let mut sorted = marian.clone();
+    sorted.sort();
+    assert_eq!(sorted, marian);
+}
