@@ -246,18 +246,24 @@ fn prune_hf_prunes_tiny_bert_into_a_loadable_directory() {
     assert_eq!(report["metric"], "cosine_similarity");
     assert_eq!(report["higher_is_better"], true);
     assert_eq!(report["dataset"]["test"], 10);
-    // The default two distillation variants of every training line (`--augment`).
+    // The default two distillation variants of every training line (`--augment`), and the
+    // default vocabulary-substituted ones (`--vocab-augment`).
     assert_eq!(report["config"]["augment"], 2);
+    let vocab = report["config"]["vocab_augment"].as_u64().unwrap();
+    assert!(vocab > 0);
     let valid = report["dataset"]["valid"].as_u64().unwrap();
     assert_eq!(
         report["dataset"]["train"].as_u64().unwrap(),
-        3 * (48 - valid)
+        (3 + vocab) * (48 - valid)
     );
     let linear = linear_sparsity_pct(&report);
     assert!(linear >= 50.0, "{linear}");
     let cos = report["pruned"]["value"].as_f64().unwrap();
     assert!(cos > 0.0 && cos <= 1.0 + 1e-6, "{cos}");
-    assert_eq!(report["extra"]["final_step"]["method"], "reconstruct");
+    // An encoder's default final step: SparseGPT, then each layer distilled.
+    assert_eq!(report["extra"]["final_step"]["method"], "distill");
+    let layers = &report["extra"]["final_step"]["details"]["layers"];
+    assert_eq!(layers.as_array().unwrap().len(), 2, "{layers}");
 
     // `relprune embed` and `relprune forward` run on the result.
     let emb = dir.path().join("emb.json");
@@ -392,32 +398,40 @@ fn an_unsupported_architecture_is_a_clear_error() {
 }
 
 #[test]
-fn augmenting_the_text_of_a_translation_model_is_a_clear_error() {
+fn encoder_only_options_on_a_translation_model_are_clear_errors() {
     let dir = TempDir::new().unwrap();
     let text = dir.path().join("text.txt");
     std::fs::write(&text, "the cat runs .\nhello .\n").unwrap();
     let out = dir.path().join("pruned");
-    let run = relprune(
-        &[
-            "prune-hf",
-            "--model",
-            s(&fixture("marian-tiny")),
-            "--text",
-            s(&text),
-            "--target-sparsity",
-            "0.5",
-            "--augment",
-            "1",
-            "--out",
-            s(&out),
-            "--quiet",
-        ],
-        &[],
-    );
-    assert!(!run.status.success());
-    let err = stderr(&run);
-    assert!(err.contains("--augment") && err.contains("marian"), "{err}");
-    assert!(!out.exists());
+    for (flag, value) in [
+        ("--augment", "1"),
+        ("--vocab-augment", "1"),
+        ("--final-step", "distill"),
+        ("--final-step", "reconstruct"),
+        ("--final-step", "wanda"),
+    ] {
+        let run = relprune(
+            &[
+                "prune-hf",
+                "--model",
+                s(&fixture("marian-tiny")),
+                "--text",
+                s(&text),
+                "--target-sparsity",
+                "0.5",
+                flag,
+                value,
+                "--out",
+                s(&out),
+                "--quiet",
+            ],
+            &[],
+        );
+        assert!(!run.status.success(), "{flag} {value}");
+        let err = stderr(&run);
+        assert!(err.contains(flag) && err.contains("marian"), "{err}");
+        assert!(!out.exists());
+    }
 }
 
 #[test]

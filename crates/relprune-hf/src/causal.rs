@@ -137,10 +137,7 @@ impl CausalConfig {
             ));
         }
         let layer = crate::config::LayerDistill::default();
-        if o.final_step != crate::FinalStep::default()
-            || o.layer_epochs != layer.epochs
-            || o.layer_lr != layer.lr
-        {
+        if o.final_step.is_some() || o.layer_epochs != layer.epochs || o.layer_lr != layer.lr {
             return Err(invalid(
                 "--final-step, --layer-epochs and --layer-lr are for encoders; a decoder-only \
                  LM's method is set with --lr, --lambda, --epochs and --finetune-epochs",

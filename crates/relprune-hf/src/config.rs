@@ -19,7 +19,7 @@ use crate::resolve::{absolute, resolve};
 /// `--augment` of encoders when not given: measured on all-MiniLM-L6-v2 (docs/PRUNE_HF.md).
 pub const AUGMENT_DEFAULT: usize = 2;
 /// `--vocab-augment` of encoders when not given.
-pub const VOCAB_AUGMENT_DEFAULT: usize = 0;
+pub const VOCAB_AUGMENT_DEFAULT: usize = 4;
 /// Sentences (or pairs) per batch.
 pub const BATCH_SIZE: usize = 16;
 /// Padded tokens per encoder batch.
@@ -56,6 +56,18 @@ pub enum FinalStep {
     /// layer's token-level outputs (`--layer-epochs` passes at `--layer-lr`; its weights,
     /// biases and layer norms), each layer on the outputs of the pruned layers below.
     Distill,
+}
+
+impl FinalStep {
+    /// The flag's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Reconstruct => "reconstruct",
+            Self::Magnitude => "magnitude",
+            Self::Wanda => "wanda",
+            Self::Distill => "distill",
+        }
+    }
 }
 
 /// `--final-step distill`'s per-layer distillation.
@@ -128,10 +140,11 @@ pub struct Options {
     /// gradients, optimizer state and snapshots (about half of MiniLM's memory).
     #[cfg_attr(feature = "cli", arg(long))]
     pub train_embeddings: bool,
-    /// How the step after the method brings every matrix to --target-sparsity: reconstruct
-    /// (layer-wise, SparseGPT, from the layer inputs on the training text; encoders) or magnitude.
-    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = FinalStep::Reconstruct))]
-    pub final_step: FinalStep,
+    /// How the step after the method brings every matrix to --target-sparsity, layer by layer
+    /// from the layer inputs on the training text (encoders): distill, reconstruct (SparseGPT),
+    /// wanda; or magnitude [default: distill for encoders, magnitude for translation models]
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
+    pub final_step: Option<FinalStep>,
     /// Encoders, --final-step distill: distillation passes over the training sentences per layer.
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = LAYER_EPOCHS))]
     pub layer_epochs: usize,
@@ -153,8 +166,8 @@ pub struct Options {
     #[cfg_attr(feature = "cli", arg(long, value_name = "K"))]
     pub augment: Option<usize>,
     /// Encoders: K more variants of every training line with 30–60% of its words replaced by
-    /// words of the tokenizer's vocabulary (inputs beyond the text's own domain) [default: see
-    /// docs/PRUNE_HF.md; 0 turns it off]
+    /// whole words of the tokenizer's vocabulary (inputs beyond the text's own domain)
+    /// [default: 4; 0 turns it off]
     #[cfg_attr(feature = "cli", arg(long, value_name = "K"))]
     pub vocab_augment: Option<usize>,
     /// Longest input in tokens (longer inputs are truncated; also capped by the model).
@@ -179,7 +192,8 @@ pub struct Options {
     /// Decoder LMs: tokens per calibration window and per perplexity window.
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = WINDOW))]
     pub window: usize,
-    /// The engine's settings, over prune-hf's preset: 12 pruning epochs (--epochs) at Adam's
+    /// The engine's settings, over prune-hf's preset: 12 pruning epochs (--epochs; encoders 0:
+    /// the layer-wise final step alone does better on them, docs/PRUNE_HF.md) at Adam's
     /// learning rate 1e-4, LOBSTER's soft gate at λ 1e-4, a round after 1 epoch without a 10%
     /// improvement, each round's thresholds per layer within a 0.02 metric drop
     /// (--round-tolerance), a 10-epoch fine-tune from 1e-4.
@@ -218,7 +232,7 @@ impl Options {
             format: CheckpointFormat::Dense,
             prune_embeddings: false,
             train_embeddings: false,
-            final_step: FinalStep::Reconstruct,
+            final_step: None,
             layer_epochs: LAYER_EPOCHS,
             layer_lr: LAYER_LR,
             batch_size: BATCH_SIZE,
@@ -403,7 +417,20 @@ impl Config {
                 arch.model_type
             )));
         }
-        let mut prune = preset(o);
+        let final_step = match (encoder, o.final_step) {
+            (true, step) => step.unwrap_or(FinalStep::Distill),
+            (false, None | Some(FinalStep::Magnitude)) => FinalStep::Magnitude,
+            (false, Some(step)) => {
+                return Err(invalid(format!(
+                    "--final-step {} needs each layer's inputs, which only encoders report; {} \
+                     is a {} model (its final step is magnitude)",
+                    step.name(),
+                    model_dir.display(),
+                    arch.model_type
+                )))
+            }
+        };
+        let mut prune = preset(o, encoder);
         o.engine.apply(&mut prune)?;
         // The fine-tune runs after the (optional) final step, outside the engine.
         let (finetune_epochs, finetune_lr) = (prune.finetune_epochs, prune.finetune_lr);
@@ -431,7 +458,7 @@ impl Config {
             finetune_lr,
             sparse: o.sparse,
             format: o.format,
-            final_step: o.final_step,
+            final_step,
             layer: LayerDistill {
                 epochs: o.layer_epochs,
                 lr: o.layer_lr,
@@ -484,7 +511,7 @@ fn selection(o: &Options, arch: &Architecture) -> Selection {
 }
 
 /// prune-hf's preset (see [`Options::engine`]).
-fn preset(o: &Options) -> PruneConfig {
+fn preset(o: &Options, encoder: bool) -> PruneConfig {
     PruneConfig {
         regularizer: SelectiveDecay::lobster(1e-4),
         lr: 1e-4,
@@ -503,7 +530,9 @@ fn preset(o: &Options) -> PruneConfig {
         min_improvement: 0.1,
         restore: RestorePoint::LastImprovement,
         judge_retrained: false,
-        max_epochs: 12,
+        // Encoders: no rounds unless asked (docs/PRUNE_HF.md: on a pretrained encoder and a few
+        // hundred sentences they overfit the text and cost memory; the final step does better).
+        max_epochs: if encoder { 0 } else { 12 },
         target_sparsity: o.target_sparsity,
         stop_rounds: 3,
         min_round_gain: 0.001,
