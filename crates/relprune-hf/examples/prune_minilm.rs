@@ -1,9 +1,9 @@
-//! Prunes all-MiniLM-L6-v2 to 50% through the library API: the reconstruction step and the
-//! distillation fine-tune on a text file, written as a directory Hugging Face loads.
+//! Prunes all-MiniLM-L6-v2 to 50% through the library API: the encoder default, SparseGPT and
+//! each layer distilled towards the dense layer's outputs on a text file and its
+//! vocabulary-substituted variants, written as a directory Hugging Face loads.
 //! `cargo run --release -p relprune-hf --example prune_minilm -- MODEL_DIR TEXT OUT_DIR`
 
 use relprune_hf::{Config, Options, RunOptions};
-use relprune_tasks::EngineArgs;
 
 fn main() -> Result<(), relprune_hf::Error> {
     let mut args = std::env::args().skip(1);
@@ -14,11 +14,6 @@ fn main() -> Result<(), relprune_hf::Error> {
     let out = args.next().unwrap_or("minilm-50".into());
     let options = Options {
         target_sparsity: Some(0.5),
-        // No rounds of the method: on a few hundred lines the final step alone does better.
-        engine: EngineArgs {
-            prune_epochs: Some(0),
-            ..EngineArgs::default()
-        },
         ..Options::text(model, text)
     };
     let results = relprune_hf::run(Config::new(&options)?, &RunOptions::new(&out))?;

@@ -19,7 +19,7 @@ use crate::resolve::{absolute, resolve};
 /// `--augment` of encoders when not given: measured on all-MiniLM-L6-v2 (docs/PRUNE_HF.md).
 pub const AUGMENT_DEFAULT: usize = 2;
 /// `--vocab-augment` of encoders when not given.
-pub const VOCAB_AUGMENT_DEFAULT: usize = 4;
+pub const VOCAB_AUGMENT_DEFAULT: usize = 8;
 /// Sentences (or pairs) per batch.
 pub const BATCH_SIZE: usize = 16;
 /// Padded tokens per encoder batch.
@@ -167,7 +167,7 @@ pub struct Options {
     pub augment: Option<usize>,
     /// Encoders: K more variants of every training line with 30–60% of its words replaced by
     /// whole words of the tokenizer's vocabulary (inputs beyond the text's own domain)
-    /// [default: 4; 0 turns it off]
+    /// [default: 8; 0 turns it off]
     #[cfg_attr(feature = "cli", arg(long, value_name = "K"))]
     pub vocab_augment: Option<usize>,
     /// Longest input in tokens (longer inputs are truncated; also capped by the model).
@@ -192,8 +192,9 @@ pub struct Options {
     /// Decoder LMs: tokens per calibration window and per perplexity window.
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = WINDOW))]
     pub window: usize,
-    /// The engine's settings, over prune-hf's preset: 12 pruning epochs (--epochs; encoders 0:
-    /// the layer-wise final step alone does better on them, docs/PRUNE_HF.md) at Adam's
+    /// The engine's settings, over prune-hf's preset: 12 pruning epochs (--epochs; encoders 0
+    /// and no fine-tune: the layer-wise final step alone does better on them, docs/PRUNE_HF.md)
+    /// at Adam's
     /// learning rate 1e-4, LOBSTER's soft gate at λ 1e-4, a round after 1 epoch without a 10%
     /// improvement, each round's thresholds per layer within a 0.02 metric drop
     /// (--round-tolerance), a 10-epoch fine-tune from 1e-4.
@@ -536,7 +537,7 @@ fn preset(o: &Options, encoder: bool) -> PruneConfig {
         target_sparsity: o.target_sparsity,
         stop_rounds: 3,
         min_round_gain: 0.001,
-        finetune_epochs: 10,
+        finetune_epochs: if encoder { 0 } else { 10 },
         finetune_lr: 1e-4,
     }
 }
