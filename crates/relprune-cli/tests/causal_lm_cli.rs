@@ -199,16 +199,24 @@ fn generate_errors_name_the_problem() {
     assert!(e.contains("exceed the model's 256 positions"), "{e}");
 }
 
-#[test]
-fn perplexity_of_smollm2_gguf_reproduces_the_reference_figure() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models/SmolLM2-135M-Instruct-Q4_1");
-    let text = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/debian-reference-en/valid.txt");
+/// SmolLM2's directory and the Debian Reference validation text in `../shared`, or `None`
+/// (the test is skipped, saying so) where they are absent.
+fn smollm2_and_valid_text() -> Option<(PathBuf, PathBuf)> {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    let dir = shared.join("models/SmolLM2-135M-Instruct-Q4_1");
+    let text = shared.join("data/debian-reference-en/valid.txt");
     if !dir.join("reference.json").exists() || !text.exists() {
         eprintln!("skipped: ../shared's SmolLM2 or Debian Reference text is absent");
-        return;
+        return None;
     }
+    Some((dir, text))
+}
+
+#[test]
+fn perplexity_of_smollm2_gguf_reproduces_the_reference_figure() {
+    let Some((dir, text)) = smollm2_and_valid_text() else {
+        return;
+    };
     let want = &read_json(&dir.join("reference.json"))["perplexity"][0];
     let got = perplexity_json(&[
         "--model",
@@ -432,14 +440,9 @@ fn prune_hf_on_a_causal_lm_refuses_bad_flags_before_any_work() {
 
 #[test]
 fn prune_hf_writes_a_gguf_model_as_a_hugging_face_directory() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models/SmolLM2-135M-Instruct-Q4_1");
-    let valid = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/debian-reference-en/valid.txt");
-    if !dir.join("reference.json").exists() || !valid.exists() {
-        eprintln!("skipped: ../shared's SmolLM2 or Debian Reference text is absent");
+    let Some((dir, valid)) = smollm2_and_valid_text() else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
     // A short text keeps the two perplexity passes quick.
     let text = tmp.path().join("text.txt");

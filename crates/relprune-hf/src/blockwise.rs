@@ -159,15 +159,16 @@ pub fn encoder_layers(
     progress.set_length(layers as u64);
     for l in 0..layers {
         let model = &task.model;
-        let forward = |x: &Tensor, b: usize, train: bool| -> Result<Tensor> {
-            Ok(model.layer_t(l, x, inputs[b].bias.as_ref(), train)?)
+        // No dropout: the layer must match a deterministic target.
+        let forward = |x: &Tensor, b: usize| -> Result<Tensor> {
+            Ok(model.layer_t(l, x, inputs[b].bias.as_ref(), false)?)
         };
         // Stored states are constants: detached, they keep no graph of the layer's variables
         // (which would hold every intermediate of every batch).
         let outputs = |xs: &[Tensor]| -> Result<Vec<Tensor>> {
             xs.iter()
                 .enumerate()
-                .map(|(b, x)| Ok(forward(x, b, false)?.detach()))
+                .map(|(b, x)| Ok(forward(x, b)?.detach()))
                 .collect()
         };
         // The dense layer's outputs, before any of its weights change.
@@ -187,19 +188,19 @@ pub fn encoder_layers(
             block.push((format!("encoder.layer.{l}.{n}.bias"), false));
         }
         let block = block_params(&vars, &block)?;
-        let masked_sq = |b: usize, train: bool| -> Result<Tensor> {
-            let out = forward(&hidden[b], b, train)?;
+        let masked_sq = |b: usize| -> Result<Tensor> {
+            let out = forward(&hidden[b], b)?;
             Ok((out - &dense[b])?.sqr()?.broadcast_mul(&inputs[b].keep)?)
         };
         let width = dense.first().map_or(1, |d| d.dim(2).unwrap_or(1)) as f64;
         let loss = |b: usize| -> Result<Tensor> {
-            let sq = masked_sq(b, false)?;
+            let sq = masked_sq(b)?;
             Ok((sq.sum_all()? / (inputs[b].count * width).max(1.0))?)
         };
         let error = || -> Result<f64> {
             let (mut diff, mut norm) = (0.0, 0.0);
             for b in 0..hidden.len() {
-                diff += masked_sq(b, false)?.sum_all()?.to_scalar::<f32>()? as f64;
+                diff += masked_sq(b)?.sum_all()?.to_scalar::<f32>()? as f64;
                 let y = dense[b].sqr()?.broadcast_mul(&inputs[b].keep)?;
                 norm += y.sum_all()?.to_scalar::<f32>()? as f64;
             }
