@@ -86,6 +86,16 @@ pub struct LlmBaselines {
     /// The method: the decay strength λ.
     #[arg(long, default_value_t = relprune_hf::llm::Distill::default().regularizer.lambda)]
     pub lambda: f64,
+    /// The method: passes of its end-to-end stage per group of layers (0: off; the rows are
+    /// then named `relprune+e2e`).
+    #[arg(long, default_value_t = 0)]
+    pub end_to_end_epochs: usize,
+    /// The method's end-to-end stage: Adam's learning rate.
+    #[arg(long, default_value_t = relprune_hf::llm::EndToEnd::default().lr)]
+    pub end_to_end_lr: f64,
+    /// The method's end-to-end stage: decoder layers trained together.
+    #[arg(long, default_value_t = relprune_hf::llm::EndToEnd::default().group)]
+    pub end_to_end_group: usize,
 }
 
 /// Flags of `crossover`.

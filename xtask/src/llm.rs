@@ -79,6 +79,12 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
         recovery_epochs: f.recovery_epochs,
         lr: f.lr,
         regularizer: Distill::default().regularizer.with_lambda(f.lambda),
+        end_to_end: (f.end_to_end_epochs > 0).then(|| llm::EndToEnd {
+            epochs: f.end_to_end_epochs,
+            lr: f.end_to_end_lr,
+            group: f.end_to_end_group,
+            ..llm::EndToEnd::default()
+        }),
     };
     let mut configs: Vec<(Option<Method>, Option<Pattern>, bool)> = vec![(None, None, false)];
     for &m in &f.methods {
@@ -92,6 +98,9 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
     for (method, pattern, owl) in configs {
         let (mname, pname) = match (method, pattern) {
             (Some(m), Some(p)) if owl => (format!("{}+owl", m.name()), anchor_label(p, f.sparsity)),
+            (Some(Method::Relprune), Some(p)) if distill.end_to_end.is_some() => {
+                ("relprune+e2e".to_string(), anchor_label(p, f.sparsity))
+            }
             (Some(m), Some(p)) => (m.name().to_string(), anchor_label(p, f.sparsity)),
             _ => ("dense".to_string(), "dense".to_string()),
         };
@@ -108,7 +117,10 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
                     let error = d.error.map_or(String::new(), |(a, b)| {
                         format!(" (output error {a:.2e} → {b:.2e})")
                     });
-                    eprintln!("{mname} {pname}: layer {}/{}{error}", d.layer, d.layers);
+                    eprintln!(
+                        "{mname} {pname}: {} {}/{}{error}",
+                        d.stage, d.layer, d.layers
+                    );
                 };
                 let plan = llm::Plan {
                     method: m,

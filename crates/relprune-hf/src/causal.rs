@@ -123,6 +123,12 @@ impl CausalConfig {
                 o.pattern.name()
             )));
         }
+        if o.end_to_end_epochs.is_some() && o.method != Method::Relprune {
+            return Err(invalid(format!(
+                "--end-to-end-epochs is a stage of the method; --method {} has none",
+                o.method.name()
+            )));
+        }
         if o.calib_windows == 0 || o.window < 2 {
             return Err(invalid(format!(
                 "need at least one calibration window (--calib-windows {}) of at least 2 tokens \
@@ -174,6 +180,14 @@ fn distill(o: &Options) -> Distill {
             .with_lambda(e.regularizer.lambda.unwrap_or(d.regularizer.lambda)),
         regularized_epochs: e.prune_epochs.unwrap_or(d.regularized_epochs),
         recovery_epochs: e.finetune_epochs.unwrap_or(d.recovery_epochs),
+        end_to_end: match o.end_to_end_epochs {
+            Some(0) => None,
+            Some(epochs) => Some(llm::EndToEnd {
+                epochs,
+                ..llm::EndToEnd::default()
+            }),
+            None => d.end_to_end,
+        },
         ..d
     }
 }
@@ -228,6 +242,9 @@ pub struct CausalReport {
     /// The method: each layer's output error against the dense model's after its last pruning
     /// step and at the end.
     pub layer_errors: Vec<(f64, f64)>,
+    /// The method's end-to-end stage (`--end-to-end-epochs`): per group of layers, the
+    /// divergence from the dense model before and after.
+    pub end_to_end: Vec<llm::GroupDone>,
     /// Seconds spent pruning (calibration included).
     pub prune_seconds: f64,
     /// Seconds of the whole run.
@@ -317,8 +334,12 @@ pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
             let error = d.error.map_or(String::new(), |(a, b)| {
                 format!(" (output error {a:.2e} → {b:.2e})")
             });
+            let what = match d.stage {
+                "layer" => "layer",
+                _ => "end-to-end, up to layer",
+            };
             eprintln!(
-                "{}: layer {}/{}{error}",
+                "{}: {what} {}/{}{error}",
                 cfg.method.name(),
                 d.layer,
                 d.layers
@@ -391,6 +412,7 @@ pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
         types,
         layer_sparsity: report.layer_sparsity.clone(),
         layer_errors: report.layer_errors.clone(),
+        end_to_end: report.end_to_end.clone(),
         prune_seconds,
         wall_seconds: started.elapsed().as_secs_f64(),
         peak_rss_mb_pruning,
@@ -491,6 +513,32 @@ fn markdown(r: &CausalReport) -> String {
             t.weights,
             pct(t)
         ));
+    }
+    if !r.layer_errors.is_empty() {
+        md.push_str(
+            "\nEach decoder layer's output error against the dense model's (squared, relative), \
+             after its pruning step and after its distillation:\n\n| layer | pruned | distilled \
+             |\n|---:|---:|---:|\n",
+        );
+        for (l, (a, b)) in r.layer_errors.iter().enumerate() {
+            md.push_str(&format!("| {l} | {a:.3e} | {b:.3e} |\n"));
+        }
+    }
+    if !r.end_to_end.is_empty() {
+        md.push_str(
+            "\nEnd-to-end stage: mean KL divergence from the dense model's next-token \
+             distribution (top tokens and the rest) on the calibration text, before and after \
+             each group's training:\n\n| layers | before | after |\n|---|---:|---:|\n",
+        );
+        for g in &r.end_to_end {
+            md.push_str(&format!(
+                "| {}–{} | {:.4} | {:.4} |\n",
+                g.first,
+                g.end - 1,
+                g.before,
+                g.after
+            ));
+        }
     }
     md.push_str("\n| tensor | weights | zero |\n|---|---:|---:|\n");
     for t in &r.layers {

@@ -186,6 +186,11 @@ pub struct Options {
     /// unstructured only) instead of the same sparsity in every layer.
     #[cfg_attr(feature = "cli", arg(long))]
     pub owl: bool,
+    /// Decoder LMs, the method: passes of its end-to-end stage per group of 6 layers (the
+    /// pruned projections trained towards the dense model's next-token distribution, its top 64
+    /// tokens, on the calibration text cut into 128-token pieces) [default: 0, off]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub end_to_end_epochs: Option<usize>,
     /// Decoder LMs: calibration windows drawn from --text (at seeded random starts).
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = CALIB_WINDOWS))]
     pub calib_windows: usize,
@@ -246,6 +251,7 @@ impl Options {
             method: Method::Relprune,
             pattern: Pattern::Unstructured,
             owl: false,
+            end_to_end_epochs: None,
             calib_windows: CALIB_WINDOWS,
             window: WINDOW,
             engine: EngineArgs::default(),
@@ -369,9 +375,14 @@ impl Config {
                 arch.model_type
             )));
         }
-        if o.method != Method::Relprune || o.pattern != Pattern::Unstructured || o.owl {
+        if o.method != Method::Relprune
+            || o.pattern != Pattern::Unstructured
+            || o.owl
+            || o.end_to_end_epochs.is_some()
+        {
             return Err(invalid(format!(
-                "--method, --pattern and --owl are for decoder-only LMs; {} is a {} model",
+                "--method, --pattern, --owl and --end-to-end-epochs are for decoder-only LMs; {} \
+                 is a {} model",
                 model_dir.display(),
                 arch.model_type
             )));

@@ -161,6 +161,60 @@ pub struct Distill {
     pub lr: f64,
     /// The regularizer of the regularized passes.
     pub regularizer: SelectiveDecay,
+    /// The end-to-end stage after the layer-by-layer pass, if any.
+    pub end_to_end: Option<EndToEnd>,
+}
+
+/// The method's end-to-end stage, after the layer-by-layer pass: the pruned projections (masks
+/// fixed) trained so that the model's next-token distribution matches the dense model's on the
+/// calibration text. The loss is the KL divergence of the two distributions over the dense
+/// model's `top_k` tokens of each position and the rest of the vocabulary lumped together, the
+/// dense side cached before pruning (positions × k numbers, not the vocabulary). Memory stays
+/// bounded: `group` decoder layers are trained at a time, bottom up, each group with its own
+/// Adam state, on sequences of `window` tokens (the calibration windows cut into pieces), the
+/// layers below the group run once; a group whose training ends with a worse divergence than
+/// it started from is undone.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct EndToEnd {
+    /// Passes over the calibration pieces per group.
+    pub epochs: usize,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// Dense-model tokens kept per position.
+    pub top_k: usize,
+    /// Decoder layers trained together.
+    pub group: usize,
+    /// Tokens per training sequence.
+    pub window: usize,
+}
+
+impl Default for EndToEnd {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            lr: 1e-5,
+            top_k: 64,
+            group: 6,
+            window: 128,
+        }
+    }
+}
+
+impl EndToEnd {
+    fn check(&self) -> Result<()> {
+        if self.epochs == 0
+            || self.top_k == 0
+            || self.group == 0
+            || self.window < 2
+            || !(self.lr > 0.0 && self.lr.is_finite())
+        {
+            return Err(invalid(format!(
+                "the end-to-end stage needs at least one pass, one top token, one layer per \
+                 group, pieces of at least 2 tokens and a positive learning rate, got {self:?}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Distill {
@@ -183,6 +237,7 @@ impl Default for Distill {
                 lambda: 0.02,
                 ..SelectiveDecay::default()
             },
+            end_to_end: None,
         }
     }
 }
@@ -199,6 +254,9 @@ impl Distill {
                 "need a head start in [0, 1) and a positive learning rate, got {} and {}",
                 self.head_start, self.lr
             )));
+        }
+        if let Some(e) = &self.end_to_end {
+            e.check()?;
         }
         self.regularizer
             .validate()
@@ -219,6 +277,9 @@ impl Distill {
 /// A decoder layer done, what progress reports show.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct LayerDone {
+    /// The pass: `layer` (layer by layer) or `end-to-end` (then `layer` is the last layer of
+    /// the group done and `error` its divergence from the dense model before and after).
+    pub stage: &'static str,
     /// Layers done.
     pub layer: usize,
     /// Layers in all.
@@ -247,6 +308,22 @@ pub struct OneShotReport {
     pub layer_errors: Vec<(f64, f64)>,
     /// OWL's sparsity of each decoder layer, when it chose them.
     pub layer_sparsity: Option<Vec<f64>>,
+    /// The method's end-to-end stage: per group of layers, the divergence from the dense model
+    /// on the calibration pieces before and after its training.
+    pub end_to_end: Vec<GroupDone>,
+}
+
+/// A group of decoder layers trained end to end.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct GroupDone {
+    /// Its first layer.
+    pub first: usize,
+    /// One past its last layer.
+    pub end: usize,
+    /// The mean top-k KL divergence before its training.
+    pub before: f64,
+    /// And after it (equal to `before` when the training was undone).
+    pub after: f64,
 }
 
 impl OneShotReport {
@@ -409,6 +486,15 @@ fn run(
     } else {
         windows
     };
+    // The end-to-end stage's targets come from the dense model: before anything is pruned.
+    let end_to_end = match distill.and_then(|d| d.end_to_end) {
+        Some(e) => {
+            let pieces = pieces(windows, e.window);
+            let targets = top_k_targets(model, &pieces, e.top_k)?;
+            Some((e, pieces, targets))
+        }
+        None => None,
+    };
     let mut hidden = embedded(model, windows)?;
     // The dense model's hidden states, the targets of the method's layer-by-layer distillation.
     let mut dense = match distill {
@@ -453,11 +539,19 @@ fn run(
         // The next layer's inputs: this layer's outputs, pruned.
         hidden = forward_layer(model, l, &hidden)?;
         progress(&LayerDone {
+            stage: "layer",
             layer: l + 1,
             layers,
             error,
         });
     }
+    drop((hidden, dense));
+    let groups = match &end_to_end {
+        Some((e, pieces, targets)) => {
+            train_end_to_end(model, &vars, pieces, targets, e, &mut progress)?
+        }
+        None => Vec::new(),
+    };
     Ok(OneShotReport {
         method,
         sparsity,
@@ -467,7 +561,139 @@ fn run(
         weights,
         layer_errors,
         layer_sparsity: None,
+        end_to_end: groups,
     })
+}
+
+/// `windows` cut into consecutive pieces of `len` tokens (a last piece shorter than 2 tokens,
+/// which predicts nothing, is dropped).
+fn pieces(windows: &[Vec<u32>], len: usize) -> Vec<Vec<u32>> {
+    windows
+        .iter()
+        .flat_map(|w| w.chunks(len.max(2)))
+        .filter(|p| p.len() >= 2)
+        .map(<[u32]>::to_vec)
+        .collect()
+}
+
+/// The dense model's next-token distribution on one piece, as the end-to-end stage keeps it.
+struct TopK {
+    /// The `k` most likely tokens of each position (T, k), u32.
+    ids: Tensor,
+    /// Their probabilities (T, k).
+    probs: Tensor,
+    /// The probability of all other tokens (T, 1).
+    rest: Tensor,
+    /// `Σ p log p` over the `k + 1` bins, summed over positions: the divergence's constant part.
+    entropy_term: f64,
+}
+
+/// [`TopK`] of every piece, from `model` as it is (dense).
+fn top_k_targets(model: &CausalLm, pieces: &[Vec<u32>], k: usize) -> Result<Vec<TopK>> {
+    let vocab = model.config().vocab_size;
+    let k = k.min(vocab);
+    pieces
+        .iter()
+        .map(|p| {
+            let ids = Tensor::from_slice(p, (1, p.len()), &Device::Cpu)?;
+            let logits = model.forward(&ids, None)?.squeeze(0)?;
+            let rows = logits.to_vec2::<f32>()?;
+            let (mut top, mut probs, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+            let mut entropy_term = 0.0;
+            for row in rows {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let z: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                let mut order: Vec<u32> = (0..vocab as u32).collect();
+                order.select_nth_unstable_by(k - 1, |&a, &b| {
+                    row[b as usize].total_cmp(&row[a as usize])
+                });
+                let mut kept = 0.0;
+                for &i in &order[..k] {
+                    let pi = (row[i as usize] as f64 - max).exp() / z;
+                    kept += pi;
+                    entropy_term += if pi > 0.0 { pi * pi.ln() } else { 0.0 };
+                    top.push(i);
+                    probs.push(pi as f32);
+                }
+                let r = (1.0 - kept).max(0.0);
+                entropy_term += if r > 0.0 { r * r.ln() } else { 0.0 };
+                rest.push(r as f32);
+            }
+            let t = p.len();
+            Ok(TopK {
+                ids: Tensor::from_vec(top, (t, k), &Device::Cpu)?,
+                probs: Tensor::from_vec(probs, (t, k), &Device::Cpu)?,
+                rest: Tensor::from_vec(rest, (t, 1), &Device::Cpu)?,
+                entropy_term,
+            })
+        })
+        .collect()
+}
+
+/// The mean over positions of KL(dense ‖ `logits`) over the target's `k + 1` bins, as a
+/// differentiable scalar.
+fn top_k_kl(logits: &Tensor, target: &TopK) -> Result<Tensor> {
+    let logits = logits.squeeze(0)?;
+    let t = logits.dim(0)?;
+    let log_q = candle_nn::ops::log_softmax(&logits, 1)?;
+    let log_q_top = log_q.gather(&target.ids, 1)?;
+    // The rest's log-probability, floored: a student sure of its top tokens has log(0) there.
+    let q_rest = (1.0 - log_q_top.exp()?.sum_keepdim(1)?)?.clamp(1e-12f32, 1f32)?;
+    let cross = ((target.probs.clone() * log_q_top)?.sum_all()?
+        + (target.rest.clone() * q_rest.log()?)?.sum_all()?)?;
+    Ok(((target.entropy_term - cross)? / t as f64)?)
+}
+
+/// The end-to-end stage ([`EndToEnd`]) on the pruned `model`, towards `targets` on `pieces`.
+fn train_end_to_end(
+    model: &CausalLm,
+    vars: &BTreeMap<String, Var>,
+    pieces: &[Vec<u32>],
+    targets: &[TopK],
+    cfg: &EndToEnd,
+    progress: &mut impl FnMut(&LayerDone),
+) -> Result<Vec<GroupDone>> {
+    let mut hidden = embedded(model, pieces)?;
+    let layers = model.num_layers();
+    let stage = Distill {
+        regularized_epochs: 0,
+        recovery_epochs: cfg.epochs,
+        lr: cfg.lr,
+        ..Distill::default()
+    };
+    let mut done = Vec::new();
+    for first in (0..layers).step_by(cfg.group) {
+        let end = (first + cfg.group).min(layers);
+        let block: Vec<(String, bool)> =
+            (first..end).flat_map(linears).map(|n| (n, true)).collect();
+        let params = block_params(vars, &block)?;
+        let loss = |i: usize| top_k_kl(&model.logits_from_layer(first, &hidden[i])?, &targets[i]);
+        let error = || -> Result<f64> {
+            let mut sum = 0.0;
+            for i in 0..pieces.len() {
+                sum += loss(i)?.to_scalar::<f32>()? as f64;
+            }
+            Ok(sum / pieces.len().max(1) as f64)
+        };
+        let (before, after) =
+            distill_block(&params, &stage, pieces.len(), &loss, &error, &mut || Ok(()))?;
+        done.push(GroupDone {
+            first,
+            end,
+            before,
+            after,
+        });
+        progress(&LayerDone {
+            stage: "end-to-end",
+            layer: end,
+            layers,
+            error: Some((before, after)),
+        });
+        for l in first..end {
+            hidden = forward_layer(model, l, &hidden)?;
+        }
+    }
+    Ok(done)
 }
 
 /// What `method` needs of the inputs of decoder layer `l`'s linear layers, over `hidden`.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use relprune_hf::llm::{prune, prune_distilled, windows_at, Distill, OneShot, Sparsity};
+use relprune_hf::llm::{prune, prune_distilled, windows_at, Distill, EndToEnd, OneShot, Sparsity};
 use relprune_models::hf::llama::CausalLm;
 
 fn model() -> (CausalLm, VarMap) {
@@ -150,6 +150,67 @@ fn the_method_reaches_the_pattern_and_tracks_the_dense_model_closer_than_its_sta
     }
 }
 
+/// Zero positions of every projection of `vm`.
+fn zero_pattern(vm: &VarMap) -> Vec<bool> {
+    let data = vm.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().filter(|n| n.contains("_proj")).collect();
+    names.sort();
+    names
+        .iter()
+        .flat_map(|n| {
+            data[*n]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .map(|v| v == 0.0)
+        .collect()
+}
+
+#[test]
+fn the_end_to_end_stage_brings_the_logits_closer_to_the_dense_model_with_the_masks_kept() {
+    let (dense, _) = model();
+    let layer_wise = Distill {
+        recovery_epochs: 1,
+        lr: 1e-3,
+        ..Distill::default()
+    };
+    let (without, vm_without) = model();
+    let s = Sparsity::Unstructured(0.6);
+    prune_distilled(&without, &calibration(), s, &layer_wise, |_| {}).unwrap();
+    let cfg = Distill {
+        end_to_end: Some(EndToEnd {
+            epochs: 3,
+            lr: 1e-3,
+            group: 1,
+            window: 32,
+            top_k: 8,
+        }),
+        ..layer_wise
+    };
+    let (with, vm_with) = model();
+    let mut stages = Vec::new();
+    let r = prune_distilled(&with, &calibration(), s, &cfg, |d| stages.push(d.stage)).unwrap();
+    // One group per layer, each reported; the layer-wise pass is the same as without the stage.
+    assert_eq!(r.end_to_end.len(), 2, "{:?}", r.end_to_end);
+    assert_eq!(stages, ["layer", "layer", "end-to-end", "end-to-end"]);
+    assert!(r
+        .end_to_end
+        .iter()
+        .all(|g| g.after <= g.before && g.before > 0.0));
+    assert!(
+        r.end_to_end[1].after < r.end_to_end[0].before,
+        "{:?}",
+        r.end_to_end
+    );
+    // Training keeps the zeros where the layer-wise pass left them.
+    assert_eq!(zero_pattern(&vm_with), zero_pattern(&vm_without));
+    let (ours, theirs) = (logit_error(&with, &dense), logit_error(&without, &dense));
+    assert!(ours < theirs, "with the stage {ours}, without {theirs}");
+}
+
 #[test]
 fn the_method_rejects_magnitude_starts_and_bad_settings() {
     let (m, _) = model();
@@ -164,6 +225,13 @@ fn the_method_rejects_magnitude_starts_and_bad_settings() {
         },
         Distill {
             head_start: 1.5,
+            ..Distill::default()
+        },
+        Distill {
+            end_to_end: Some(EndToEnd {
+                top_k: 0,
+                ..EndToEnd::default()
+            }),
             ..Distill::default()
         },
     ] {

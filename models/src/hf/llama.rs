@@ -743,6 +743,19 @@ impl CausalLm {
         self.block(index, self.layer(index)?, h, &mut None, &mask, true, None)
     }
 
+    /// Logits (B, T, V) of hidden states `h` (B, T, D) of whole unpadded sequences entering
+    /// decoder layer `start`: the layers from `start` on, the final norm and the head, keeping
+    /// the graph (what end-to-end distillation trains, the layers below held as they are).
+    pub fn logits_from_layer(&self, start: usize, h: &Tensor) -> Result<Tensor> {
+        self.layer(start)?;
+        let mask = self.mask(h.dim(1)?, 0, None, h.device())?;
+        let mut h = h.clone();
+        for (i, layer) in self.layers.iter().enumerate().skip(start) {
+            h = self.block(i, layer, &h, &mut None, &mask, true, None)?;
+        }
+        Ok(self.lm_head.forward(&self.norm.forward(&h)?)?)
+    }
+
     fn layer(&self, index: usize) -> Result<&Block> {
         self.layers.get(index).ok_or_else(|| {
             Error::Config(format!(
