@@ -121,6 +121,7 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
                         "{mname} {pname}: {} {}/{}{error}",
                         d.stage, d.layer, d.layers
                     );
+                    Ok(())
                 };
                 let plan = llm::Plan {
                     method: m,
@@ -128,7 +129,7 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
                     owl: owl.then(llm::Owl::default),
                     distill,
                 };
-                let r = llm::prune_with(&model, &windows, &plan, progress)?;
+                let r = llm::prune_with(&model, &windows, &plan, None, progress)?;
                 (r.linear_sparsity(), r.calibration_tokens)
             }
             _ => (0.0, 0),

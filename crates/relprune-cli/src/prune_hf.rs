@@ -35,9 +35,6 @@ pub struct PruneHfArgs {
 /// Runs `relprune prune-hf`.
 pub fn run(args: &PruneHfArgs) -> Result<()> {
     relprune_hf::memory::return_freed_buffers();
-    if args.resume.is_none() && relprune_hf::causal::applies(&args.options)? {
-        return run_causal(args);
-    }
     let interrupt_after = match std::env::var(INTERRUPT_ENV) {
         Ok(v) => Some(
             v.parse::<usize>()
@@ -45,6 +42,17 @@ pub fn run(args: &PruneHfArgs) -> Result<()> {
         ),
         Err(_) => None,
     };
+    let causal = match &args.resume {
+        Some(dir) => relprune_hf::causal::resume_config(dir)
+            .with_context(|| format!("cannot resume from {}", dir.display()))?,
+        None if relprune_hf::causal::applies(&args.options)? => {
+            Some(relprune_hf::causal::CausalConfig::new(&args.options)?)
+        }
+        None => None,
+    };
+    if let Some(cfg) = causal {
+        return run_causal(args, cfg, interrupt_after);
+    }
     let mut opts = RunOptions {
         quiet: args.quiet,
         keep_work: args.keep_work,
@@ -95,15 +103,27 @@ pub fn run(args: &PruneHfArgs) -> Result<()> {
     Ok(())
 }
 
-/// `prune-hf` on a decoder-only LM: prints the perplexities and the sparsity.
-fn run_causal(args: &PruneHfArgs) -> Result<()> {
-    if args.work.is_some() || args.keep_work {
-        anyhow::bail!(
-            "--work and --keep-work: a decoder-only LM is pruned without a work directory"
-        );
+/// `prune-hf` on a decoder-only LM (`cfg`, checked or resumed): prints the perplexities and
+/// the sparsity.
+fn run_causal(
+    args: &PruneHfArgs,
+    cfg: relprune_hf::causal::CausalConfig,
+    interrupt_after: Option<usize>,
+) -> Result<()> {
+    let mut opts = RunOptions {
+        quiet: args.quiet,
+        keep_work: args.keep_work,
+        interrupt_after,
+        ..RunOptions::new(&args.out)
+    };
+    if let Some(dir) = args.resume.as_ref().or(args.work.as_ref()) {
+        opts.work = dir.clone();
     }
-    let cfg = relprune_hf::causal::CausalConfig::new(&args.options)?;
-    let r = relprune_hf::causal::run(cfg, &args.out, args.quiet)?;
+    opts.resume = args.resume.is_some();
+    if opts.resume && !args.quiet {
+        eprintln!("resuming {} in {}", cfg.model_arg, opts.work.display());
+    }
+    let r = relprune_hf::causal::run(cfg, &opts)?;
     for p in &r.perplexity {
         println!(
             "{}: perplexity of {}{} {:.3} → {:.3}; projections {:.2}% zero; {:.0} s{}",

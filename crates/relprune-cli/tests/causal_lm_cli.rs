@@ -371,6 +371,78 @@ fn prune_hf_prunes_a_causal_lm_to_each_pattern_into_a_directory_it_reloads() {
 }
 
 #[test]
+fn prune_hf_on_a_causal_lm_resumes_an_interrupted_run_to_the_uninterrupted_result() {
+    let dir = with_tokenizer("llama-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    token_text(&text, 30);
+    let model = dir.path().to_str().unwrap();
+    let run = |out: &Path, extra: &[&str], interrupt: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relprune"));
+        cmd.args(["prune-hf", "--quiet", "--out", out.to_str().unwrap()]);
+        cmd.args(extra);
+        if let Some(n) = interrupt {
+            cmd.env("RELPRUNE_INTERRUPT_AFTER_EPOCHS", n);
+        }
+        cmd.output().unwrap()
+    };
+    let flags = [
+        "--model",
+        model,
+        "--text",
+        text.to_str().unwrap(),
+        "--calib-windows",
+        "4",
+        "--window",
+        "64",
+        "--end-to-end-epochs",
+        "1",
+    ];
+    let straight = tmp.path().join("straight");
+    let r = run(&straight, &flags, None);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // Its work directory is gone after success.
+    assert!(!tmp.path().join("straight.relprune-work").exists());
+
+    // Steps: layer 0, layer 1, the end-to-end group of both. Stopped after the first, then
+    // after the second: no output, the checkpoint in the work directory.
+    let out = tmp.path().join("resumed");
+    let work = tmp.path().join("work");
+    let w = work.to_str().unwrap();
+    let r = run(&out, &[&flags[..], &["--work", w]].concat(), Some("1"));
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("interrupted"));
+    assert!(!out.exists() && work.join("causal-checkpoint.json").is_file());
+    // A fresh run into the same work directory refuses to overwrite it.
+    let r = run(&out, &[&flags[..], &["--work", w]].concat(), None);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--resume"));
+    let r = run(&out, &["--resume", w], Some("1"));
+    assert!(!r.status.success() && !out.exists());
+    let r = run(&out, &["--resume", w, "--keep-work"], None);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(bytes(&out) == bytes(&straight), "the resumed model differs");
+    let (a, b) = (
+        read_json(&straight.join("relprune_report.json")),
+        read_json(&out.join("relprune_report.json")),
+    );
+    for key in [
+        "perplexity",
+        "layer_errors",
+        "end_to_end",
+        "linear_sparsity",
+    ] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
+    assert_eq!(b["end_to_end"].as_array().unwrap().len(), 1);
+    assert!(
+        work.join("layer-1.safetensors").is_file(),
+        "--keep-work keeps it"
+    );
+}
+
+#[test]
 fn prune_hf_on_a_causal_lm_refuses_bad_flags_before_any_work() {
     let dir = with_tokenizer("llama-tiny");
     let model = dir.path().to_str().unwrap();

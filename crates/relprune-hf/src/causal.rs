@@ -44,7 +44,7 @@ pub fn applies(o: &Options) -> Result<bool> {
 }
 
 /// A checked decoder-LM run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct CausalConfig {
     /// `--model` as given.
     pub model_arg: String,
@@ -281,11 +281,75 @@ pub fn load(model: &Path) -> Result<(CausalLm, VarMap, &'static str)> {
     }
 }
 
-/// Prunes the model of `cfg` into `out` (which must not exist; written through a staging
-/// directory renamed at the end) and reports; `quiet` silences the per-layer progress.
-pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
+/// The checkpoint file of a decoder-LM run in its work directory (beside it, one
+/// `layer-L.safetensors` per decoder layer done with its projections as they are now).
+pub const CHECKPOINT_FILE: &str = "causal-checkpoint.json";
+
+/// What a decoder-LM run's work directory records after each step.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+struct Checkpoint {
+    /// The run's configuration (what `--resume` continues).
+    config: CausalConfig,
+    /// Decoder layers done by the layer-by-layer pass.
+    layers: usize,
+    /// Their output errors (the method).
+    layer_errors: Vec<(f64, f64)>,
+    /// End-to-end groups done.
+    groups: Vec<llm::GroupDone>,
+    /// Seconds spent pruning before the last checkpoint.
+    prune_seconds: f64,
+}
+
+fn layer_file(work: &Path, l: usize) -> PathBuf {
+    work.join(format!("layer-{l}.safetensors"))
+}
+
+/// The configuration of the decoder-LM run checkpointed in `work`, if `work` holds one.
+pub fn resume_config(work: &Path) -> Result<Option<CausalConfig>> {
+    Ok(read_checkpoint(work)?.map(|c| c.config))
+}
+
+fn read_checkpoint(work: &Path) -> Result<Option<Checkpoint>> {
+    let path = work.join(CHECKPOINT_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        invalid(format!(
+            "{}: not a decoder-LM checkpoint: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// The weights a resumed run replays: every layer file the checkpoint counts.
+fn resume_state(work: &Path, c: &Checkpoint, layers: usize) -> Result<llm::Resume> {
+    let mut weights = std::collections::HashMap::new();
+    for l in 0..c.layers.min(layers) {
+        let path = layer_file(work, l);
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+            .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        weights.extend(tensors);
+    }
+    Ok(llm::Resume {
+        layers: c.layers,
+        layer_errors: c.layer_errors.clone(),
+        groups: c.groups.clone(),
+        weights,
+    })
+}
+
+/// Prunes the model of `cfg` into `opts.out` (which must not exist; written through a staging
+/// directory renamed at the end) and reports, checkpointed after every decoder layer and every
+/// end-to-end group into `opts.work` (removed after success unless `opts.keep_work`); with
+/// `opts.resume`, continues the run checkpointed there (see [`resume_config`]) to the result
+/// the uninterrupted run would have written. `opts.quiet` silences the per-layer progress.
+pub fn run(cfg: CausalConfig, opts: &crate::RunOptions) -> Result<CausalReport> {
     let started = Instant::now();
-    let out = absolute(out)?;
+    let quiet = opts.quiet;
+    let out = absolute(&opts.out)?;
     if out.exists() {
         return Err(invalid(format!(
             "output directory {} already exists (prune-hf never overwrites; remove it or pick \
@@ -293,6 +357,31 @@ pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
             out.display()
         )));
     }
+    let work = absolute(&opts.work)?;
+    let saved = read_checkpoint(&work)?;
+    match (&saved, opts.resume) {
+        (Some(_), false) => {
+            return Err(invalid(format!(
+                "work directory {} holds the checkpoint of an earlier run: resume it (--resume \
+                 {}), or delete it",
+                work.display(),
+                work.display()
+            )))
+        }
+        (None, true) => {
+            return Err(invalid(format!(
+                "work directory {} holds no decoder-LM checkpoint ({CHECKPOINT_FILE}) to resume",
+                work.display()
+            )))
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(&work).map_err(|e| {
+        invalid(format!(
+            "cannot create work directory {}: {e}",
+            work.display()
+        ))
+    })?;
     let dir = gguf::model_dir(&cfg.model);
     let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))
         .map_err(|e| invalid(format!("{}: {e}", dir.join("tokenizer.json").display())))?;
@@ -329,7 +418,45 @@ pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
 
     let t = Instant::now();
     let sparsity = cfg.pattern.at(cfg.target_sparsity);
-    let progress = |d: &llm::LayerDone| {
+    let resume = match &saved {
+        Some(c) => Some(resume_state(&work, c, model.num_layers())?),
+        None => None,
+    };
+    let earlier_seconds = saved.as_ref().map_or(0.0, |c| c.prune_seconds);
+    let mut checkpoint = saved.unwrap_or(Checkpoint {
+        config: cfg.clone(),
+        layers: 0,
+        layer_errors: Vec::new(),
+        groups: Vec::new(),
+        prune_seconds: 0.0,
+    });
+    let mut steps = 0usize;
+    let progress = |d: &llm::LayerDone| -> Result<()> {
+        for l in d.first..d.layer {
+            save_variables(&varmap, &llm::linears(l), &layer_file(&work, l))?;
+        }
+        match d.stage {
+            "layer" => {
+                checkpoint.layers = d.layer;
+                checkpoint.layer_errors.extend(d.error);
+            }
+            _ => checkpoint.groups.push(llm::GroupDone {
+                first: d.first,
+                end: d.layer,
+                before: d.error.map_or(f64::NAN, |e| e.0),
+                after: d.error.map_or(f64::NAN, |e| e.1),
+            }),
+        }
+        checkpoint.prune_seconds = earlier_seconds + t.elapsed().as_secs_f64();
+        let json = serde_json::to_string_pretty(&checkpoint).map_err(|e| invalid(e.to_string()))?;
+        relprune_io::write(&work.join(CHECKPOINT_FILE), json.as_bytes())?;
+        steps += 1;
+        if let Some(n) = opts.interrupt_after.filter(|&n| steps >= n) {
+            return Err(invalid(format!(
+                "interrupted after {steps} steps ({}={n})",
+                crate::INTERRUPT_ENV
+            )));
+        }
         if !quiet {
             let error = d.error.map_or(String::new(), |(a, b)| {
                 format!(" (output error {a:.2e} → {b:.2e})")
@@ -345,6 +472,7 @@ pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
                 d.layers
             );
         }
+        Ok(())
     };
     let plan = Plan {
         method: cfg.method,
@@ -352,8 +480,8 @@ pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
         owl: cfg.owl,
         distill: cfg.distill.unwrap_or_default(),
     };
-    let report = llm::prune_with(&model, &windows, &plan, progress)?;
-    let prune_seconds = t.elapsed().as_secs_f64();
+    let report = llm::prune_with(&model, &windows, &plan, resume.as_ref(), progress)?;
+    let prune_seconds = earlier_seconds + t.elapsed().as_secs_f64();
     let (layers, types) = sparsity_rows(&varmap, model.num_layers())?;
 
     let stage = relprune_io::StagingDir::new(&out)?;
@@ -422,6 +550,10 @@ pub fn run(cfg: CausalConfig, out: &Path, quiet: bool) -> Result<CausalReport> {
     relprune_io::write(&stage.path().join(REPORT_FILE), json.as_bytes())?;
     relprune_io::write(&stage.path().join(REPORT_MD), markdown(&result).as_bytes())?;
     stage.commit(&out)?;
+    if !opts.keep_work {
+        std::fs::remove_dir_all(&work)
+            .map_err(|e| invalid(format!("cannot remove {}: {e}", work.display())))?;
+    }
     Ok(result)
 }
 

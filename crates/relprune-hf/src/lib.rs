@@ -32,7 +32,7 @@
 //!     ..relprune_hf::Options::text("SmolLM2-135M-Instruct-Q4_1", "calib.txt")
 //! };
 //! let config = relprune_hf::causal::CausalConfig::new(&options)?;
-//! let report = relprune_hf::causal::run(config, "smollm2-2-4".as_ref(), true)?;
+//! let report = relprune_hf::causal::run(config, &relprune_hf::RunOptions::new("smollm2-2-4"))?;
 //! println!("perplexity {:.2} → {:.2}", report.perplexity[0].dense, report.perplexity[0].pruned);
 //! # Ok(())
 //! # }

@@ -18,7 +18,7 @@ use crate::error::invalid;
 use crate::Result;
 
 /// A one-shot pruning method.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum OneShot {
@@ -45,7 +45,7 @@ impl OneShot {
 }
 
 /// A pruning method for decoder LMs: the method, or one of the one-shot baselines.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
@@ -82,7 +82,7 @@ impl Method {
 }
 
 /// The shape of the sparsity a run asks for (with a target fraction for unstructured).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Pattern {
     /// Anywhere in each comparison group.
@@ -146,7 +146,7 @@ impl Sparsity {
 /// pruned model's inputs, with the selective decay shrinking the weights irrelevant to that
 /// loss; the weights it shrank are then removed and the layer recovers without the regularizer.
 /// Memory stays one layer's calibration activations (three copies) and one layer's Adam state.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
 pub struct Distill {
     /// The baseline that chooses the starting masks (Wanda or SparseGPT).
     pub start: OneShot,
@@ -174,7 +174,7 @@ pub struct Distill {
 /// Adam state, on sequences of `window` tokens (the calibration windows cut into pieces), the
 /// layers below the group run once; a group whose training ends with a worse divergence than
 /// it started from is undone.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct EndToEnd {
     /// Passes over the calibration pieces per group.
     pub epochs: usize,
@@ -274,12 +274,15 @@ impl Distill {
     }
 }
 
-/// A decoder layer done, what progress reports show.
+/// A step done (a decoder layer, or a group of them trained end to end), what progress reports
+/// show and checkpoints save: the projections of layers `first..layer` changed.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct LayerDone {
     /// The pass: `layer` (layer by layer) or `end-to-end` (then `layer` is the last layer of
     /// the group done and `error` its divergence from the dense model before and after).
     pub stage: &'static str,
+    /// The first layer the step changed.
+    pub first: usize,
     /// Layers done.
     pub layer: usize,
     /// Layers in all.
@@ -314,7 +317,7 @@ pub struct OneShotReport {
 }
 
 /// A group of decoder layers trained end to end.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
 pub struct GroupDone {
     /// Its first layer.
     pub first: usize,
@@ -381,9 +384,13 @@ pub fn prune(
     windows: &[Vec<u32>],
     method: OneShot,
     sparsity: Sparsity,
-    progress: impl FnMut(&LayerDone),
+    mut progress: impl FnMut(&LayerDone),
 ) -> Result<OneShotReport> {
-    run(model, windows, method, sparsity, None, None, progress)
+    let progress = |d: &LayerDone| {
+        progress(d);
+        Ok(())
+    };
+    run(model, windows, method, sparsity, None, None, None, progress)
 }
 
 /// Prunes `model` in place to `sparsity` with the method ([`Distill`]), calibrated on `windows`;
@@ -393,15 +400,20 @@ pub fn prune_distilled(
     windows: &[Vec<u32>],
     sparsity: Sparsity,
     cfg: &Distill,
-    progress: impl FnMut(&LayerDone),
+    mut progress: impl FnMut(&LayerDone),
 ) -> Result<OneShotReport> {
     cfg.check()?;
+    let progress = |d: &LayerDone| {
+        progress(d);
+        Ok(())
+    };
     run(
         model,
         windows,
         cfg.start,
         sparsity,
         Some(cfg),
+        None,
         None,
         progress,
     )
@@ -420,13 +432,30 @@ pub struct Plan {
     pub distill: Distill,
 }
 
-/// Prunes `model` in place as `plan` says, calibrated on `windows`; `progress` after each
-/// decoder layer.
+/// Where an interrupted run stood, what [`prune_with`] resumes from: the projections of the
+/// steps done as they were checkpointed after them, and what was reported of those steps.
+#[derive(Clone, Debug, Default)]
+pub struct Resume {
+    /// Decoder layers done by the layer-by-layer pass.
+    pub layers: usize,
+    /// Their output errors (the method).
+    pub layer_errors: Vec<(f64, f64)>,
+    /// End-to-end groups done.
+    pub groups: Vec<GroupDone>,
+    /// The projections of every layer done, by name.
+    pub weights: std::collections::HashMap<String, Tensor>,
+}
+
+/// Prunes `model` in place as `plan` says, calibrated on `windows`, from where `resume` says an
+/// earlier run of the same plan stopped (the steps it did are replayed from their saved
+/// weights: the result is the uninterrupted run's); `progress` after each step (an error stops
+/// the run: how a caller's checkpoint failure or interruption ends it).
 pub fn prune_with(
     model: &CausalLm,
     windows: &[Vec<u32>],
     plan: &Plan,
-    progress: impl FnMut(&LayerDone),
+    resume: Option<&Resume>,
+    progress: impl FnMut(&LayerDone) -> Result<()>,
 ) -> Result<OneShotReport> {
     plan.sparsity.check()?;
     let per_layer = match (plan.owl, plan.sparsity) {
@@ -439,34 +468,28 @@ pub fn prune_with(
         (None, _) => None,
     };
     let d = &plan.distill;
-    let mut report = match plan.method.one_shot() {
-        Some(o) => run(
-            model,
-            windows,
-            o,
-            plan.sparsity,
-            None,
-            per_layer.as_deref(),
-            progress,
-        )?,
+    let (method, distill) = match plan.method.one_shot() {
+        Some(o) => (o, None),
         None => {
             d.check()?;
-            let layers = per_layer.as_deref();
-            run(
-                model,
-                windows,
-                d.start,
-                plan.sparsity,
-                Some(d),
-                layers,
-                progress,
-            )?
+            (d.start, Some(d))
         }
     };
+    let mut report = run(
+        model,
+        windows,
+        method,
+        plan.sparsity,
+        distill,
+        per_layer.as_deref(),
+        resume,
+        progress,
+    )?;
     report.layer_sparsity = per_layer;
     Ok(report)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     model: &CausalLm,
     windows: &[Vec<u32>],
@@ -474,9 +497,19 @@ fn run(
     sparsity: Sparsity,
     distill: Option<&Distill>,
     layer_sparsity: Option<&[f64]>,
-    mut progress: impl FnMut(&LayerDone),
+    resume: Option<&Resume>,
+    mut progress: impl FnMut(&LayerDone) -> Result<()>,
 ) -> Result<OneShotReport> {
     sparsity.check()?;
+    let empty = Resume::default();
+    let resume = resume.unwrap_or(&empty);
+    if resume.layers > model.num_layers() || resume.layer_errors.len() > resume.layers {
+        return Err(invalid(format!(
+            "a checkpoint of {} layers for a {}-layer model",
+            resume.layers,
+            model.num_layers()
+        )));
+    }
     if windows.is_empty() && method != OneShot::Magnitude {
         return Err(invalid(format!("{} needs calibration text", method.name())));
     }
@@ -510,6 +543,30 @@ fn run(
         if distill.is_some() {
             dense = forward_layer(model, l, &dense)?;
         }
+        if l < resume.layers {
+            // Done before the interruption: its saved weights, and what was reported of it.
+            for name in &names {
+                let saved = resume.weights.get(name).ok_or_else(|| {
+                    invalid(format!("the checkpoint has no `{name}` for layer {l}"))
+                })?;
+                let var = vars
+                    .get(name)
+                    .ok_or_else(|| invalid(format!("the model has no variable `{name}`")))?;
+                if saved.dims() != var.dims() {
+                    return Err(invalid(format!(
+                        "the checkpoint's `{name}` has shape {:?}, the model's {:?}",
+                        saved.dims(),
+                        var.dims()
+                    )));
+                }
+                var.set(saved)?;
+            }
+            layer_errors.extend(resume.layer_errors.get(l).copied());
+            let (z, w) = count_zeros(&vars, &names)?;
+            (zeros, weights) = (zeros + z, weights + w);
+            hidden = forward_layer(model, l, &hidden)?;
+            continue;
+        }
         let stats = collect(model, l, &hidden, method)?;
         let target = match (sparsity, layer_sparsity) {
             (Sparsity::Unstructured(_), Some(per_layer)) => Sparsity::Unstructured(per_layer[l]),
@@ -531,25 +588,28 @@ fn run(
             None => None,
         };
         layer_errors.extend(error);
-        for name in &names {
-            let v = vars[name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            zeros += v.iter().filter(|&&x| x == 0.0).count();
-            weights += v.len();
-        }
+        let (z, w) = count_zeros(&vars, &names)?;
+        (zeros, weights) = (zeros + z, weights + w);
         // The next layer's inputs: this layer's outputs, pruned.
         hidden = forward_layer(model, l, &hidden)?;
         progress(&LayerDone {
             stage: "layer",
+            first: l,
             layer: l + 1,
             layers,
             error,
-        });
+        })?;
     }
     drop((hidden, dense));
     let groups = match &end_to_end {
-        Some((e, pieces, targets)) => {
-            train_end_to_end(model, &vars, pieces, targets, e, &mut progress)?
-        }
+        Some((e, pieces, targets)) => train_end_to_end(
+            model,
+            &vars,
+            (pieces, targets),
+            e,
+            &resume.groups,
+            &mut progress,
+        )?,
         None => Vec::new(),
     };
     Ok(OneShotReport {
@@ -563,6 +623,17 @@ fn run(
         layer_sparsity: None,
         end_to_end: groups,
     })
+}
+
+/// Zeros and weights of the variables `names`.
+fn count_zeros(vars: &BTreeMap<String, Var>, names: &[String]) -> Result<(usize, usize)> {
+    let (mut zeros, mut weights) = (0, 0);
+    for name in names {
+        let v = vars[name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        zeros += v.iter().filter(|&&x| x == 0.0).count();
+        weights += v.len();
+    }
+    Ok((zeros, weights))
 }
 
 /// `windows` cut into consecutive pieces of `len` tokens (a last piece shorter than 2 tokens,
@@ -644,14 +715,15 @@ fn top_k_kl(logits: &Tensor, target: &TopK) -> Result<Tensor> {
     Ok(((target.entropy_term - cross)? / t as f64)?)
 }
 
-/// The end-to-end stage ([`EndToEnd`]) on the pruned `model`, towards `targets` on `pieces`.
+/// The end-to-end stage ([`EndToEnd`]) on the pruned `model`, towards `targets` on `pieces`;
+/// the groups in `done` were trained before an interruption (the model holds their result).
 fn train_end_to_end(
     model: &CausalLm,
     vars: &BTreeMap<String, Var>,
-    pieces: &[Vec<u32>],
-    targets: &[TopK],
+    (pieces, targets): (&[Vec<u32>], &[TopK]),
     cfg: &EndToEnd,
-    progress: &mut impl FnMut(&LayerDone),
+    done: &[GroupDone],
+    progress: &mut impl FnMut(&LayerDone) -> Result<()>,
 ) -> Result<Vec<GroupDone>> {
     let mut hidden = embedded(model, pieces)?;
     let layers = model.num_layers();
@@ -661,9 +733,23 @@ fn train_end_to_end(
         lr: cfg.lr,
         ..Distill::default()
     };
+    let saved = done;
     let mut done = Vec::new();
-    for first in (0..layers).step_by(cfg.group) {
+    for (g, first) in (0..layers).step_by(cfg.group).enumerate() {
         let end = (first + cfg.group).min(layers);
+        if let Some(s) = saved.get(g) {
+            if (s.first, s.end) != (first, end) {
+                return Err(invalid(format!(
+                    "the checkpoint's end-to-end group {g} is layers {}..{}, this run's {first}..{end}",
+                    s.first, s.end
+                )));
+            }
+            done.push(*s);
+            for l in first..end {
+                hidden = forward_layer(model, l, &hidden)?;
+            }
+            continue;
+        }
         let block: Vec<(String, bool)> =
             (first..end).flat_map(linears).map(|n| (n, true)).collect();
         let params = block_params(vars, &block)?;
@@ -685,10 +771,11 @@ fn train_end_to_end(
         });
         progress(&LayerDone {
             stage: "end-to-end",
+            first,
             layer: end,
             layers,
             error: Some((before, after)),
-        });
+        })?;
         for l in first..end {
             hidden = forward_layer(model, l, &hidden)?;
         }
@@ -735,7 +822,7 @@ fn collect(model: &CausalLm, l: usize, hidden: &[Tensor], method: OneShot) -> Re
 
 /// OWL's rule (Yin et al. 2024, "Outlier Weighed Layerwise sparsity"): how many outliers each
 /// layer has decides its share of the zeros.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Owl {
     /// A weight is an outlier when its Wanda metric exceeds `m` times its layer's mean.
     pub m: f64,

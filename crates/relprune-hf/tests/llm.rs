@@ -258,7 +258,7 @@ fn owl_spreads_layer_sparsities_around_the_target_and_prunes_each_layer_to_its_o
         owl: Some(owl),
         distill: Distill::default(),
     };
-    let r = relprune_hf::llm::prune_with(&m, &calibration(), &plan, |_| {}).unwrap();
+    let r = relprune_hf::llm::prune_with(&m, &calibration(), &plan, None, |_| Ok(())).unwrap();
     assert_eq!(r.layer_sparsity.as_deref(), Some(&s[..]));
     assert!(
         (r.linear_sparsity() - 0.5).abs() < 0.01,
@@ -280,5 +280,5 @@ fn owl_spreads_layer_sparsities_around_the_target_and_prunes_each_layer_to_its_o
         sparsity: Sparsity::NM(2, 4),
         ..plan
     };
-    assert!(relprune_hf::llm::prune_with(&m, &calibration(), &nm, |_| {}).is_err());
+    assert!(relprune_hf::llm::prune_with(&m, &calibration(), &nm, None, |_| Ok(())).is_err());
 }
