@@ -456,6 +456,10 @@ fn prune_hf_on_a_causal_lm_refuses_bad_flags_before_any_work() {
         let run = relprune(args);
         assert!(!run.status.success(), "{args:?} succeeded");
         assert!(!out.exists(), "{args:?} wrote {o}");
+        assert!(
+            !tmp.path().join("out.relprune-work").exists(),
+            "{args:?} made a work directory"
+        );
         String::from_utf8_lossy(&run.stderr).to_string()
     };
     let e = err(&[
@@ -497,6 +501,44 @@ fn prune_hf_on_a_causal_lm_refuses_bad_flags_before_any_work() {
         "3:4",
     ]);
     assert!(e.contains("3:4"), "{e}");
+    let e = err(&[
+        "prune-hf",
+        "--model",
+        model,
+        "--out",
+        o,
+        "--text",
+        text,
+        "--method",
+        "wanda",
+        "--end-to-end-epochs",
+        "2",
+    ]);
+    assert!(
+        e.contains("--end-to-end-epochs") && e.contains("wanda"),
+        "{e}"
+    );
+    // A tokenizer of another vocabulary, and heads that do not divide the hidden size.
+    let other = with_tokenizer("llama-tiny");
+    let tok = other.path().join("tokenizer.json");
+    let mut t: Value = read_json(&tok);
+    t["model"]["vocab"]["t500"] = Value::from(500);
+    std::fs::write(&tok, t.to_string()).unwrap();
+    let m = other.path().to_str().unwrap();
+    let e = err(&[
+        "prune-hf", "--model", m, "--out", o, "--text", text, "--window", "16",
+    ]);
+    assert!(e.contains("tokenizer") && e.contains("does not fit"), "{e}");
+    let odd = with_tokenizer("llama-tiny");
+    let cfg = odd.path().join("config.json");
+    let mut c: Value = read_json(&cfg);
+    c["num_attention_heads"] = Value::from(c["hidden_size"].as_u64().unwrap() + 1);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let m = odd.path().to_str().unwrap();
+    let e = err(&[
+        "prune-hf", "--model", m, "--out", o, "--text", text, "--window", "16",
+    ]);
+    assert!(e.contains("config.json") || e.contains("divide"), "{e}");
     std::fs::create_dir(&out).unwrap();
     let run = relprune(&[
         "prune-hf", "--model", model, "--out", o, "--text", text, "--window", "16",

@@ -376,12 +376,6 @@ pub fn run(cfg: CausalConfig, opts: &crate::RunOptions) -> Result<CausalReport> 
         }
         _ => {}
     }
-    std::fs::create_dir_all(&work).map_err(|e| {
-        invalid(format!(
-            "cannot create work directory {}: {e}",
-            work.display()
-        ))
-    })?;
     let dir = gguf::model_dir(&cfg.model);
     let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))
         .map_err(|e| invalid(format!("{}: {e}", dir.join("tokenizer.json").display())))?;
@@ -432,6 +426,13 @@ pub fn run(cfg: CausalConfig, opts: &crate::RunOptions) -> Result<CausalReport> 
     });
     let mut steps = 0usize;
     let progress = |d: &llm::LayerDone| -> Result<()> {
+        // Made with the first checkpoint: a run that fails before it leaves nothing behind.
+        std::fs::create_dir_all(&work).map_err(|e| {
+            invalid(format!(
+                "cannot create work directory {}: {e}",
+                work.display()
+            ))
+        })?;
         for l in d.first..d.layer {
             save_variables(&varmap, &llm::linears(l), &layer_file(&work, l))?;
         }
