@@ -1,14 +1,28 @@
-# Independent PyTorch check of the anchors: Wanda and SparseGPT as in their reference code
-# (locuslab/wanda prune_wanda / prune_sparsegpt, IST-DASLab SparseGPT fasterprune), sequential,
-# on SmolLM2 loaded by transformers from its GGUF file. Usage: ref_prune.py METHOD PATTERN [f64]
+# An independent PyTorch check of ../shared/anchors/smollm2-pruning.json: Wanda and SparseGPT as
+# their reference code runs them (locuslab/wanda `prune_wanda` / `prune_sparsegpt`, IST-DASLab's
+# `fasterprune`), sequential layer by layer, on SmolLM2 loaded by transformers from its GGUF file,
+# perplexity of valid.txt by the anchors' protocol. docs/LLM.md gives what it measured.
+#
+#   bash ../shared/bench/setup_torch.sh venv
+#   venv/bin/pip install transformers gguf accelerate tokenizers safetensors
+#   venv/bin/python docs/reference/llm_anchors.py sparsegpt unstructured   # or wanda, 2:4, dense
+#
+# transformers 5 hands each decoder layer a `cache` (DynamicCache) among the keyword arguments a
+# layer-0 catcher records; passed back on every calibration call, each window then also attends
+# to the keys and values of the windows before it. The script drops it (what the algorithms
+# mean); KEEP_CACHE=1 keeps it, which reproduces the anchors' figures. STARTS='[...]' sets other
+# calibration window starts, SAVE=FILE writes the pruned projections (to compare masks).
+# SHARED=DIR points at the shared material (default: ../shared beside the repository).
 import json, math, sys, time
 import torch, torch.nn as nn
 from transformers import AutoModelForCausalLM
 from tokenizers import Tokenizer
 
 torch.set_num_threads(1)
-M = "/work/shared/models/SmolLM2-135M-Instruct-Q4_1"
-A = json.load(open("/work/shared/anchors/smollm2-pruning.json"))
+import os
+SHARED = os.environ.get("SHARED", os.path.join(os.path.dirname(__file__), "../../../shared"))
+M = f"{SHARED}/models/SmolLM2-135M-Instruct-Q4_1"
+A = json.load(open(f"{SHARED}/anchors/smollm2-pruning.json"))
 method, pattern = sys.argv[1], sys.argv[2]
 hp = len(sys.argv) > 3 and sys.argv[3] == "f64"
 prunen, prunem = (2, 4) if pattern == "2:4" else (0, 0)
@@ -24,7 +38,7 @@ def ids_of(path):
 model = AutoModelForCausalLM.from_pretrained(M, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                              dtype=torch.float32)
 model.eval()
-calib = ids_of("/work/shared/data/debian-reference-en/calib.txt")
+calib = ids_of(f"{SHARED}/data/debian-reference-en/calib.txt")
 assert len(calib) == A["calibration"]["tokens_in_text"], len(calib)
 import os
 starts = json.loads(os.environ["STARTS"]) if "STARTS" in os.environ else A["calibration"]["window_starts"]
@@ -33,7 +47,7 @@ wins = [calib[s:s + 512] for s in starts]
 
 @torch.no_grad()
 def ppl():
-    ids = ids_of("/work/shared/data/debian-reference-en/valid.txt")
+    ids = ids_of(f"{SHARED}/data/debian-reference-en/valid.txt")
     nll, n = 0.0, 0
     for s in range(0, len(ids), 512):
         w = torch.tensor([ids[s:s + 512]])

@@ -86,6 +86,10 @@ pub struct LlmBaselines {
     /// The method: the decay strength λ.
     #[arg(long, default_value_t = relprune_hf::llm::Distill::default().regularizer.lambda)]
     pub lambda: f64,
+    /// Magnitude's and Wanda's unstructured comparison group, other than their own (rows named
+    /// `METHOD+SCOPE`).
+    #[arg(long, value_enum)]
+    pub scope: Option<relprune_hf::llm::Scope>,
     /// The method: passes of its end-to-end stage per group of layers (0: off; the rows are
     /// then named `relprune+e2e`).
     #[arg(long, default_value_t = 0)]

@@ -98,6 +98,10 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
     for (method, pattern, owl) in configs {
         let (mname, pname) = match (method, pattern) {
             (Some(m), Some(p)) if owl => (format!("{}+owl", m.name()), anchor_label(p, f.sparsity)),
+            (Some(m), Some(p)) if f.scope.is_some() => (
+                format!("{}+{}", m.name(), f.scope.map_or("", |s| s.name())),
+                anchor_label(p, f.sparsity),
+            ),
             (Some(Method::Relprune), Some(p)) if distill.end_to_end.is_some() => {
                 ("relprune+e2e".to_string(), anchor_label(p, f.sparsity))
             }
@@ -128,6 +132,7 @@ pub fn run(f: flags::LlmBaselines) -> Result<()> {
                     sparsity: s,
                     owl: owl.then(llm::Owl::default),
                     distill,
+                    scope: f.scope,
                 };
                 let r = llm::prune_with(&model, &windows, &plan, None, progress)?;
                 (r.linear_sparsity(), r.calibration_tokens)

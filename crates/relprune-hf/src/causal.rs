@@ -70,6 +70,9 @@ pub struct CausalConfig {
     pub distill: Option<Distill>,
     /// `--owl`: OWL's layer sparsities.
     pub owl: Option<Owl>,
+    /// `--scope`: magnitude's or Wanda's comparison group.
+    #[serde(default)]
+    pub scope: Option<llm::Scope>,
     /// `--format`.
     pub format: CheckpointFormat,
 }
@@ -123,6 +126,12 @@ impl CausalConfig {
                 o.pattern.name()
             )));
         }
+        llm::check_scope(
+            o.scope,
+            o.method,
+            o.pattern.at(o.target_sparsity.unwrap_or(0.5)),
+            o.owl,
+        )?;
         if o.end_to_end_epochs.is_some() && o.method != Method::Relprune {
             return Err(invalid(format!(
                 "--end-to-end-epochs is a stage of the method; --method {} has none",
@@ -162,6 +171,7 @@ impl CausalConfig {
             seed: o.seed,
             distill: (o.method == Method::Relprune).then(|| distill(o)),
             owl: o.owl.then(Owl::default),
+            scope: o.scope,
             format: o.format,
         })
     }
@@ -480,6 +490,7 @@ pub fn run(cfg: CausalConfig, opts: &crate::RunOptions) -> Result<CausalReport> 
         sparsity,
         owl: cfg.owl,
         distill: cfg.distill.unwrap_or_default(),
+        scope: cfg.scope,
     };
     let report = llm::prune_with(&model, &windows, &plan, resume.as_ref(), progress)?;
     let prune_seconds = earlier_seconds + t.elapsed().as_secs_f64();

@@ -186,6 +186,10 @@ pub struct Options {
     /// unstructured only) instead of the same sparsity in every layer.
     #[cfg_attr(feature = "cli", arg(long))]
     pub owl: bool,
+    /// Decoder LMs, magnitude and Wanda unstructured: which weights are compared with each
+    /// other (row, layer, or global for magnitude) [default: layer for magnitude, row for Wanda]
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
+    pub scope: Option<crate::llm::Scope>,
     /// Decoder LMs, the method: passes of its end-to-end stage per group of 6 layers (the
     /// pruned projections trained towards the dense model's next-token distribution, its top 64
     /// tokens, on the calibration text cut into 128-token pieces) [default: 0, off]
@@ -252,6 +256,7 @@ impl Options {
             pattern: Pattern::Unstructured,
             owl: false,
             end_to_end_epochs: None,
+            scope: None,
             calib_windows: CALIB_WINDOWS,
             window: WINDOW,
             engine: EngineArgs::default(),
@@ -379,10 +384,11 @@ impl Config {
             || o.pattern != Pattern::Unstructured
             || o.owl
             || o.end_to_end_epochs.is_some()
+            || o.scope.is_some()
         {
             return Err(invalid(format!(
-                "--method, --pattern, --owl and --end-to-end-epochs are for decoder-only LMs; {} \
-                 is a {} model",
+                "--method, --pattern, --owl, --scope and --end-to-end-epochs are for decoder-only \
+                 LMs; {} is a {} model",
                 model_dir.display(),
                 arch.model_type
             )));

@@ -120,6 +120,31 @@ impl Pattern {
     }
 }
 
+/// Which weights an unstructured selection compares with each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Each output row of a matrix (Wanda's choice).
+    Row,
+    /// Each matrix (magnitude's choice in the anchors).
+    Layer,
+    /// All pruned matrices of the model together (magnitude only: Wanda's metric of a layer is
+    /// known only once the layers below it are pruned).
+    Global,
+}
+
+impl Scope {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Row => "row",
+            Self::Layer => "layer",
+            Self::Global => "global",
+        }
+    }
+}
+
 /// Which weights may be zeroed together.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub enum Sparsity {
@@ -390,7 +415,17 @@ pub fn prune(
         progress(d);
         Ok(())
     };
-    run(model, windows, method, sparsity, None, None, None, progress)
+    let group = own_group(method);
+    run(
+        model,
+        windows,
+        (method, group),
+        sparsity,
+        None,
+        None,
+        None,
+        progress,
+    )
 }
 
 /// Prunes `model` in place to `sparsity` with the method ([`Distill`]), calibrated on `windows`;
@@ -410,7 +445,7 @@ pub fn prune_distilled(
     run(
         model,
         windows,
-        cfg.start,
+        (cfg.start, own_group(cfg.start)),
         sparsity,
         Some(cfg),
         None,
@@ -430,6 +465,9 @@ pub struct Plan {
     pub owl: Option<Owl>,
     /// The method's settings (with [`Method::Relprune`]).
     pub distill: Distill,
+    /// Magnitude's or Wanda's comparison group when unstructured; `None`: each one's own (a
+    /// matrix for magnitude, a row for Wanda).
+    pub scope: Option<Scope>,
 }
 
 /// Where an interrupted run stood, what [`prune_with`] resumes from: the projections of the
@@ -475,10 +513,20 @@ pub fn prune_with(
             (d.start, Some(d))
         }
     };
+    check_scope(plan.scope, plan.method, plan.sparsity, plan.owl.is_some())?;
+    let group = match (plan.scope, plan.sparsity) {
+        (None, _) => own_group(method),
+        (Some(Scope::Row), _) => Group::Row,
+        (Some(Scope::Layer), _) => Group::Matrix,
+        (Some(Scope::Global), Sparsity::Unstructured(s)) => {
+            Group::Below(global_threshold(model, s)?)
+        }
+        (Some(Scope::Global), Sparsity::NM(..)) => unreachable!("refused by check_scope"),
+    };
     let mut report = run(
         model,
         windows,
-        method,
+        (method, group),
         plan.sparsity,
         distill,
         per_layer.as_deref(),
@@ -493,7 +541,7 @@ pub fn prune_with(
 fn run(
     model: &CausalLm,
     windows: &[Vec<u32>],
-    method: OneShot,
+    (method, group): (OneShot, Group),
     sparsity: Sparsity,
     distill: Option<&Distill>,
     layer_sparsity: Option<&[f64]>,
@@ -578,7 +626,7 @@ fn run(
                 .get(name)
                 .ok_or_else(|| invalid(format!("the model has no variable `{name}`")))?;
             let w = var.as_tensor();
-            let pruned = prune_matrix(w, &stats, name, first)?;
+            let pruned = prune_matrix(w, &stats, name, first, group)?;
             var.set(&pruned)?;
         }
         let error = match distill {
@@ -901,10 +949,16 @@ pub fn owl_sparsities(
 
 /// `w` (the weight `name`) pruned to `sparsity` by the method `stats` are for: magnitude over
 /// the matrix, Wanda per row, or SparseGPT (its zeros kept, the survivors updated).
-fn prune_matrix(w: &Tensor, stats: &Stats, name: &str, sparsity: Sparsity) -> Result<Tensor> {
+fn prune_matrix(
+    w: &Tensor,
+    stats: &Stats,
+    name: &str,
+    sparsity: Sparsity,
+    group: Group,
+) -> Result<Tensor> {
     Ok(match stats {
-        Stats::None => select(w, &w.abs()?, sparsity, Group::Matrix)?,
-        Stats::ColumnSquares(_) => select(w, &wanda(w, stats, name)?, sparsity, Group::Row)?,
+        Stats::None => select(w, &w.abs()?, sparsity, group)?,
+        Stats::ColumnSquares(_) => select(w, &wanda(w, stats, name)?, sparsity, group)?,
         Stats::Gram(map) => {
             let (s, n_of_m) = match sparsity {
                 Sparsity::Unstructured(s) => (s, None),
@@ -1013,7 +1067,7 @@ fn distill_layer(
     let mut prune_rest = || -> Result<()> {
         for name in &names {
             let w = vars[name].as_tensor();
-            vars[name].set(&prune_matrix(w, stats, name, sparsity)?)?;
+            vars[name].set(&prune_matrix(w, stats, name, sparsity, Group::Row)?)?;
         }
         Ok(())
     };
@@ -1027,6 +1081,96 @@ enum Group {
     Matrix,
     /// Each output row (Wanda).
     Row,
+    /// The whole model, whose threshold is this: every entry at or below it goes.
+    Below(f32),
+}
+
+/// Checks that `scope` applies to `method` at `sparsity` (with OWL's layer sparsities or not).
+pub fn check_scope(
+    scope: Option<Scope>,
+    method: Method,
+    sparsity: Sparsity,
+    owl: bool,
+) -> Result<()> {
+    let Some(scope) = scope else {
+        return Ok(());
+    };
+    match (scope, method, sparsity) {
+        (_, Method::Relprune | Method::SparseGpt, _) => Err(invalid(format!(
+            "--scope is for magnitude and Wanda; {} chooses its own comparison groups",
+            method.name()
+        ))),
+        (_, _, Sparsity::NM(n, m)) => Err(invalid(format!(
+            "--scope {} is for unstructured patterns; {n}:{m} compares each group of {m} inputs",
+            scope.name()
+        ))),
+        (Scope::Global, Method::Wanda, _) => Err(invalid(
+            "--scope global is for magnitude: Wanda's metric of a layer is known only once the \
+             layers below it are pruned",
+        )),
+        (Scope::Global, _, _) if owl => Err(invalid(
+            "--owl sets each layer's sparsity; --scope global sets none",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The comparison group a method's reference uses.
+fn own_group(method: OneShot) -> Group {
+    match method {
+        OneShot::Magnitude => Group::Matrix,
+        _ => Group::Row,
+    }
+}
+
+/// The `⌊s·n⌋`-th smallest `|w|` over the `n` weights of every pruned projection of `model`:
+/// the threshold of a global magnitude selection. A two-pass radix select on the bits of the
+/// non-negative floats (their order is their bits' order), so that no copy of the model's
+/// weights is made.
+fn global_threshold(model: &CausalLm, s: f64) -> Result<f32> {
+    let vars = variables(model)?;
+    let names: Vec<String> = (0..model.num_layers()).flat_map(linears).collect();
+    let bits = |name: &String| -> Result<Vec<u32>> {
+        let v = vars
+            .get(name)
+            .ok_or_else(|| invalid(format!("the model has no variable `{name}`")))?;
+        Ok(v.as_tensor()
+            .abs()?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect())
+    };
+    let mut high = vec![0u64; 1 << 16];
+    let mut n = 0u64;
+    for name in &names {
+        for b in bits(name)? {
+            high[(b >> 16) as usize] += 1;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Err(invalid("the model has no projections to prune"));
+    }
+    let mut k = ((s * n as f64) as u64).min(n - 1);
+    let bin = high
+        .iter()
+        .position(|&c| {
+            if k < c {
+                true
+            } else {
+                k -= c;
+                false
+            }
+        })
+        .unwrap_or(0) as u32;
+    let mut low = Vec::new();
+    for name in &names {
+        low.extend(bits(name)?.into_iter().filter(|b| b >> 16 == bin));
+    }
+    low.sort_unstable();
+    Ok(f32::from_bits(low[k as usize]))
 }
 
 /// `w` with the entries of lowest `metric` zeroed as the references do: unstructured over the
@@ -1038,6 +1182,18 @@ fn select(w: &Tensor, metric: &Tensor, sparsity: Sparsity, group: Group) -> Resu
     let m: Vec<f32> = metric.flatten_all()?.to_vec1()?;
     let mut keep = vec![1f32; rows * cols];
     match sparsity {
+        Sparsity::Unstructured(s) if matches!(group, Group::Below(_)) => {
+            let Group::Below(threshold) = group else {
+                unreachable!("matched above")
+            };
+            if s > 0.0 {
+                for (kv, &v) in keep.iter_mut().zip(&m) {
+                    if v <= threshold {
+                        *kv = 0.0;
+                    }
+                }
+            }
+        }
         Sparsity::Unstructured(s) if group == Group::Matrix => {
             let mut sorted = m.clone();
             sorted.sort_by(f32::total_cmp);

@@ -257,6 +257,7 @@ fn owl_spreads_layer_sparsities_around_the_target_and_prunes_each_layer_to_its_o
         sparsity: Sparsity::Unstructured(0.5),
         owl: Some(owl),
         distill: Distill::default(),
+        scope: None,
     };
     let r = relprune_hf::llm::prune_with(&m, &calibration(), &plan, None, |_| Ok(())).unwrap();
     assert_eq!(r.layer_sparsity.as_deref(), Some(&s[..]));
@@ -281,4 +282,75 @@ fn owl_spreads_layer_sparsities_around_the_target_and_prunes_each_layer_to_its_o
         ..plan
     };
     assert!(relprune_hf::llm::prune_with(&m, &calibration(), &nm, None, |_| Ok(())).is_err());
+}
+
+/// Fractions of zeros of each projection of `vm`, and of all of them.
+fn projection_sparsities(vm: &VarMap) -> (Vec<f64>, f64) {
+    let data = vm.data().lock().unwrap();
+    let (mut each, mut zeros, mut all) = (Vec::new(), 0, 0);
+    for (name, v) in data.iter().filter(|(n, _)| n.contains("_proj")) {
+        let w = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let z = w.iter().filter(|&&x| x == 0.0).count();
+        each.push(z as f64 / w.len() as f64);
+        assert!(!name.is_empty());
+        (zeros, all) = (zeros + z, all + w.len());
+    }
+    (each, zeros as f64 / all as f64)
+}
+
+#[test]
+fn the_scope_sets_which_weights_are_compared() {
+    use relprune_hf::llm::{prune_with, Method, Plan, Scope};
+    let plan = |method, scope| Plan {
+        method,
+        sparsity: Sparsity::Unstructured(0.5),
+        owl: None,
+        distill: Distill::default(),
+        scope,
+    };
+    // Global magnitude: half of all the weights, not half of each matrix.
+    let (m, vm) = model();
+    prune_with(
+        &m,
+        &[],
+        &plan(Method::Magnitude, Some(Scope::Global)),
+        None,
+        |_| Ok(()),
+    )
+    .unwrap();
+    let (each, all) = projection_sparsities(&vm);
+    assert!((all - 0.5).abs() < 1e-3, "{all}");
+    assert!(each.iter().any(|&s| (s - 0.5).abs() > 0.005), "{each:?}");
+    // Wanda per layer: half of each matrix, not of each row.
+    let (m, vm) = model();
+    let p = plan(Method::Wanda, Some(Scope::Layer));
+    prune_with(&m, &calibration(), &p, None, |_| Ok(())).unwrap();
+    let (each, _) = projection_sparsities(&vm);
+    assert!(each.iter().all(|&s| (s - 0.5).abs() < 1e-3), "{each:?}");
+    let w = values(&vm, "model.layers.1.mlp.up_proj.weight");
+    let rows: Vec<usize> = w
+        .iter()
+        .map(|r| r.iter().filter(|&&x| x == 0.0).count())
+        .collect();
+    assert!(rows.iter().any(|&z| z != w[0].len() / 2), "{rows:?}");
+    // What a scope cannot mean is an error.
+    let (m, _) = model();
+    for (method, scope, sparsity) in [
+        (Method::Wanda, Scope::Global, Sparsity::Unstructured(0.5)),
+        (Method::SparseGpt, Scope::Row, Sparsity::Unstructured(0.5)),
+        (Method::Relprune, Scope::Layer, Sparsity::Unstructured(0.5)),
+        (Method::Magnitude, Scope::Row, Sparsity::NM(2, 4)),
+    ] {
+        let p = Plan {
+            sparsity,
+            ..plan(method, Some(scope))
+        };
+        let e = prune_with(&m, &calibration(), &p, None, |_| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("scope"), "{e}");
+    }
 }
