@@ -5,7 +5,7 @@
 #
 #   bash ../shared/bench/setup_torch.sh venv
 #   venv/bin/pip install transformers gguf accelerate tokenizers safetensors
-#   venv/bin/python docs/reference/llm_anchors.py sparsegpt unstructured   # or wanda, 2:4, dense
+#   venv/bin/python scripts/llm_anchors.py sparsegpt unstructured   # or wanda, 2:4, dense
 #
 # transformers 5 hands each decoder layer a `cache` (DynamicCache) among the keyword arguments a
 # layer-0 catcher records; passed back on every calibration call, each window then also attends
@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 torch.set_num_threads(1)
 import os
-SHARED = os.environ.get("SHARED", os.path.join(os.path.dirname(__file__), "../../../shared"))
+SHARED = os.environ.get("SHARED", os.path.join(os.path.dirname(__file__), "../../shared"))
 M = f"{SHARED}/models/SmolLM2-135M-Instruct-Q4_1"
 A = json.load(open(f"{SHARED}/anchors/smollm2-pruning.json"))
 method, pattern = sys.argv[1], sys.argv[2]
