@@ -373,6 +373,14 @@ fn unsupported_configurations_are_clear_errors() {
         e.contains("\"marian\"") && e.contains("supported: bert"),
         "{e}"
     );
+    for (key, value) in [
+        ("max_position_embeddings", 1u64 << 59),
+        ("num_hidden_layers", 0),
+        ("vocab_size", 1 << 40),
+    ] {
+        let e = with(key, value.into());
+        assert!(e.contains(key) && e.contains("outside 1..="), "{e}");
+    }
     let e = with("hidden_act", "swish".into());
     assert!(
         e.contains("\"swish\"") && e.contains("gelu, gelu_new, relu"),

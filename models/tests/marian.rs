@@ -395,6 +395,18 @@ fn bad_configs_and_files_are_clear_errors() {
     assert!(e.contains("mish") && e.contains("swish"), "{e}");
     write(&with("normalize_before", true.into()), &bytes);
     assert!(load_err(tmp.path()).contains("normalize_before"));
+    // Sizes no file can hold are refused before anything is allocated: 2^59 positions once
+    // panicked computing the table's size, 10^9 aborted allocating it.
+    for positions in [1u64 << 59, 1_000_000_000, 0] {
+        write(&with("max_position_embeddings", positions.into()), &bytes);
+        let e = load_err(tmp.path());
+        assert!(
+            e.contains("max_position_embeddings") && e.contains("config.json"),
+            "{e}"
+        );
+    }
+    write(&with("encoder_layers", 0.into()), &bytes);
+    assert!(load_err(tmp.path()).contains("encoder_layers 0"));
     // A config of another size: the first mismatching tensor is named, with the file.
     write(&with("encoder_ffn_dim", 48.into()), &bytes);
     let e = load_err(tmp.path());

@@ -187,17 +187,31 @@ impl BertConfig {
                 self.position_embedding_type
             )));
         }
-        let sizes = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-            ("type_vocab_size", self.type_vocab_size),
-        ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::Config(format!("{name} must be positive")));
-        }
+        super::check_sizes(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("num_attention_heads", self.num_attention_heads),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("intermediate_size", self.intermediate_size),
+                ("type_vocab_size", self.type_vocab_size),
+            ],
+            super::MAX_DIM,
+        )?;
+        super::check_sizes(
+            &[("max_position_embeddings", self.max_position_embeddings)],
+            super::MAX_POSITIONS,
+        )?;
+        super::check_table(
+            "vocab_size × hidden_size",
+            self.vocab_size,
+            self.hidden_size,
+        )?;
+        super::check_table(
+            "max_position_embeddings × hidden_size",
+            self.max_position_embeddings,
+            self.hidden_size,
+        )?;
         if self.head_dim() * self.num_attention_heads != self.hidden_size {
             return Err(Error::Config(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",

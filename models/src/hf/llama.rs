@@ -28,14 +28,6 @@ use crate::{init, Error, LayerType, Result};
 /// The `model_type`s this file runs.
 pub const SUPPORTED_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
-/// Largest `max_position_embeddings` accepted (Llama 3.1 has 131,072): positions are computed,
-/// not stored, so this only bounds what a hostile config can ask of the rotary tables.
-const MAX_POSITIONS: usize = 1 << 20;
-
-/// Largest vocabulary, hidden size, MLP size and layer count accepted: far above any released
-/// model, low enough that a hostile config is refused before anything is allocated.
-const MAX_DIM: usize = 1 << 22;
-
 /// The names the tied token embedding may be stored under: the embedding, then the head.
 const EMBED_ALIASES: &[&str] = &["model.embed_tokens.weight", "lm_head.weight"];
 
@@ -151,19 +143,23 @@ impl LlamaConfig {
                 self.model_type
             ));
         }
-        for (what, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("head_dim", self.head_dim()),
-            ("num_key_value_heads", self.kv_heads()),
-        ] {
-            if v == 0 || v > MAX_DIM {
-                return bad(format!("{what} {v} is outside 1..={MAX_DIM}"));
-            }
-        }
+        super::check_sizes(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("head_dim", self.head_dim()),
+                ("num_key_value_heads", self.kv_heads()),
+            ],
+            super::MAX_DIM,
+        )?;
+        super::check_table(
+            "vocab_size × hidden_size",
+            self.vocab_size,
+            self.hidden_size,
+        )?;
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "num_attention_heads {} does not divide hidden_size {} (and no head_dim is given)",
@@ -183,12 +179,15 @@ impl LlamaConfig {
                 self.head_dim()
             ));
         }
-        if self.max_position_embeddings == 0 || self.max_position_embeddings > MAX_POSITIONS {
-            return bad(format!(
-                "max_position_embeddings {} is outside 1..={MAX_POSITIONS}",
-                self.max_position_embeddings
-            ));
-        }
+        super::check_sizes(
+            &[("max_position_embeddings", self.max_position_embeddings)],
+            super::MAX_POSITIONS,
+        )?;
+        super::check_table(
+            "max_position_embeddings × head_dim",
+            self.max_position_embeddings,
+            self.head_dim(),
+        )?;
         if self.hidden_act != "silu" {
             return bad(format!(
                 "hidden_act `{}` is not supported (supported: silu)",

@@ -176,9 +176,29 @@ impl MarianConfig {
                 ));
             }
         }
-        if self.d_model == 0 || self.vocab_size == 0 {
-            return bad("d_model and vocab_size must be positive".into());
-        }
+        super::check_sizes(
+            &[
+                ("d_model", self.d_model),
+                ("vocab_size", self.vocab_size),
+                ("encoder_attention_heads", self.encoder_attention_heads),
+                ("decoder_attention_heads", self.decoder_attention_heads),
+                ("encoder_layers", self.encoder_layers),
+                ("decoder_layers", self.decoder_layers),
+                ("encoder_ffn_dim", self.encoder_ffn_dim),
+                ("decoder_ffn_dim", self.decoder_ffn_dim),
+            ],
+            super::MAX_DIM,
+        )?;
+        super::check_sizes(
+            &[("max_position_embeddings", self.max_position_embeddings)],
+            super::MAX_POSITIONS,
+        )?;
+        super::check_table("vocab_size × d_model", self.vocab_size, self.d_model)?;
+        super::check_table(
+            "max_position_embeddings × d_model",
+            self.max_position_embeddings,
+            self.d_model,
+        )?;
         for (what, heads) in [
             ("encoder_attention_heads", self.encoder_attention_heads),
             ("decoder_attention_heads", self.decoder_attention_heads),

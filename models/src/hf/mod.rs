@@ -32,6 +32,37 @@ use crate::{Error, LayerType, Result};
 pub type LinearHook =
     std::sync::Arc<dyn Fn(&str, &candle_core::Tensor) -> candle_core::Result<()> + Send + Sync>;
 
+/// Largest vocabulary, width, head or layer count a config may declare: far above any released
+/// model, low enough that a hostile config is refused before anything is allocated.
+pub(crate) const MAX_DIM: usize = 1 << 22;
+
+/// Largest `max_position_embeddings` accepted (Llama 3.1 has 131,072).
+pub(crate) const MAX_POSITIONS: usize = 1 << 20;
+
+/// Largest table a config makes a loader build or read (positions × width, vocabulary × width),
+/// in elements: 2^30, 4 GiB of f32 — a sixth of this machine, 8× the largest table of the models
+/// we run (Llama 3's 128k × 2048 embedding is 2^28).
+pub(crate) const MAX_TABLE: usize = 1 << 30;
+
+/// Checks that each `(config key, value)` is in `1..=max`.
+pub(crate) fn check_sizes(sizes: &[(&str, usize)], max: usize) -> Result<()> {
+    match sizes.iter().find(|(_, v)| *v == 0 || *v > max) {
+        Some((what, v)) => Err(Error::Config(format!("{what} {v} is outside 1..={max}"))),
+        None => Ok(()),
+    }
+}
+
+/// Checks that a `rows × cols` table (`what`: which config keys make it) stays within
+/// [`MAX_TABLE`] elements.
+pub(crate) fn check_table(what: &str, rows: usize, cols: usize) -> Result<()> {
+    match rows.checked_mul(cols) {
+        Some(n) if n <= MAX_TABLE => Ok(()),
+        _ => Err(Error::Config(format!(
+            "{what} ({rows} × {cols}) asks for a table of more than {MAX_TABLE} elements"
+        ))),
+    }
+}
+
 /// Every architecture this crate runs, one line each.
 pub const ARCHITECTURES: &[&Architecture] = &[
     &bert::ARCHITECTURE,

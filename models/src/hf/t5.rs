@@ -195,12 +195,27 @@ impl T5Config {
         if self.is_encoder_decoder == Some(false) {
             return bad("is_encoder_decoder = false (a decoder-only T5) is not supported".into());
         }
-        if self.d_model == 0 || self.vocab_size == 0 || self.d_kv == 0 || self.d_ff == 0 {
-            return bad("d_model, d_kv, d_ff and vocab_size must be positive".into());
-        }
-        if self.num_heads == 0 {
-            return bad("num_heads must be positive".into());
-        }
+        super::check_sizes(
+            &[
+                ("d_model", self.d_model),
+                ("vocab_size", self.vocab_size),
+                ("d_kv", self.d_kv),
+                ("d_ff", self.d_ff),
+                ("num_heads", self.num_heads),
+                ("num_layers", self.num_layers),
+                (
+                    "num_decoder_layers",
+                    self.num_decoder_layers.unwrap_or(self.num_layers),
+                ),
+                (
+                    "relative_attention_max_distance",
+                    self.relative_attention_max_distance,
+                ),
+            ],
+            super::MAX_DIM,
+        )?;
+        super::check_table("vocab_size × d_model", self.vocab_size, self.d_model)?;
+        super::check_table("num_heads × d_kv", self.num_heads, self.d_kv)?;
         // The bucket formula needs at least one exact and one logarithmic bucket per direction.
         if self.relative_attention_num_buckets < 4 {
             return bad(format!(
