@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use relprune_data::text::{split_lines, truncate_keeping_last, TextTokenizer};
-use relprune_models::hf::generate::GenerateConfig;
+use relprune_models::hf::generate::{GenerateConfig, MAX_BEAMS};
 use relprune_models::hf::{detect_kind, HfModel, Kind};
 use relprune_models::Seq2Seq;
 use relprune_tasks::{decode_all, Decoding};
@@ -60,8 +60,11 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
-    if args.beam == Some(0) {
-        bail!("--beam must be at least 1");
+    if let Some(n) = args.beam.filter(|&n| n == 0 || n > MAX_BEAMS) {
+        bail!(
+            "--beam {n} is outside 1..={MAX_BEAMS} (every beam holds its own copy of the \
+             decoder's keys and values)"
+        );
     }
     if let Some(p) = args.length_penalty.filter(|p| !p.is_finite()) {
         bail!("--length-penalty {p} is not a finite number");

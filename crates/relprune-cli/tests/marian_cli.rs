@@ -261,8 +261,10 @@ fn translate_errors_are_clear() {
     let model = fixture("marian-tiny");
     let e = stderr(&translate(&model, &["--max-len", "65"], "hello .\n"));
     assert!(e.contains("max_position_embeddings 64"), "{e}");
-    let e = stderr(&translate(&model, &["--beam", "0"], "hello .\n"));
-    assert!(e.contains("--beam"), "{e}");
+    for beam in ["0", "5000", "100000"] {
+        let e = stderr(&translate(&model, &["--beam", beam], "hello .\n"));
+        assert!(e.contains("--beam") && e.contains("1..=128"), "{beam}: {e}");
+    }
     let out = translate(&dir.path().join("nothing"), &[], "");
     assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
 }

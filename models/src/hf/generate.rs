@@ -142,8 +142,12 @@ impl GenerateConfig {
     }
 
     fn check(&self) -> Result<()> {
-        if self.beam_size == 0 {
-            return Err(Error::Config("beam_size must be at least 1".into()));
+        if self.beam_size == 0 || self.beam_size > MAX_BEAMS {
+            return Err(Error::Config(format!(
+                "beam_size {} is outside 1..={MAX_BEAMS} (every beam holds its own copy of the \
+                 decoder's keys and values)",
+                self.beam_size
+            )));
         }
         if !self.length_penalty.is_finite() {
             return Err(Error::Config(format!(
@@ -154,6 +158,10 @@ impl GenerateConfig {
         Ok(())
     }
 }
+
+/// Most beams a search may keep: 128, beyond any published setting (4–10), so that a typo
+/// cannot ask for gigabytes of decoder caches (`--beam 100000` once did).
+pub const MAX_BEAMS: usize = 128;
 
 /// One decoded sentence.
 #[derive(Clone, Debug, PartialEq)]
