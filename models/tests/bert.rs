@@ -340,6 +340,24 @@ fn broken_checkpoints_are_clear_errors() {
         "{e}"
     );
 
+    // A NaN or infinite weight once made `forward` and `embed` write `null`s and succeed.
+    for bad in [f32::NAN, f32::INFINITY] {
+        let dir = edited_copy(|t| {
+            let name = "encoder.layer.1.output.dense.weight";
+            let mut v = t[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[7] = bad;
+            let shape = t[name].dims().to_vec();
+            t.insert(name.into(), Tensor::from_vec(v, shape, &dev).unwrap());
+        });
+        let e = err(dir.path());
+        assert!(
+            e.contains("`encoder.layer.1.output.dense.weight`")
+                && e.contains("flat index 7")
+                && e.contains("finite"),
+            "{e}"
+        );
+    }
+
     // Truncated: the header promises more bytes than the file has.
     let dir = edited_copy(|_| {});
     let path = dir.path().join("model.safetensors");

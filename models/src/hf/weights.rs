@@ -106,12 +106,28 @@ impl Weights {
                 candle_core::safetensors::Load::load(&view, device).map_err(|e| tensor_err(&e))?
             }
         };
-        match t.dtype() {
-            DType::F32 => Ok(Some(t)),
-            DType::F16 | DType::BF16 | DType::F64 => Ok(Some(t.to_dtype(DType::F32)?)),
-            other => Err(self.error(format!(
-                "tensor `{name}` has dtype {other:?}, expected a float type"
+        let t = match t.dtype() {
+            DType::F32 => t,
+            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+            other => {
+                return Err(self.error(format!(
+                    "tensor `{name}` has dtype {other:?}, expected a float type"
+                )))
+            }
+        };
+        self.check_finite(name, &t.flatten_all()?.to_vec1::<f32>()?)?;
+        Ok(Some(t))
+    }
+
+    /// A NaN or infinite weight would make every output it reaches NaN, written as `null`s by
+    /// a command that succeeds: an error naming the tensor instead.
+    fn check_finite(&self, name: &str, values: &[f32]) -> Result<()> {
+        match values.iter().position(|v| !v.is_finite()) {
+            Some(i) => Err(self.error(format!(
+                "tensor `{name}` holds {} at flat index {i}: weights must be finite",
+                values[i]
             ))),
+            None => Ok(()),
         }
     }
 
@@ -128,6 +144,7 @@ impl Weights {
         else {
             return Ok(None);
         };
+        self.check_finite(name, &rows.values)?;
         if [rows.rows, rows.cols] != shape {
             return Err(self.error(format!(
                 "tensor `{name}` has shape {:?}, the config implies {shape:?}",
