@@ -41,7 +41,9 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         bail!("text file {} has no lines", args.text.display());
     }
     let embeddings = embedder.embed(&lines, args.batch_size)?;
-    let json = serde_json::json!({ "embeddings": embeddings.to_vec2::<f32>()? });
+    let json = serde_json::json!({
+        "embeddings": crate::output::finite_rows2("embeddings", &embeddings)?
+    });
     relprune_io::write(&args.out, serde_json::to_string(&json)?.as_bytes())?;
     Ok(())
 }

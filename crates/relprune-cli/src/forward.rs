@@ -86,7 +86,7 @@ fn run_encoder(args: &ForwardArgs, inputs: &Inputs, model: &BertModel) -> Result
     let hidden = model
         .forward(&ids, mask.as_ref(), types.as_ref())
         .with_context(|| format!("forward pass of {}", args.model.display()))?;
-    let hidden: Vec<Vec<Vec<f32>>> = hidden.to_vec3()?;
+    let hidden = crate::output::finite_rows3("hidden states", &hidden)?;
     Ok(serde_json::json!({ "last_hidden_state": hidden }))
 }
 
@@ -134,8 +134,8 @@ fn run_seq2seq(args: &ForwardArgs, inputs: &Inputs, model: &dyn HfSeq2Seq) -> Re
     let (logits, enc) = model
         .forward(&ids, &mask, &tensor(dec)?)
         .with_context(|| format!("forward pass of {}", args.model.display()))?;
-    let logits: Vec<Vec<Vec<f32>>> = logits.to_vec3()?;
-    let enc: Vec<Vec<Vec<f32>>> = enc.to_vec3()?;
+    let logits = crate::output::finite_rows3("logits", &logits)?;
+    let enc = crate::output::finite_rows3("encoder hidden states", &enc)?;
     Ok(serde_json::json!({ "logits": logits, "encoder_last_hidden_state": enc }))
 }
 
@@ -178,7 +178,7 @@ fn run_causal(args: &ForwardArgs, inputs: &Inputs, model: &CausalLm) -> Result<V
     let logits = model
         .forward(&ids, mask.as_ref())
         .with_context(|| format!("forward pass of {}", args.model.display()))?;
-    let logits: Vec<Vec<Vec<f32>>> = logits.to_vec3()?;
+    let logits = crate::output::finite_rows3("logits", &logits)?;
     Ok(serde_json::json!({ "logits": logits }))
 }
 

@@ -7,6 +7,7 @@ mod compress;
 mod embed;
 mod forward;
 mod generate;
+mod output;
 mod perplexity;
 mod prune_hf;
 mod translate;
