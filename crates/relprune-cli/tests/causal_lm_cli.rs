@@ -518,6 +518,14 @@ fn prune_hf_on_a_causal_lm_refuses_bad_flags_before_any_work() {
         e.contains("--end-to-end-epochs") && e.contains("wanda"),
         "{e}"
     );
+    // Numbers that cannot work are refused by the parser, before anything is loaded.
+    for (flag, value) in [("--lr", "NaN"), ("--lambda", "-1"), ("--ema-beta", "2")] {
+        let arg = format!("{flag}={value}");
+        let e = err(&[
+            "prune-hf", "--model", model, "--out", o, "--text", text, &arg,
+        ]);
+        assert!(e.contains(flag) && e.contains(value), "{e}");
+    }
     // A tokenizer of another vocabulary, and heads that do not divide the hidden size.
     let other = with_tokenizer("llama-tiny");
     let tok = other.path().join("tokenizer.json");

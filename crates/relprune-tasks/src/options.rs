@@ -132,6 +132,38 @@ pub fn parse_gate_stat(s: &str) -> std::result::Result<GateStat, String> {
     }
 }
 
+/// Parses a number that must be finite and above zero (learning rates).
+pub fn parse_positive(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a finite number above 0")),
+    }
+}
+
+/// Parses a number that must be finite and at least zero (strengths, budgets, tolerances).
+pub fn parse_non_negative(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a finite number at least 0")),
+    }
+}
+
+/// Parses a fraction in `[0, 1]`.
+pub fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a number in [0, 1]")),
+    }
+}
+
+/// Parses a fraction in `[0, 1)` (a moving average's β: 1 would never move).
+pub fn parse_beta(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a number in [0, 1)")),
+    }
+}
+
 /// The regularizer's flags.
 #[derive(Clone, Debug, Default)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
@@ -140,10 +172,10 @@ pub struct RegularizerArgs {
     #[cfg_attr(feature = "cli", arg(long, value_enum))]
     pub regularizer: Option<Regularizer>,
     /// The regularization strength λ.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "L"))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "L", value_parser = parse_non_negative))]
     pub lambda: Option<f64>,
     /// The gate fraction τ of a hard gate.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "T"))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "T", value_parser = parse_non_negative))]
     pub tau: Option<f64>,
     /// The statistic of a hard gate's threshold: max, mean, or a quantile qQ (e.g. q0.5).
     #[cfg_attr(feature = "cli", arg(long, value_name = "STAT", value_parser = parse_gate_stat))]
@@ -152,7 +184,7 @@ pub struct RegularizerArgs {
     #[cfg_attr(feature = "cli", arg(long, value_enum))]
     pub penalty: Option<Penalty>,
     /// Smooth the relevance over steps with this β (0 = none).
-    #[cfg_attr(feature = "cli", arg(long, value_name = "B"))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "B", value_parser = parse_beta))]
     pub ema_beta: Option<f64>,
 }
 
@@ -195,39 +227,44 @@ pub struct EngineArgs {
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", visible_alias = "epochs"))]
     pub prune_epochs: Option<usize>,
     /// The pruning phase's learning rate.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "LR"))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "LR", value_parser = parse_positive))]
     pub lr: Option<f64>,
     /// The metric budget δ (validation metric units, e.g. error points).
-    #[cfg_attr(feature = "cli", arg(long, value_name = "D"))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "D", value_parser = parse_non_negative))]
     pub delta: Option<f64>,
     /// Stop after the stop rule's number of rounds that each prune less than this fraction of
     /// the prunable weights.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "F"))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "F", value_parser = parse_fraction))]
     pub min_round_gain: Option<f64>,
     /// Epochs without an improvement of the validation loss that make a plateau (a round).
     #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
     pub patience: Option<usize>,
     /// The relative decrease of the validation loss that counts as an improvement.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "F"))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "F", value_parser = parse_fraction))]
     pub min_improvement: Option<f64>,
     /// The fine-tune's epochs (masks fixed, no regularizer).
     #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
     pub finetune_epochs: Option<usize>,
     /// The fine-tune's starting learning rate (cosine decay).
-    #[cfg_attr(feature = "cli", arg(long, value_name = "LR"))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "LR", value_parser = parse_positive))]
     pub finetune_lr: Option<f64>,
     /// The per-round validation-loss tolerance TWT of the threshold search.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "T"))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "T", value_parser = parse_non_negative))]
     pub twt: Option<f64>,
     /// Judge each round's threshold by the validation metric instead of the loss: it may worsen
     /// by at most this many units per round.
     #[cfg_attr(
         feature = "cli",
-        arg(long, value_name = "TOL", visible_alias = "round-tolerance")
+        arg(
+            long,
+            value_name = "TOL",
+            visible_alias = "round-tolerance",
+            value_parser = parse_non_negative
+        )
     )]
     pub search_metric: Option<f64>,
     /// Also bound each round's validation metric to this many units worse than the dense model.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "M"))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "M", value_parser = parse_non_negative))]
     pub metric_bound: Option<f64>,
     /// Also judge each round's masks after retraining (at the next plateau) against δ, and let
     /// the target-sparsity stop wait for that judgement.
@@ -290,6 +327,23 @@ impl EngineArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numeric_flags_refuse_nan_infinities_and_out_of_range_values() {
+        for bad in ["NaN", "inf", "-1", "x", ""] {
+            assert!(parse_positive(bad).is_err(), "{bad}");
+            assert!(parse_non_negative(bad).is_err(), "{bad}");
+            assert!(parse_fraction(bad).is_err(), "{bad}");
+        }
+        assert!(parse_positive("0").is_err());
+        assert_eq!(parse_non_negative("0"), Ok(0.0));
+        assert!(
+            parse_fraction("1.5").is_err() && parse_beta("1").is_err() && parse_beta("2").is_err()
+        );
+        assert_eq!(parse_fraction("1"), Ok(1.0));
+        assert_eq!(parse_beta("0.9"), Ok(0.9));
+        assert!(parse_positive("NaN").unwrap_err().contains("`NaN`"));
+    }
 
     #[test]
     fn gate_statistics_parse_and_bad_ones_say_what_is_valid() {
