@@ -223,6 +223,18 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// The same attention over detached views of its weights (see [`Lin::frozen`]).
+    pub fn frozen(&self) -> Self {
+        Self {
+            q: self.q.frozen(),
+            k: self.k.frozen(),
+            v: self.v.frozen(),
+            o: self.o.frozen(),
+            qk_norm: self.qk_norm.as_ref().map(|(q, k)| (q.frozen(), k.frozen())),
+            ..self.clone()
+        }
+    }
+
     /// Attention over `heads` heads of `head_dim` features, queries scaled by `head_dim^-0.5`
     /// (as `transformers` does before the product), no dropout.
     pub fn new(q: Lin, k: Lin, v: Lin, o: Lin, heads: usize, head_dim: usize) -> Self {

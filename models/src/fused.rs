@@ -172,6 +172,14 @@ impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
         Self { weight, eps }
     }
+
+    /// The same norm over a detached view of its weight (same storage, no gradient).
+    pub fn frozen(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            eps: self.eps,
+        }
+    }
 }
 
 impl Module for RmsNorm {

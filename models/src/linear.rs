@@ -34,6 +34,18 @@ impl Lin {
         Self::Dense(Linear::new(weight, bias))
     }
 
+    /// The same layer over detached views of its weight and bias (same storage, so it follows
+    /// later changes of the variables; no gradient reaches them through it).
+    pub fn frozen(&self) -> Self {
+        match self {
+            Self::Dense(l) => Self::Dense(Linear::new(
+                l.weight().detach(),
+                l.bias().map(Tensor::detach),
+            )),
+            Self::Sparse(s) => Self::Sparse(s.clone()),
+        }
+    }
+
     /// The same layer with its weight stored sparse (a sparse layer stays as it is).
     pub fn to_sparse(&self) -> Result<Self> {
         Ok(match self {

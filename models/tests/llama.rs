@@ -155,6 +155,37 @@ fn every_parameter_gets_a_gradient() {
 }
 
 #[test]
+fn a_model_frozen_except_one_layer_gives_gradients_to_that_layer_alone_and_the_same_logits() {
+    for name in FIXTURES {
+        let r = reference(&fixture(name));
+        let vm = VarMap::new();
+        let model = CausalLm::load(&fixture(name), &vm, &Device::Cpu).unwrap();
+        let x = ids(&r["inputs"]["input_ids"]).narrow(0, 0, 1).unwrap();
+        let h = model.embed(&x).unwrap().detach();
+        let full = model.logits_from_layer(0, &h).unwrap();
+        let view = model.frozen_except(1..2);
+        let logits = view.logits_from_layer(0, &h).unwrap();
+        let same = (&full - &logits).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        let grads = logits
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (var_name, var) in vm.data().lock().unwrap().iter() {
+            let got = grads.get(var.as_tensor()).is_some();
+            assert_eq!(
+                got,
+                var_name.starts_with("model.layers.1."),
+                "{name}: {var_name}"
+            );
+        }
+    }
+}
+
+#[test]
 fn sampling_is_seeded_and_top_p_near_zero_is_greedy() {
     let model = load("llama-tiny");
     let prompt = Tensor::new(&[[5u32, 9, 17, 33]], &Device::Cpu).unwrap();

@@ -801,7 +801,9 @@ fn train_end_to_end(
         let block: Vec<(String, bool)> =
             (first..end).flat_map(linears).map(|n| (n, true)).collect();
         let params = block_params(vars, &block)?;
-        let loss = |i: usize| top_k_kl(&model.logits_from_layer(first, &hidden[i])?, &targets[i]);
+        // Gradients for this group's layers only: the rest of the model is read detached.
+        let view = model.frozen_except(first..end);
+        let loss = |i: usize| top_k_kl(&view.logits_from_layer(first, &hidden[i])?, &targets[i]);
         let error = || -> Result<f64> {
             let mut sum = 0.0;
             for i in 0..pieces.len() {
@@ -983,7 +985,11 @@ fn variables(model: &CausalLm) -> Result<BTreeMap<String, Var>> {
 fn embedded(model: &CausalLm, windows: &[Vec<u32>]) -> Result<Vec<Tensor>> {
     windows
         .iter()
-        .map(|w| Ok(model.embed(&Tensor::from_slice(w, (1, w.len()), &Device::Cpu)?)?))
+        .map(|w| {
+            let ids = Tensor::from_slice(w, (1, w.len()), &Device::Cpu)?;
+            // Held across layers: no graph back to the embedding.
+            Ok(model.embed(&ids)?.detach())
+        })
         .collect()
 }
 

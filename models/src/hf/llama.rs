@@ -379,6 +379,17 @@ struct Block {
 }
 
 impl Block {
+    fn frozen(&self) -> Self {
+        Self {
+            attn: self.attn.frozen(),
+            input_norm: self.input_norm.frozen(),
+            post_norm: self.post_norm.frozen(),
+            gate: self.gate.frozen(),
+            up: self.up.frozen(),
+            down: self.down.frozen(),
+        }
+    }
+
     fn to_sparse(&self) -> Result<Self> {
         Ok(Self {
             attn: self.attn.to_sparse()?,
@@ -579,6 +590,30 @@ impl CausalLm {
     /// The variables the model was built on.
     pub fn varmap(&self) -> &VarMap {
         &self.varmap
+    }
+
+    /// The same model with every weight outside decoder layers `trained` read through detached
+    /// views (same storage, no gradient): a backward pass computes gradients for those layers
+    /// alone, not for the whole model (what training a few layers end to end needs).
+    pub fn frozen_except(&self, trained: std::ops::Range<usize>) -> Self {
+        Self {
+            embed: Embedding::new(self.embed.embeddings().detach(), self.config.hidden_size),
+            layers: self
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    if trained.contains(&i) {
+                        b.clone()
+                    } else {
+                        b.frozen()
+                    }
+                })
+                .collect(),
+            norm: self.norm.frozen(),
+            lm_head: self.lm_head.frozen(),
+            ..self.clone()
+        }
     }
 
     /// The same model with its attention and MLP weights stored sparse, for inference (the
