@@ -35,6 +35,10 @@ pub fn parse_idx(bytes: &[u8], source_name: &str) -> Result<IdxArray> {
     parse_raw(&raw, source_name)
 }
 
+/// Largest IDX payload read, in bytes: 2^32 (4 GiB), 90× MNIST's training images. A header
+/// declaring more is refused before any of the payload is read.
+pub const MAX_IDX_BYTES: usize = 1 << 32;
+
 /// Writes `data` with `dims` as an uncompressed IDX u8 file.
 pub fn write_idx(path: &Path, dims: &[usize], data: &[u8]) -> Result<()> {
     let bytes = encode_idx(dims, data)?;
@@ -93,7 +97,8 @@ fn element_count(dims: &[usize]) -> Option<usize> {
     dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
 }
 
-/// Undoes gzip or bzip2 compression, detected by magic bytes because file names lie.
+/// Undoes gzip or bzip2 compression, detected by magic bytes because file names lie; inflates
+/// no more than the IDX header inside declares, plus one byte (to see trailing garbage).
 fn decompress<'a>(bytes: &'a [u8], source_name: &str) -> Result<Cow<'a, [u8]>> {
     if bytes.starts_with(&[0x1f, 0x8b]) {
         // Multi-member aware: `gzip` output concatenated with `cat` is still valid gzip.
@@ -107,16 +112,48 @@ fn decompress<'a>(bytes: &'a [u8], source_name: &str) -> Result<Cow<'a, [u8]>> {
     }
 }
 
-/// Reads a decompressor to the end, reporting how far it got if the stream is corrupt.
-fn read_stream(mut reader: impl Read, kind: &str, source_name: &str) -> Result<Vec<u8>> {
+/// Reads a decompressor's IDX header, then at most the payload it declares and one byte more,
+/// reporting how far it got if the stream is corrupt. A header it cannot read is returned as is
+/// (what [`parse_raw`] then names the problem of).
+fn read_stream(reader: impl Read, kind: &str, source_name: &str) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    match reader.read_to_end(&mut out) {
-        Ok(_) => Ok(out),
-        // read_to_end keeps what was decoded before the error, so its length is the offset.
-        Err(e) => Err(Error::format(
+    let mut reader = reader;
+    let read = |out: &mut Vec<u8>, n: u64, reader: &mut dyn Read| -> Result<()> {
+        match reader.take(n).read_to_end(out) {
+            Ok(_) => Ok(()),
+            // read_to_end keeps what was decoded before the error, so its length is the offset.
+            Err(e) => Err(Error::format(
+                source_name,
+                Some(out.len() as u64),
+                format!("corrupt {kind} stream: {e}"),
+            )),
+        }
+    };
+    read(&mut out, 4, &mut reader)?;
+    if out.len() < 4 || out[0] != 0 || out[1] != 0 {
+        return Ok(out);
+    }
+    let ndims = out[3];
+    read(&mut out, 4 * u64::from(ndims), &mut reader)?;
+    let dims: Vec<usize> = out[4..]
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
+        .collect();
+    if dims.len() < usize::from(ndims) {
+        return Ok(out);
+    }
+    match element_count(&dims) {
+        Some(n) if n <= MAX_IDX_BYTES => {
+            read(&mut out, n as u64 + 1, &mut reader)?;
+            Ok(out)
+        }
+        _ => Err(Error::format(
             source_name,
-            Some(out.len() as u64),
-            format!("corrupt {kind} stream: {e}"),
+            Some(4),
+            format!(
+                "IDX dims {dims:?} declare more than {MAX_IDX_BYTES} bytes of data; refused \
+                 before inflating the {kind} stream"
+            ),
         )),
     }
 }
@@ -183,6 +220,13 @@ fn parse_raw(bytes: &[u8], source_name: &str) -> Result<IdxArray> {
             format!("IDX dims {dims:?} overflow the element count"),
         )
     })?;
+    if expected > MAX_IDX_BYTES {
+        return Err(Error::format(
+            source_name,
+            Some(4),
+            format!("IDX dims {dims:?} declare more than {MAX_IDX_BYTES} bytes of data"),
+        ));
+    }
     let have = len - header_len;
     if have < expected {
         return Err(Error::format(
@@ -248,6 +292,39 @@ mod tests {
             Error::Format { offset, .. } => *offset,
             other => panic!("expected a Format error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_compressed_file_inflates_no_more_than_its_header_declares() {
+        // A header claiming 2^31 images of 28×28 over a megabyte of zeros: refused before the
+        // payload is inflated (it once inflated 4.3 GB to find out).
+        let mut bomb = vec![0, 0, 8, 3];
+        for d in [1u32 << 31, 28, 28] {
+            bomb.extend_from_slice(&d.to_be_bytes());
+        }
+        bomb.resize(bomb.len() + (1 << 20), 0);
+        let e = parse_idx(&gzip(&bomb), "bomb.gz").unwrap_err().to_string();
+        assert!(
+            e.contains("bomb.gz") && e.contains("declare more than"),
+            "{e}"
+        );
+        // A header declaring 24 bytes followed by a megabyte: 25 bytes are inflated, and the
+        // extra one is reported as trailing garbage.
+        let (dims, data) = sample();
+        let mut long = encode_idx(&dims, &data).unwrap();
+        long.resize(long.len() + (1 << 20), 7);
+        for packed in [gzip(&long), bzip(&long)] {
+            let raw = decompress(&packed, "long").unwrap();
+            assert_eq!(raw.len(), 4 + 12 + 24 + 1);
+            let e = parse_idx(&packed, "long").unwrap_err().to_string();
+            assert!(e.contains("trailing garbage"), "{e}");
+        }
+        // Well-formed compressed files still read whole.
+        let good = encode_idx(&dims, &data).unwrap();
+        assert_eq!(
+            parse_idx(&gzip(&good), "g").unwrap(),
+            IdxArray { dims, data }
+        );
     }
 
     #[test]
