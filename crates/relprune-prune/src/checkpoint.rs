@@ -382,3 +382,27 @@ fn set_param(p: &crate::Param, t: &Tensor, path: &Path) -> Result<()> {
     p.var.set(&t.to_dtype(w.dtype())?.to_device(w.device())?)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn checkpoint_json_round_trips_every_f64_exactly() {
+        // Without serde_json's float_roundtrip, 12.753193087903833 came back as …831.
+        let mut values = vec![12.753193087903833, 0.1 + 0.2, 1e-300, f64::MAX, 5e-324];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = f64::from_bits(x);
+            if v.is_finite() {
+                values.push(v);
+            }
+        }
+        let text = serde_json::to_string(&values).unwrap();
+        let back: Vec<f64> = serde_json::from_str(&text).unwrap();
+        for (a, b) in values.iter().zip(&back) {
+            assert_eq!(a.to_bits(), b.to_bits(), "{a:e} came back as {b:e}");
+        }
+    }
+}
