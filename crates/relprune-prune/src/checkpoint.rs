@@ -26,6 +26,8 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 /// The `format` value of the journal.
 pub const CHECKPOINT_FORMAT: &str = "relprune-checkpoint-v1";
 const META_KEY: &str = "relprune";
+/// Most training epochs a journal may claim (far beyond any run's budget).
+const MAX_EPOCHS: usize = 100_000;
 
 /// Everything of a run's progress that is not a tensor.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -121,8 +123,47 @@ pub fn read(dir: &Path, device: &Device) -> Result<Saved> {
             ),
         ));
     }
+    if !(journal.lr.is_finite() && journal.lr >= 0.0) {
+        return Err(file_err(
+            &path,
+            format!("corrupt journal: learning rate {}", journal.lr),
+        ));
+    }
+    // Resuming replays the data order of every epoch done: a forged count would hang it.
+    if journal.epochs_trained > MAX_EPOCHS {
+        return Err(file_err(
+            &path,
+            format!(
+                "corrupt journal: {} epochs trained (at most {MAX_EPOCHS} are believable)",
+                journal.epochs_trained
+            ),
+        ));
+    }
     let tensors = candle_core::safetensors::load_buffer(&bytes, device)
         .map_err(|e| file_err(&path, format!("corrupt tensor data: {e}")))?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let values = t
+            .flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F64))
+            .and_then(|t| t.to_vec1::<f64>())
+            .map_err(|e| file_err(&path, format!("tensor `{name}`: {e}")))?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(file_err(
+                &path,
+                format!(
+                    "tensor `{name}` holds {} at flat index {i}: a checkpoint is never \
+                     written with a non-finite value, so this one is damaged",
+                    values[i]
+                ),
+            ));
+        }
+    }
     Ok(Saved { journal, tensors })
 }
 
@@ -385,6 +426,61 @@ fn set_param(p: &crate::Param, t: &Tensor, path: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A checkpoint file in `dir` holding `journal` and one tensor `param/w` of `values`.
+    fn forge(dir: &Path, journal: &Journal, values: Vec<f32>) {
+        let t = Tensor::from_vec(values, 3, &Device::Cpu).unwrap();
+        let meta = HashMap::from([(
+            META_KEY.to_string(),
+            serde_json::to_string(journal).unwrap(),
+        )]);
+        let data: Vec<u8> = t
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3], &data).unwrap();
+        safetensors::serialize_to_file(
+            [("param/w".to_string(), view)],
+            Some(meta),
+            &dir.join(CHECKPOINT_FILE),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn damaged_checkpoints_are_refused_naming_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = Journal {
+            format: CHECKPOINT_FORMAT.into(),
+            lr: 1e-3,
+            epochs_trained: 3,
+            ..Journal::default()
+        };
+        forge(dir.path(), &good, vec![1.0, 2.0, 3.0]);
+        assert_eq!(read(dir.path(), &Device::Cpu).unwrap().journal, good);
+        forge(dir.path(), &good, vec![1.0, f32::NAN, 3.0]);
+        let e = read(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("`param/w`") && e.contains("flat index 1"), "{e}");
+        let forged = Journal {
+            epochs_trained: 1_000_000_000,
+            ..good.clone()
+        };
+        forge(dir.path(), &forged, vec![1.0, 2.0, 3.0]);
+        let e = read(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("1000000000 epochs"), "{e}");
+        // NaN is written as null, refused by the parser; a negative rate by the check.
+        for (lr, says) in [(f64::NAN, "corrupt journal"), (-1.0, "learning rate -1")] {
+            let forged = Journal { lr, ..good.clone() };
+            forge(dir.path(), &forged, vec![1.0, 2.0, 3.0]);
+            let e = read(dir.path(), &Device::Cpu).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
     #[test]
     fn checkpoint_json_round_trips_every_f64_exactly() {
         // Without serde_json's float_roundtrip, 12.753193087903833 came back as …831.
