@@ -10,7 +10,7 @@ use relprune_tasks::{EngineArgs, Method};
 #[command(name = "cargo xtask", bin_name = "cargo xtask", version, about)]
 pub struct Xtask {
     /// Threads for tensor kernels (sets RAYON_NUM_THREADS/CANDLE_NUM_THREADS unless already set).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = relprune_tasks::options::parse_count)]
     pub threads: Option<usize>,
     /// The task to run.
     #[command(subcommand)]
@@ -60,7 +60,7 @@ pub struct LlmBaselines {
     #[arg(long, value_delimiter = ',', default_value = "unstructured,2:4")]
     pub patterns: Vec<relprune_hf::llm::Pattern>,
     /// The unstructured sparsity.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = relprune_tasks::options::parse_sparsity)]
     pub sparsity: f64,
     /// Where `llm.json` and `llm.md` go.
     #[arg(long, default_value = "target/llm")]
@@ -190,14 +190,14 @@ pub struct Reproduce {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Override the dense phase's epoch count.
-    #[arg(long)]
+    #[arg(long, value_parser = relprune_tasks::options::parse_count)]
     pub dense_epochs: Option<usize>,
     /// Use only the first N training images (before the validation split).
     #[arg(long)]
     pub train_limit: Option<usize>,
     /// Stop the selective method once this fraction of the weights is pruned (the last round
     /// lands on it exactly); 0 removes the experiment's own target.
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", value_parser = relprune_tasks::options::parse_sparsity)]
     pub stop_at_sparsity: Option<f64>,
     /// The pruning method: the method (selective), or a baseline: one-shot (magnitude, then
     /// fine-tune), gmp (gradual magnitude, cubic schedule), han (iterative prune and retrain), snip.
@@ -212,7 +212,7 @@ pub struct Reproduce {
     #[arg(long, value_name = "N")]
     pub augment_shift: Option<usize>,
     /// Target sparsity (fraction pruned) of the one-shot, gmp and snip baselines.
-    #[arg(long)]
+    #[arg(long, value_parser = relprune_tasks::options::parse_sparsity)]
     pub sparsity: Option<f64>,
     /// Continue the interrupted run whose output directory is DIR (its configuration comes from
     /// DIR/checkpoint; the other flags are ignored).

@@ -284,6 +284,27 @@ mod tests {
     }
 
     #[test]
+    fn numbers_that_cannot_work_are_refused_before_any_work() {
+        // Each was once accepted, and refused (or not) only after the dense phase.
+        for flag in [
+            "--twt=NaN",
+            "--lambda=NaN",
+            "--tau=-1",
+            "--ema-beta=2",
+            "--sparsity=1.5",
+            "--stop-at-sparsity=1.5",
+            "--finetune-lr=NaN",
+            "--threads=0",
+            "--dense-epochs=0",
+        ] {
+            let argv = ["cargo xtask", "reproduce", "lenet5-mnist", flag];
+            let err = Xtask::try_parse_from(argv).unwrap_err().to_string();
+            let name = flag.split('=').next().unwrap();
+            assert!(err.contains(name), "{flag}: {err}");
+        }
+    }
+
+    #[test]
     fn judge_retrained_is_off_unless_asked_for() {
         assert!(!prune_config(&[]).judge_retrained);
         assert!(prune_config(&["--judge-retrained"]).judge_retrained);

@@ -156,6 +156,22 @@ pub fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// Parses a sparsity: a fraction in `[0, 1)` (1 would prune everything).
+pub fn parse_sparsity(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a sparsity in [0, 1)")),
+    }
+}
+
+/// Parses a count that must be at least one (threads, epochs of a phase that must run).
+pub fn parse_count(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(format!("`{s}` is not a whole number at least 1")),
+    }
+}
+
 /// Parses a fraction in `[0, 1)` (a moving average's β: 1 would never move).
 pub fn parse_beta(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
@@ -343,6 +359,10 @@ mod tests {
         assert_eq!(parse_fraction("1"), Ok(1.0));
         assert_eq!(parse_beta("0.9"), Ok(0.9));
         assert!(parse_positive("NaN").unwrap_err().contains("`NaN`"));
+        assert!(parse_sparsity("1").is_err() && parse_sparsity("1.5").is_err());
+        assert_eq!(parse_sparsity("0.99"), Ok(0.99));
+        assert!(parse_count("0").is_err() && parse_count("-1").is_err());
+        assert_eq!(parse_count("2"), Ok(2));
     }
 
     #[test]
