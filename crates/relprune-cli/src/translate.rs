@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
-use relprune_data::text::{split_lines, truncate_keeping_last, TextTokenizer};
+use relprune_data::text::{split_lines, TextTokenizer};
 use relprune_models::hf::generate::{GenerateConfig, MAX_BEAMS};
 use relprune_models::hf::{detect_kind, HfModel, Kind};
 use relprune_models::Seq2Seq;
@@ -102,7 +102,7 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
     let config = settings(args, &model, limit)?;
     let sources = lines
         .iter()
-        .map(|s| Ok(truncate_keeping_last(tokenizer.encode(s)?, limit)))
+        .map(|s| Ok(tokenizer.encode_at_most(s, limit)?))
         .collect::<Result<Vec<_>>>()?;
     let decoding = Decoding {
         batch_size: args.batch_size,

@@ -348,13 +348,7 @@ impl Embedder {
         }
         let ids = lines
             .iter()
-            .map(|s| {
-                let ids = self.tokenizer.encode(s)?;
-                Ok(relprune_data::text::truncate_keeping_last(
-                    ids,
-                    self.max_len,
-                ))
-            })
+            .map(|s| Ok(self.tokenizer.encode_at_most(s, self.max_len)?))
             .collect::<crate::Result<Vec<_>>>()?;
         let sentences = Sentences::new(ids, batch, 0);
         let hidden = indicatif::ProgressBar::hidden();

@@ -41,6 +41,11 @@ pub struct TextTokenizer {
     vocab_size: usize,
 }
 
+/// Most bytes of text read per token position by [`TextTokenizer::encode_at_most`]: longer
+/// than any token of the vocabularies we run (WordPiece caps a word at 100 characters and makes
+/// it one `[UNK]`, most tokens are under 16 bytes).
+pub const BYTES_PER_POSITION: usize = 256;
+
 impl TextTokenizer {
     /// Loads a `tokenizer.json` file; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -123,6 +128,24 @@ impl TextTokenizer {
     /// Ids of `text` with the file's special tokens added (`[CLS] … [SEP]` for BERT, `… </s>` for Marian and T5).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.encode_with(text, true)
+    }
+
+    /// Ids of `text` with special tokens, cut to `max_len` tokens keeping the last (as a
+    /// tokenizer's own truncation does; 0: whole). Text beyond [`BYTES_PER_POSITION`] bytes per
+    /// position is dropped before tokenizing: it could only become tokens the cut removes, and
+    /// tokenizing it costs memory (a 10 MB line once took 1.8 GB).
+    pub fn encode_at_most(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+        let text = match max_len.checked_mul(BYTES_PER_POSITION) {
+            Some(cap) if max_len > 0 && text.len() > cap => {
+                let mut end = cap;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                &text[..end]
+            }
+            _ => text,
+        };
+        Ok(super::truncate_keeping_last(self.encode(text)?, max_len))
     }
 
     /// Ids of `text`, with or without the special tokens of the file's post-processor.

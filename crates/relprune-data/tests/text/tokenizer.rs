@@ -251,3 +251,25 @@ fn vocabulary_words_are_whole_words_without_continuations_or_markers() {
     sorted.sort();
     assert_eq!(sorted, marian);
 }
+
+#[test]
+fn encode_at_most_cuts_like_truncation_and_never_tokenizes_a_huge_line_whole() {
+    for name in MODELS {
+        let tok = fixture_tokenizer(name);
+        let line = "the dog sleeps today . ".repeat(20);
+        let whole = tok.encode(&line).unwrap();
+        for max_len in [0, 5, 12, 1000] {
+            let want = relprune_data::text::truncate_keeping_last(whole.clone(), max_len);
+            assert_eq!(tok.encode_at_most(&line, max_len).unwrap(), want, "{name}");
+        }
+        // Ten megabytes (multi-byte characters at the cut): read up to the cap, then cut.
+        let huge = "été ".repeat(2_500_000);
+        let ids = tok.encode_at_most(&huge, 8).unwrap();
+        assert_eq!(ids.len(), 8, "{name}");
+        assert_eq!(
+            ids.last(),
+            whole.last(),
+            "{name}: the closing token is kept"
+        );
+    }
+}
