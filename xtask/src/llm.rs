@@ -37,6 +37,9 @@ fn anchor_label(p: Pattern, sparsity: f64) -> String {
 
 /// Runs the task.
 pub fn run(f: flags::LlmBaselines) -> Result<()> {
+    // As `relprune prune-hf` does: large buffers go back to the system when freed, so that the
+    // peak memory measured is the program's, not the allocator's fragmentation.
+    relprune_hf::memory::return_freed_buffers();
     for (what, p) in [
         ("--calib", &f.calib),
         ("--valid", &f.valid),

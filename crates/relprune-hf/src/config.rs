@@ -192,7 +192,8 @@ pub struct Options {
     pub scope: Option<crate::llm::Scope>,
     /// Decoder LMs, the method: passes of its end-to-end stage per group of 6 layers (the
     /// pruned projections trained towards the dense model's next-token distribution, its top 64
-    /// tokens, on the calibration text cut into 128-token pieces) [default: 0, off]
+    /// tokens, on the calibration text cut into 128-token pieces, at a learning rate of 5e-5;
+    /// 2 measured best) [default: 0, off]
     #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
     pub end_to_end_epochs: Option<usize>,
     /// Decoder LMs: calibration windows drawn from --text (at seeded random starts).
