@@ -198,18 +198,14 @@ impl BertConfig {
             ],
             super::MAX_DIM,
         )?;
-        super::check_sizes(
-            &[("max_position_embeddings", self.max_position_embeddings)],
-            super::MAX_POSITIONS,
+        super::check_positions(
+            self.max_position_embeddings,
+            self.hidden_size,
+            "hidden_size",
         )?;
         super::check_table(
             "vocab_size × hidden_size",
             self.vocab_size,
-            self.hidden_size,
-        )?;
-        super::check_table(
-            "max_position_embeddings × hidden_size",
-            self.max_position_embeddings,
             self.hidden_size,
         )?;
         if self.head_dim() * self.num_attention_heads != self.hidden_size {

@@ -250,12 +250,8 @@ impl Gguf {
                     t.dims()
                 )));
             }
-            let values = t.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(self.error(format!(
-                    "tensor `{stored}` holds {} at flat index {i}: weights must be finite",
-                    values[i]
-                )));
+            if let Some(msg) = super::non_finite(&stored, &t.flatten_all()?.to_vec1::<f32>()?) {
+                return Err(self.error(msg));
             }
             // llama.cpp's converter interleaves the two halves of each head's q/k rows for its
             // RoPE kernel; transformers undoes it on reading, and so do we.

@@ -179,15 +179,7 @@ impl LlamaConfig {
                 self.head_dim()
             ));
         }
-        super::check_sizes(
-            &[("max_position_embeddings", self.max_position_embeddings)],
-            super::MAX_POSITIONS,
-        )?;
-        super::check_table(
-            "max_position_embeddings × head_dim",
-            self.max_position_embeddings,
-            self.head_dim(),
-        )?;
+        super::check_positions(self.max_position_embeddings, self.head_dim(), "head_dim")?;
         if self.hidden_act != "silu" {
             return bad(format!(
                 "hidden_act `{}` is not supported (supported: silu)",

@@ -189,16 +189,8 @@ impl MarianConfig {
             ],
             super::MAX_DIM,
         )?;
-        super::check_sizes(
-            &[("max_position_embeddings", self.max_position_embeddings)],
-            super::MAX_POSITIONS,
-        )?;
+        super::check_positions(self.max_position_embeddings, self.d_model, "d_model")?;
         super::check_table("vocab_size × d_model", self.vocab_size, self.d_model)?;
-        super::check_table(
-            "max_position_embeddings × d_model",
-            self.max_position_embeddings,
-            self.d_model,
-        )?;
         for (what, heads) in [
             ("encoder_attention_heads", self.encoder_attention_heads),
             ("decoder_attention_heads", self.decoder_attention_heads),

@@ -63,6 +63,29 @@ pub(crate) fn check_table(what: &str, rows: usize, cols: usize) -> Result<()> {
     }
 }
 
+/// Checks `max_position_embeddings` (`positions`) against [`MAX_POSITIONS`], and the table of
+/// `positions × width` (`width_key`: the config key of the width) against [`MAX_TABLE`].
+pub(crate) fn check_positions(positions: usize, width: usize, width_key: &str) -> Result<()> {
+    check_sizes(&[("max_position_embeddings", positions)], MAX_POSITIONS)?;
+    check_table(
+        &format!("max_position_embeddings × {width_key}"),
+        positions,
+        width,
+    )
+}
+
+/// What is wrong with the weight `name` holding `values`, if one of them is NaN or infinite: a
+/// non-finite weight makes every output it reaches NaN, written as `null`s by a command that
+/// succeeds.
+pub(crate) fn non_finite(name: &str, values: &[f32]) -> Option<String> {
+    values.iter().position(|v| !v.is_finite()).map(|i| {
+        format!(
+            "tensor `{name}` holds {} at flat index {i}: weights must be finite",
+            values[i]
+        )
+    })
+}
+
 /// Every architecture this crate runs, one line each.
 pub const ARCHITECTURES: &[&Architecture] = &[
     &bert::ARCHITECTURE,

@@ -119,14 +119,10 @@ impl Weights {
         Ok(Some(t))
     }
 
-    /// A NaN or infinite weight would make every output it reaches NaN, written as `null`s by
-    /// a command that succeeds: an error naming the tensor instead.
+    /// An error naming the tensor if one of its `values` is not finite.
     fn check_finite(&self, name: &str, values: &[f32]) -> Result<()> {
-        match values.iter().position(|v| !v.is_finite()) {
-            Some(i) => Err(self.error(format!(
-                "tensor `{name}` holds {} at flat index {i}: weights must be finite",
-                values[i]
-            ))),
+        match super::non_finite(name, values) {
+            Some(msg) => Err(self.error(msg)),
             None => Ok(()),
         }
     }
