@@ -176,8 +176,10 @@ fn run_variants(f: &flags::Ablate, chosen: &[&Variant], data_dir: &Path) -> Resu
         while running.len() < f.jobs.max(1) {
             let Some(v) = todo.pop() else { break };
             let dir = f.out.join(v.name);
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            // Beside the run directory, not in it: `--overwrite` clears the run directory.
+            let log_path = f.out.join(format!("{}.log", v.name));
+            std::fs::create_dir_all(&f.out)
+                .with_context(|| format!("cannot create {}", f.out.display()))?;
             let mut cmd = Command::new(&exe);
             cmd.env("RAYON_NUM_THREADS", "1").arg("reproduce");
             if dir
@@ -187,7 +189,9 @@ fn run_variants(f: &flags::Ablate, chosen: &[&Variant], data_dir: &Path) -> Resu
             {
                 cmd.arg("lenet300-mnist").arg("--resume").arg(&dir);
             } else {
+                // A run that never checkpointed starts over.
                 cmd.arg("lenet300-mnist")
+                    .arg("--overwrite")
                     .arg("--data-dir")
                     .arg(data_dir)
                     .arg("--out")
@@ -200,8 +204,8 @@ fn run_variants(f: &flags::Ablate, chosen: &[&Variant], data_dir: &Path) -> Resu
                     .args(["--twt", "0.05", "--min-round-gain", "0.001"])
                     .args(v.args);
             }
-            let log = std::fs::File::create(dir.join("log.txt"))
-                .with_context(|| format!("cannot write {}/log.txt", dir.display()))?;
+            let log = std::fs::File::create(&log_path)
+                .with_context(|| format!("cannot write {}", log_path.display()))?;
             let child = cmd
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -210,7 +214,7 @@ fn run_variants(f: &flags::Ablate, chosen: &[&Variant], data_dir: &Path) -> Resu
                 .with_context(|| format!("cannot start the run of {}", v.name))?;
             say(
                 &bar,
-                format!("started {} (log: {}/log.txt)", v.name, dir.display()),
+                format!("started {} (log: {})", v.name, log_path.display()),
             );
             running.push((v, child, Instant::now()));
         }
@@ -224,9 +228,9 @@ fn run_variants(f: &flags::Ablate, chosen: &[&Variant], data_dir: &Path) -> Resu
                 if !status.success() {
                     bar.abandon();
                     bail!(
-                        "the run of {} failed ({status}); see {}/log.txt",
+                        "the run of {} failed ({status}); see {}",
                         v.name,
-                        f.out.join(v.name).display()
+                        f.out.join(format!("{}.log", v.name)).display()
                     );
                 }
                 say(

@@ -300,8 +300,18 @@ fn load_splits(cfg: &Config, source: &DataSource) -> Result<relprune_data::Image
 
 pub fn run(experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     if let Some(dir) = &f.resume {
-        let (cfg, epochs): (Config, usize) =
+        let saved: run::SavedRun<Config> =
             run::saved_config(&dir.join(CHECKPOINT_DIR), "image-classification")?;
+        let mut cfg = saved.config.clone();
+        let selective = cfg.method == Method::Selective;
+        crate::reproduce::apply_resume_flags(
+            f,
+            &saved,
+            selective,
+            &mut cfg.dense_epochs,
+            &mut cfg.prune,
+        );
+        let epochs = saved.epochs;
         let source = match &cfg.data_dir {
             Some(d) => DataSource::Dir(d.clone()),
             None => DataSource::Embedded,

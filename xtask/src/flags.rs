@@ -17,6 +17,27 @@ pub struct Xtask {
     pub cmd: Cmd,
 }
 
+/// Parses `cargo xtask`'s arguments, recording which `reproduce` flags were given.
+pub fn parse_from<I, T>(args: I) -> Result<Xtask, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Xtask::command().try_get_matches_from(args)?;
+    let mut flags = Xtask::from_arg_matches(&matches)?;
+    if let (Cmd::Reproduce(f), Some(("reproduce", m))) = (&mut flags.cmd, matches.subcommand()) {
+        f.given = m
+            .ids()
+            .filter(|id| {
+                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.to_string())
+            .collect();
+    }
+    Ok(flags)
+}
+
 /// The tasks.
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
@@ -216,11 +237,20 @@ pub struct Reproduce {
     pub sparsity: Option<f64>,
     /// Continue the interrupted run whose output directory is DIR (its configuration comes from
     /// DIR/checkpoint; the other flags are ignored).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "overwrite")]
     pub resume: Option<PathBuf>,
+    /// Start over in an output directory that holds an earlier run (it is cleared first; a
+    /// directory relprune did not write is never cleared). Without it, such a directory is an
+    /// error.
+    #[arg(long)]
+    pub overwrite: bool,
     /// The engine's settings, over the experiment's preset.
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// Which of these flags the command line gave (argument ids), for `--resume` to say which
+    /// it applied and which it ignored.
+    #[arg(skip)]
+    pub given: Vec<String>,
 }
 
 /// Flags of `bench`.

@@ -10,11 +10,9 @@ mod llm;
 mod reproduce;
 mod translate;
 
-use clap::Parser;
-
 fn main() -> anyhow::Result<()> {
     relprune_hf::memory::keep_large_buffers();
-    let flags = flags::Xtask::parse();
+    let flags = flags::parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
     if let Some(n) = flags.threads {
         set_threads(n);
     }

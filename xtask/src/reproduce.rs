@@ -63,8 +63,7 @@ fn run_all(f: &flags::Reproduce) -> Result<()> {
             continue;
         }
         eprintln!("== {} ({})", exp.name, out.display());
-        let r = std::fs::create_dir_all(&out)
-            .map_err(anyhow::Error::from)
+        let r = claim(&out, f)
             .and_then(|_| (exp.run)(exp.name, f, &out))
             .and_then(|r| write_outputs(&r, &out).map(|_| r));
         if let Err(e) = &r {
@@ -150,7 +149,7 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         (None, Some(out)) => out.clone(),
         (None, None) => PathBuf::from("target/reproduce").join(exp.name),
     };
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    claim(&out, &f)?;
     let results = (exp.run)(exp.name, &f, &out)?;
     write_outputs(&results, &out)?;
     println!(
@@ -165,6 +164,67 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         out.join("report.md").display()
     );
     Ok(())
+}
+
+/// Takes `out` as the run's directory: new or empty, cleared with `--overwrite`, or the run to
+/// continue with `--resume` (whose stale temporary files are swept).
+fn claim(out: &Path, f: &flags::Reproduce) -> Result<()> {
+    let mode = match (f.resume.is_some(), f.overwrite) {
+        (true, _) => relprune_io::RunDir::Resume,
+        (false, true) => relprune_io::RunDir::Overwrite,
+        (false, false) => relprune_io::RunDir::New,
+    };
+    Ok(relprune_io::claim_run_dir(out, mode)?)
+}
+
+/// Flags that never reach a checkpoint's configuration (where the run goes, how fast it runs).
+const NOT_SETTINGS: &[&str] = &["experiment", "resume", "overwrite", "threads", "out"];
+
+/// Applies to a resumed run's configuration the flags that are safe to change (a budget or
+/// learning rate of a phase that has not started; `--prune-epochs` also while the method's
+/// pruning runs, since the budget is checked every epoch) and tells which it applied and which
+/// it ignored: the rest of the configuration is the checkpoint's.
+pub fn apply_resume_flags<C>(
+    f: &flags::Reproduce,
+    saved: &relprune_tasks::run::SavedRun<C>,
+    selective: bool,
+    dense_epochs: &mut usize,
+    prune: &mut relprune_prune::PruneConfig,
+) -> (Vec<String>, Vec<String>) {
+    let e = &f.engine;
+    let (mut applied, mut ignored) = (Vec::new(), Vec::new());
+    for id in &f.given {
+        let flag = format!("--{}", id.replace('_', "-"));
+        let done = match id.as_str() {
+            "prune_epochs" if selective && !saved.finished("pruning") => {
+                e.prune_epochs.map(|n| prune.max_epochs = n)
+            }
+            "lr" if selective && !saved.started("pruning") => e.lr.map(|lr| prune.lr = lr),
+            "finetune_epochs" if !saved.started("fine-tune") => {
+                e.finetune_epochs.map(|n| prune.finetune_epochs = n)
+            }
+            "finetune_lr" if !saved.started("fine-tune") => {
+                e.finetune_lr.map(|lr| prune.finetune_lr = lr)
+            }
+            "dense_epochs" if !saved.started("dense") => f.dense_epochs.map(|n| *dense_epochs = n),
+            id if NOT_SETTINGS.contains(&id) => continue,
+            _ => None,
+        };
+        match done {
+            Some(()) => applied.push(flag),
+            None => ignored.push(flag),
+        }
+    }
+    if !applied.is_empty() {
+        eprintln!("resume: applying {}", applied.join(", "));
+    }
+    if !ignored.is_empty() {
+        eprintln!(
+            "resume: ignoring {} (the checkpoint's configuration holds; only budgets and learning              rates of phases not yet started can change)",
+            ignored.join(", ")
+        );
+    }
+    (applied, ignored)
 }
 
 /// Applies the engine flags every experiment shares ([`relprune_tasks::EngineArgs`] and
@@ -308,5 +368,51 @@ mod tests {
     fn judge_retrained_is_off_unless_asked_for() {
         assert!(!prune_config(&[]).judge_retrained);
         assert!(prune_config(&["--judge-retrained"]).judge_retrained);
+    }
+
+    #[test]
+    fn resume_applies_budgets_and_rates_of_phases_not_started_and_names_the_rest_as_ignored() {
+        let argv = [
+            "cargo xtask",
+            "reproduce",
+            "lenet5-mnist",
+            "--resume",
+            "d",
+            "--prune-epochs=40",
+            "--lr=0.2",
+            "--finetune-lr=0.02",
+            "--twt=0.1",
+            "--seed=3",
+            "--threads=1",
+        ];
+        let Cmd::Reproduce(f) = crate::flags::parse_from(argv).unwrap().cmd else {
+            unreachable!("parsed a reproduce command")
+        };
+        let saved = relprune_tasks::run::SavedRun {
+            config: (),
+            epochs: 12,
+            completed: vec!["dense".to_string()],
+            current: Some("pruning".to_string()),
+        };
+        let mut prune = relprune_prune::PruneConfig::default();
+        let before = prune.clone();
+        let mut dense = 5;
+        let (applied, mut ignored) = apply_resume_flags(&f, &saved, true, &mut dense, &mut prune);
+        ignored.sort();
+        assert_eq!(applied.len(), 2, "{applied:?}");
+        assert!(applied.contains(&"--prune-epochs".to_string()));
+        assert!(applied.contains(&"--finetune-lr".to_string()));
+        assert_eq!(ignored, ["--lr", "--seed", "--twt"]);
+        assert_eq!((prune.max_epochs, prune.finetune_lr), (40, 0.02));
+        assert_eq!((prune.lr, prune.regularizer), (before.lr, before.regularizer));
+        assert_eq!(dense, 5);
+        // Once pruning finished, its budget is history too.
+        let finished = relprune_tasks::run::SavedRun {
+            completed: vec!["dense".into(), "pruning".into()],
+            current: Some("fine-tune".into()),
+            ..saved
+        };
+        let (applied, _) = apply_resume_flags(&f, &finished, true, &mut dense, &mut prune);
+        assert!(applied.is_empty(), "{applied:?}");
     }
 }

@@ -206,8 +206,20 @@ fn data_dir(f: &flags::Reproduce) -> PathBuf {
 /// `cargo xtask reproduce transformer-gettext-en-de`.
 pub fn run(_experiment: &str, f: &flags::Reproduce, out: &Path) -> Result<RunResults> {
     if let Some(dir) = &f.resume {
-        let (cfg, epochs): (Config, usize) = run::saved_config(&dir.join(CHECKPOINT_DIR), NAME)?;
-        eprintln!("resuming {NAME} in {} after {epochs} epochs", dir.display());
+        let saved: run::SavedRun<Config> = run::saved_config(&dir.join(CHECKPOINT_DIR), NAME)?;
+        let mut cfg = saved.config.clone();
+        crate::reproduce::apply_resume_flags(
+            f,
+            &saved,
+            true,
+            &mut cfg.dense_epochs,
+            &mut cfg.prune,
+        );
+        eprintln!(
+            "resuming {NAME} in {} after {} epochs",
+            dir.display(),
+            saved.epochs
+        );
         return run_config(cfg, out, true);
     }
     let mut cfg = Config::preset(f.quick);

@@ -384,7 +384,11 @@ pub fn run(cfg: CausalConfig, opts: &crate::RunOptions) -> Result<CausalReport> 
                 work.display()
             )))
         }
-        _ => {}
+        (Some(_), true) => {
+            // Writes a kill interrupted are never resumed from; their files only take space.
+            relprune_io::sweep_temp(&work)?;
+        }
+        (None, false) => {}
     }
     let dir = gguf::model_dir(&cfg.model);
     let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))

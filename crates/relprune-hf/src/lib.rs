@@ -115,7 +115,8 @@ impl RunOptions {
 
 /// The configuration of the run checkpointed in `work` (what resuming it continues).
 pub fn resume_config(work: &Path) -> Result<(Config, usize)> {
-    Ok(relprune_tasks::run::saved_config(work, "prune-hf")?)
+    let saved = relprune_tasks::run::saved_config(work, "prune-hf")?;
+    Ok((saved.config, saved.epochs))
 }
 
 /// Runs prune-hf end to end; returns what it wrote into `relprune_report.json`.
@@ -141,6 +142,10 @@ pub fn run(cfg: Config, opts: &RunOptions) -> Result<RunResults> {
             work.display(),
             work.display()
         )));
+    }
+    if opts.resume && work.is_dir() {
+        // Writes a kill interrupted are never resumed from; their files only take space.
+        relprune_io::sweep_temp(&work)?;
     }
     let opts = RunOptions {
         out,

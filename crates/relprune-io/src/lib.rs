@@ -233,6 +233,139 @@ impl Drop for StagingDir {
     }
 }
 
+/// The marker file every run directory holds: what `--overwrite` checks before clearing one.
+pub const RUN_MARKER: &str = ".relprune-run";
+
+/// How a run takes its output directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunDir {
+    /// A new run: the directory must be new or empty.
+    New,
+    /// A new run replacing an earlier one: the directory is cleared first (only if it holds
+    /// [`RUN_MARKER`], so a mistyped path is never emptied).
+    Overwrite,
+    /// The run already in the directory continues: temporary files left behind are swept.
+    Resume,
+}
+
+/// Makes `out` the directory of a run started as `mode` says (see [`RunDir`]); a directory
+/// holding an earlier run is an error for [`RunDir::New`], never silently mixed with it.
+pub fn claim_run_dir(out: &Path, mode: RunDir) -> Result<()> {
+    let entries = |dir: &Path| -> Result<Vec<fs::DirEntry>> {
+        fs::read_dir(dir)
+            .and_then(|r| r.collect::<io::Result<Vec<_>>>())
+            .map_err(|e| err(dir, format!("cannot list: {e}")))
+    };
+    match fs::metadata(out) {
+        Ok(m) if !m.is_dir() => return Err(err(out, "exists and is not a directory")),
+        Ok(_) => match mode {
+            RunDir::New => {
+                if !entries(out)?.is_empty() {
+                    return Err(err(
+                        out,
+                        "already holds files (an earlier run?): continue it with --resume or \
+                         start over with --overwrite",
+                    ));
+                }
+            }
+            RunDir::Overwrite => {
+                let found = entries(out)?;
+                if !found.is_empty() && !out.join(RUN_MARKER).exists() {
+                    return Err(err(
+                        out,
+                        format!(
+                            "holds files but no {RUN_MARKER}: not a run directory relprune \
+                             wrote, so --overwrite does not clear it"
+                        ),
+                    ));
+                }
+                // Entries one by one: the directory itself (a link, its permissions) stays.
+                for e in found {
+                    let p = e.path();
+                    let r = match e.file_type() {
+                        Ok(t) if t.is_dir() => fs::remove_dir_all(&p),
+                        _ => fs::remove_file(&p),
+                    };
+                    r.map_err(|e| err(&p, format!("cannot remove: {e}")))?;
+                }
+            }
+            RunDir::Resume => {
+                sweep_temp(out)?;
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if mode == RunDir::Resume {
+                return Err(err(out, "does not exist: there is no run here to resume"));
+            }
+            fs::create_dir_all(out).map_err(|e| err(out, format!("cannot create: {e}")))?;
+        }
+        Err(e) => return Err(err(out, format!("cannot inspect: {e}"))),
+    }
+    write(&out.join(RUN_MARKER), b"a relprune run directory\n")
+}
+
+/// The process id in the name of a temporary file or staging directory this crate made, if
+/// `name` is one (`.NAME.PID.N.tmp`, `NAME.relprune-tmp-PID`).
+fn temp_owner(name: &str) -> Option<u32> {
+    if let Some(pid) = name.rsplit_once(".relprune-tmp-").map(|(_, p)| p) {
+        return pid.parse().ok();
+    }
+    let inner = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (rest, n) = inner.rsplit_once('.')?;
+    let (_, pid) = rest.rsplit_once('.')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Whether process `pid` is running (so its temporary files may still be in use).
+fn alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        Path::new("/proc").join(pid.to_string()).exists()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        // Without a cheap liveness test, a file is only stale when nobody could be writing it.
+        false
+    }
+}
+
+/// Removes the temporary files and staging directories that killed writers left in `dir` and
+/// its subdirectories (those of running processes stay); returns how many were removed.
+pub fn sweep_temp(dir: &Path) -> Result<usize> {
+    sweep_in(dir, 4)
+}
+
+fn sweep_in(dir: &Path, depth: usize) -> Result<usize> {
+    let mut removed = 0;
+    let list = fs::read_dir(dir).map_err(|e| err(dir, format!("cannot list: {e}")))?;
+    for e in list {
+        let e = e.map_err(|e| err(dir, format!("cannot list: {e}")))?;
+        let p = e.path();
+        let Ok(kind) = e.file_type() else { continue };
+        let name = e.file_name().to_string_lossy().to_string();
+        match temp_owner(&name) {
+            Some(pid) if !alive(pid) => {
+                let r = if kind.is_dir() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+                r.map_err(|e| err(&p, format!("cannot remove a stale temporary file: {e}")))?;
+                removed += 1;
+            }
+            Some(_) => {}
+            // Links are not followed: a sweep never reaches outside the run directory.
+            None if kind.is_dir() && depth > 0 => removed += sweep_in(&p, depth - 1)?,
+            None => {}
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,5 +469,50 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("already exists"));
+    }
+
+    #[test]
+    fn a_new_run_refuses_a_directory_holding_files_and_overwrite_clears_only_run_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        claim_run_dir(&out, RunDir::New).unwrap();
+        fs::write(out.join("results.json"), b"{}").unwrap();
+        let e = claim_run_dir(&out, RunDir::New).unwrap_err().to_string();
+        assert!(e.contains("run") && e.contains("--overwrite"), "{e}");
+        claim_run_dir(&out, RunDir::Overwrite).unwrap();
+        assert!(!out.join("results.json").exists() && out.join(RUN_MARKER).exists());
+        let foreign = dir.path().join("home");
+        fs::create_dir(&foreign).unwrap();
+        fs::write(foreign.join("thesis.tex"), b"precious").unwrap();
+        let e = claim_run_dir(&foreign, RunDir::Overwrite)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a run directory"), "{e}");
+        assert_eq!(fs::read(foreign.join("thesis.tex")).unwrap(), b"precious");
+        let e = claim_run_dir(&dir.path().join("none"), RunDir::Resume)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nothing") || e.contains("no run"), "{e}");
+    }
+
+    #[test]
+    fn a_sweep_removes_dead_writers_temporary_files_and_keeps_everything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("checkpoint");
+        fs::create_dir(&sub).unwrap();
+        // PIDs above the kernel's maximum (2^22) are never alive.
+        let dead = 4_999_999u32;
+        fs::write(sub.join(format!(".checkpoint.safetensors.{dead}.3.tmp")), b"x").unwrap();
+        fs::write(dir.path().join(format!(".results.json.{dead}.0.tmp")), b"x").unwrap();
+        fs::create_dir(dir.path().join(format!("out.relprune-tmp-{dead}"))).unwrap();
+        let mine = format!(".model.safetensors.{}.9.tmp", std::process::id());
+        fs::write(dir.path().join(&mine), b"x").unwrap();
+        fs::write(dir.path().join("notes.tmp"), b"keep").unwrap();
+        fs::write(sub.join("checkpoint.safetensors"), b"keep").unwrap();
+        assert_eq!(sweep_temp(dir.path()).unwrap(), 3);
+        assert!(dir.path().join(&mine).exists());
+        assert!(dir.path().join("notes.tmp").exists());
+        assert!(sub.join("checkpoint.safetensors").exists());
+        assert_eq!(fs::read_dir(&sub).unwrap().count(), 1);
     }
 }

@@ -241,6 +241,12 @@ impl Checkpointer {
         &self.path
     }
 
+    /// Replaces the run's description (written with the next checkpoint): a resumed run whose
+    /// safe settings changed stores them, so that a later resume continues with them too.
+    pub fn set_run(&mut self, run: Value) {
+        self.journal.run = run;
+    }
+
     /// The journal as last written (or read).
     pub fn journal(&self) -> &Journal {
         &self.journal

@@ -105,6 +105,13 @@ impl Trainer {
         Ok(())
     }
 
+    /// Replaces the checkpointed run's description (see [`Checkpointer::set_run`]).
+    pub fn set_run_description(&mut self, run: Value) {
+        if let Some(c) = &mut self.checkpoints {
+            c.set_run(run);
+        }
+    }
+
     /// Continues the run checkpointed in `dir`: loads weights, masks, optimizer state, learning
     /// rate, regularizer and epoch count, replays `task`'s data order, and returns the run's
     /// description. Later phases pick up where the run stopped.

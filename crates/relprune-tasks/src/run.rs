@@ -43,27 +43,62 @@ pub fn start<T: Task + ?Sized>(
     config: &impl Serialize,
     resume: bool,
 ) -> Result<()> {
+    let config = serde_json::to_value(config)
+        .map_err(|e| Error::Invalid(format!("the configuration cannot be stored: {e}")))?;
+    let run = serde_json::json!({ "config": config });
     if resume {
         trainer.resume(dir, task)?;
+        // The configuration may carry settings changed on resume (see [`SavedRun`]).
+        trainer.set_run_description(run);
     } else {
-        let config = serde_json::to_value(config)
-            .map_err(|e| Error::Invalid(format!("the configuration cannot be stored: {e}")))?;
-        trainer.checkpoint_into(dir, serde_json::json!({ "config": config }))?;
+        trainer.checkpoint_into(dir, run)?;
     }
     Ok(())
 }
 
-/// The configuration stored in the checkpoint in `dir` (what `--resume` continues), with the
-/// number of epochs the run has trained.
-pub fn saved_config<C: serde::de::DeserializeOwned>(dir: &Path, what: &str) -> Result<(C, usize)> {
+/// A checkpointed run as `--resume` finds it: its configuration and how far it got.
+#[derive(Debug)]
+pub struct SavedRun<C> {
+    /// The configuration the run was started (or last resumed) with.
+    pub config: C,
+    /// Training epochs done, all phases together.
+    pub epochs: usize,
+    /// Phases that finished, in order.
+    pub completed: Vec<String>,
+    /// The phase in progress, if one was.
+    pub current: Option<String>,
+}
+
+impl<C> SavedRun<C> {
+    /// Whether phase `label` has started (finished or in progress): settings it read at its
+    /// start can no longer change.
+    pub fn started(&self, label: &str) -> bool {
+        self.current.as_deref() == Some(label) || self.finished(label)
+    }
+
+    /// Whether phase `label` finished.
+    pub fn finished(&self, label: &str) -> bool {
+        self.completed.iter().any(|l| l == label)
+    }
+}
+
+/// The run checkpointed in `dir` (what `--resume` continues); `what` names the configuration
+/// expected in errors.
+pub fn saved_config<C: serde::de::DeserializeOwned>(dir: &Path, what: &str) -> Result<SavedRun<C>> {
     let saved = relprune_prune::checkpoint::read(dir, &candle_core::Device::Cpu)?;
-    let cfg = serde_json::from_value(saved.journal.run["config"].clone()).map_err(|e| {
+    let journal = saved.journal;
+    let config = serde_json::from_value(journal.run["config"].clone()).map_err(|e| {
         Error::Invalid(format!(
             "{}: the checkpoint holds no {what} configuration ({e})",
             dir.display()
         ))
     })?;
-    Ok((cfg, saved.journal.epochs_trained))
+    Ok(SavedRun {
+        config,
+        epochs: journal.epochs_trained,
+        completed: journal.completed.into_iter().map(|(l, _)| l).collect(),
+        current: journal.current.map(|(l, _)| l),
+    })
 }
 
 /// Trains the dense model: `epochs` epochs, cosine decay from `lr`, checkpointed like every
