@@ -164,7 +164,66 @@ pub fn read(dir: &Path, device: &Device) -> Result<Saved> {
             ));
         }
     }
+    check_counters(&journal, &tensors, &path)?;
     Ok(Saved { journal, tensors })
+}
+
+/// Refuses a checkpoint whose counters disagree with its tensors: optimizer steps without a
+/// trained epoch (or negative ones), masks that are not 0/1 or have no parameter of their shape.
+fn check_counters(journal: &Journal, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let values = |name: &str, t: &Tensor| -> Result<Vec<f64>> {
+        t.flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F64))
+            .and_then(|t| t.to_vec1::<f64>())
+            .map_err(|e| file_err(path, format!("tensor `{name}`: {e}")))
+    };
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        if name.starts_with("optim/") && name.ends_with("/steps") {
+            let steps = values(name, t)?;
+            if let Some(s) = steps.iter().find(|s| **s < 0.0) {
+                return Err(file_err(path, format!("tensor `{name}` counts {s} steps")));
+            }
+            if journal.epochs_trained == 0 && steps.iter().any(|s| *s > 0.0) {
+                return Err(file_err(
+                    path,
+                    format!(
+                        "the journal counts 0 epochs trained but `{name}` counts {} optimizer                          steps: the counters disagree, so this checkpoint is damaged",
+                        steps[0]
+                    ),
+                ));
+            }
+        } else if let Some(param) = name.strip_prefix("mask/") {
+            if let Some(v) = values(name, t)?.iter().find(|v| **v != 0.0 && **v != 1.0) {
+                return Err(file_err(
+                    path,
+                    format!("mask `{param}` holds {v}: masks hold only 0 and 1"),
+                ));
+            }
+            match tensors.get(&format!("param/{param}")) {
+                Some(p) if p.dims() == t.dims() => {}
+                Some(p) => {
+                    return Err(file_err(
+                        path,
+                        format!(
+                            "mask `{param}` has shape {:?} but its parameter {:?}",
+                            t.dims(),
+                            p.dims()
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(file_err(
+                        path,
+                        format!("mask `{param}` has no parameter `param/{param}`"),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The tensors of `map` under `prefix/`, with the prefix removed.
@@ -436,25 +495,62 @@ mod tests {
 
     /// A checkpoint file in `dir` holding `journal` and one tensor `param/w` of `values`.
     fn forge(dir: &Path, journal: &Journal, values: Vec<f32>) {
-        let t = Tensor::from_vec(values, 3, &Device::Cpu).unwrap();
+        forge_tensors(dir, journal, &[("param/w", values)]);
+    }
+
+    /// A checkpoint file in `dir` holding `journal` and these f32 vectors.
+    fn forge_tensors(dir: &Path, journal: &Journal, tensors: &[(&str, Vec<f32>)]) {
         let meta = HashMap::from([(
             META_KEY.to_string(),
             serde_json::to_string(journal).unwrap(),
         )]);
-        let data: Vec<u8> = t
-            .to_vec1::<f32>()
-            .unwrap()
+        let data: Vec<(String, Vec<u8>, usize)> = tensors
             .iter()
-            .flat_map(|v| v.to_le_bytes())
+            .map(|(k, v)| {
+                let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (k.to_string(), bytes, v.len())
+            })
             .collect();
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3], &data).unwrap();
-        safetensors::serialize_to_file(
-            [("param/w".to_string(), view)],
-            Some(meta),
-            &dir.join(CHECKPOINT_FILE),
-        )
-        .unwrap();
+        let views = data.iter().map(|(k, bytes, n)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], bytes)
+                    .unwrap();
+            (k.clone(), view)
+        });
+        safetensors::serialize_to_file(views, Some(meta), &dir.join(CHECKPOINT_FILE)).unwrap();
+    }
+
+    #[test]
+    fn a_checkpoint_whose_counters_disagree_with_its_tensors_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal {
+            format: CHECKPOINT_FORMAT.into(),
+            lr: 1e-3,
+            epochs_trained: 2,
+            ..Journal::default()
+        };
+        let w = ("param/w", vec![1.0, 0.0, 3.0]);
+        let good = [w.clone(), ("mask/w", vec![1.0, 0.0, 1.0]), ("optim/w/steps", vec![40.0])];
+        forge_tensors(dir.path(), &journal, &good);
+        read(dir.path(), &Device::Cpu).unwrap();
+        let untrained = Journal {
+            epochs_trained: 0,
+            ..journal.clone()
+        };
+        forge_tensors(dir.path(), &untrained, &good);
+        let e = read(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("0 epochs") && e.contains("optim/w/steps"), "{e}");
+        let cases: [(&[(&str, Vec<f32>)], &str); 4] = [
+            (&[w.clone(), ("optim/w/steps", vec![-3.0])], "-3 steps"),
+            (&[w.clone(), ("mask/w", vec![1.0, 0.5, 1.0])], "holds 0.5"),
+            (&[w.clone(), ("mask/w", vec![1.0, 0.0])], "shape [2]"),
+            (&[("mask/v", vec![1.0])], "no parameter"),
+        ];
+        for (tensors, says) in cases {
+            forge_tensors(dir.path(), &journal, tensors);
+            let e = read(dir.path(), &Device::Cpu).unwrap_err().to_string();
+            assert!(e.contains(says), "{says}: {e}");
+        }
     }
 
     #[test]
