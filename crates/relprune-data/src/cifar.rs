@@ -77,9 +77,12 @@ pub fn parse_cifar_batch(bytes: &[u8], source_name: &str) -> Result<(Vec<u8>, Ve
     Ok((images, labels))
 }
 
+/// Largest CIFAR batch file read: 100,000 records (the format's batches hold 10,000).
+pub const MAX_BATCH_BYTES: u64 = 100_000 * RECORD_BYTES as u64;
+
 /// Reads and parses one batch file; errors name the path.
 pub fn read_cifar_batch(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = relprune_io::read_capped(path, MAX_BATCH_BYTES).map_err(|e| Error::io(path, e))?;
     parse_cifar_batch(&bytes, &path.display().to_string())
 }
 
@@ -194,5 +197,15 @@ mod tests {
             Error::Format { offset, .. } => assert_eq!(offset, Some(52246)),
             other => panic!("expected a Format error, got {other:?}"),
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_batch_that_is_an_endless_device_is_refused_at_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data_batch_1.bin");
+        std::os::unix::fs::symlink("/dev/zero", &p).unwrap();
+        let e = read_cifar_batch(&p).unwrap_err().to_string();
+        assert!(e.contains("data_batch_1.bin") && e.contains("refused"), "{e}");
     }
 }

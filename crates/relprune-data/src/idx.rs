@@ -25,7 +25,9 @@ pub struct IdxArray {
 /// Reads an IDX file that may be raw, gzip or bzip2 compressed; falls back to `path` + ".gz".
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
     let path = resolve_idx_path(path)?;
-    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    // A compressed file is smaller than its payload, so the payload's bound holds for it too.
+    let bytes =
+        relprune_io::read_capped(&path, MAX_IDX_BYTES as u64).map_err(|e| Error::io(&path, e))?;
     parse_idx(&bytes, &path.display().to_string())
 }
 

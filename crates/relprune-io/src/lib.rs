@@ -233,6 +233,46 @@ impl Drop for StagingDir {
     }
 }
 
+/// Most bytes read from a pipe or device, whatever the caller's cap: their size cannot be
+/// checked first, and `/dev/zero` never ends.
+pub const STREAM_CAP: u64 = 1 << 28;
+
+/// Reads at most `cap` bytes of `path` (a larger file is an error before any byte is read; a
+/// pipe or device is read only up to `cap` and [`STREAM_CAP`]), so that no input can make a
+/// reader allocate beyond what its format legitimately needs. The caller names the file in its
+/// error.
+pub fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let too_big = |what: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what}, more than the {cap} bytes this input may hold; refused"),
+        )
+    };
+    let file = fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "is a directory; a file was expected",
+        ));
+    }
+    let cap = if meta.is_file() {
+        cap
+    } else {
+        cap.min(STREAM_CAP)
+    };
+    if meta.is_file() && meta.len() > cap {
+        return Err(too_big(format!("the file has {} bytes", meta.len())));
+    }
+    let mut bytes = Vec::with_capacity(if meta.is_file() { meta.len() as usize } else { 0 });
+    file.take(cap.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(too_big("it yields more bytes".to_string()));
+    }
+    Ok(bytes)
+}
+
 /// The marker file every run directory holds: what `--overwrite` checks before clearing one.
 pub const RUN_MARKER: &str = ".relprune-run";
 
@@ -514,5 +554,24 @@ mod tests {
         assert!(dir.path().join("notes.tmp").exists());
         assert!(sub.join("checkpoint.safetensors").exists());
         assert_eq!(fs::read_dir(&sub).unwrap().count(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_capped_read_refuses_large_files_before_reading_and_endless_devices_at_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data.bin");
+        fs::write(&p, vec![7u8; 100]).unwrap();
+        assert_eq!(read_capped(&p, 100).unwrap().len(), 100);
+        let e = read_capped(&p, 99).unwrap_err().to_string();
+        assert!(e.contains("100 bytes") && e.contains("refused"), "{e}");
+        let e = read_capped(Path::new("/dev/zero"), 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more bytes"), "{e}");
+        assert!(read_capped(dir.path(), 10)
+            .unwrap_err()
+            .to_string()
+            .contains("directory"));
     }
 }

@@ -17,7 +17,6 @@
 //! with its speaker tag and joined by [`DialogueOptions::separator`].
 
 use std::collections::BTreeSet;
-use std::fs;
 use std::path::Path;
 
 use serde_json::Value;
@@ -77,7 +76,7 @@ impl From<DialoguePair> for TextPair {
 
 /// Reads a Taskmaster JSON file into (context, response) pairs, in file order.
 pub fn read_taskmaster(path: &Path, options: &DialogueOptions) -> Result<Vec<DialoguePair>> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::text::read_text_file(path)?;
     parse_taskmaster(&bytes, &path.display().to_string(), options)
 }
 
@@ -115,7 +114,14 @@ pub fn parse_taskmaster(
 /// Reads a Taskmaster-1 split file (`train.csv`, `dev.csv`, `test.csv`: one `dlg-…` id per line,
 /// each followed by a comma) into the set of conversation ids it names.
 pub fn read_taskmaster_split_ids(path: &Path) -> Result<BTreeSet<String>> {
-    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::text::read_text_file(path)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::format(
+            &path.display().to_string(),
+            Some(e.utf8_error().valid_up_to() as u64),
+            "invalid UTF-8",
+        )
+    })?;
     let mut ids = BTreeSet::new();
     for (i, line) in text.lines().enumerate() {
         let id = line.trim().trim_end_matches(',').trim();

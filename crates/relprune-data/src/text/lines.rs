@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 /// empty line after a final newline; line ends (`\r` included) are kept. Errors name the file
 /// and, for invalid UTF-8, the line and the byte.
 pub fn read_lines(path: &Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::text::read_text_file(path)?;
     split_lines(&bytes, &path.display().to_string())
 }
 

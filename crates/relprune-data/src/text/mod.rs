@@ -28,3 +28,13 @@ pub use parallel::{
 };
 pub use tokenizer::{SpecialIds, TextTokenizer};
 pub use train::{train_bpe, BpeOptions, TRAINED_SPECIALS};
+
+/// Largest text file read (corpora, sentence lists, tokenizers, dialogues): 4 GiB, beyond the
+/// largest parallel corpus side we know of (WMT en–de, about 1.5 GB) and bounding what a pipe
+/// or device can make a reader hold.
+pub const MAX_TEXT_BYTES: u64 = 1 << 32;
+
+/// A text input's bytes, read through [`relprune_io::read_capped`] at [`MAX_TEXT_BYTES`].
+pub(crate) fn read_text_file(path: &std::path::Path) -> crate::Result<Vec<u8>> {
+    relprune_io::read_capped(path, MAX_TEXT_BYTES).map_err(|e| crate::Error::io(path, e))
+}

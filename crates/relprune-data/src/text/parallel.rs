@@ -7,7 +7,6 @@
 //! spacing can be part of what a tokenizer sees.
 
 use std::fmt;
-use std::fs;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -97,8 +96,8 @@ pub fn read_parallel_files(
     target: &Path,
     empty: EmptyPairs,
 ) -> Result<ParallelText> {
-    let src_bytes = fs::read(source).map_err(|e| Error::io(source, e))?;
-    let tgt_bytes = fs::read(target).map_err(|e| Error::io(target, e))?;
+    let src_bytes = crate::text::read_text_file(source)?;
+    let tgt_bytes = crate::text::read_text_file(target)?;
     let src_name = source.display().to_string();
     let tgt_name = target.display().to_string();
     parse_parallel(&src_bytes, &src_name, &tgt_bytes, &tgt_name, empty)
@@ -146,7 +145,7 @@ pub fn parse_parallel(
 /// segment would make the split ambiguous). A blank line counts as an empty pair and follows
 /// `empty`.
 pub fn read_tsv(path: &Path, empty: EmptyPairs) -> Result<ParallelText> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::text::read_text_file(path)?;
     parse_tsv(&bytes, &path.display().to_string(), empty)
 }
 

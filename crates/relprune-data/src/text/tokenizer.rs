@@ -6,7 +6,6 @@
 //! all-MiniLM-L6-v2's 128), and a silent cut would hide over-long examples that
 //! [`crate::text::TokenBatcher`] reports or skips explicitly.
 
-use std::fs;
 use std::path::Path;
 
 use tokenizers::Tokenizer;
@@ -49,7 +48,7 @@ pub const BYTES_PER_POSITION: usize = 256;
 impl TextTokenizer {
     /// Loads a `tokenizer.json` file; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::text::read_text_file(path)?;
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 
