@@ -45,7 +45,7 @@ pub struct ForwardArgs {
 pub fn run(args: &ForwardArgs) -> Result<()> {
     // The architecture first (an unsupported one is named), then the input, then the weights.
     relprune_models::hf::detect(&args.model)?;
-    let text = std::fs::read_to_string(&args.input)
+    let text = relprune_io::read_text_capped(&args.input, relprune_io::CONFIG_CAP)
         .with_context(|| format!("cannot read input file {}", args.input.display()))?;
     let inputs =
         parse_inputs(&text).with_context(|| format!("input file {}", args.input.display()))?;

@@ -325,7 +325,7 @@ fn read_checkpoint(work: &Path) -> Result<Option<Checkpoint>> {
         return Ok(None);
     }
     let text =
-        std::fs::read_to_string(&path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        relprune_io::read_text_capped(&path, relprune_io::CONFIG_CAP).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     serde_json::from_str(&text).map(Some).map_err(|e| {
         invalid(format!(
             "{}: not a decoder-LM checkpoint: {e}",

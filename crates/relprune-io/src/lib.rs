@@ -273,6 +273,16 @@ pub fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Cap of small structured files (configs, journals, results): 64 MiB, thousands of times
+/// any real one.
+pub const CONFIG_CAP: u64 = 1 << 26;
+
+/// [`read_capped`] as UTF-8 text.
+pub fn read_text_capped(path: &Path, cap: u64) -> io::Result<String> {
+    String::from_utf8(read_capped(path, cap)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("not UTF-8: {e}")))
+}
+
 /// The marker file every run directory holds: what `--overwrite` checks before clearing one.
 pub const RUN_MARKER: &str = ".relprune-run";
 

@@ -94,7 +94,7 @@ pub struct Saved {
 /// Reads the checkpoint in `dir` (errors name the file and the problem).
 pub fn read(dir: &Path, device: &Device) -> Result<Saved> {
     let path = dir.join(CHECKPOINT_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| {
+    let bytes = relprune_io::read_capped(&path, u64::MAX).map_err(|e| {
         file_err(
             &path,
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -455,7 +455,7 @@ pub fn write_params_file(path: &Path, params: &ParamSet) -> Result<()> {
 
 /// Sets every parameter from a file written by [`write_params_file`].
 pub fn restore_params_file(path: &Path, params: &ParamSet) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    let bytes = relprune_io::read_capped(path, u64::MAX).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| file_err(path, format!("not a valid weights file (truncated?): {e}")))?;
     for p in params.iter() {
