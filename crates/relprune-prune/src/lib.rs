@@ -39,4 +39,4 @@ pub use optim::{MaskedSgd, Optimizer, SgdConfig};
 pub use params::{Param, ParamSet, Selection, Snapshot};
 pub use schedule::{LrSchedule, LrScheduler};
 pub use task::{Evaluation, MetricSpec, Split, Task};
-pub use trainer::{EpochRecord, Trainer};
+pub use trainer::{EpochRecord, Trainer, NON_FINITE_RETRIES};

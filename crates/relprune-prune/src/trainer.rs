@@ -203,8 +203,63 @@ impl Trainer {
         task.begin_epoch(self.epochs_trained)
     }
 
-    /// Trains one epoch of `task` and returns the mean training loss.
+    /// Trains one epoch of `task` and returns the mean training loss. An epoch whose training
+    /// loss goes non-finite is rolled back to its start (weights and optimizer state) and
+    /// retried on the next data order at half the learning rate, at most
+    /// [`NON_FINITE_RETRIES`] times (each logged); then the error is returned, before anything
+    /// is checkpointed. The halved rate is the optimizer's from then on (a scheduled phase sets
+    /// its next epoch's rate as planned) and is checkpointed, so a resumed run agrees.
     pub fn train_epoch<T: Task + ?Sized>(
+        &mut self,
+        task: &mut T,
+        epoch: usize,
+        bar: Option<&ProgressBar>,
+    ) -> Result<f64> {
+        let weights = self.params.snapshot()?;
+        let optim_state = self
+            .optim
+            .state_tensors()?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.copy()?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let mut retries = 0;
+        loop {
+            match self.train_epoch_once(task, epoch, bar) {
+                Err(Error::NonFinite {
+                    what: "training loss",
+                    value,
+                    at,
+                }) if retries < NON_FINITE_RETRIES => {
+                    retries += 1;
+                    self.params.restore(&weights)?;
+                    self.optim.load_state_tensors(&optim_state)?;
+                    let lr = self.optim.lr() / 2.0;
+                    self.optim.set_lr(lr);
+                    let line = format!(
+                        "training loss {value} at {at}: rolled back to the epoch's start, retrying                          at learning rate {lr:e} (retry {retries} of {NON_FINITE_RETRIES})"
+                    );
+                    match bar {
+                        Some(b) => self.log(b, &line),
+                        None if !self.quiet => eprintln!("{line}"),
+                        None => {}
+                    }
+                }
+                Err(Error::NonFinite { what, value, at }) if retries > 0 => {
+                    // The weights are left as the epoch found them, never half-trained.
+                    self.params.restore(&weights)?;
+                    self.optim.load_state_tensors(&optim_state)?;
+                    return Err(Error::NonFinite {
+                        what,
+                        value,
+                        at: format!("{at}, after {retries} retries at halved learning rates"),
+                    })
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn train_epoch_once<T: Task + ?Sized>(
         &mut self,
         task: &mut T,
         epoch: usize,
@@ -461,6 +516,9 @@ impl Trainer {
         }
     }
 }
+
+/// Retries of an epoch whose training loss went non-finite (see [`Trainer::train_epoch`]).
+pub const NON_FINITE_RETRIES: usize = 2;
 
 /// The last component of `p` as a string.
 fn file_name(p: &Path) -> Option<String> {
