@@ -42,7 +42,8 @@ pub fn load(varmap: &VarMap, path: &Path) -> Result<()> {
     if !path.exists() {
         return Err(err("no such file".into()));
     }
-    let bytes = relprune_io::read_capped(path, u64::MAX).map_err(|e| err(format!("cannot read: {e}")))?;
+    let bytes =
+        relprune_io::read_capped(path, u64::MAX).map_err(|e| err(format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
     let data = varmap

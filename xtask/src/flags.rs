@@ -47,6 +47,8 @@ pub enum Cmd {
     Bench(Bench),
     /// Rebuild the embedded MNIST subset of relprune-data from a real MNIST directory.
     EmbedMnist(EmbedMnist),
+    /// Fuzz every parser of user files (or one): no input may panic.
+    Fuzz(Fuzz),
     /// Run every regularizer variant and baseline on one budget and write docs/ABLATION.md.
     Ablate(Ablate),
     /// Measure where sparse products beat dense ones and write the dispatch table.
@@ -251,6 +253,26 @@ pub struct Reproduce {
     /// it applied and which it ignored.
     #[arg(skip)]
     pub given: Vec<String>,
+}
+
+/// Flags of `fuzz`.
+#[derive(Debug, clap::Args)]
+pub struct Fuzz {
+    /// Only this target (default: every target in turn).
+    #[arg(value_enum)]
+    pub target: Option<crate::fuzz::Target>,
+    /// Executions per target.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub execs: u64,
+    /// Most seconds per target (it stops at --execs or here, whichever comes first).
+    #[arg(long, value_name = "S", default_value_t = 600.0, value_parser = relprune_tasks::options::parse_positive)]
+    pub time: f64,
+    /// Seed of the mutations (a run is reproducible up to its time limit).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Where fuzz.md and fuzz.json go.
+    #[arg(long, default_value = "target/fuzz")]
+    pub out: PathBuf,
 }
 
 /// Flags of `bench`.

@@ -6,6 +6,7 @@ mod bench_infer;
 mod classify;
 mod crossover;
 mod flags;
+mod fuzz;
 mod llm;
 mod reproduce;
 mod translate;
@@ -25,6 +26,7 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::Reproduce(f) => reproduce::run(*f),
         flags::Cmd::Bench(f) => bench::run(f),
         flags::Cmd::Ablate(f) => ablate::run(f),
+        flags::Cmd::Fuzz(f) => fuzz::run(f),
         flags::Cmd::Crossover(f) => crossover::run(f),
         flags::Cmd::LlmBaselines(f) => llm::run(f),
         flags::Cmd::EmbedMnist(f) => {

@@ -404,7 +404,10 @@ mod tests {
         assert!(applied.contains(&"--finetune-lr".to_string()));
         assert_eq!(ignored, ["--lr", "--seed", "--twt"]);
         assert_eq!((prune.max_epochs, prune.finetune_lr), (40, 0.02));
-        assert_eq!((prune.lr, prune.regularizer), (before.lr, before.regularizer));
+        assert_eq!(
+            (prune.lr, prune.regularizer),
+            (before.lr, before.regularizer)
+        );
         assert_eq!(dense, 5);
         // Once pruning finished, its budget is history too.
         let finished = relprune_tasks::run::SavedRun {

@@ -206,6 +206,9 @@ mod tests {
         let p = dir.path().join("data_batch_1.bin");
         std::os::unix::fs::symlink("/dev/zero", &p).unwrap();
         let e = read_cifar_batch(&p).unwrap_err().to_string();
-        assert!(e.contains("data_batch_1.bin") && e.contains("refused"), "{e}");
+        assert!(
+            e.contains("data_batch_1.bin") && e.contains("refused"),
+            "{e}"
+        );
     }
 }

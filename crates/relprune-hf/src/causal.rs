@@ -324,8 +324,8 @@ fn read_checkpoint(work: &Path) -> Result<Option<Checkpoint>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text =
-        relprune_io::read_text_capped(&path, relprune_io::CONFIG_CAP).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    let text = relprune_io::read_text_capped(&path, relprune_io::CONFIG_CAP)
+        .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     serde_json::from_str(&text).map(Some).map_err(|e| {
         invalid(format!(
             "{}: not a decoder-LM checkpoint: {e}",

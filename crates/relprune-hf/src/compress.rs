@@ -100,7 +100,8 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> crate::Error {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    relprune_io::read_capped(path, u64::MAX).map_err(|e| file_err(path, format!("cannot read: {e}")))
+    relprune_io::read_capped(path, u64::MAX)
+        .map_err(|e| file_err(path, format!("cannot read: {e}")))
 }
 
 /// Whether the checkpoint in `dir` is stored compressed (its weights hold compressed tensors).

@@ -265,7 +265,11 @@ pub fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     if meta.is_file() && meta.len() > cap {
         return Err(too_big(format!("the file has {} bytes", meta.len())));
     }
-    let mut bytes = Vec::with_capacity(if meta.is_file() { meta.len() as usize } else { 0 });
+    let mut bytes = Vec::with_capacity(if meta.is_file() {
+        meta.len() as usize
+    } else {
+        0
+    });
     file.take(cap.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > cap {
         return Err(too_big("it yields more bytes".to_string()));
@@ -552,7 +556,11 @@ mod tests {
         fs::create_dir(&sub).unwrap();
         // PIDs above the kernel's maximum (2^22) are never alive.
         let dead = 4_999_999u32;
-        fs::write(sub.join(format!(".checkpoint.safetensors.{dead}.3.tmp")), b"x").unwrap();
+        fs::write(
+            sub.join(format!(".checkpoint.safetensors.{dead}.3.tmp")),
+            b"x",
+        )
+        .unwrap();
         fs::write(dir.path().join(format!(".results.json.{dead}.0.tmp")), b"x").unwrap();
         fs::create_dir(dir.path().join(format!("out.relprune-tmp-{dead}"))).unwrap();
         let mine = format!(".model.safetensors.{}.9.tmp", std::process::id());

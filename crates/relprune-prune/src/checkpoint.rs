@@ -455,7 +455,8 @@ pub fn write_params_file(path: &Path, params: &ParamSet) -> Result<()> {
 
 /// Sets every parameter from a file written by [`write_params_file`].
 pub fn restore_params_file(path: &Path, params: &ParamSet) -> Result<()> {
-    let bytes = relprune_io::read_capped(path, u64::MAX).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    let bytes = relprune_io::read_capped(path, u64::MAX)
+        .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| file_err(path, format!("not a valid weights file (truncated?): {e}")))?;
     for p in params.iter() {
@@ -530,7 +531,11 @@ mod tests {
             ..Journal::default()
         };
         let w = ("param/w", vec![1.0, 0.0, 3.0]);
-        let good = [w.clone(), ("mask/w", vec![1.0, 0.0, 1.0]), ("optim/w/steps", vec![40.0])];
+        let good = [
+            w.clone(),
+            ("mask/w", vec![1.0, 0.0, 1.0]),
+            ("optim/w/steps", vec![40.0]),
+        ];
         forge_tensors(dir.path(), &journal, &good);
         read(dir.path(), &Device::Cpu).unwrap();
         let untrained = Journal {
@@ -540,7 +545,8 @@ mod tests {
         forge_tensors(dir.path(), &untrained, &good);
         let e = read(dir.path(), &Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("0 epochs") && e.contains("optim/w/steps"), "{e}");
-        let cases: [(&[(&str, Vec<f32>)], &str); 4] = [
+        type Tensors<'a> = &'a [(&'a str, Vec<f32>)];
+        let cases: [(Tensors, &str); 4] = [
             (&[w.clone(), ("optim/w/steps", vec![-3.0])], "-3 steps"),
             (&[w.clone(), ("mask/w", vec![1.0, 0.5, 1.0])], "holds 0.5"),
             (&[w.clone(), ("mask/w", vec![1.0, 0.0])], "shape [2]"),

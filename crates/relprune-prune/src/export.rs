@@ -101,7 +101,8 @@ pub fn save_sparse(params: &ParamSet, path: &Path) -> Result<()> {
 
 /// Reads a file written by [`save_sparse`] back into dense tensors by name.
 pub fn load_sparse(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = relprune_io::read_capped(path, u64::MAX).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    let bytes = relprune_io::read_capped(path, u64::MAX)
+        .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
     let format = header

@@ -252,7 +252,7 @@ impl Trainer {
                         what,
                         value,
                         at: format!("{at}, after {retries} retries at halved learning rates"),
-                    })
+                    });
                 }
                 other => return other,
             }

@@ -156,7 +156,8 @@ impl BertConfig {
             path: path.to_path_buf(),
             msg,
         };
-        let text = relprune_io::read_text_capped(path, relprune_io::CONFIG_CAP).map_err(|e| err(format!("cannot read: {e}")))?;
+        let text = relprune_io::read_text_capped(path, relprune_io::CONFIG_CAP)
+            .map_err(|e| err(format!("cannot read: {e}")))?;
         Self::from_json(&text).map_err(|e| match e {
             Error::Config(msg) => err(msg),
             other => other,

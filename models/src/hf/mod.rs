@@ -163,7 +163,8 @@ pub fn detect(dir: &Path) -> Result<&'static Architecture> {
             msg: "the model directory does not exist".into(),
         });
     }
-    let text = relprune_io::read_text_capped(&path, relprune_io::CONFIG_CAP).map_err(|e| err(format!("cannot read: {e}")))?;
+    let text = relprune_io::read_text_capped(&path, relprune_io::CONFIG_CAP)
+        .map_err(|e| err(format!("cannot read: {e}")))?;
     let value: Value =
         serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
     let supported = supported().join(", ");
@@ -367,7 +368,8 @@ pub fn read_config<C: serde::de::DeserializeOwned>(
         path: path.to_path_buf(),
         msg,
     };
-    let text = relprune_io::read_text_capped(path, relprune_io::CONFIG_CAP).map_err(|e| err(format!("cannot read: {e}")))?;
+    let text = relprune_io::read_text_capped(path, relprune_io::CONFIG_CAP)
+        .map_err(|e| err(format!("cannot read: {e}")))?;
     let config: C = serde_json::from_str(&text).map_err(|e| err(format!("invalid config: {e}")))?;
     validate(&config).map_err(|e| match e {
         Error::Config(msg) => err(msg),

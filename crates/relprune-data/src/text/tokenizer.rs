@@ -48,19 +48,27 @@ pub const BYTES_PER_POSITION: usize = 256;
 impl TextTokenizer {
     /// Loads a `tokenizer.json` file; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
-    let bytes = crate::text::read_text_file(path)?;
+        let bytes = crate::text::read_text_file(path)?;
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 
     /// Parses `tokenizer.json` contents already in memory; `source_name` names them in errors.
     pub fn from_bytes(bytes: &[u8], source_name: &str) -> Result<Self> {
-        let mut inner = Tokenizer::from_bytes(bytes).map_err(|e| {
+        let invalid = |e: String| {
             Error::format(
                 source_name,
                 None,
                 format!("not a valid Hugging Face tokenizer.json: {e}"),
             )
-        })?;
+        };
+        // The tokenizers crate panics on some malformed files (its model deserializer turns
+        // a syntax error into a panic): plain JSON syntax is checked first, and a panic left
+        // is contained and reported as the error it is.
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut inner = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))
+            .map_err(|_| invalid("the tokenizers library rejected it (panicked)".into()))?
+            .map_err(|e| invalid(e.to_string()))?;
         inner.with_padding(None);
         inner.with_truncation(None).map_err(|e| {
             Error::format(
