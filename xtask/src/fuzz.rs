@@ -83,6 +83,12 @@ impl Scratch {
         Ok(Self { dir })
     }
 
+    /// `e`'s message without the scratch directory (so that outcome shapes tell errors apart).
+    fn msg<E: std::fmt::Display>(&self, e: E) -> String {
+        let dir = self.dir.path().display().to_string();
+        e.to_string().replace(&dir, "")
+    }
+
     fn file(&self, name: &str, bytes: &[u8]) -> std::result::Result<PathBuf, String> {
         let p = self.dir.path().join(name);
         std::fs::write(&p, bytes).map_err(|e| format!("scratch: {e}"))?;
@@ -168,13 +174,13 @@ fn run_target(target: Target, bytes: &[u8], scratch: &Scratch) -> Outcome {
             scratch.file(relprune_prune::checkpoint::CHECKPOINT_FILE, bytes)?;
             relprune_prune::checkpoint::read(scratch.dir.path(), &candle_core::Device::Cpu)
                 .map(drop)
-                .map_err(msg)
+                .map_err(|e| scratch.msg(e))
         }
         Target::Gguf => {
             let p = scratch.file("model.gguf", bytes)?;
-            let g = relprune_models::hf::gguf::Gguf::open(&p).map_err(msg)?;
-            g.architecture().map_err(msg)?;
-            g.config().map(drop).map_err(msg)
+            let g = relprune_models::hf::gguf::Gguf::open(&p).map_err(|e| scratch.msg(e))?;
+            g.architecture().map_err(|e| scratch.msg(e))?;
+            g.config().map(drop).map_err(|e| scratch.msg(e))
         }
         Target::ConfigBert => {
             let text = std::str::from_utf8(bytes).map_err(msg)?;

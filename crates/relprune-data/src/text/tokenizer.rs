@@ -62,10 +62,12 @@ impl TextTokenizer {
             )
         };
         // The tokenizers crate panics on some malformed files (its model deserializer turns
-        // a syntax error into a panic): plain JSON syntax is checked first, and a panic left
-        // is contained and reported as the error it is.
-        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
-            .map_err(|e| invalid(e.to_string()))?;
+        // a syntax error into a panic; a template naming an undefined token panics when
+        // encoding): syntax and templates are checked first, and a panic left is contained.
+        let probe: Probe = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+        if let Some(pp) = &probe.post_processor {
+            check_post_processor(pp).map_err(invalid)?;
+        }
         let mut inner = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))
             .map_err(|_| invalid("the tokenizers library rejected it (panicked)".into()))?
             .map_err(|e| invalid(e.to_string()))?;
@@ -157,9 +159,15 @@ impl TextTokenizer {
 
     /// Ids of `text`, with or without the special tokens of the file's post-processor.
     pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, add_special_tokens).map_err(|e| {
+        let fail = |e: String| {
             Error::Invalid(format!("{}: cannot encode {text:?}: {e}", self.source_name))
-        })?;
+        };
+        // A file the checks at load missed may still panic the tokenizers library: contained.
+        let encoding = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.encode(text, add_special_tokens)
+        }))
+        .map_err(|_| fail("the tokenizers library failed (panicked) on this file".into()))?
+        .map_err(|e| fail(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -176,9 +184,14 @@ impl TextTokenizer {
                 self.source_name, self.vocab_size
             )));
         }
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| {
+        let fail = |e: String| {
             Error::Invalid(format!("{}: cannot decode {ids:?}: {e}", self.source_name))
-        })
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.decode(ids, skip_special_tokens)
+        }))
+        .map_err(|_| fail("the tokenizers library failed (panicked) on this file".into()))?
+        .map_err(|e| fail(e.to_string()))
     }
 
     /// The id of `token` (exact vocabulary entry, e.g. `"▁the"` or `"##s"`), if it has one.
@@ -255,4 +268,49 @@ impl TextTokenizer {
             self.vocab_size - 1
         )))
     }
+}
+
+/// What [`TextTokenizer::from_bytes`] checks before the tokenizers library sees a file.
+#[derive(serde::Deserialize)]
+struct Probe {
+    post_processor: Option<serde_json::Value>,
+}
+
+/// Checks what the tokenizers library assumes of a post-processor it deserialized without its
+/// builder's checks: every special token a template names is defined, with as many ids as
+/// tokens (else encoding panics).
+fn check_post_processor(pp: &serde_json::Value) -> std::result::Result<(), String> {
+    match pp.get("type").and_then(|t| t.as_str()) {
+        Some("Sequence") => {
+            for p in pp["processors"].as_array().into_iter().flatten() {
+                check_post_processor(p)?;
+            }
+        }
+        Some("TemplateProcessing") => {
+            let defined = pp["special_tokens"].as_object();
+            for (name, tok) in defined.into_iter().flatten() {
+                let (ids, tokens) = (tok["ids"].as_array(), tok["tokens"].as_array());
+                if ids.map(Vec::len) != tokens.map(Vec::len) {
+                    return Err(format!(
+                        "post_processor special token `{name}` has a different number of ids \
+                         and tokens"
+                    ));
+                }
+            }
+            for template in ["single", "pair"] {
+                for piece in pp[template].as_array().into_iter().flatten() {
+                    if let Some(id) = piece["SpecialToken"]["id"].as_str() {
+                        if !defined.is_some_and(|d| d.contains_key(id)) {
+                            return Err(format!(
+                                "post_processor template `{template}` uses the special token \
+                                 `{id}`, which its special_tokens do not define"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
