@@ -32,7 +32,8 @@ pub struct BleuArgs {
     #[arg(long, value_enum, default_value_t = SmoothArg::Exp)]
     pub smooth: SmoothArg,
     /// Value for `floor` (default 0.1) or `add-k` (default 1).
-    #[arg(long, value_name = "V", allow_negative_numbers = true)]
+    #[arg(long, value_name = "V", allow_negative_numbers = true,
+          value_parser = relprune_tasks::options::parse_non_negative)]
     pub smooth_value: Option<f64>,
     /// Case-insensitive BLEU: lowercase hypotheses and references first.
     #[arg(long)]

@@ -201,7 +201,10 @@ fn errors_name_the_file_and_exit_non_zero() {
         "--smooth-value",
         "-1",
     ]);
-    assert!(err.contains("non-negative"), "{err}");
+    assert!(
+        err.contains("--smooth-value") && err.contains("at least 0"),
+        "{err}"
+    );
 
     // No reference at all is a usage error (clap exits with 2).
     let out = relprune(&["bleu", "--hyp", two]);

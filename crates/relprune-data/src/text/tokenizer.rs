@@ -184,9 +184,8 @@ impl TextTokenizer {
                 self.source_name, self.vocab_size
             )));
         }
-        let fail = |e: String| {
-            Error::Invalid(format!("{}: cannot decode {ids:?}: {e}", self.source_name))
-        };
+        let fail =
+            |e: String| Error::Invalid(format!("{}: cannot decode {ids:?}: {e}", self.source_name));
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.inner.decode(ids, skip_special_tokens)
         }))
