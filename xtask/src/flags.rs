@@ -47,6 +47,9 @@ pub enum Cmd {
     Bench(Bench),
     /// Rebuild the embedded MNIST subset of relprune-data from a real MNIST directory.
     EmbedMnist(EmbedMnist),
+    /// Kill a reproduction at random moments (SIGKILL), resume it each time, and check the
+    /// models against an uninterrupted run byte for byte.
+    KillResume(KillResume),
     /// Fuzz every parser of user files (or one): no input may panic.
     Fuzz(Fuzz),
     /// Run every regularizer variant and baseline on one budget and write docs/ABLATION.md.
@@ -253,6 +256,26 @@ pub struct Reproduce {
     /// it applied and which it ignored.
     #[arg(skip)]
     pub given: Vec<String>,
+}
+
+/// Flags of `kill-resume`.
+#[derive(Debug, clap::Args)]
+pub struct KillResume {
+    /// SIGKILLs to send in all.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub kills: u64,
+    /// The experiment (run with --quick).
+    #[arg(long, default_value = "lenet300-mnist")]
+    pub experiment: String,
+    /// Where the reference and the interrupted runs go, and kill-resume.{md,json}.
+    #[arg(long, default_value = "target/kill-resume")]
+    pub out: PathBuf,
+    /// Seed of the kill times.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// More `reproduce` flags for both runs (after `--`), e.g. `-- --prune-epochs 20`.
+    #[arg(last = true)]
+    pub args: Vec<String>,
 }
 
 /// Flags of `fuzz`.

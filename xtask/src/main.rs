@@ -7,6 +7,7 @@ mod classify;
 mod crossover;
 mod flags;
 mod fuzz;
+mod kill_resume;
 mod llm;
 mod reproduce;
 mod translate;
@@ -27,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::Bench(f) => bench::run(f),
         flags::Cmd::Ablate(f) => ablate::run(f),
         flags::Cmd::Fuzz(f) => fuzz::run(f),
+        flags::Cmd::KillResume(f) => kill_resume::run(f),
         flags::Cmd::Crossover(f) => crossover::run(f),
         flags::Cmd::LlmBaselines(f) => llm::run(f),
         flags::Cmd::EmbedMnist(f) => {

@@ -298,18 +298,24 @@ pub enum RunDir {
     /// A new run replacing an earlier one: the directory is cleared first (only if it holds
     /// [`RUN_MARKER`], so a mistyped path is never emptied).
     Overwrite,
-    /// The run already in the directory continues: temporary files left behind are swept.
+    /// The run already in the directory continues.
     Resume,
 }
 
-/// Makes `out` the directory of a run started as `mode` says (see [`RunDir`]); a directory
-/// holding an earlier run is an error for [`RunDir::New`], never silently mixed with it.
+/// Makes `out` the directory of a run started as `mode` says (see [`RunDir`]), after sweeping
+/// the temporary files killed writers left in it; a directory holding an earlier run is an
+/// error for [`RunDir::New`], never silently mixed with it.
 pub fn claim_run_dir(out: &Path, mode: RunDir) -> Result<()> {
     let entries = |dir: &Path| -> Result<Vec<fs::DirEntry>> {
         fs::read_dir(dir)
             .and_then(|r| r.collect::<io::Result<Vec<_>>>())
             .map_err(|e| err(dir, format!("cannot list: {e}")))
     };
+    if fs::metadata(out).is_ok_and(|m| m.is_dir()) {
+        // What killed writers left (even a marker half written) is nobody's output: swept
+        // before the directory is judged.
+        sweep_temp(out)?;
+    }
     match fs::metadata(out) {
         Ok(m) if !m.is_dir() => return Err(err(out, "exists and is not a directory")),
         Ok(_) => match mode {
@@ -343,9 +349,9 @@ pub fn claim_run_dir(out: &Path, mode: RunDir) -> Result<()> {
                     r.map_err(|e| err(&p, format!("cannot remove: {e}")))?;
                 }
             }
-            RunDir::Resume => {
-                sweep_temp(out)?;
-            }
+            // The marker is the new run's to write: a resume of a directory that turns out
+            // not to be a run must not change it.
+            RunDir::Resume => return Ok(()),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if mode == RunDir::Resume {
@@ -547,6 +553,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nothing") || e.contains("no run"), "{e}");
+    }
+
+    #[test]
+    fn a_marker_half_written_by_a_killed_run_does_not_block_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        fs::create_dir(&out).unwrap();
+        fs::write(out.join(format!(".{RUN_MARKER}.4999999.0.tmp")), b"a rel").unwrap();
+        claim_run_dir(&out, RunDir::New).unwrap();
+        assert_eq!(fs::read_dir(&out).unwrap().count(), 1);
+        assert!(out.join(RUN_MARKER).exists());
     }
 
     #[test]
