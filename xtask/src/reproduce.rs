@@ -126,6 +126,7 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         if f.experiment.is_some() || f.resume.is_some() {
             bail!("--all runs every experiment: give no name and no --resume");
         }
+        check_flags(&f)?;
         return run_all(&f);
     }
     if f.list || f.experiment.is_none() {
@@ -144,6 +145,7 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         .iter()
         .find(|e| e.name == name)
         .with_context(|| format!("unknown experiment `{name}` (see --list)"))?;
+    check_flags(&f)?;
     let out = match (&f.resume, &f.out) {
         (Some(dir), _) => dir.clone(),
         (None, Some(out)) => out.clone(),
@@ -163,6 +165,20 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         results.wall_seconds,
         out.join("report.md").display()
     );
+    Ok(())
+}
+
+/// Refuses flag combinations that cannot work, before any directory is touched.
+fn check_flags(f: &flags::Reproduce) -> Result<()> {
+    let selective = f
+        .method
+        .is_none_or(|m| m == relprune_tasks::Method::Selective);
+    if selective && f.engine.prune_epochs == Some(0) {
+        bail!(
+            "--prune-epochs 0 leaves the method no epoch to prune in (reproductions have no \
+             one-shot final step; use --method one-shot for that)"
+        );
+    }
     Ok(())
 }
 

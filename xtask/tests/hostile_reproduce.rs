@@ -99,7 +99,11 @@ fn reproduce_refuses_what_would_clobber_or_lie_before_any_work() {
     assert!(!ok && e.contains("nothing") && e.contains("no run"), "{e}");
     let (ok, e) = xtask(&["reproduce", "lenet300-mnist", "--resume", s(&home)]);
     assert!(!ok && e.contains("checkpoint"), "{e}");
-    assert_eq!(std::fs::read_dir(&home).unwrap().count(), 1, "the directory was changed");
+    assert_eq!(
+        std::fs::read_dir(&home).unwrap().count(),
+        1,
+        "the directory was changed"
+    );
 
     // Damaged checkpoints: a NaN weight, a forged epoch count, counters that disagree.
     let nan = d.join("nan");
@@ -124,5 +128,15 @@ fn reproduce_refuses_what_would_clobber_or_lie_before_any_work() {
     assert!(!ok && e.contains("lenet301-mnist"), "{e}");
     let (ok, e) = xtask(&["reproduce", "lenet300-mnist", "--prune-epochs", "-3"]);
     assert!(!ok && e.contains("-3"), "{e}");
+    let (ok, e) = xtask(&[
+        "reproduce",
+        "lenet300-mnist",
+        "--quick",
+        "--prune-epochs",
+        "0",
+        "--out",
+        s(&d.join("x")),
+    ]);
+    assert!(!ok && e.contains("--prune-epochs 0"), "{e}");
     assert!(!d.join("x").exists());
 }

@@ -877,6 +877,19 @@ fn cases() -> Vec<Case> {
             says: &["/dev/null", "not a regular file"],
         },
         Case {
+            name: "forward --out is a FIFO",
+            setup: |d| {
+                let fifo = d.join("pipe");
+                let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+                assert!(made.success());
+                let m = bert(d);
+                let i = ids(d);
+                args(&["forward", "--model", &m, "--input", &i, "--out", &s(fifo)])
+            },
+            stdin: "",
+            says: &["pipe", "not a regular file"],
+        },
+        Case {
             name: "embed --out in a missing directory",
             setup: |d| {
                 let m = bert(d);
