@@ -26,6 +26,25 @@ struct Cli {
     command: Command,
 }
 
+/// Parses the command line, recording which `prune-hf` flags were given.
+fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::PruneHf(args), Some(("prune-hf", m))) =
+        (&mut cli.command, matches.subcommand())
+    {
+        args.given = m
+            .ids()
+            .filter(|id| {
+                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.to_string())
+            .collect();
+    }
+    cli
+}
+
 /// The subcommands; each one's arguments and code live in the module of the same name.
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -50,7 +69,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse();
     if !matches!(cli.command, Command::PruneHf(_)) {
         // Inference: speed over memory (prune-hf makes the opposite choice for its long runs).
         relprune_hf::memory::keep_large_buffers();

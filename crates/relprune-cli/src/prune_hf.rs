@@ -21,7 +21,8 @@ pub struct PruneHfArgs {
     /// a successful run unless --keep-work).
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
-    /// Continue the run checkpointed in this work directory (its configuration is used).
+    /// Continue the run checkpointed in this work directory (its configuration is used; other
+    /// settings given are named as ignored).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
     /// Keep the work directory after a successful run.
@@ -30,6 +31,31 @@ pub struct PruneHfArgs {
     /// No progress bars or log lines.
     #[arg(long)]
     pub quiet: bool,
+    /// The flags the command line gave (argument ids), for `--resume` to name those it ignores.
+    #[arg(skip)]
+    pub given: Vec<String>,
+}
+
+/// Flags that do not describe the run, so a resume does not ignore them.
+const NOT_SETTINGS: &[&str] = &["resume", "out", "work", "keep_work", "quiet"];
+
+/// Says which of the given flags a resume ignores: a resumed prune-hf continues with the
+/// configuration in its checkpoint, every setting included.
+fn say_ignored(args: &PruneHfArgs) {
+    let ignored: Vec<String> = args
+        .given
+        .iter()
+        .filter(|id| !NOT_SETTINGS.contains(&id.as_str()))
+        .map(|id| format!("--{}", id.replace('_', "-")))
+        .collect();
+    // A warning, not a log line: printed even with --quiet.
+    if !ignored.is_empty() {
+        eprintln!(
+            "resume: ignoring {} (a resumed prune-hf continues with its checkpoint's \
+             configuration)",
+            ignored.join(", ")
+        );
+    }
 }
 
 /// Runs `relprune prune-hf`.
@@ -42,6 +68,9 @@ pub fn run(args: &PruneHfArgs) -> Result<()> {
         ),
         Err(_) => None,
     };
+    if args.resume.is_some() {
+        say_ignored(args);
+    }
     let causal = match &args.resume {
         Some(dir) => relprune_hf::causal::resume_config(dir)
             .with_context(|| format!("cannot resume from {}", dir.display()))?,

@@ -416,10 +416,17 @@ fn prune_hf_on_a_causal_lm_resumes_an_interrupted_run_to_the_uninterrupted_resul
     // A fresh run into the same work directory refuses to overwrite it.
     let r = run(&out, &[&flags[..], &["--work", w]].concat(), None);
     assert!(String::from_utf8_lossy(&r.stderr).contains("--resume"));
-    let r = run(&out, &["--resume", w], Some("1"));
+    // Settings given with --resume are named as ignored: the checkpoint's configuration holds.
+    let r = run(&out, &["--resume", w, "--seed", "9"], Some("1"));
     assert!(!r.status.success() && !out.exists());
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(e.contains("ignoring --seed"), "{e}");
+    // A killed writer's temporary file is swept by the resume.
+    let stale = work.join(".layer-1.safetensors.4999999.0.tmp");
+    std::fs::write(&stale, "half a layer").unwrap();
     let r = run(&out, &["--resume", w, "--keep-work"], None);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(!stale.exists());
 
     let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert!(bytes(&out) == bytes(&straight), "the resumed model differs");
