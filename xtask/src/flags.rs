@@ -27,13 +27,7 @@ where
     let matches = Xtask::command().try_get_matches_from(args)?;
     let mut flags = Xtask::from_arg_matches(&matches)?;
     if let (Cmd::Reproduce(f), Some(("reproduce", m))) = (&mut flags.cmd, matches.subcommand()) {
-        f.given = m
-            .ids()
-            .filter(|id| {
-                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
-            })
-            .map(|id| id.to_string())
-            .collect();
+        f.given = relprune_tasks::options::given_ids(m);
     }
     Ok(flags)
 }

@@ -555,6 +555,22 @@ pub struct TargetReport {
     pub panics: Vec<(String, String)>,
 }
 
+impl TargetReport {
+    /// The cells of its row in fuzz.md: target, executions, seconds, executions/s, outcomes,
+    /// accepted, panics.
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.target.name(),
+            self.executions.to_string(),
+            format!("{:.0}", self.seconds),
+            format!("{:.0}", self.executions as f64 / self.seconds.max(1e-9)),
+            self.outcomes.to_string(),
+            self.accepted.to_string(),
+            self.panics.len().to_string(),
+        ]
+    }
+}
+
 fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -661,16 +677,7 @@ pub fn run(f: flags::Fuzz) -> Result<()> {
         bar.set_prefix(target.name());
         let r = fuzz_target(target, f.execs, f.time, f.seed, &corpus_root(), &bar)?;
         bar.finish_and_clear();
-        eprintln!(
-            "{}: {} executions in {:.0}s ({:.0}/s), {} outcomes, {} accepted, {} panics",
-            target.name(),
-            r.executions,
-            r.seconds,
-            r.executions as f64 / r.seconds.max(1e-9),
-            r.outcomes,
-            r.accepted,
-            r.panics.len()
-        );
+        eprintln!("{}", r.row().join(" "));
         reports.push(r);
     }
     let _ = std::panic::take_hook();
@@ -678,16 +685,7 @@ pub fn run(f: flags::Fuzz) -> Result<()> {
         "| target | executions | seconds | executions/s | outcomes | accepted | panics |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &reports {
-        md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
-            r.target.name(),
-            r.executions,
-            r.seconds,
-            r.executions as f64 / r.seconds.max(1e-9),
-            r.outcomes,
-            r.accepted,
-            r.panics.len()
-        ));
+        md.push_str(&format!("| {} |\n", r.row().join(" | ")));
     }
     std::fs::create_dir_all(&f.out)?;
     relprune_io::write(&f.out.join("fuzz.md"), md.as_bytes())?;

@@ -34,13 +34,7 @@ fn parse() -> Cli {
     if let (Command::PruneHf(args), Some(("prune-hf", m))) =
         (&mut cli.command, matches.subcommand())
     {
-        args.given = m
-            .ids()
-            .filter(|id| {
-                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
-            })
-            .map(|id| id.to_string())
-            .collect();
+        args.given = relprune_tasks::options::given_ids(m);
     }
     cli
 }

@@ -172,6 +172,16 @@ pub fn parse_count(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// The ids of the arguments the command line itself gave in `m` (not defaults or the
+/// environment): what a resume names as applied or ignored.
+#[cfg(feature = "cli")]
+pub fn given_ids(m: &clap::ArgMatches) -> Vec<String> {
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect()
+}
+
 /// Parses a fraction in `[0, 1)` (a moving average's β: 1 would never move).
 pub fn parse_beta(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
