@@ -40,7 +40,8 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     if lines.is_empty() {
         bail!("text file {} has no lines", args.text.display());
     }
-    let embeddings = embedder.embed(&lines, args.batch_size)?;
+    let (embeddings, cut) = embedder.embed_counting_cuts(&lines, args.batch_size)?;
+    crate::output::report_cuts(cut, lines.len(), embedder.max_len());
     let json = serde_json::json!({
         "embeddings": crate::output::finite_rows2("embeddings", &embeddings)?
     });

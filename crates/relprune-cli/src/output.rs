@@ -44,3 +44,15 @@ mod tests {
         }
     }
 }
+
+/// Says on stderr how many of `lines` inputs were longer than the model's `positions` and cut
+/// to them (the last token kept, as transformers truncates): never a silent change of input.
+pub fn report_cuts(cut: usize, lines: usize, positions: usize) {
+    if cut > 0 {
+        eprintln!(
+            "note: {cut} of {lines} input lines had more tokens than the model's {positions} \
+             positions and were cut to them (their first {} tokens and the last kept)",
+            positions.saturating_sub(1)
+        );
+    }
+}

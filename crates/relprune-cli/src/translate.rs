@@ -100,10 +100,16 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
         .context("the tokenizer does not fit the model")?;
     let limit = model.length_limit();
     let config = settings(args, &model, limit)?;
+    let mut cut = 0;
     let sources = lines
         .iter()
-        .map(|s| Ok(tokenizer.encode_at_most(s, limit)?))
+        .map(|s| {
+            let (ids, was_cut) = tokenizer.encode_cut(s, limit)?;
+            cut += usize::from(was_cut);
+            Ok(ids)
+        })
         .collect::<Result<Vec<_>>>()?;
+    crate::output::report_cuts(cut, lines.len(), limit);
     let decoding = Decoding {
         batch_size: args.batch_size,
         sort_by_length: false,

@@ -243,3 +243,28 @@ fn embed_reproduces_all_minilm_l6_v2_when_present() {
     println!("relprune embed all-MiniLM-L6-v2: max abs diff {d:e}");
     assert!(d < 1e-4, "{d}");
 }
+
+#[test]
+fn embed_says_how_many_lines_it_cut_to_the_models_positions() {
+    let dir = TempDir::new().unwrap();
+    let text = dir.path().join("text.txt");
+    let long = "hello world ".repeat(100);
+    std::fs::write(&text, format!("hello world\n{long}\nthe cat\n")).unwrap();
+    let out_path = dir.path().join("out.json");
+    let args: [&Path; 7] = [
+        "embed".as_ref(),
+        "--model".as_ref(),
+        &tiny(),
+        "--text".as_ref(),
+        &text,
+        "--out".as_ref(),
+        &out_path,
+    ];
+    let out = relprune(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("1 of 3 input lines") && e.contains("64 positions"), "{e}");
+    std::fs::write(&text, "hello world\nthe cat\n").unwrap();
+    let out = relprune(&args);
+    assert!(out.status.success() && !stderr(&out).contains("cut"), "{}", stderr(&out));
+}

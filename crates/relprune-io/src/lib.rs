@@ -193,10 +193,27 @@ impl StagingDir {
         if fs::symlink_metadata(out).is_ok() {
             return Err(err(out, "already exists (outputs are never overwritten)"));
         }
-        let dir = sibling(out, &format!(".relprune-tmp-{}", std::process::id()));
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|e| err(&dir, format!("cannot remove: {e}")))?;
+        // Staging directories of this output that killed runs left beside it.
+        if let (Some(parent), Some(name)) = (out.parent(), out.file_name()) {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            let prefix = format!("{}.relprune-tmp-", name.to_string_lossy());
+            for e in fs::read_dir(parent).into_iter().flatten().flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                let dead = n
+                    .strip_prefix(&prefix)
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| pid == std::process::id() || !alive(pid));
+                if dead {
+                    let p = e.path();
+                    fs::remove_dir_all(&p).map_err(|e| err(&p, format!("cannot remove: {e}")))?;
+                }
+            }
         }
+        let dir = sibling(out, &format!(".relprune-tmp-{}", std::process::id()));
         fs::create_dir_all(&dir).map_err(|e| err(&dir, format!("cannot create: {e}")))?;
         Ok(Self {
             dir,
@@ -510,6 +527,19 @@ mod tests {
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn a_staging_directory_a_killed_run_left_is_removed_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pruned");
+        let stale = dir.path().join("pruned.relprune-tmp-4999999");
+        let other = dir.path().join("other.relprune-tmp-4999999");
+        fs::create_dir(&stale).unwrap();
+        fs::create_dir(&other).unwrap();
+        let s = StagingDir::new(&out).unwrap();
+        assert!(!stale.exists() && other.exists());
+        drop(s);
     }
 
     #[test]

@@ -341,18 +341,38 @@ impl Embedder {
 
     /// The (N, H) embeddings of `lines`, in order, `batch` sentences per forward pass.
     pub fn embed(&self, lines: &[String], batch: usize) -> crate::Result<Tensor> {
+        Ok(self.embed_counting_cuts(lines, batch)?.0)
+    }
+
+    /// [`Embedder::embed`], and how many lines were longer than the model's positions and cut
+    /// to them (see [`Embedder::max_len`]).
+    pub fn embed_counting_cuts(
+        &self,
+        lines: &[String],
+        batch: usize,
+    ) -> crate::Result<(Tensor, usize)> {
         if batch == 0 {
             return Err(crate::Error::Invalid(
                 "the batch size must be positive".into(),
             ));
         }
+        let mut cut = 0;
         let ids = lines
             .iter()
-            .map(|s| Ok(self.tokenizer.encode_at_most(s, self.max_len)?))
+            .map(|s| {
+                let (ids, was_cut) = self.tokenizer.encode_cut(s, self.max_len)?;
+                cut += usize::from(was_cut);
+                Ok(ids)
+            })
             .collect::<crate::Result<Vec<_>>>()?;
         let sentences = Sentences::new(ids, batch, 0);
         let hidden = indicatif::ProgressBar::hidden();
-        Ok(embed(&self.model, &sentences, self.pad, &hidden)?)
+        Ok((embed(&self.model, &sentences, self.pad, &hidden)?, cut))
+    }
+
+    /// The most tokens a line keeps (the model's positions).
+    pub fn max_len(&self) -> usize {
+        self.max_len
     }
 }
 

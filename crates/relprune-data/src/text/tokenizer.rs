@@ -144,17 +144,25 @@ impl TextTokenizer {
     /// position is dropped before tokenizing: it could only become tokens the cut removes, and
     /// tokenizing it costs memory (a 10 MB line once took 1.8 GB).
     pub fn encode_at_most(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
-        let text = match max_len.checked_mul(BYTES_PER_POSITION) {
+        Ok(self.encode_cut(text, max_len)?.0)
+    }
+
+    /// [`TextTokenizer::encode_at_most`], and whether `text` was cut (so that callers can say
+    /// how many inputs were).
+    pub fn encode_cut(&self, text: &str, max_len: usize) -> Result<(Vec<u32>, bool)> {
+        let (text, dropped) = match max_len.checked_mul(BYTES_PER_POSITION) {
             Some(cap) if max_len > 0 && text.len() > cap => {
                 let mut end = cap;
                 while !text.is_char_boundary(end) {
                     end -= 1;
                 }
-                &text[..end]
+                (&text[..end], true)
             }
-            _ => text,
+            _ => (text, false),
         };
-        Ok(super::truncate_keeping_last(self.encode(text)?, max_len))
+        let ids = self.encode(text)?;
+        let cut = dropped || (max_len > 0 && ids.len() > max_len);
+        Ok((super::truncate_keeping_last(ids, max_len), cut))
     }
 
     /// Ids of `text`, with or without the special tokens of the file's post-processor.
