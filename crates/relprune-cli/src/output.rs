@@ -28,6 +28,18 @@ fn check(what: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Says on stderr how many of `lines` inputs were longer than the model's `positions` and cut
+/// to them (the last token kept, as transformers truncates): never a silent change of input.
+pub fn report_cuts(cut: usize, lines: usize, positions: usize) {
+    if cut > 0 {
+        eprintln!(
+            "note: {cut} of {lines} input lines had more tokens than the model's {positions} \
+             positions and were cut to them (their first {} tokens and the last kept)",
+            positions.saturating_sub(1)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,17 +54,5 @@ mod tests {
             let e = finite_rows3("logits", &t).unwrap_err().to_string();
             assert!(e.contains("logits") && e.contains("flat index 1"), "{e}");
         }
-    }
-}
-
-/// Says on stderr how many of `lines` inputs were longer than the model's `positions` and cut
-/// to them (the last token kept, as transformers truncates): never a silent change of input.
-pub fn report_cuts(cut: usize, lines: usize, positions: usize) {
-    if cut > 0 {
-        eprintln!(
-            "note: {cut} of {lines} input lines had more tokens than the model's {positions} \
-             positions and were cut to them (their first {} tokens and the last kept)",
-            positions.saturating_sub(1)
-        );
     }
 }

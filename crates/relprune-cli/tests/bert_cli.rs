@@ -263,8 +263,15 @@ fn embed_says_how_many_lines_it_cut_to_the_models_positions() {
     let out = relprune(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     let e = stderr(&out);
-    assert!(e.contains("1 of 3 input lines") && e.contains("64 positions"), "{e}");
+    assert!(
+        e.contains("1 of 3 input lines") && e.contains("64 positions"),
+        "{e}"
+    );
     std::fs::write(&text, "hello world\nthe cat\n").unwrap();
     let out = relprune(&args);
-    assert!(out.status.success() && !stderr(&out).contains("cut"), "{}", stderr(&out));
+    assert!(
+        out.status.success() && !stderr(&out).contains("cut"),
+        "{}",
+        stderr(&out)
+    );
 }
