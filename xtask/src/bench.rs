@@ -137,12 +137,14 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
 
 pub fn run(f: flags::Bench) -> Result<()> {
     for t in &f.tasks {
-        if !TASKS.contains(&t.as_str()) && !crate::bench_infer::TASKS.contains(&t.as_str()) {
-            bail!(
-                "unknown bench task `{t}` ({}, {})",
-                TASKS.join(", "),
-                crate::bench_infer::TASKS.join(", ")
-            );
+        let known = [
+            &TASKS[..],
+            &crate::bench_steps::TASKS[..],
+            &crate::bench_infer::TASKS[..],
+        ]
+        .concat();
+        if !known.contains(&t.as_str()) {
+            bail!("unknown bench task `{t}` ({})", known.join(", "));
         }
     }
     let selected = |t: &&str| f.tasks.iter().any(|x| x == t);
@@ -156,13 +158,20 @@ pub fn run(f: flags::Bench) -> Result<()> {
         .copied()
         .filter(selected)
         .collect();
+    let step_tasks: Vec<&str> = crate::bench_steps::TASKS
+        .iter()
+        .copied()
+        .filter(selected)
+        .collect();
     let infer = crate::bench_infer::Setup::new(&f, &infer_tasks)?;
     let rows = train_rows(&f, &tasks)?;
+    let (step_rows, step_md) = crate::bench_steps::run(&f, &step_tasks)?;
     let infer_rows = crate::bench_infer::run(&f, &infer_tasks, &infer)?;
     let mut md = String::from("# relprune bench\n");
     if !rows.0.is_empty() {
         md.push_str(&rows.1);
     }
+    md.push_str(&step_md);
     if !infer_rows.is_empty() {
         md.push_str(&crate::bench_infer::report(&infer_rows, &f.out)?);
     }
@@ -177,6 +186,7 @@ pub fn run(f: flags::Bench) -> Result<()> {
     let json = serde_json::json!({
         "rows": rows.0,
         "swd_overhead_ratio_median": rows.2,
+        "steps": step_rows,
         "inference": infer_rows,
     });
     relprune_io::write(

@@ -302,6 +302,15 @@ pub struct Bench {
     /// The PyTorch reference script of the training tasks.
     #[arg(long, default_value = "../shared/bench/torch_reference.py")]
     pub torch_script: PathBuf,
+    /// The PyTorch reference of the step tasks (transformer-step).
+    #[arg(long, default_value = "xtask/bench/torch_train_steps.py")]
+    pub torch_steps_script: PathBuf,
+    /// The gettext-en-de corpus transformer-step takes its batches from.
+    #[arg(long, default_value = "../shared/data/gettext-en-de")]
+    pub gettext: PathBuf,
+    /// Training steps per round of the step tasks.
+    #[arg(long, default_value_t = 20, value_parser = relprune_tasks::options::parse_count)]
+    pub steps: usize,
     /// The PyTorch script of the inference tasks.
     #[arg(long, default_value = "scripts/torch_infer.py")]
     pub torch_infer_script: PathBuf,
@@ -315,8 +324,8 @@ pub struct Bench {
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
     /// Only these tasks (comma-separated). Training: lenet300-epoch, lenet300-swd-epoch,
-    /// lenet5-epoch (the default set); inference: layer, lenet300-infer, lenet5-infer,
-    /// minilm-embed.
+    /// lenet5-epoch (the default set), transformer-step; inference: layer, lenet300-infer,
+    /// lenet5-infer, minilm-embed.
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
     /// The LeNet-300-100 reproduction whose model.safetensors lenet300-infer runs.

@@ -3,6 +3,7 @@
 mod ablate;
 mod bench;
 mod bench_infer;
+mod bench_steps;
 mod classify;
 mod crossover;
 mod flags;

@@ -303,10 +303,21 @@ fn load_dense(params: &ParamSet, path: &Path) -> Result<()> {
         .with_context(context)
 }
 
-/// Runs one configuration end to end, writing the model files into `out`; checkpoints every epoch
-/// into `out/checkpoint`, and with `resume` continues from there.
-pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResults> {
-    let t0 = Instant::now();
+/// A configuration's model, trainer (Adam at the dense rate) and task, built but not trained.
+pub struct Built {
+    /// The trainer of the model's parameters.
+    pub trainer: Trainer,
+    /// The translation task on the configuration's data and tokenizer.
+    pub task: Seq2SeqTask<Transformer>,
+    /// The splits' sizes, for the report.
+    pub dataset: DatasetInfo,
+    /// The test split's reference translations.
+    pub test_refs: Vec<String>,
+}
+
+/// Reads the data, trains (or reuses) the tokenizer in `out`, and builds the model, its trainer
+/// and the task of `cfg` (whose vocabulary, special ids and length limit it sets).
+pub fn build(cfg: &mut Config, out: &Path) -> Result<Built> {
     let device = Device::Cpu;
     let train_text = read_split(&cfg.data_dir, TextSplit::Train, cfg.train_limit)?;
     let valid_text = read_split(&cfg.data_dir, TextSplit::Valid, cfg.valid_limit)?;
@@ -320,7 +331,7 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
                 .with_context(|| format!("--dense-from: cannot copy {}", from.display()))?;
         }
     }
-    let tok = tokenizer(&cfg, &train_text, out)?;
+    let tok = tokenizer(cfg, &train_text, out)?;
     let special = tok.special_ids();
     let (Some(pad), Some(bos), Some(eos)) = (special.pad, special.bos, special.eos) else {
         anyhow::bail!(
@@ -387,7 +398,7 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
         beta2: 0.98,
         ..AdamConfig::default()
     };
-    let mut trainer = Trainer::new(params, masks, MaskedAdam::new(adam, None)?)?;
+    let trainer = Trainer::new(params, masks, MaskedAdam::new(adam, None)?)?;
     let task_config = Seq2SeqConfig {
         batch: BatchConfig {
             max_tokens: cfg.max_tokens,
@@ -400,7 +411,7 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
         decode: cfg.decode,
         ..Seq2SeqConfig::default()
     };
-    let mut task = Seq2SeqTask::new(
+    let task = Seq2SeqTask::new(
         model,
         tok.clone(),
         train,
@@ -409,6 +420,24 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
         task_config.clone(),
         &device,
     )?;
+    Ok(Built {
+        trainer,
+        task,
+        dataset,
+        test_refs: test_text.into_iter().map(|p| p.target).collect(),
+    })
+}
+
+/// Runs one configuration end to end, writing the model files into `out`; checkpoints every epoch
+/// into `out/checkpoint`, and with `resume` continues from there.
+pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResults> {
+    let t0 = Instant::now();
+    let Built {
+        mut trainer,
+        mut task,
+        dataset,
+        test_refs,
+    } = build(&mut cfg, out)?;
     if let Some(dir) = &cfg.dense_from {
         load_dense(&trainer.params, &dir.join("dense.safetensors"))?;
     }
@@ -468,13 +497,7 @@ pub fn run_config(mut cfg: Config, out: &Path, resume: bool) -> Result<RunResult
         started: t0,
     };
     let mut results = relprune_tasks::finish(&mut trainer, &mut task, &mut files, finish)?;
-    write_lines(
-        &out.join("test.ref.de"),
-        &test_text
-            .iter()
-            .map(|p| p.target.clone())
-            .collect::<Vec<_>>(),
-    )?;
+    write_lines(&out.join("test.ref.de"), &test_refs)?;
     eprintln!("remaining by layer type (from {}):", results.model_file);
     for s in &results.layer_groups {
         eprintln!(

@@ -130,6 +130,11 @@ fn task_err(e: impl std::fmt::Display) -> relprune_prune::Error {
 }
 
 impl<M: Seq2Seq> Seq2SeqTask<M> {
+    /// The current epoch's training batches, in order (empty before [`Task::begin_epoch`]).
+    pub fn epoch_batches(&self) -> &[TextBatch] {
+        &self.batches
+    }
+
     /// A task training on `train` and judging on `valid` (and, for reports, `test`).
     pub fn new(
         model: M,
