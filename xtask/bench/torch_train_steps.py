@@ -331,8 +331,6 @@ def transformer_step(args):
     }
 
 
-
-
 TASKS = {
     "transformer-step": transformer_step,
 }
