@@ -45,9 +45,14 @@ pub fn with_reference<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether this thread runs the fused ops (not inside [`with_reference`]).
+pub(crate) fn fused_enabled() -> bool {
+    !REFERENCE_ONLY.with(Cell::get)
+}
+
 /// Whether the fused CPU kernels apply to these tensors.
 fn fused(ts: &[&Tensor]) -> bool {
-    !REFERENCE_ONLY.with(Cell::get)
+    fused_enabled()
         && ts
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)

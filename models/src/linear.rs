@@ -66,7 +66,7 @@ impl Lin {
 impl Module for Lin {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Dense(l) => l.forward(x),
+            Self::Dense(l) => crate::ops::linear(x, l.weight(), l.bias()),
             Self::Sparse(s) => s.forward(x),
         }
     }

@@ -679,7 +679,7 @@ impl Transformer {
             h = ln.forward(&h)?;
         }
         cache.advance(t);
-        Ok(h.broadcast_matmul(&self.output_projection.t()?)?)
+        Ok(crate::ops::linear(&h, &self.output_projection, None)?)
     }
 
     /// Inference logits (B, t, V) of the next `t` target tokens after those in `cache` (see

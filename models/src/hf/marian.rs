@@ -691,7 +691,7 @@ impl MarianModel {
             )?;
         }
         cache.advance(t);
-        let logits = h.broadcast_matmul(&self.lm_head.t()?)?;
+        let logits = crate::ops::linear(&h, &self.lm_head, None)?;
         Ok(logits.broadcast_add(&self.final_logits_bias)?)
     }
 

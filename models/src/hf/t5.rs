@@ -845,7 +845,7 @@ impl T5Model {
             // The tied head reuses the embedding, whose scale T5 v1.0 compensates here.
             h = (h * (self.config.d_model as f64).powf(-0.5))?;
         }
-        Ok(h.broadcast_matmul(&self.lm_head.t()?)?)
+        Ok(crate::ops::linear(&h, &self.lm_head, None)?)
     }
 
     /// `(logits (B, T, V), encoder_last_hidden_state (B, S, D))`, as

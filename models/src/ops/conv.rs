@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, 
 use rayon::prelude::*;
 
 use super::pool::{pool_dims, PoolPlane};
-use super::{contiguous_f32, with_f32};
+use super::{contiguous_f32, gemm_into, with_f32, Mat};
 
 /// Geometry of a convolution's sliding window over a `(B, C, H, W)` input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,61 +172,6 @@ fn col2im_image(cols: &[f32], g: &Window, dst: &mut [f32]) {
     }
 }
 
-/// A row-major or transposed view of an `m×n` matrix in a slice: element `(i, j)` at
-/// `i·rs + j·cs`.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl Mat<'_> {
-    /// Panics unless every element of an `m×n` view lies inside the slice (the gemm below reads
-    /// through raw pointers).
-    fn check(&self, m: usize, n: usize) {
-        if m > 0 && n > 0 {
-            assert!((m - 1) * self.rs + (n - 1) * self.cs < self.data.len());
-        }
-    }
-}
-
-/// `dst (m×n, row-major) = [dst +] a (m×k) · b (k×n)`, single-threaded: the callers run one
-/// product per image in parallel, on matrices small enough to stay in cache.
-fn gemm_into(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
-    assert!(dst.len() >= m * n);
-    a.check(m, k);
-    b.check(k, n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the three views were bounds-checked above; `dst` is borrowed mutably and does not
-    // alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 /// Images per backward task (and weight-gradient accumulator): a fixed split, so that the sum's
 /// order, and with it every bit of the result, does not depend on the number of threads.
 const IMAGES_PER_TASK: usize = 4;
@@ -314,7 +259,7 @@ impl CustomOp3 for ConvOp {
                 rs: l,
                 cs: 1,
             };
-            gemm_into(o, l, r, y, true, wm, cm);
+            gemm_into(o, l, r, y, true, wm, cm, gemm::Parallelism::None);
         };
         let shape = match self.pool {
             None => {
@@ -459,10 +404,10 @@ impl CustomOp3 for ConvOp {
                                         rs: 1,
                                         cs: l,
                                     };
-                                    gemm_into(o, r, l, &mut acc, true, gm, bt);
+                                    gemm_into(o, r, l, &mut acc, true, gm, bt, gemm::Parallelism::None);
                                 }
                                 if need_x {
-                                    gemm_into(r, l, o, &mut cols, false, wt, gm);
+                                    gemm_into(r, l, o, &mut cols, false, wt, gm, gemm::Parallelism::None);
                                     col2im_image(&cols, &g, &mut gx_part[i * img..][..img]);
                                 }
                             }

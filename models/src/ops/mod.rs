@@ -1,5 +1,5 @@
-//! Fast CPU training ops: 2-D convolution through im2col + one gemm, and max pooling with a
-//! backward for any kernel and stride.
+//! Fast CPU training ops: the linear layer and 2-D convolution (through im2col) as one gemm-based
+//! op each, and max pooling with a backward for any kernel and stride.
 //!
 //! candle 0.11's CPU `conv2d` backward computes the input gradient with a direct
 //! `conv_transpose2d` loop, even for the first layer, whose input (the images) needs none (and
@@ -18,11 +18,13 @@
 //! Other devices use candle's own ops (same results, a test checks it on the CPU).
 
 pub mod conv;
+pub mod linear;
 pub mod pool;
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 pub use conv::{conv2d, conv2d_max_pool, Conv2d, SparseConv2d};
+pub use linear::linear;
 pub use pool::max_pool2d;
 
 pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -42,5 +44,87 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result
     match &*storage {
         candle_core::Storage::Cpu(s) => f(contiguous_f32(s, layout, op)?),
         _ => candle_core::bail!("{op}: expected a CPU tensor"),
+    }
+}
+
+/// A row-major or transposed view of an `m×n` matrix in a slice: element `(i, j)` at
+/// `i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Mat<'_> {
+    /// Panics unless every element of an `m×n` view lies inside the slice (the gemm below reads
+    /// through raw pointers).
+    fn check(&self, m: usize, n: usize) {
+        if m > 0 && n > 0 {
+            assert!((m - 1) * self.rs + (n - 1) * self.cs < self.data.len());
+        }
+    }
+}
+
+/// `dst (m×n, row-major) = [dst +] a (m×k) · b (k×n)`. `gemm` splits the work over blocks of
+/// the output only, never over `k`, so the result is the same whatever `par` is.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    par: gemm::Parallelism,
+) {
+    assert!(dst.len() >= m * n);
+    a.check(m, k);
+    b.check(k, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the three views were bounds-checked above; `dst` is borrowed mutably and does not
+    // alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// The pool `gemm` splits one product over: rayon's (so `--threads` and installed pools
+/// apply), or none for products too small to pay for handing work out.
+pub(crate) fn gemm_parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
     }
 }
