@@ -404,10 +404,28 @@ impl CustomOp3 for ConvOp {
                                         rs: 1,
                                         cs: l,
                                     };
-                                    gemm_into(o, r, l, &mut acc, true, gm, bt, gemm::Parallelism::None);
+                                    gemm_into(
+                                        o,
+                                        r,
+                                        l,
+                                        &mut acc,
+                                        true,
+                                        gm,
+                                        bt,
+                                        gemm::Parallelism::None,
+                                    );
                                 }
                                 if need_x {
-                                    gemm_into(r, l, o, &mut cols, false, wt, gm, gemm::Parallelism::None);
+                                    gemm_into(
+                                        r,
+                                        l,
+                                        o,
+                                        &mut cols,
+                                        false,
+                                        wt,
+                                        gm,
+                                        gemm::Parallelism::None,
+                                    );
                                     col2im_image(&cols, &g, &mut gx_part[i * img..][..img]);
                                 }
                             }

@@ -66,7 +66,16 @@ impl CustomOp3 for LinearOp {
             rs: 1,
             cs: k,
         };
-        gemm_into(n, o, k, &mut y, self.has_bias, xm, wt, gemm_parallelism(n, o, k));
+        gemm_into(
+            n,
+            o,
+            k,
+            &mut y,
+            self.has_bias,
+            xm,
+            wt,
+            gemm_parallelism(n, o, k),
+        );
         let mut shape = l1.dims().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = o;
