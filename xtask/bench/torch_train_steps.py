@@ -9,8 +9,8 @@ Runs W warm-up steps, then N timed steps, cycling through the batches of FILE. A
 forward + loss, backward, optimizer (step and zero_grad), each part timed with
 time.perf_counter(). Prints ONE JSON object on stdout:
   {"task", "threads", "steps", "seconds": [per-step total, ...], "forward", "backward",
-   "optimizer" (totals over the timed steps, s), "parameters", "tokens" (non-pad target tokens
-   over the timed steps)}
+   "optimizer" (totals over the timed steps, s), "parameters" (trained), "tokens" (non-pad
+   target or input tokens over the timed steps)}
 Logs go to stderr.
 
 Tasks:
@@ -20,6 +20,13 @@ Tasks:
                       (crates/relprune-prune/src/adam.rs, no weight decay).
                       FILE: {"config": {...}, "batches": [{"source", "source_mask",
                       "decoder_input", "target"}, ...]} written by the Rust side.
+  minilm-distill-step all-MiniLM-L6-v2 (transformers' BertModel from the directory FILE names)
+                      distilled against its own dense embeddings (mean pooling, L2-normalized,
+                      loss 1 − cos), the parameters prune-hf trains, masked Adam with the
+                      regularizer's decay (crates/relprune-tasks/src/encoder.rs,
+                      crates/relprune-prune/src/adam.rs). FILE: {"model", "trained",
+                      "prunable", "lr", "beta1", "beta2", "eps", "relevance", "gate", "lambda",
+                      "penalty", "batches": [{"input_ids", "attention_mask"}, ...]}.
 """
 import argparse
 import json
@@ -308,6 +315,12 @@ def transformer_step(args):
         t3 = time.perf_counter()
         return t1 - t0, t2 - t1, t3 - t2, loss.item()
 
+    count = lambda b: int((b["target"] != pad).sum())
+    return {**timed(args, batches, step, count), "parameters": sum(p.numel() for p in params)}
+
+
+def timed(args, batches, step, count):
+    """W warm-up steps, then N timed ones cycling through `batches`: the per-part totals."""
     n = len(batches)
     for i in range(args.warmup):
         *_, loss = step(batches[i % n])
@@ -318,21 +331,97 @@ def transformer_step(args):
         f, bw, o, loss = step(b)
         seconds.append(f + bw + o)
         fwd, bwd, optim = fwd + f, bwd + bw, optim + o
-        tokens += int((b["target"] != pad).sum())
+        tokens += count(b)
         log(f"step {i}: {f + bw + o:.4f}s (forward {f:.4f}, backward {bw:.4f}, "
             f"optimizer {o:.4f}), loss {loss:.4f}")
-    return {
-        "seconds": seconds,
-        "forward": fwd,
-        "backward": bwd,
-        "optimizer": optim,
-        "parameters": sum(p.numel() for p in params),
-        "tokens": tokens,
-    }
+    return {"seconds": seconds, "forward": fwd, "backward": bwd, "optimizer": optim,
+            "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------------
+# minilm-distill-step
+# ---------------------------------------------------------------------------------------------
+
+def sentence_embeddings(hidden, mask):
+    """Mean pooling over the unmasked tokens, L2-normalized (sentence-transformers')."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, p=2, dim=1)
+
+
+def minilm_step(args):
+    from transformers import BertModel
+
+    with open(args.batches) as f:
+        data = json.load(f)
+    model = BertModel.from_pretrained(data["model"])
+    # crates/relprune-tasks/src/encoder.rs runs the student without dropout.
+    model.eval()
+    named = dict(model.named_parameters())
+    missing = [n for n in data["trained"] if n not in named]
+    if missing:
+        raise SystemExit(f"parameters not in the checkpoint: {missing[:5]}")
+    trained = set(data["trained"])
+    for n, p in named.items():
+        p.requires_grad_(n in trained)
+    params = [named[n] for n in data["trained"]]
+    prunable = [named[n] for n in data["prunable"]]
+    masks = [torch.ones_like(w) for w in prunable]
+    batches = [{k: torch.tensor(b[k], dtype=torch.long) for k in ("input_ids", "attention_mask")}
+               for b in data["batches"]]
+    if not batches:
+        raise SystemExit("no batches")
+    with torch.no_grad():
+        for b in batches:
+            h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])[0]
+            b["teacher"] = sentence_embeddings(h, b["attention_mask"])
+    opt = torch.optim.Adam(params, lr=data["lr"], betas=(data["beta1"], data["beta2"]),
+                           eps=data["eps"])
+    gate, lam = data["gate"], data["lambda"]
+    if data["penalty"] != "L2" or data["relevance"] not in ("Gradient", "OutputSensitivity", "Taylor"):
+        raise SystemExit(f"no reference for penalty {data['penalty']}, relevance {data['relevance']}")
+
+    def decay_gate(w, g):
+        # crates/relprune-core: the relevance score, then the gate over it.
+        s = (w * g).abs() if data["relevance"] == "Taylor" else g.abs()
+        if gate["kind"] == "soft":
+            return (1.0 - s).clamp_(min=0.0)
+        if gate["kind"] == "hard-max":
+            return (s < gate["tau"] * s.max()).to(w.dtype)
+        return torch.ones_like(w)
+
+    def step(b):
+        t0 = time.perf_counter()
+        h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])[0]
+        student = sentence_embeddings(h, b["attention_mask"])
+        loss = (1.0 - (student * b["teacher"]).sum(1)).mean()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        # MaskedAdam (crates/relprune-prune/src/adam.rs): masked gradients, Adam, then the
+        # regularizer's decay λ·d⊙w outside the learning rate, then the masks again.
+        with torch.no_grad():
+            gates = []
+            for w, m in zip(prunable, masks):
+                # The pooler is trained but unused by the loss: no gradient, no update.
+                if w.grad is not None:
+                    w.grad.mul_(m)
+                    gates.append((w, m, decay_gate(w, w.grad)))
+            opt.step()
+            for w, m, d in gates:
+                w.sub_(lam * d * w)
+                w.mul_(m)
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2, loss.item()
+
+    count = lambda b: int(b["attention_mask"].sum())
+    return {**timed(args, batches, step, count), "parameters": sum(p.numel() for p in params)}
 
 
 TASKS = {
     "transformer-step": transformer_step,
+    "minilm-distill-step": minilm_step,
 }
 
 

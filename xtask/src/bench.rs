@@ -98,10 +98,37 @@ impl OurEpoch {
 }
 
 fn torch_seconds(python: &Path, script: &Path, mnist: &Path, task: &str) -> Result<f64> {
+    let threads = crate::bench_steps::threads().to_string();
+    let v = run_reference(
+        python,
+        script,
+        &[
+            "--mnist".as_ref(),
+            mnist.as_os_str(),
+            "--task".as_ref(),
+            task.as_ref(),
+            "--repeat".as_ref(),
+            "1".as_ref(),
+            "--threads".as_ref(),
+            threads.as_ref(),
+        ],
+        task,
+    )?;
+    v["seconds"][0]
+        .as_f64()
+        .with_context(|| format!("{task}: no seconds in the reference output"))
+}
+
+/// Runs the PyTorch reference `script` of `task` with `args`; returns the JSON it prints.
+pub fn run_reference(
+    python: &Path,
+    script: &Path,
+    args: &[&std::ffi::OsStr],
+    task: &str,
+) -> Result<serde_json::Value> {
     let out = Command::new(python)
         .arg(script)
-        .args(["--mnist".as_ref(), mnist.as_os_str()])
-        .args(["--task", task, "--repeat", "1", "--threads", "2"])
+        .args(args)
         .output()
         .with_context(|| format!("cannot run {}", python.display()))?;
     if !out.status.success() {
@@ -110,15 +137,12 @@ fn torch_seconds(python: &Path, script: &Path, mnist: &Path, task: &str) -> Resu
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+    serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "{task}: unexpected reference output {}",
             String::from_utf8_lossy(&out.stdout)
         )
-    })?;
-    v["seconds"][0]
-        .as_f64()
-        .with_context(|| format!("{task}: no seconds in the reference output"))
+    })
 }
 
 /// The median of `v` (`None` if empty).

@@ -8,7 +8,6 @@
 //! the reference reads, so both sides run identical shapes.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -20,7 +19,7 @@ use crate::bench::median;
 use crate::flags;
 
 /// The step tasks.
-pub const TASKS: [&str; 1] = ["transformer-step"];
+pub const TASKS: [&str; 2] = ["transformer-step", "minilm-distill-step"];
 
 /// Where one step's time went, in seconds (summed over a round's steps).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -65,6 +64,34 @@ pub struct StepRow {
     pub torch: Vec<Profile>,
     /// Median over rounds of ours / PyTorch's time.
     pub ratio_median: Option<f64>,
+}
+
+/// A workload whose training steps are timed.
+trait Steps {
+    /// Runs the steps once, timing each part.
+    fn round(&mut self) -> Result<Profile>;
+}
+
+/// Times `steps` steps: `loss(i)`, its backward, then `update` with the gradients.
+fn timed_steps(
+    steps: usize,
+    mut loss: impl FnMut(usize) -> Result<candle_core::Tensor>,
+    mut update: impl FnMut(&candle_core::backprop::GradStore) -> Result<()>,
+) -> Result<Profile> {
+    let mut p = Profile::default();
+    for i in 0..steps {
+        let t0 = Instant::now();
+        let l = loss(i)?;
+        let t1 = Instant::now();
+        let grads = l.backward()?;
+        let t2 = Instant::now();
+        update(&grads)?;
+        let t3 = Instant::now();
+        p.forward += (t1 - t0).as_secs_f64();
+        p.backward += (t2 - t1).as_secs_f64();
+        p.optimizer += (t3 - t2).as_secs_f64();
+    }
+    Ok(p)
 }
 
 /// The translation Transformer, its trainer and task, at the start of its first epoch.
@@ -117,31 +144,132 @@ impl TransformerSteps {
         relprune_io::write(&path, serde_json::to_string(&json)?.as_bytes())?;
         Ok((Self { built, steps }, path))
     }
+}
 
-    /// Runs the steps once, timing each part.
+impl Steps for TransformerSteps {
     fn round(&mut self) -> Result<Profile> {
-        let mut p = Profile::default();
         let b = &mut self.built;
-        for i in 0..self.steps {
-            let t0 = Instant::now();
-            let loss = b.task.batch_loss(i)?;
-            let t1 = Instant::now();
-            let grads = loss.backward()?;
-            let t2 = Instant::now();
-            b.trainer
-                .optim
-                .step(&b.trainer.params, &b.trainer.masks, &grads)?;
-            let t3 = Instant::now();
-            p.forward += (t1 - t0).as_secs_f64();
-            p.backward += (t2 - t1).as_secs_f64();
-            p.optimizer += (t3 - t2).as_secs_f64();
+        let (task, trainer) = (&mut b.task, &mut b.trainer);
+        timed_steps(
+            self.steps,
+            |i| Ok(task.batch_loss(i)?),
+            |g| Ok(trainer.optim.step(&trainer.params, &trainer.masks, g)?),
+        )
+    }
+}
+
+/// all-MiniLM-L6-v2 distilled against itself as `prune-hf` sets it up (its parameter selection,
+/// batches of 32 sentences of the calibration text, cosine loss), with the method's optimizer:
+/// masked Adam at the pruning learning rate with the regularizer.
+struct MinilmSteps {
+    task: relprune_tasks::encoder::EncoderDistill,
+    params: relprune_prune::ParamSet,
+    masks: relprune_prune::Masks,
+    optim: relprune_prune::MaskedAdam,
+    steps: usize,
+}
+
+impl MinilmSteps {
+    /// Builds the task on the first lines of `text` and writes the first `steps` batches, the
+    /// trained and prunable parameters' names and the optimizer's settings to
+    /// `scratch/minilm-batches.json`.
+    fn new(model: &Path, text: &Path, scratch: &Path, steps: usize) -> Result<(Self, PathBuf)> {
+        use relprune_core::{Gate, GateStat};
+        use relprune_prune::{AdamConfig, MaskedAdam, Masks, ParamSet};
+        // Enough sentences for the batches, with the validation split taken out.
+        let lines: Vec<String> = relprune_data::text::read_lines(text)?
+            .into_iter()
+            .filter(|l| !l.trim().is_empty())
+            .take(steps * 32 * 2)
+            .collect();
+        let sample = scratch.join("minilm-text.txt");
+        relprune_io::write(&sample, (lines.join("\n") + "\n").as_bytes())?;
+        let mut o = relprune_hf::Options::text(model.display().to_string(), &sample);
+        o.target_sparsity = Some(0.5);
+        o.augment = Some(0);
+        o.vocab_augment = Some(0);
+        let cfg = relprune_hf::Config::new(&o)?;
+        let varmap = candle_nn::VarMap::new();
+        let built = relprune_hf::build_task(&cfg, &varmap, true)?;
+        let relprune_hf::HfTask::Encoder(mut task) = built.task else {
+            bail!("{}: not an encoder", model.display());
+        };
+        let params = ParamSet::from_varmap(&varmap, &cfg.selection)?;
+        let masks = Masks::dense(&params)?;
+        let reg = cfg.prune.regularizer;
+        let adam = AdamConfig {
+            lr: cfg.prune.lr,
+            ..Default::default()
+        };
+        let optim = MaskedAdam::new(adam, Some(reg))?;
+        let n = task.begin_epoch(1)?;
+        if n < steps {
+            bail!("minilm-distill-step: the epoch has {n} batches, fewer than --steps {steps}");
         }
-        Ok(p)
+        let gate = match reg.gate {
+            Gate::Soft => serde_json::json!({"kind": "soft"}),
+            Gate::All => serde_json::json!({"kind": "all"}),
+            Gate::Hard {
+                stat: GateStat::Max,
+                tau,
+            } => serde_json::json!({"kind": "hard-max", "tau": tau}),
+            other => bail!("minilm-distill-step: the reference has no {other:?} gate"),
+        };
+        if reg.ema_beta != 0.0 {
+            bail!("minilm-distill-step: the reference has no smoothed relevance");
+        }
+        let mut batches = Vec::new();
+        for rows in task.epoch_batches().take(steps) {
+            let (ids, mask) = relprune_tasks::encoder::pad_batch(
+                &task.train.ids,
+                rows,
+                task.pad,
+                &candle_core::Device::Cpu,
+            )?;
+            batches.push(serde_json::json!({
+                "input_ids": ids.to_dtype(candle_core::DType::U32)?.to_vec2::<u32>()?,
+                "attention_mask": mask.to_dtype(candle_core::DType::U32)?.to_vec2::<u32>()?,
+            }));
+        }
+        let json = serde_json::json!({
+            "model": std::path::absolute(model)?,
+            "trained": params.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+            "prunable": params.prunable().map(|p| p.name.clone()).collect::<Vec<_>>(),
+            "lr": adam.lr, "beta1": adam.beta1, "beta2": adam.beta2, "eps": adam.eps,
+            "relevance": format!("{:?}", reg.relevance),
+            "gate": gate,
+            "lambda": reg.lambda,
+            "penalty": format!("{:?}", reg.penalty),
+            "batches": batches,
+        });
+        let path = scratch.join("minilm-batches.json");
+        relprune_io::write(&path, serde_json::to_string(&json)?.as_bytes())?;
+        let steps = Self {
+            task: *task,
+            params,
+            masks,
+            optim,
+            steps,
+        };
+        Ok((steps, path))
+    }
+}
+
+impl Steps for MinilmSteps {
+    fn round(&mut self) -> Result<Profile> {
+        use relprune_prune::Optimizer;
+        let (task, optim) = (&mut self.task, &mut self.optim);
+        let (params, masks) = (&self.params, &self.masks);
+        timed_steps(
+            self.steps,
+            |i| Ok(task.batch_loss(i)?),
+            |g| Ok(optim.step(params, masks, g)?),
+        )
     }
 }
 
 /// The threads both sides use: `RAYON_NUM_THREADS` (what `--threads` sets), else every core.
-fn threads() -> usize {
+pub fn threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -157,31 +285,24 @@ fn torch_round(
     threads: usize,
     steps: usize,
 ) -> Result<Profile> {
-    let out = Command::new(python)
-        .arg(script)
-        .args(["--task", task, "--batches"])
-        .arg(batches)
-        .args([
-            "--threads",
-            &threads.to_string(),
-            "--steps",
-            &steps.to_string(),
-        ])
-        .args(["--warmup", "2"])
-        .output()
-        .with_context(|| format!("cannot run {}", python.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{task}: the PyTorch reference failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "{task}: unexpected reference output {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })?;
+    let (threads, steps) = (threads.to_string(), steps.to_string());
+    let v = crate::bench::run_reference(
+        python,
+        script,
+        &[
+            "--task".as_ref(),
+            task.as_ref(),
+            "--batches".as_ref(),
+            batches.as_os_str(),
+            "--threads".as_ref(),
+            threads.as_ref(),
+            "--steps".as_ref(),
+            steps.as_ref(),
+            "--warmup".as_ref(),
+            "2".as_ref(),
+        ],
+        task,
+    )?;
     let get = |k: &str| {
         v[k].as_f64()
             .with_context(|| format!("{task}: no `{k}` in the reference output"))
@@ -204,8 +325,15 @@ pub fn run(f: &flags::Bench, tasks: &[&str]) -> Result<(Vec<StepRow>, String)> {
     let threads = threads();
     let mut rows = Vec::new();
     for &task in tasks {
-        let (mut ours, batches) = match task {
-            "transformer-step" => TransformerSteps::new(&f.gettext, scratch.path(), f.steps)?,
+        let (mut ours, batches): (Box<dyn Steps>, PathBuf) = match task {
+            "transformer-step" => {
+                let (s, p) = TransformerSteps::new(&f.gettext, scratch.path(), f.steps)?;
+                (Box::new(s), p)
+            }
+            "minilm-distill-step" => {
+                let (s, p) = MinilmSteps::new(&f.minilm, &f.calib_text, scratch.path(), f.steps)?;
+                (Box::new(s), p)
+            }
             other => bail!("unknown step task `{other}`"),
         };
         // Warm-up: first-touch allocations, thread pools.

@@ -302,12 +302,18 @@ pub struct Bench {
     /// The PyTorch reference script of the training tasks.
     #[arg(long, default_value = "../shared/bench/torch_reference.py")]
     pub torch_script: PathBuf,
-    /// The PyTorch reference of the step tasks (transformer-step).
+    /// The PyTorch reference of the step tasks (transformer-step, minilm-distill-step).
     #[arg(long, default_value = "xtask/bench/torch_train_steps.py")]
     pub torch_steps_script: PathBuf,
     /// The gettext-en-de corpus transformer-step takes its batches from.
     #[arg(long, default_value = "../shared/data/gettext-en-de")]
     pub gettext: PathBuf,
+    /// The checkpoint minilm-distill-step trains.
+    #[arg(long, default_value = "../shared/models/all-MiniLM-L6-v2")]
+    pub minilm: PathBuf,
+    /// The text minilm-distill-step takes its sentences from (its first lines).
+    #[arg(long, default_value = "../shared/data/debian-reference-en/calib.txt")]
+    pub calib_text: PathBuf,
     /// Training steps per round of the step tasks.
     #[arg(long, default_value_t = 20, value_parser = relprune_tasks::options::parse_count)]
     pub steps: usize,
@@ -324,7 +330,7 @@ pub struct Bench {
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
     /// Only these tasks (comma-separated). Training: lenet300-epoch, lenet300-swd-epoch,
-    /// lenet5-epoch (the default set), transformer-step; inference: layer, lenet300-infer,
+    /// lenet5-epoch (the default set), transformer-step, minilm-distill-step; inference: layer, lenet300-infer,
     /// lenet5-infer, minilm-embed.
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,

@@ -127,6 +127,12 @@ impl EncoderDistill {
         })
     }
 
+    /// The sentences (indices into `train`) of the current epoch's training batches, in order
+    /// (empty before [`Task::begin_epoch`]).
+    pub fn epoch_batches(&self) -> impl Iterator<Item = &[usize]> {
+        self.order.iter().map(|&b| self.train.batches[b].as_slice())
+    }
+
     /// The same task (splits, teacher embeddings) on another model, e.g. the saved one reloaded.
     pub fn with_model(self, model: BertModel) -> Self {
         Self { model, ..self }
