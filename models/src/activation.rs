@@ -109,12 +109,25 @@ impl Elementwise for Backward {
     }
 }
 
+/// Whether this CPU runs the kernels' AVX2 + FMA builds (`#[target_feature]` functions: the
+/// same arithmetic, `mul_add` is a fused multiply-add either way, vectorized).
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `out[i] = E(a[i], b[i])` over chunks in parallel, compiled for AVX2 + FMA where detected.
 fn map2<E: Elementwise>(a: &[f32], b: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
     let run = |o: &mut [f32], a: &[f32], b: &[f32]| {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if has_avx2_fma() {
             // SAFETY: AVX2 and FMA were detected on this CPU.
             unsafe { map2_avx2::<E>(o, a, b) };
             return;

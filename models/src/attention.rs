@@ -376,6 +376,11 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let q = self.split(&self.q.forward(x)?, self.heads)?;
         let q = self.position(q, 0, past)?;
+        if !self.dropout.active(train) {
+            // One fused op (its own backward); the plain ops below draw the weights' dropout.
+            let scale = self.query_scale.unwrap_or(1.0);
+            return crate::ops::attention(&q, k, v, mask, scale);
+        }
         let q = match self.query_scale {
             Some(s) => (q * s)?,
             None => q,

@@ -84,6 +84,16 @@ pub enum Dropout {
 }
 
 impl Dropout {
+    /// Whether [`Self::apply`] changes anything (draws a mask) when `train`.
+    pub fn active(&self, train: bool) -> bool {
+        train
+            && match self {
+                Self::Off => false,
+                Self::Unseeded(p) => *p > 0.0,
+                Self::Seeded(_, p) => *p > 0.0,
+            }
+    }
+
     /// `x` after this dropout when `train`; `x` itself otherwise.
     pub fn apply(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self {

@@ -17,6 +17,7 @@ pub mod lenet;
 pub mod lenet5;
 pub mod linear;
 pub mod ops;
+pub mod runtime;
 pub mod seq2seq;
 pub mod transformer;
 

@@ -14,6 +14,7 @@ mod reproduce;
 mod translate;
 
 fn main() -> anyhow::Result<()> {
+    relprune_models::runtime::elementwise_on_caller();
     relprune_hf::memory::keep_large_buffers();
     let flags = flags::parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
     if let Some(n) = flags.threads {
@@ -47,10 +48,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn set_threads(n: usize) {
-    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
-        if std::env::var_os(var).is_none() {
-            // No other thread exists yet, so changing the environment is sound.
-            std::env::set_var(var, n.to_string());
-        }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // No other thread exists yet, so changing the environment is sound.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }

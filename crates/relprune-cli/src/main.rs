@@ -63,6 +63,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    relprune_models::runtime::elementwise_on_caller();
     let cli = parse();
     if !matches!(cli.command, Command::PruneHf(_)) {
         // Inference: speed over memory (prune-hf makes the opposite choice for its long runs).

@@ -141,23 +141,11 @@ mod rows {
     }
 }
 
-/// Whether the row loops can run their AVX2 + FMA build on this CPU.
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 impl FusedSmoothedCe {
     /// One block of rows: the sum of their losses and each row's `log Σ exp`.
     fn forward_rows(&self, z: &[f32], targets: &[u32], c: usize, lse: &mut [f32]) -> f64 {
         #[cfg(target_arch = "x86_64")]
-        if simd() {
+        if relprune_models::activation::has_avx2_fma() {
             // SAFETY: the features were detected on this CPU.
             return unsafe { self.forward_rows_avx2(z, targets, c, lse) };
         }
@@ -175,7 +163,7 @@ impl FusedSmoothedCe {
     /// Each kept row's gradient `scale·(p − q)` into `g` (ignored rows stay zero).
     fn grad_rows(&self, g: &mut [f32], z: &[f32], t: &[u32], lse: &[f32], c: usize, scale: f32) {
         #[cfg(target_arch = "x86_64")]
-        if simd() {
+        if relprune_models::activation::has_avx2_fma() {
             // SAFETY: the features were detected on this CPU.
             return unsafe { self.grad_rows_avx2(g, z, t, lse, c, scale) };
         }

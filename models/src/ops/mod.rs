@@ -17,12 +17,14 @@
 //!
 //! Other devices use candle's own ops (same results, a test checks it on the CPU).
 
+pub mod attention;
 pub mod conv;
 pub mod linear;
 pub mod pool;
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
+pub use attention::attention;
 pub use conv::{conv2d, conv2d_max_pool, Conv2d, SparseConv2d};
 pub use linear::linear;
 pub use pool::max_pool2d;
@@ -79,7 +81,22 @@ pub(crate) fn gemm_into(
     b: Mat,
     par: gemm::Parallelism,
 ) {
-    assert!(dst.len() >= m * n);
+    gemm_rows(m, n, k, (dst, n), accumulate, a, b, par)
+}
+
+/// [`gemm_into`] into rows `dst_rs` apart (an `m×n` block of a wider row-major matrix).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    (dst, dst_rs): (&mut [f32], usize),
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    par: gemm::Parallelism,
+) {
+    assert!(dst_rs >= n && (m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n));
     a.check(m, k);
     b.check(k, n);
     if m == 0 || n == 0 {
@@ -87,7 +104,9 @@ pub(crate) fn gemm_into(
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return;
     }
@@ -100,7 +119,7 @@ pub(crate) fn gemm_into(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,
