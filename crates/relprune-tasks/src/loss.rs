@@ -9,6 +9,12 @@ use rayon::prelude::*;
 
 use crate::{Error, Result};
 
+/// Mean cross-entropy of `logits` `(N, C)` against class indices `targets` `(N,)`: PyTorch's
+/// `F.cross_entropy` (the label-smoothed loss with `ε = 0` and nothing ignored).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    label_smoothed_cross_entropy(logits, targets, 0.0, None)
+}
+
 /// Mean label-smoothed cross-entropy of `logits` `(N, C)` (or `(B, T, C)`) against `targets`
 /// `(N,)` (or `(B, T)`, u32), skipping positions whose target is `ignore` (padding).
 ///
@@ -84,6 +90,10 @@ struct FusedSmoothedCe {
 /// Rows per parallel task: a fixed split, so the loss's summation order, and with it every bit
 /// of the result, does not depend on the number of threads.
 const ROWS_PER_TASK: usize = 16;
+
+/// Below this many logits one thread is faster than handing blocks to rayon (the blocks and
+/// their summation order are the same either way).
+const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
 /// Lanes of the row reductions (one AVX register of f32).
 const LANES: usize = 8;
@@ -245,12 +255,19 @@ impl candle_core::CustomOp1 for FusedSmoothedCe {
         };
         let c = layout.dims()[1];
         let mut lse = vec![0f32; self.targets.len()];
-        let blocks: Vec<f64> = z
-            .par_chunks(c * ROWS_PER_TASK)
-            .zip(self.targets.par_chunks(ROWS_PER_TASK))
-            .zip(lse.par_chunks_mut(ROWS_PER_TASK))
-            .map(|((z, t), l)| self.forward_rows(z, t, c, l))
-            .collect();
+        let blocks: Vec<f64> = if z.len() < PARALLEL_MIN_ELEMS {
+            z.chunks(c * ROWS_PER_TASK)
+                .zip(self.targets.chunks(ROWS_PER_TASK))
+                .zip(lse.chunks_mut(ROWS_PER_TASK))
+                .map(|((z, t), l)| self.forward_rows(z, t, c, l))
+                .collect()
+        } else {
+            z.par_chunks(c * ROWS_PER_TASK)
+                .zip(self.targets.par_chunks(ROWS_PER_TASK))
+                .zip(lse.par_chunks_mut(ROWS_PER_TASK))
+                .map(|((z, t), l)| self.forward_rows(z, t, c, l))
+                .collect()
+        };
         let total: f64 = blocks.iter().sum();
         if let Ok(mut slot) = self.lse.lock() {
             *slot = Some(lse);
@@ -289,11 +306,15 @@ impl candle_core::CustomOp1 for FusedSmoothedCe {
             }
         };
         let mut g = vec![0f32; z.len()];
-        g.par_chunks_mut(c * ROWS_PER_TASK)
-            .zip(z.par_chunks(c * ROWS_PER_TASK))
-            .zip(self.targets.par_chunks(ROWS_PER_TASK))
-            .zip(lse.par_chunks(ROWS_PER_TASK))
-            .for_each(|(((g, z), t), l)| self.grad_rows(g, z, t, l, c, scale));
+        if z.len() < PARALLEL_MIN_ELEMS {
+            self.grad_rows(&mut g, z, &self.targets, &lse, c, scale);
+        } else {
+            g.par_chunks_mut(c * ROWS_PER_TASK)
+                .zip(z.par_chunks(c * ROWS_PER_TASK))
+                .zip(self.targets.par_chunks(ROWS_PER_TASK))
+                .zip(lse.par_chunks(ROWS_PER_TASK))
+                .for_each(|(((g, z), t), l)| self.grad_rows(g, z, t, l, c, scale));
+        }
         drop(storage);
         Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?))
     }
@@ -501,6 +522,35 @@ mod tests {
         let ((a, ga), (b, gb)) = (on(1), on(2));
         assert_eq!(a.to_bits(), b.to_bits());
         assert!(ga.iter().zip(&gb).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    #[test]
+    fn cross_entropy_equals_candles_in_value_and_gradient() {
+        let data: Vec<f32> = (0..100 * 10)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.07)
+            .collect();
+        let y: Vec<u32> = (0..100).map(|i| (i * 7 % 10) as u32).collect();
+        let z = Var::from_slice(&data, (100, 10), &Device::Cpu).unwrap();
+        let y = Tensor::from_slice(&y, 100, &Device::Cpu).unwrap();
+        let ours = cross_entropy(z.as_tensor(), &y).unwrap();
+        let theirs = candle_nn::loss::cross_entropy(z.as_tensor(), &y).unwrap();
+        let (a, b) = (
+            ours.to_scalar::<f32>().unwrap(),
+            theirs.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        let grad = |l: &Tensor| -> Vec<f32> {
+            let g = l.backward().unwrap();
+            g.get(z.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        for (x, y) in grad(&ours).iter().zip(&grad(&theirs)) {
+            assert!((x - y).abs() < 1e-7, "{x} vs {y}");
+        }
     }
 
     #[test]
