@@ -450,8 +450,8 @@ mod tests {
         }
     }
 
-    /// Loss and gradient of the fused op on `rows × classes` logits with every fifth target padding.
-    fn fused_loss_and_grad(rows: usize, classes: usize) -> (f32, Vec<f32>) {
+    /// `rows × classes` logits (a variable) and targets with every fifth one padding (id 0).
+    fn wide_case(rows: usize, classes: usize) -> (Var, Tensor) {
         let data: Vec<f32> = (0..rows * classes)
             .map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 0.013)
             .collect();
@@ -466,6 +466,12 @@ mod tests {
             .collect();
         let z = Var::from_slice(&data, (rows, classes), &Device::Cpu).unwrap();
         let t = Tensor::from_slice(&targets, rows, &Device::Cpu).unwrap();
+        (z, t)
+    }
+
+    /// Loss and gradient of the fused op on [`wide_case`].
+    fn fused_loss_and_grad(rows: usize, classes: usize) -> (f32, Vec<f32>) {
+        let (z, t) = wide_case(rows, classes);
         let l = label_smoothed_cross_entropy(z.as_tensor(), &t, 0.1, Some(0)).unwrap();
         let g = l.backward().unwrap().get(z.as_tensor()).unwrap().clone();
         (
@@ -479,20 +485,7 @@ mod tests {
         // More rows than one parallel block, a vocabulary that is not a multiple of the lanes.
         let (rows, classes) = (70, 1003);
         let (a, ga) = fused_loss_and_grad(rows, classes);
-        let data: Vec<f32> = (0..rows * classes)
-            .map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 0.013)
-            .collect();
-        let targets: Vec<u32> = (0..rows)
-            .map(|i| {
-                if i % 5 == 4 {
-                    0
-                } else {
-                    (i * 31 % classes) as u32
-                }
-            })
-            .collect();
-        let z = Var::from_slice(&data, (rows, classes), &Device::Cpu).unwrap();
-        let t = Tensor::from_slice(&targets, rows, &Device::Cpu).unwrap();
+        let (z, t) = wide_case(rows, classes);
         let plain = tensor_path(z.as_tensor(), t, 0.1, Some(0), rows).unwrap();
         let b = plain.to_scalar::<f32>().unwrap();
         assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");

@@ -507,19 +507,7 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    fn filled(shape: &[usize], seed: u32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(7);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::ops::test_tensor as filled;
 
     /// Output and the gradients of q, k, v of `sum(attention·r)` through `f`.
     fn run(

@@ -510,20 +510,7 @@ fn conv2d_op(
                 Some(FusedPool { k, s, ph, pw })
             }
         };
-        let zero;
-        let b = match bias {
-            Some(b) => {
-                if b.dims() != [o] {
-                    candle_core::bail!("conv2d: bias of shape {:?} for {o} channels", b.dims())
-                }
-                b.contiguous()?
-            }
-            None => {
-                // Not a variable, so the backward skips its gradient.
-                zero = Tensor::zeros(o, DType::F32, &Device::Cpu)?;
-                zero
-            }
-        };
+        let b = super::bias_or_zero(bias, o, "conv2d")?;
         let op = ConvOp {
             g,
             o,

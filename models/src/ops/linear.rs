@@ -160,20 +160,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         return linear_reference(x, weight, bias);
     }
     let (_, _, o) = dims(x.dims(), weight.dims())?;
-    let zero;
-    let b = match bias {
-        Some(b) => {
-            if b.dims() != [o] {
-                candle_core::bail!("linear: bias of shape {:?} for {o} outputs", b.dims())
-            }
-            b.contiguous()?
-        }
-        None => {
-            // Not a variable, so the backward skips its gradient.
-            zero = Tensor::zeros(o, DType::F32, &Device::Cpu)?;
-            zero.clone()
-        }
-    };
+    let b = super::bias_or_zero(bias, o, "linear")?;
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &b,
@@ -193,20 +180,7 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    /// A deterministic pseudo-random tensor (no RNG crate state shared between tests).
-    fn filled(shape: &[usize], seed: u32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::ops::test_tensor as filled;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)

@@ -147,3 +147,33 @@ pub(crate) fn gemm_parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelis
         gemm::Parallelism::None
     }
 }
+
+/// `bias` checked to be `(o,)` and contiguous, or a zero vector of `o` (not a variable, so a
+/// backward skips its gradient): the fused ops always take a bias argument.
+pub(crate) fn bias_or_zero(bias: Option<&Tensor>, o: usize, what: &str) -> Result<Tensor> {
+    match bias {
+        Some(b) => {
+            if b.dims() != [o] {
+                candle_core::bail!("{what}: bias of shape {:?} for {o} outputs", b.dims())
+            }
+            b.contiguous()
+        }
+        None => Tensor::zeros(o, candle_core::DType::F32, &candle_core::Device::Cpu),
+    }
+}
+
+/// A deterministic tensor of values in [-1, 1] (xorshift from `seed`), for the ops' tests.
+#[cfg(test)]
+pub(crate) fn test_tensor(shape: &[usize], seed: u32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(7);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu).expect("test tensor")
+}
