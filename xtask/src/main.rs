@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = flags.threads {
         set_threads(n);
     }
+    relprune_models::runtime::flush_denormals();
     // Run from the workspace root, whatever directory cargo was called in.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

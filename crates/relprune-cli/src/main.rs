@@ -65,6 +65,7 @@ enum Command {
 fn main() -> ExitCode {
     relprune_models::runtime::elementwise_on_caller();
     let cli = parse();
+    relprune_models::runtime::flush_denormals();
     if !matches!(cli.command, Command::PruneHf(_)) {
         // Inference: speed over memory (prune-hf makes the opposite choice for its long runs).
         relprune_hf::memory::keep_large_buffers();
