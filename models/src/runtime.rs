@@ -13,24 +13,39 @@ pub fn elementwise_on_caller() {
     }
 }
 
-/// Flushes subnormal floats to zero (FTZ and DAZ on x86-64, FZ on AArch64) on the calling thread
-/// and on every thread of rayon's global pool, which this builds (so call it before anything runs
-/// on that pool; `RAYON_NUM_THREADS` still sets its size). Training makes subnormals in bulk — the
-/// softmax of a confident model over a 4,000-token vocabulary is mostly 1e-39-sized entries, and
-/// its gradient goes through the output projection's matrix products — and x86 cores take a
-/// microcode assist for each of them: a translation Transformer step ran 2.3× slower without this
-/// (docs/PERFORMANCE.md). Values that were not subnormal compute exactly as before. Returns
-/// whether the pool was built here (false if something else built it first; its threads then keep
-/// subnormals).
-pub fn flush_denormals() -> bool {
-    flush_denormals_on_this_thread();
-    rayon::ThreadPoolBuilder::new()
+/// Runs `f` — a binary's whole command — on a rayon pool whose threads flush subnormal floats to
+/// zero, and returns its result. `RAYON_NUM_THREADS` sets the pool's size, as for rayon's global
+/// pool; every parallel op inside `f` (matrix products, the fused ops) runs on it.
+///
+/// Why on the pool rather than beside it: a caller outside the pool waits while the pool's
+/// threads work and then runs the element-wise ops between products itself, while the pool's
+/// threads spin for a while before sleeping — with as many pool threads as cores, three threads
+/// share two cores and a two-thread training step got slower than a one-thread one. Inside the
+/// pool the command's thread is one of its workers.
+///
+/// Why flush subnormals: training makes them in bulk — the softmax of a confident model over a
+/// 4,000-token vocabulary is mostly 1e-39-sized entries, and its gradient goes through the output
+/// projection's matrix products — and x86 cores take a microcode assist for each one: a
+/// translation Transformer step ran 2.3× slower without flushing (docs/PERFORMANCE.md). Values
+/// that are not subnormal compute exactly as before.
+pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match rayon::ThreadPoolBuilder::new()
+        // The main thread's size: the command no longer runs there.
+        .stack_size(8 << 20)
         .start_handler(|_| flush_denormals_on_this_thread())
-        .build_global()
-        .is_ok()
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        // No threads to be had: run where we are, still without subnormals.
+        Err(_) => {
+            flush_denormals_on_this_thread();
+            f()
+        }
+    }
 }
 
-/// Sets the calling thread's floating-point control register to flush subnormals to zero.
+/// Sets the calling thread's floating-point control register to flush subnormals to zero (FTZ and
+/// DAZ on x86-64, FZ on AArch64); [`run_on_pool`] does it for every thread of its pool.
 pub fn flush_denormals_on_this_thread() {
     #[cfg(target_arch = "x86_64")]
     {
@@ -56,7 +71,7 @@ pub fn flush_denormals_on_this_thread() {
 
 #[cfg(test)]
 mod tests {
-    use super::flush_denormals_on_this_thread;
+    use super::{flush_denormals_on_this_thread, run_on_pool};
 
     #[test]
     fn subnormal_products_become_zero_once_flushing_is_on() {
@@ -74,5 +89,15 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn run_on_pool_runs_the_command_on_a_pool_thread_that_flushes_subnormals() {
+        let (on_pool, product) = run_on_pool(|| {
+            let tiny = std::hint::black_box(1e-20_f32);
+            (rayon::current_thread_index().is_some(), tiny * tiny)
+        });
+        assert!(on_pool, "the command runs on one of the pool's workers");
+        assert_eq!(product, 0.0);
     }
 }

@@ -20,7 +20,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = flags.threads {
         set_threads(n);
     }
-    relprune_models::runtime::flush_denormals();
+    relprune_models::runtime::run_on_pool(|| run(flags))
+}
+
+fn run(flags: flags::Xtask) -> anyhow::Result<()> {
     // Run from the workspace root, whatever directory cargo was called in.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -65,12 +65,11 @@ enum Command {
 fn main() -> ExitCode {
     relprune_models::runtime::elementwise_on_caller();
     let cli = parse();
-    relprune_models::runtime::flush_denormals();
     if !matches!(cli.command, Command::PruneHf(_)) {
         // Inference: speed over memory (prune-hf makes the opposite choice for its long runs).
         relprune_hf::memory::keep_large_buffers();
     }
-    let result = match cli.command {
+    let result = relprune_models::runtime::run_on_pool(|| match cli.command {
         Command::Bleu(args) => bleu::run(&args),
         Command::Compress(args) => compress::compress(&args),
         Command::Decompress(args) => compress::decompress(&args),
@@ -80,7 +79,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed::run(&args),
         Command::Translate(args) => translate::run(&args),
         Command::PruneHf(args) => prune_hf::run(&args),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
