@@ -358,6 +358,17 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// The gradient of `loss` with respect to `z`, flattened.
+    fn grad_of(loss: &Tensor, z: &Var) -> Vec<f32> {
+        let g = loss.backward().unwrap();
+        g.get(z.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     fn loss(logits: &[f32], shape: (usize, usize), t: &[u32], eps: f64, pad: Option<u32>) -> f64 {
         let l = Tensor::from_slice(logits, shape, &Device::Cpu).unwrap();
         let t = Tensor::from_slice(t, t.len(), &Device::Cpu).unwrap();
@@ -424,24 +435,8 @@ mod tests {
                 plain.to_scalar::<f32>().unwrap(),
             );
             assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
-            let ga: Vec<f32> = fused
-                .backward()
-                .unwrap()
-                .get(z.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let gb: Vec<f32> = plain
-                .backward()
-                .unwrap()
-                .get(z.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let ga: Vec<f32> = grad_of(&fused, &z);
+            let gb: Vec<f32> = grad_of(&plain, &z);
             for (x, y) in ga.iter().zip(&gb) {
                 assert!((x - y).abs() < 1e-6, "{x} vs {y}");
             }
@@ -473,11 +468,7 @@ mod tests {
     fn fused_loss_and_grad(rows: usize, classes: usize) -> (f32, Vec<f32>) {
         let (z, t) = wide_case(rows, classes);
         let l = label_smoothed_cross_entropy(z.as_tensor(), &t, 0.1, Some(0)).unwrap();
-        let g = l.backward().unwrap().get(z.as_tensor()).unwrap().clone();
-        (
-            l.to_scalar::<f32>().unwrap(),
-            g.flatten_all().unwrap().to_vec1().unwrap(),
-        )
+        (l.to_scalar::<f32>().unwrap(), grad_of(&l, &z))
     }
 
     #[test]
@@ -489,15 +480,7 @@ mod tests {
         let plain = tensor_path(z.as_tensor(), t, 0.1, Some(0), rows).unwrap();
         let b = plain.to_scalar::<f32>().unwrap();
         assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
-        let gb: Vec<f32> = plain
-            .backward()
-            .unwrap()
-            .get(z.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let gb: Vec<f32> = grad_of(&plain, &z);
         for (x, y) in ga.iter().zip(&gb) {
             assert!((x - y).abs() < 1e-7, "{x} vs {y}");
         }
@@ -532,16 +515,7 @@ mod tests {
             theirs.to_scalar::<f32>().unwrap(),
         );
         assert!((a - b).abs() < 1e-6 * b.abs().max(1.0), "{a} vs {b}");
-        let grad = |l: &Tensor| -> Vec<f32> {
-            let g = l.backward().unwrap();
-            g.get(z.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
-        for (x, y) in grad(&ours).iter().zip(&grad(&theirs)) {
+        for (x, y) in grad_of(&ours, &z).iter().zip(&grad_of(&theirs, &z)) {
             assert!((x - y).abs() < 1e-7, "{x} vs {y}");
         }
     }
@@ -553,15 +527,7 @@ mod tests {
         let t = Tensor::from_slice(&[1u32], 1, &Device::Cpu).unwrap();
         let eps = 0.2;
         let l = label_smoothed_cross_entropy(z.as_tensor(), &t, eps, None).unwrap();
-        let g: Vec<f32> = l
-            .backward()
-            .unwrap()
-            .get(z.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let g: Vec<f32> = grad_of(&l, &z);
         let e: Vec<f64> = [0.5f64, -1.0, 2.0, 0.0].iter().map(|v| v.exp()).collect();
         let s: f64 = e.iter().sum();
         for (k, gk) in g.iter().enumerate() {
