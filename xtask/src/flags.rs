@@ -52,6 +52,64 @@ pub enum Cmd {
     Crossover(Crossover),
     /// Prune a decoder LM with the one-shot baselines and compare perplexities with the anchors.
     LlmBaselines(LlmBaselines),
+    /// Record finished full runs and regenerate docs/RESULTS.md from every recorded run.
+    Results(Results),
+    /// Time a CIFAR-10 training epoch of ResNet-32 and VGG-16 on this machine.
+    CifarEpoch(CifarEpoch),
+}
+
+/// Flags of `results`.
+#[derive(Debug, clap::Args)]
+pub struct Results {
+    /// First record this finished full run (its results.json, report.md and plots, once its
+    /// counts are checked against its model file) as DIR/<experiment>; repeatable.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub record: Vec<PathBuf>,
+    /// With one --record: record it as <experiment>-LABEL, a probe beside the headline run.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// The recorded runs.
+    #[arg(long, default_value = crate::results::RECORDS)]
+    pub dir: PathBuf,
+    /// The table to write.
+    #[arg(long, default_value = crate::results::TABLE)]
+    pub out: PathBuf,
+    /// Only check that --out is what the records give (an error if not); write nothing.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// A CIFAR-10 model of the reproductions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CifarModel {
+    /// ResNet-32 (option-A shortcuts).
+    Resnet32,
+    /// VGG-16 with batch norm.
+    Vgg16,
+}
+
+impl CifarModel {
+    /// The reproduction whose full configuration the timed step follows.
+    pub fn experiment(self) -> &'static str {
+        match self {
+            Self::Resnet32 => "resnet32-cifar10",
+            Self::Vgg16 => "vgg16-cifar10",
+        }
+    }
+}
+
+/// Flags of `cifar-epoch`.
+#[derive(Debug, clap::Args)]
+pub struct CifarEpoch {
+    /// The models to time.
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["resnet32", "vgg16"])]
+    pub models: Vec<CifarModel>,
+    /// Training images to time (an epoch is 45,000): a few batches of 128 give a steady figure.
+    #[arg(long, default_value_t = 1280, value_parser = relprune_tasks::options::parse_count)]
+    pub images: usize,
+    /// Where to write the times (JSON; docs/RESULTS.md reads them from results/).
+    #[arg(long, default_value = "results/cifar-epochs.json")]
+    pub out: PathBuf,
 }
 
 /// Flags of `llm-baselines`.
@@ -243,6 +301,10 @@ pub struct Reproduce {
     /// error.
     #[arg(long)]
     pub overwrite: bool,
+    /// Once the run is over (every run, with --all), record it in results/ and regenerate
+    /// docs/RESULTS.md (`cargo xtask results`); full configurations only.
+    #[arg(long, conflicts_with = "quick")]
+    pub record: bool,
     /// The engine's settings, over the experiment's preset.
     #[command(flatten)]
     pub engine: EngineArgs,

@@ -4,6 +4,7 @@ mod ablate;
 mod bench;
 mod bench_infer;
 mod bench_steps;
+mod cifar_epoch;
 mod classify;
 mod crossover;
 mod flags;
@@ -11,6 +12,7 @@ mod fuzz;
 mod kill_resume;
 mod llm;
 mod reproduce;
+mod results;
 mod translate;
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +39,8 @@ fn run(flags: flags::Xtask) -> anyhow::Result<()> {
         flags::Cmd::KillResume(f) => kill_resume::run(f),
         flags::Cmd::Crossover(f) => crossover::run(f),
         flags::Cmd::LlmBaselines(f) => llm::run(f),
+        flags::Cmd::Results(f) => results::run(f),
+        flags::Cmd::CifarEpoch(f) => cifar_epoch::run(f),
         flags::Cmd::EmbedMnist(f) => {
             let out = root.join("crates/relprune-data/embedded");
             relprune_data::mnist::write_embedded_subset(&f.mnist, &out, f.train, f.test)?;

@@ -30,19 +30,87 @@ pub fn experiments() -> Vec<Experiment> {
     .concat()
 }
 
-/// Published results to compare with (METHOD.md's anchors): (experiment, method, error %, ×).
-pub const ANCHORS: &[(&str, &str, f64, f64)] = &[
-    ("lenet300-mnist", "dense", 1.64, 1.0),
-    ("lenet300-mnist", "Han et al. 2015", 1.59, 12.0),
-    ("lenet300-mnist", "DNS", 1.99, 56.0),
-    ("lenet300-mnist", "soft weight sharing", 1.94, 23.0),
-    ("lenet300-mnist", "sparse variational dropout", 1.92, 68.0),
-    ("lenet5-mnist", "dense", 0.80, 1.0),
-    ("lenet5-mnist", "Han et al. 2015", 0.77, 12.0),
-    ("lenet5-mnist", "DNS", 0.91, 111.0),
-    ("lenet5-mnist", "soft weight sharing", 0.97, 200.0),
-    ("lenet5-mnist", "sparse variational dropout", 0.75, 280.0),
+/// A published result to compare with (METHOD.md's anchors).
+pub struct Anchor {
+    /// The experiment it compares with.
+    pub experiment: &'static str,
+    /// The method that reached it.
+    pub method: &'static str,
+    /// Test error, %.
+    pub error_pct: f64,
+    /// Compression of the weights, ×.
+    pub compression: f64,
+    /// The paper that introduced the method.
+    pub paper: &'static str,
+}
+
+/// Where every anchor's figures come from: one table quoted by METHOD.md.
+pub const ANCHOR_SOURCE: &str =
+    "Molchanov, Ashukha & Vetrov, \"Variational Dropout Sparsifies Deep \
+     Neural Networks\", ICML 2017, Table 1 (as quoted by METHOD.md)";
+
+const fn anchor(
+    experiment: &'static str,
+    method: &'static str,
+    error_pct: f64,
+    compression: f64,
+    paper: &'static str,
+) -> Anchor {
+    Anchor {
+        experiment,
+        method,
+        error_pct,
+        compression,
+        paper,
+    }
+}
+
+const HAN: &str = "Han et al., NeurIPS 2015";
+const DNS: &str = "Guo, Yao & Chen, NeurIPS 2016";
+const SWS: &str = "Ullrich, Meeds & Welling, ICLR 2017";
+const SVD: &str = "Molchanov, Ashukha & Vetrov, ICML 2017";
+
+/// Published results to compare with (METHOD.md's anchors), all from [`ANCHOR_SOURCE`].
+pub const ANCHORS: &[Anchor] = &[
+    anchor("lenet300-mnist", "dense", 1.64, 1.0, SVD),
+    anchor("lenet300-mnist", "Han et al. 2015", 1.59, 12.0, HAN),
+    anchor("lenet300-mnist", "DNS", 1.99, 56.0, DNS),
+    anchor("lenet300-mnist", "soft weight sharing", 1.94, 23.0, SWS),
+    anchor(
+        "lenet300-mnist",
+        "sparse variational dropout",
+        1.92,
+        68.0,
+        SVD,
+    ),
+    anchor("lenet5-mnist", "dense", 0.80, 1.0, SVD),
+    anchor("lenet5-mnist", "Han et al. 2015", 0.77, 12.0, HAN),
+    anchor("lenet5-mnist", "DNS", 0.91, 111.0, DNS),
+    anchor("lenet5-mnist", "soft weight sharing", 0.97, 200.0, SWS),
+    anchor(
+        "lenet5-mnist",
+        "sparse variational dropout",
+        0.75,
+        280.0,
+        SVD,
+    ),
 ];
+
+/// The command line that started this process, as a user would type it (`cargo xtask ...`),
+/// recorded in results.json so every recorded figure names the command that produced it.
+pub fn command_line() -> String {
+    let args = std::env::args().skip(1).map(|a| {
+        if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"$\\".contains(c)) {
+            format!("'{}'", a.replace('\'', r"'\''"))
+        } else {
+            a
+        }
+    });
+    std::iter::once("cargo xtask".to_string())
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// `--all`: every experiment into `<out>/<name>`, then `<out>/summary.{md,json}`.
 fn run_all(f: &flags::Reproduce) -> Result<()> {
@@ -65,7 +133,13 @@ fn run_all(f: &flags::Reproduce) -> Result<()> {
         eprintln!("== {} ({})", exp.name, out.display());
         let r = claim(&out, f)
             .and_then(|_| (exp.run)(exp.name, f, &out))
-            .and_then(|r| write_outputs(&r, &out).map(|_| r));
+            .and_then(|r| write_run(r, &out))
+            .and_then(|r| {
+                if f.record {
+                    crate::results::record_and_regenerate(&out)?;
+                }
+                Ok(r)
+            });
         if let Err(e) = &r {
             eprintln!("{}: failed: {e:#}", exp.name);
         }
@@ -104,8 +178,11 @@ fn run_all(f: &flags::Reproduce) -> Result<()> {
         json.push(serde_json::json!({"experiment": name, "skipped": why}));
     }
     md.push_str("\nPublished (METHOD.md's anchors, test error % at compression ×):\n\n| experiment | method | error % | compression × |\n|---|---|---:|---:|\n");
-    for (e, m, err, x) in ANCHORS {
-        md.push_str(&format!("| {e} | {m} | {err:.2} | {x:.0} |\n"));
+    for a in ANCHORS {
+        md.push_str(&format!(
+            "| {} | {} | {:.2} | {:.0} |\n",
+            a.experiment, a.method, a.error_pct, a.compression
+        ));
     }
     std::fs::create_dir_all(&root)?;
     relprune_io::write(&root.join("summary.md"), md.as_bytes())?;
@@ -152,8 +229,10 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         (None, None) => PathBuf::from("target/reproduce").join(exp.name),
     };
     claim(&out, &f)?;
-    let results = (exp.run)(exp.name, &f, &out)?;
-    write_outputs(&results, &out)?;
+    let results = write_run((exp.run)(exp.name, &f, &out)?, &out)?;
+    if f.record {
+        crate::results::record_and_regenerate(&out)?;
+    }
     println!(
         "{}: {} {:.3} dense -> {:.3} pruned, {:.2}% of weights left ({:.1}x), {:.0}s; see {}",
         results.experiment,
@@ -194,7 +273,14 @@ fn claim(out: &Path, f: &flags::Reproduce) -> Result<()> {
 }
 
 /// Flags that never reach a checkpoint's configuration (where the run goes, how fast it runs).
-const NOT_SETTINGS: &[&str] = &["experiment", "resume", "overwrite", "threads", "out"];
+const NOT_SETTINGS: &[&str] = &[
+    "experiment",
+    "resume",
+    "overwrite",
+    "threads",
+    "out",
+    "record",
+];
 
 /// Applies to a resumed run's configuration the flags that are safe to change (a budget or
 /// learning rate of a phase that has not started; `--prune-epochs` also while the method's
@@ -280,6 +366,13 @@ pub fn apply_common_flags(f: &flags::Reproduce, c: Common<'_>) -> Result<()> {
         *c.train_limit = Some(n);
     }
     apply_prune_flags(f, c.prune)
+}
+
+/// Writes a finished run's outputs, recording in results.json the command that produced it.
+fn write_run(mut r: RunResults, out: &Path) -> Result<RunResults> {
+    r.extra.insert("command".into(), command_line().into());
+    write_outputs(&r, out)?;
+    Ok(r)
 }
 
 /// Writes results.json, the metric-vs-sparsity plot and report.md into `out`.
