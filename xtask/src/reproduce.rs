@@ -206,6 +206,11 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         check_flags(&f)?;
         return run_all(&f);
     }
+    let mut f = f;
+    if let (None, Some(dir), false) = (&f.experiment, &f.resume, f.list) {
+        // The checkpoint knows which experiment it is.
+        f.experiment = Some(checkpointed_experiment(dir)?);
+    }
     if f.list || f.experiment.is_none() {
         println!("experiments (cargo xtask reproduce NAME [--quick]):");
         for e in experiments() {
@@ -229,6 +234,18 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         (None, None) => PathBuf::from("target/reproduce").join(exp.name),
     };
     claim(&out, &f)?;
+    if let Some(dir) = &f.resume {
+        // A checkpoint that cannot be read is the experiment's to report, in its own terms.
+        if let Ok(saved) = checkpointed_experiment(dir) {
+            if saved != exp.name {
+                bail!(
+                    "--resume {}: that run is `{saved}`, not `{}`",
+                    dir.display(),
+                    exp.name
+                );
+            }
+        }
+    }
     let results = write_run((exp.run)(exp.name, &f, &out)?, &out)?;
     if f.record {
         crate::results::record_and_regenerate(&out)?;
@@ -245,6 +262,22 @@ pub fn run(f: flags::Reproduce) -> Result<()> {
         out.join("report.md").display()
     );
     Ok(())
+}
+
+/// The experiment of the run checkpointed in `dir` (a `--resume` directory).
+fn checkpointed_experiment(dir: &Path) -> Result<String> {
+    let checkpoint = dir.join(relprune_tasks::run::CHECKPOINT_DIR);
+    let saved: relprune_tasks::run::SavedRun<serde_json::Value> =
+        relprune_tasks::run::saved_config(&checkpoint, "reproduction")?;
+    saved.config["experiment"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| {
+            format!(
+                "{}: the checkpoint names no experiment",
+                checkpoint.display()
+            )
+        })
 }
 
 /// Refuses flag combinations that cannot work, before any directory is touched.

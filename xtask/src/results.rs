@@ -398,6 +398,7 @@ fn cifar_plan(dir: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classify::Config;
 
     #[test]
     fn docs_results_md_is_what_the_recorded_runs_give() {
@@ -487,6 +488,29 @@ mod tests {
             "nothing recorded"
         );
         assert!(check_label("Bad/label").is_err() && check_label("s0.99").is_ok());
+    }
+
+    #[test]
+    fn recorded_image_runs_are_their_experiments_presets_so_the_plain_command_repeats_them() {
+        let records = Path::new(env!("CARGO_MANIFEST_DIR")).join("../results");
+        let image = crate::classify::EXPERIMENTS.map(|e| e.0);
+        for name in image {
+            let json = records.join(name).join("results.json");
+            if !json.is_file() {
+                continue;
+            }
+            let mut recorded = RunResults::read_json(&json).unwrap().config;
+            let mut preset = serde_json::to_value(Config::preset(name, false).unwrap()).unwrap();
+            // Where the data was and how many threads ran are not settings of the result.
+            for key in ["data_source", "data_dir", "threads"] {
+                recorded.as_object_mut().unwrap().remove(key);
+                preset.as_object_mut().unwrap().remove(key);
+            }
+            assert_eq!(
+                recorded, preset,
+                "{name}: the recorded run is not the preset"
+            );
+        }
     }
 
     #[test]

@@ -115,6 +115,20 @@ fn reproduce_refuses_what_would_clobber_or_lie_before_any_work() {
     let (ok, e) = xtask(&["reproduce", "lenet300-mnist", "--resume", s(&forged)]);
     assert!(!ok && e.contains("1000000000 epochs"), "{e}");
 
+    // A resume names the checkpoint's experiment or none; another one is refused.
+    let other = d.join("other");
+    let mut j = journal(3);
+    j["run"]["config"] = serde_json::json!({"experiment": "lenet300-mnist"});
+    forged_checkpoint(&other, j, &[1.0, 2.0]);
+    let (ok, e) = xtask(&["reproduce", "lenet5-mnist", "--resume", s(&other)]);
+    assert!(
+        !ok && e.contains("that run is `lenet300-mnist`, not `lenet5-mnist`"),
+        "{e}"
+    );
+    let (ok, e) = xtask(&["reproduce", "--resume", s(&other)]);
+    assert!(!ok && !e.contains("name an experiment"), "{e}");
+    assert!(e.contains("image-classification configuration"), "{e}");
+
     // A stale temporary file of a killed run is swept on resume, even when the resume fails.
     let stale = nan
         .join("checkpoint")
