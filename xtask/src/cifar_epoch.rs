@@ -58,7 +58,7 @@ fn measure(model: CifarModel, images: usize) -> Result<EpochTime> {
         momentum: cfg.momentum,
         nesterov: false,
     };
-    let reg = Some(cfg.prune.regularizer.clone());
+    let reg = Some(cfg.prune.regularizer);
     let mut trainer = Trainer::new(params, masks, MaskedSgd::new(sgd, reg)?)?;
     trainer.quiet = true;
     let t0 = Instant::now();
