@@ -200,6 +200,12 @@ impl Config {
             cfg.prune.delta = if quick { 5.0 } else { 0.5 };
             cfg.prune.finetune_epochs = if quick { 1 } else { 20 };
         }
+        if dataset == "fashion-mnist" && !quick {
+            // The recorded full run (README: 87.8× at 9.41% test error against 8.89% dense).
+            // Validation error is ~8–9% here, ±0.4 points of noise on 5,000 images: MNIST's
+            // 0.3-point budget would judge rounds by noise.
+            cfg.prune.delta = 1.0;
+        }
         if dataset == "fashion-mnist" && quick {
             // The package has the full 60k; the quick run uses the first 10k (8k train, 2k valid).
             cfg.train_limit = Some(10_000);

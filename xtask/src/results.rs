@@ -285,8 +285,8 @@ fn table(runs: &[(String, RunResults)], link: &Path) -> Result<String> {
             link.display(),
             metric(r, r.dense.value),
             metric(r, r.pruned.value),
-            r.pruned.nonzero,
-            r.pruned.params,
+            thousands(r.pruned.nonzero),
+            thousands(r.pruned.params),
             r.pruned.remaining_pct,
             r.pruned.compression,
             kib(s.pruned_gzip),
@@ -305,6 +305,19 @@ fn metric(r: &RunResults, v: f64) -> String {
         "bleu" => format!("{v:.2} BLEU"),
         other => format!("{v:.4} {other}"),
     }
+}
+
+/// `n` with thousands separated by commas, as the README writes counts.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn kib(bytes: u64) -> String {
@@ -333,8 +346,8 @@ fn layers_line(r: &RunResults) -> String {
             let name = l.name.strip_suffix(".weight").unwrap_or(&l.name);
             format!(
                 "{name} {}/{} ({:.1}%)",
-                l.nonzero,
-                l.params,
+                thousands(l.nonzero),
+                thousands(l.params),
                 l.remaining_pct()
             )
         })
@@ -511,6 +524,12 @@ mod tests {
                 "{name}: the recorded run is not the preset"
             );
         }
+    }
+
+    #[test]
+    fn counts_are_written_with_thousands_separators() {
+        let got: Vec<String> = [0, 999, 1000, 430_500, 1_234_567].map(thousands).into();
+        assert_eq!(got, ["0", "999", "1,000", "430,500", "1,234,567"]);
     }
 
     #[test]
