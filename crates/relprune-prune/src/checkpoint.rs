@@ -46,6 +46,10 @@ pub struct Journal {
     pub completed: Vec<(String, Value)>,
     /// The phase in progress and its loop state.
     pub current: Option<(String, Value)>,
+    /// Wall-clock seconds the run had taken when this checkpoint was written, over every
+    /// process that worked on it (work after a process's last checkpoint is redone, not counted).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// How a phase should start: afresh, not at all (already done), or from saved loop state.
@@ -73,6 +77,9 @@ pub struct Checkpointer {
     pending: Option<HashMap<String, Tensor>>,
     // Labels started by this process: a label used twice would be taken for a finished phase.
     seen: std::collections::HashSet<String>,
+    // When this process took the run over, and the seconds earlier processes had spent on it.
+    since: std::time::Instant,
+    earlier_seconds: f64,
 }
 
 fn file_err(path: &Path, msg: impl Into<String>) -> Error {
@@ -282,6 +289,8 @@ impl Checkpointer {
             },
             pending: None,
             seen: Default::default(),
+            since: std::time::Instant::now(),
+            earlier_seconds: 0.0,
         })
     }
 
@@ -292,7 +301,18 @@ impl Checkpointer {
             journal: saved.journal.clone(),
             pending: Some(strip_prefix(&saved.tensors, "phase")),
             seen: Default::default(),
+            since: std::time::Instant::now(),
+            // A forged or damaged count is not worth refusing a resume for: time is only reported.
+            earlier_seconds: Some(saved.journal.seconds)
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .unwrap_or(0.0),
         }
+    }
+
+    /// Seconds earlier processes spent on this run, up to their last checkpoint (0 for a run
+    /// this process started): what a resumed run adds to its own time to report the run's.
+    pub fn earlier_seconds(&self) -> f64 {
+        self.earlier_seconds
     }
 
     /// The checkpoint file.
@@ -343,6 +363,7 @@ impl Checkpointer {
         phase_tensors: Vec<(String, Tensor)>,
     ) -> Result<()> {
         let j = &mut self.journal;
+        j.seconds = self.earlier_seconds + self.since.elapsed().as_secs_f64();
         j.epochs_trained = epochs_trained;
         j.lr = optim.lr();
         j.regularizer = optim.regularizer();
@@ -519,6 +540,23 @@ mod tests {
             (k.clone(), view)
         });
         safetensors::serialize_to_file(views, Some(meta), &dir.join(CHECKPOINT_FILE)).unwrap();
+    }
+
+    #[test]
+    fn a_resumed_run_counts_the_seconds_its_checkpoint_records_and_ignores_impossible_ones() {
+        for (seconds, earlier) in [(12.5, 12.5), (-3.0, 0.0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let journal = Journal {
+                format: CHECKPOINT_FORMAT.into(),
+                lr: 1e-3,
+                seconds,
+                ..Journal::default()
+            };
+            forge(dir.path(), &journal, vec![1.0]);
+            let saved = read(dir.path(), &Device::Cpu).unwrap();
+            let c = Checkpointer::resumed(dir.path(), &saved);
+            assert_eq!(c.earlier_seconds(), earlier, "{seconds}");
+        }
     }
 
     #[test]

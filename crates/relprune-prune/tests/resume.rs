@@ -101,7 +101,18 @@ fn two_fits(
     trainer.quiet = true;
     let desc = trainer.resume(dir, &mut task).unwrap();
     assert_eq!(desc["name"], "toy");
+    // The first process's time is the run's too.
+    let earlier = trainer.checkpoints.as_ref().unwrap().earlier_seconds();
+    assert!(earlier > 0.0, "earlier seconds {earlier}");
     run(&mut trainer, &mut task).unwrap();
+    let journal = relprune_prune::checkpoint::read(dir, &candle_core::Device::Cpu)
+        .unwrap()
+        .journal;
+    assert!(
+        journal.seconds > earlier,
+        "{} <= {earlier}",
+        journal.seconds
+    );
     weights(&trainer.params)
 }
 

@@ -200,7 +200,8 @@ pub struct Finish {
     /// How far the model judged from the file may be from the trained one on the test split
     /// (`None`: not compared, e.g. where an evaluation costs minutes).
     pub tolerance: Option<f64>,
-    /// When the run started (for the wall time).
+    /// When this process started the run, or took it over on resume (for the wall time; a
+    /// resumed run adds the seconds its checkpoint records).
     pub started: Instant,
 }
 
@@ -289,7 +290,12 @@ pub fn finish<T: Task>(
         &model_path,
         f.sparse.then_some(sparse_path.as_path()),
     )?;
-    results.wall_seconds = f.started.elapsed().as_secs_f64();
+    // A resumed run reports the whole run's time, not only this process's.
+    let earlier = trainer
+        .checkpoints
+        .as_ref()
+        .map_or(0.0, |c| c.earlier_seconds());
+    results.wall_seconds = earlier + f.started.elapsed().as_secs_f64();
     Ok(results)
 }
 
