@@ -234,7 +234,10 @@ pub fn render(dir: &Path, link: &Path) -> Result<String> {
         md.push_str("\nWhere the weights are left:\n\n");
     }
     for (name, r) in &headline {
-        md.push_str(&format!("- `{name}`: {}\n", layers_line(r)));
+        md.push_str(&format!(
+            "- `{name}`: {}\n",
+            layers_line(r, dir, name, link)
+        ));
     }
     if !probes.is_empty() {
         md.push_str(
@@ -244,7 +247,10 @@ pub fn render(dir: &Path, link: &Path) -> Result<String> {
         md.push_str(&table(&probes, link)?);
         md.push('\n');
         for (name, r) in &probes {
-            md.push_str(&format!("- `{name}`: {}\n", layers_line(r)));
+            md.push_str(&format!(
+                "- `{name}`: {}\n",
+                layers_line(r, dir, name, link)
+            ));
         }
     }
     md.push_str(&format!(
@@ -333,8 +339,20 @@ fn duration(seconds: f64) -> String {
     }
 }
 
-/// `name nonzero/params`, by layer group when the run reports groups, else by tensor.
-fn layers_line(r: &RunResults) -> String {
+/// `name nonzero/params`, by layer group when the run reports groups, else by tensor; then a
+/// link to the record's curve (validation metric against weights left, round by round).
+fn layers_line(r: &RunResults, dir: &Path, name: &str, link: &Path) -> String {
+    let curve = match dir.join(name).join("curve.svg").is_file() {
+        true => format!(
+            "; [rounds: validation metric against weights left]({}/{name}/curve.svg)",
+            link.display()
+        ),
+        false => String::new(),
+    };
+    layer_counts(r) + &curve
+}
+
+fn layer_counts(r: &RunResults) -> String {
     let stats = if r.layer_groups.is_empty() {
         &r.layers
     } else {
