@@ -181,8 +181,8 @@ impl Config {
                 // The recorded full run (docs/RESULTS.md: 125× at 0.73% test error). Shifts of
                 // up to 2 pixels lower the dense error from 0.76% to ~0.55%; the 0.3-point budget
                 // tuned for the unaugmented model then rejects every round past 10% of the
-                // weights, hence 0.8. The 200-epoch budget ran out at 98.0% pruned (rounds then
-                // take ~2% of what is left): 400 epochs reach the 99.2% stop at epoch ~280.
+                // weights, hence 0.8. A 200-epoch budget runs out at 98.5% pruned (rounds then
+                // take ~2% of what is left): 400 epochs reach the 99.2% stop at epoch 293.
                 cfg.augment_shift = 2;
                 cfg.prune.delta = 0.8;
                 cfg.prune.max_epochs = 400;

@@ -332,7 +332,9 @@ fn kib(bytes: u64) -> String {
 
 fn duration(seconds: f64) -> String {
     let m = (seconds / 60.0).round() as u64;
-    if m >= 60 {
+    if m >= 48 * 60 {
+        format!("{:.1} days", seconds / 86_400.0)
+    } else if m >= 60 {
         format!("{} h {:02} min", m / 60, m % 60)
     } else {
         format!("{m} min")
@@ -396,7 +398,7 @@ fn cifar_plan(dir: &Path) -> Result<String> {
         Vec::new()
     };
     md.push_str(
-        "| experiment | budget (epochs: dense + pruning at most + fine-tune) | one epoch on this CPU | full budget on this CPU | measured by |\n|---|---|---:|---:|---|\n",
+        "| experiment | budget (epochs: dense + pruning at most + fine-tune) | one training epoch on this CPU | the full budget's training on this CPU | measured by |\n|---|---|---:|---:|---|\n",
     );
     for exp in experiments().iter().filter(|e| e.needs_cifar) {
         let (dense, prune, ft) = cifar_budget(exp.name)?;
