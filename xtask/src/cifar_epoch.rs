@@ -88,3 +88,17 @@ fn cpu_name() -> String {
         })
         .unwrap_or_else(|| "unknown".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_is_the_timed_images_scaled_to_the_45000_of_the_full_configuration() {
+        let t = measure(CifarModel::Resnet32, 4).unwrap();
+        assert_eq!((t.model.as_str(), t.images), ("resnet32", 4));
+        assert!(t.seconds > 0.0);
+        assert!((t.epoch_seconds - t.seconds * 45_000.0 / 4.0).abs() < 1e-9 * t.epoch_seconds);
+        assert!(t.command.starts_with("cargo xtask"), "{}", t.command);
+    }
+}

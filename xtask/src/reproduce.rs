@@ -69,6 +69,7 @@ const HAN: &str = "Han et al., NeurIPS 2015";
 const DNS: &str = "Guo, Yao & Chen, NeurIPS 2016";
 const SWS: &str = "Ullrich, Meeds & Welling, ICLR 2017";
 const SVD: &str = "Molchanov, Ashukha & Vetrov, ICML 2017";
+const VD: &str = "sparse variational dropout";
 
 /// Published results to compare with (METHOD.md's anchors), all from [`ANCHOR_SOURCE`].
 pub const ANCHORS: &[Anchor] = &[
@@ -76,24 +77,12 @@ pub const ANCHORS: &[Anchor] = &[
     anchor("lenet300-mnist", "Han et al. 2015", 1.59, 12.0, HAN),
     anchor("lenet300-mnist", "DNS", 1.99, 56.0, DNS),
     anchor("lenet300-mnist", "soft weight sharing", 1.94, 23.0, SWS),
-    anchor(
-        "lenet300-mnist",
-        "sparse variational dropout",
-        1.92,
-        68.0,
-        SVD,
-    ),
+    anchor("lenet300-mnist", VD, 1.92, 68.0, SVD),
     anchor("lenet5-mnist", "dense", 0.80, 1.0, SVD),
     anchor("lenet5-mnist", "Han et al. 2015", 0.77, 12.0, HAN),
     anchor("lenet5-mnist", "DNS", 0.91, 111.0, DNS),
     anchor("lenet5-mnist", "soft weight sharing", 0.97, 200.0, SWS),
-    anchor(
-        "lenet5-mnist",
-        "sparse variational dropout",
-        0.75,
-        280.0,
-        SVD,
-    ),
+    anchor("lenet5-mnist", VD, 0.75, 280.0, SVD),
 ];
 
 /// The command line that started this process, as a user would type it (`cargo xtask ...`),
