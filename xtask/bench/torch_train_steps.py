@@ -27,6 +27,14 @@ Tasks:
                       crates/relprune-prune/src/adam.rs). FILE: {"model", "trained",
                       "prunable", "lr", "beta1", "beta2", "eps", "relevance", "gate", "lambda",
                       "penalty", "batches": [{"input_ids", "attention_mask"}, ...]}.
+  smollm2-block-step  one decoder layer of SmolLM2-135M (transformers' LlamaDecoderLayer and
+                      LlamaRotaryEmbedding from the model's config.json, default attention
+                      implementation) trained block-wise as the decoder-LM method's recovery
+                      passes do (crates/relprune-hf/src/llm.rs `layer_distill_loss`): one
+                      512-token window per step, mean squared error to the dense layer's
+                      outputs, masked Adam without the regularizer. FILE: {"config", "layer",
+                      "tensors" (safetensors: layer.<name>, input.<i>, target.<i>), "windows",
+                      "lr", "beta1", "beta2", "eps"}.
 """
 import argparse
 import json
@@ -419,9 +427,75 @@ def minilm_step(args):
     return {**timed(args, batches, step, count), "parameters": sum(p.numel() for p in params)}
 
 
+# ---------------------------------------------------------------------------------------------
+# smollm2-block-step
+# ---------------------------------------------------------------------------------------------
+
+def smollm2_block_step(args):
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    with open(args.batches) as f:
+        data = json.load(f)
+    config = LlamaConfig.from_json_file(data["config"])
+    # What from_pretrained picks on a CPU; with no mask it is causal by `is_causal`.
+    config._attn_implementation = "sdpa"
+    tensors = load_file(data["tensors"])
+    layer = LlamaDecoderLayer(config, layer_idx=data["layer"])
+    state = {k[len("layer."):]: v for k, v in tensors.items() if k.startswith("layer.")}
+    layer.load_state_dict(state, strict=True)
+    layer.train()
+    rotary = LlamaRotaryEmbedding(config)
+    windows = [(tensors[f"input.{i}"], tensors[f"target.{i}"]) for i in range(data["windows"])]
+    if not windows:
+        raise SystemExit("no windows")
+    projections = [m.weight for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                      layer.self_attn.v_proj, layer.self_attn.o_proj,
+                                      layer.mlp.gate_proj, layer.mlp.up_proj,
+                                      layer.mlp.down_proj)]
+    # The method trains the projections alone (norms fixed); the masks are the pruned zeros.
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    for w in projections:
+        w.requires_grad_(True)
+    masks = [(w != 0).to(w.dtype) for w in projections]
+    opt = torch.optim.Adam(projections, lr=data["lr"], betas=(data["beta1"], data["beta2"]),
+                           eps=data["eps"])
+    tokens = windows[0][0].shape[1]
+    position_ids = torch.arange(tokens).unsqueeze(0)
+
+    def step(b):
+        x, y = b
+        t0 = time.perf_counter()
+        cos_sin = rotary(x, position_ids)
+        out = layer(x, attention_mask=None, position_ids=position_ids,
+                    position_embeddings=cos_sin)
+        out = out[0] if isinstance(out, tuple) else out
+        loss = F.mse_loss(out, y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        # MaskedAdam without a regularizer: masked gradients, Adam, the masks again.
+        with torch.no_grad():
+            for w, m in zip(projections, masks):
+                w.grad.mul_(m)
+            opt.step()
+            for w, m in zip(projections, masks):
+                w.mul_(m)
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2, loss.item()
+
+    count = lambda b: int(b[0].shape[0] * b[0].shape[1])
+    return {**timed(args, windows, step, count),
+            "parameters": sum(w.numel() for w in projections)}
+
+
 TASKS = {
     "transformer-step": transformer_step,
     "minilm-distill-step": minilm_step,
+    "smollm2-block-step": smollm2_block_step,
 }
 
 

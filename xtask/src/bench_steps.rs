@@ -19,7 +19,11 @@ use crate::bench::median;
 use crate::flags;
 
 /// The step tasks.
-pub const TASKS: [&str; 2] = ["transformer-step", "minilm-distill-step"];
+pub const TASKS: [&str; 3] = [
+    "transformer-step",
+    "minilm-distill-step",
+    "smollm2-block-step",
+];
 
 /// Where one step's time went, in seconds (summed over a round's steps).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -268,6 +272,129 @@ impl Steps for MinilmSteps {
     }
 }
 
+/// Tokens per calibration window of the decoder-LM method (the anchors' windows).
+const WINDOW: usize = 512;
+/// Distinct windows the block steps cycle through.
+const BLOCK_WINDOWS: usize = 4;
+
+/// One step of the decoder-LM method's block-wise recovery (`relprune_hf::llm`): SmolLM2-135M's
+/// middle decoder layer, its seven projections pruned to 50% (magnitude per matrix), trained on
+/// one 512-token calibration window per step from the dense model's hidden states entering it
+/// towards the dense layer's outputs (mean squared error), masked Adam at the method's learning
+/// rate, masks fixed, no regularizer (the default recovery passes).
+struct SmollmSteps {
+    model: relprune_models::hf::llama::CausalLm,
+    layer: usize,
+    inputs: Vec<candle_core::Tensor>,
+    targets: Vec<candle_core::Tensor>,
+    params: relprune_prune::ParamSet,
+    masks: relprune_prune::Masks,
+    optim: relprune_prune::MaskedAdam,
+    steps: usize,
+}
+
+impl SmollmSteps {
+    /// Loads the model, runs the first windows of `text` to the middle layer, prunes it, and
+    /// writes the layer's weights, inputs and targets to `scratch/smollm2-block.safetensors` and
+    /// the settings to `scratch/smollm2-block.json`.
+    fn new(model: &Path, text: &Path, scratch: &Path, steps: usize) -> Result<(Self, PathBuf)> {
+        use relprune_hf::llm::{self, Distill};
+        use relprune_models::hf::gguf;
+        use relprune_prune::{AdamConfig, MaskedAdam, Masks};
+        let (lm, varmap, _) = relprune_hf::causal::load(model)?;
+        let config = gguf::model_dir(model).join("config.json");
+        let tokenizer = relprune_data::text::TextTokenizer::from_file(
+            &gguf::model_dir(model).join("tokenizer.json"),
+        )?;
+        let tokens = relprune_tasks::lm::text_tokens(text, &tokenizer)?;
+        let starts: Vec<usize> = (0..BLOCK_WINDOWS).map(|i| i * WINDOW).collect();
+        let windows = llm::windows_at(&tokens, &starts, WINDOW)?;
+        let layer = lm.num_layers() / 2;
+        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+        let mut ignore =
+            |_: &str, _: &candle_core::Tensor| -> relprune_models::Result<()> { Ok(()) };
+        for w in &windows {
+            let ids =
+                candle_core::Tensor::new(w.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
+            let mut h = lm.embed(&ids)?;
+            for l in 0..layer {
+                h = lm.layer_forward(l, &h, None, &mut ignore)?;
+            }
+            targets.push(lm.layer_forward(layer, &h, None, &mut ignore)?);
+            inputs.push(h);
+        }
+        let vars = relprune_hf::blockwise::variables(&varmap)?;
+        let names: Vec<(String, bool)> =
+            llm::linears(layer).into_iter().map(|n| (n, true)).collect();
+        let params = relprune_hf::blockwise::block_params(&vars, &names)?;
+        let mut masks = Masks::dense(&params)?;
+        masks.prune_to_sparsity(&params, 0.5, true)?;
+        masks.apply(&params)?;
+        let distill = Distill::default();
+        let adam = AdamConfig {
+            lr: distill.lr,
+            ..AdamConfig::default()
+        };
+        let optim = MaskedAdam::new(adam, None)?;
+        // The whole layer as transformers names it inside `LlamaDecoderLayer`.
+        let prefix = format!("model.layers.{layer}.");
+        let mut tensors = std::collections::HashMap::new();
+        for (name, var) in &vars {
+            if let Some(local) = name.strip_prefix(&prefix) {
+                tensors.insert(format!("layer.{local}"), var.as_tensor().clone());
+            }
+        }
+        for (i, (x, y)) in inputs.iter().zip(&targets).enumerate() {
+            tensors.insert(format!("input.{i}"), x.clone());
+            tensors.insert(format!("target.{i}"), y.clone());
+        }
+        let weights = scratch.join("smollm2-block.safetensors");
+        relprune_models::checkpoint::save_tensors(&tensors, &weights)?;
+        let json = serde_json::json!({
+            "config": std::path::absolute(&config)?,
+            "layer": layer,
+            "tensors": std::path::absolute(&weights)?,
+            "windows": inputs.len(),
+            "lr": adam.lr, "beta1": adam.beta1, "beta2": adam.beta2, "eps": adam.eps,
+        });
+        let path = scratch.join("smollm2-block.json");
+        relprune_io::write(&path, serde_json::to_string(&json)?.as_bytes())?;
+        let steps = Self {
+            model: lm,
+            layer,
+            inputs,
+            targets,
+            params,
+            masks,
+            optim,
+            steps,
+        };
+        Ok((steps, path))
+    }
+}
+
+impl Steps for SmollmSteps {
+    fn round(&mut self) -> Result<Profile> {
+        use relprune_prune::Optimizer;
+        let (model, layer, optim) = (&self.model, self.layer, &mut self.optim);
+        let (inputs, targets) = (&self.inputs, &self.targets);
+        let (params, masks) = (&self.params, &self.masks);
+        timed_steps(
+            self.steps,
+            |i| {
+                let b = i % inputs.len();
+                Ok(relprune_hf::llm::layer_distill_loss(
+                    model,
+                    layer,
+                    &inputs[b],
+                    &targets[b],
+                )?)
+            },
+            |g| Ok(optim.step(params, masks, g)?),
+        )
+    }
+}
+
 /// The threads both sides use: `RAYON_NUM_THREADS` (what `--threads` sets), else every core.
 pub fn threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
@@ -332,6 +459,10 @@ pub fn run(f: &flags::Bench, tasks: &[&str]) -> Result<(Vec<StepRow>, String)> {
             }
             "minilm-distill-step" => {
                 let (s, p) = MinilmSteps::new(&f.minilm, &f.calib_text, scratch.path(), f.steps)?;
+                (Box::new(s), p)
+            }
+            "smollm2-block-step" => {
+                let (s, p) = SmollmSteps::new(&f.smollm2, &f.calib_text, scratch.path(), f.steps)?;
                 (Box::new(s), p)
             }
             other => bail!("unknown step task `{other}`"),

@@ -364,7 +364,8 @@ pub struct Bench {
     /// The PyTorch reference script of the training tasks.
     #[arg(long, default_value = "../shared/bench/torch_reference.py")]
     pub torch_script: PathBuf,
-    /// The PyTorch reference of the step tasks (transformer-step, minilm-distill-step).
+    /// The PyTorch reference of the step tasks (transformer-step, minilm-distill-step,
+    /// smollm2-block-step).
     #[arg(long, default_value = "xtask/bench/torch_train_steps.py")]
     pub torch_steps_script: PathBuf,
     /// The gettext-en-de corpus transformer-step takes its batches from.
@@ -373,7 +374,12 @@ pub struct Bench {
     /// The checkpoint minilm-distill-step trains.
     #[arg(long, default_value = "../shared/models/all-MiniLM-L6-v2")]
     pub minilm: PathBuf,
-    /// The text minilm-distill-step takes its sentences from (its first lines).
+    /// The decoder LM smollm2-block-step trains a layer of (Hugging Face directory, GGUF file or
+    /// a directory holding one, with config.json and tokenizer.json beside it).
+    #[arg(long, default_value = "../shared/models/SmolLM2-135M-Instruct-Q4_1")]
+    pub smollm2: PathBuf,
+    /// The text minilm-distill-step takes its sentences from (its first lines) and
+    /// smollm2-block-step its 512-token windows.
     #[arg(long, default_value = "../shared/data/debian-reference-en/calib.txt")]
     pub calib_text: PathBuf,
     /// Training steps per round of the step tasks.
@@ -392,7 +398,8 @@ pub struct Bench {
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
     /// Only these tasks (comma-separated). Training: lenet300-epoch, lenet300-swd-epoch,
-    /// lenet5-epoch (the default set), transformer-step, minilm-distill-step; inference: layer, lenet300-infer,
+    /// lenet5-epoch (the default set), transformer-step, minilm-distill-step,
+    /// smollm2-block-step; inference: layer, lenet300-infer,
     /// lenet5-infer, minilm-embed.
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,

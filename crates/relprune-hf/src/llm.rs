@@ -379,7 +379,7 @@ pub fn windows_at(tokens: &[u32], starts: &[usize], len: usize) -> Result<Vec<Ve
 }
 
 /// The names of the seven linear layers of decoder layer `l`, in forward order.
-pub(crate) fn linears(l: usize) -> Vec<String> {
+pub fn linears(l: usize) -> Vec<String> {
     [
         "self_attn.q_proj",
         "self_attn.k_proj",
@@ -1038,6 +1038,14 @@ pub fn wanda_prune(w: &Tensor, gram: &Gram, sparsity: Sparsity) -> Result<Tensor
     )
 }
 
+/// The loss block-by-block distillation trains decoder layer `l` with: the mean squared error
+/// of its output on the pruned inputs `x` (B, T, D) to the dense layer's outputs `y`, keeping
+/// the graph back to the layer's weights.
+pub fn layer_distill_loss(model: &CausalLm, l: usize, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let out = model.layer_forward_train(l, x)?;
+    Ok((out - y)?.sqr()?.mean_all()?)
+}
+
 /// The method on decoder layer `l`, whose weights hold the baseline's start: distils the layer
 /// with the selective decay from the pruned inputs `inputs` to the dense outputs `targets`, then
 /// removes what is left to reach `sparsity` (lowest `|W_ij|·‖X_j‖` of each row, or of each group
@@ -1056,10 +1064,7 @@ fn distill_layer(
     let names = linears(l);
     let block: Vec<(String, bool)> = names.iter().map(|n| (n.clone(), true)).collect();
     let params = block_params(vars, &block)?;
-    let loss = |b: usize| -> Result<Tensor> {
-        let out = model.layer_forward_train(l, &inputs[b])?;
-        Ok((out - &targets[b])?.sqr()?.mean_all()?)
-    };
+    let loss = |b: usize| layer_distill_loss(model, l, &inputs[b], &targets[b]);
     let error = || -> Result<f64> {
         let (mut diff, mut norm) = (0.0, 0.0);
         for (x, y) in inputs.iter().zip(targets) {
