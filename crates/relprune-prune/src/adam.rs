@@ -14,12 +14,14 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Tensor};
+use candle_core::{DType, Device, Tensor};
 use relprune_core::kernel::with_cpu_f32;
 use relprune_core::SelectiveDecay;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::kernels::{operands3, AxpyOp, CopyOp, MaskedCopy, SmoothOp, StepOp};
+use crate::optim::kernels::{
+    check_len, par_chunks3, updated, with_mut3, AxpyOp, CopyOp, MaskedCopy, SmoothOp,
+};
 use crate::optim::{buffer, for_each_step_input, owned_f32, split_state_key, validated};
 use crate::{Masks, Optimizer, ParamSet, Result};
 
@@ -266,55 +268,93 @@ fn fused_step(
     };
     let (m1, _) = buffer(&mut st.m1, w)?;
     let (m2, _) = buffer(&mut st.m2, w)?;
-    let mask_src = mask.unwrap_or(&gm);
-    let masked = mask.is_some();
-    m1.inplace_op3(
-        &gm,
-        mask_src,
-        &MomentOp {
-            beta: cfg.beta1 as f32,
-            square: false,
-            masked,
-        },
-    )?;
-    m2.inplace_op3(
-        &gm,
-        mask_src,
-        &MomentOp {
-            beta: cfg.beta2 as f32,
-            square: true,
-            masked,
-        },
-    )?;
     let (bc1, bc2) = bias_corrections(&cfg, st.steps);
-    gm.inplace_op3(
-        &m1,
-        &m2,
-        &DirectionOp {
-            bc1: bc1 as f32,
-            bc2: bc2 as f32,
-            eps: cfg.eps as f32,
-        },
-    )?;
-    let (second, threshold) = match &scores {
-        Some((s, thr)) => (s, *thr),
-        None => (&gm, f32::NEG_INFINITY),
-    };
-    let op = StepOp {
+    let op = AdamPass {
+        beta1: cfg.beta1 as f32,
+        beta2: cfg.beta2 as f32,
+        bc1: bc1 as f32,
+        bc2: bc2 as f32,
+        eps: cfg.eps as f32,
         lr: cfg.lr as f32,
-        mu: 0.0,
-        nesterov: false,
-        reg,
-        smoothed: true,
-        threshold,
         weight_decay: if cfg.decoupled_weight_decay {
             cfg.weight_decay as f32
         } else {
             0.0
         },
+        reg: scores.as_ref().zip(reg).map(|((_, thr), r)| (r, *thr)),
     };
-    w.inplace_op3(&gm, second, &op)?;
+    let score_src = scores.as_ref().map(|(s, _)| s);
+    with_cpu_f32(&gm, |g| {
+        with_opt_f32(mask, |k| {
+            with_opt_f32(score_src, |sc| {
+                with_mut3((w, &m1, &m2), |w, m1, m2| {
+                    let n = w.len();
+                    let lens = [m1.len(), m2.len(), g.len(), k.map_or(n, <[f32]>::len)];
+                    check_len("adam step", n, &lens)?;
+                    check_len("adam step", n, &[sc.map_or(n, <[f32]>::len)])?;
+                    par_chunks3((w, m1, m2), |r, w, m1, m2| {
+                        let k = k.map(|k| &k[r.clone()]);
+                        let sc = sc.map(|s| &s[r.clone()]);
+                        op.run((w, m1, m2), &g[r], k, sc)
+                    });
+                    Ok(())
+                })
+            })
+        })
+    })????;
     Ok(())
+}
+
+/// Runs `f` on the contiguous f32 data of `t`, if there is a tensor.
+fn with_opt_f32<R>(t: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> R) -> Result<R> {
+    Ok(match t {
+        Some(t) => with_cpu_f32(t, |d| f(Some(d)))?,
+        None => f(None),
+    })
+}
+
+/// Adam's moments, direction and the weights' step in one pass over a parameter (after ĝ
+/// and, with a regularizer, the relevance scores and their gate threshold are known).
+struct AdamPass {
+    beta1: f32,
+    beta2: f32,
+    bc1: f32,
+    bc2: f32,
+    eps: f32,
+    lr: f32,
+    /// AdamW's decoupled weight decay (0 for Adam's, already in ĝ).
+    weight_decay: f32,
+    /// The regularizer and its gate threshold.
+    reg: Option<(SelectiveDecay, f32)>,
+}
+
+impl AdamPass {
+    /// `m₁ ← (β₁ m₁ + (1−β₁) ĝ) ⊙ k`, `m₂ ← (β₂ m₂ + (1−β₂) ĝ²) ⊙ k` (with a mask `k`),
+    /// `u = (m₁/bc₁) / (√(m₂/bc₂) + ε)`, then the step of `w` (with the scores `s` when
+    /// regularized).
+    #[inline(always)]
+    fn run(
+        &self,
+        (w, m1, m2): (&mut [f32], &mut [f32], &mut [f32]),
+        g: &[f32],
+        k: Option<&[f32]>,
+        s: Option<&[f32]>,
+    ) {
+        let (b1, c1, b2, c2) = (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2);
+        let reg = self.reg.as_ref().map(|(r, thr)| (r, *thr));
+        let elems = w.iter_mut().zip(m1.iter_mut()).zip(m2.iter_mut());
+        for (i, ((w, m1), m2)) in elems.enumerate() {
+            let g = g[i];
+            let (a, b) = (b1 * *m1 + c1 * g, b2 * *m2 + c2 * g * g);
+            (*m1, *m2) = match k {
+                Some(k) => (a * k[i], b * k[i]),
+                None => (a, b),
+            };
+            let u = (*m1 / self.bc1) / ((*m2 / self.bc2).sqrt() + self.eps);
+            let s = s.map_or(0.0, |s| s[i]);
+            *w = updated(*w, u, s, self.lr, self.weight_decay, reg);
+        }
+    }
 }
 
 fn generic_step(
@@ -379,77 +419,4 @@ fn generic_step(
         new_w = (new_w * m)?;
     }
     Ok(new_w)
-}
-
-/// `m ← (β m + (1−β) x) ⊙ mask` with `x = ĝ` or `ĝ²` (dst `m`, sources `ĝ`, mask).
-struct MomentOp {
-    beta: f32,
-    square: bool,
-    masked: bool,
-}
-
-impl InplaceOp3 for MomentOp {
-    fn name(&self) -> &'static str {
-        "relprune-adam-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        let (m, g, k) = operands3("adam moment", s1, l1, s2, l2, s3, l3)?;
-        let (b, c) = (self.beta, 1.0 - self.beta);
-        match (self.square, self.masked) {
-            (false, false) => m.iter_mut().zip(g).for_each(|(m, &g)| *m = b * *m + c * g),
-            (true, false) => m
-                .iter_mut()
-                .zip(g)
-                .for_each(|(m, &g)| *m = b * *m + c * g * g),
-            (false, true) => {
-                for ((m, &g), &k) in m.iter_mut().zip(g).zip(k) {
-                    *m = (b * *m + c * g) * k;
-                }
-            }
-            (true, true) => {
-                for ((m, &g), &k) in m.iter_mut().zip(g).zip(k) {
-                    *m = (b * *m + c * g * g) * k;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// `dst ← (m₁/bc₁) / (√(m₂/bc₂) + ε)`.
-struct DirectionOp {
-    bc1: f32,
-    bc2: f32,
-    eps: f32,
-}
-
-impl InplaceOp3 for DirectionOp {
-    fn name(&self) -> &'static str {
-        "relprune-adam-direction"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        let (d, m1, m2) = operands3("adam direction", s1, l1, s2, l2, s3, l3)?;
-        for ((d, &a), &b) in d.iter_mut().zip(m1).zip(m2) {
-            *d = (a / self.bc1) / ((b / self.bc2).sqrt() + self.eps);
-        }
-        Ok(())
-    }
 }

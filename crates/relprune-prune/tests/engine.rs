@@ -864,3 +864,85 @@ fn the_dense_file_stores_pruned_weights_as_positive_zeros() {
     );
     assert!(!bits.contains(&0x8000_0000));
 }
+
+/// Weights after `steps` steps of `opt` on a 300×400 layer (large enough for the fused kernels
+/// to split it over the pool), half pruned, run on a pool of `threads` threads.
+fn large_layer_run(threads: usize, mut opt: Box<dyn Optimizer + Send>, steps: usize) -> Vec<f32> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(move || {
+        let n = 300 * 400;
+        let w: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 104729) % 997) as f32 / 997.0)
+            .collect();
+        let var = Var::from_vec(w, (300, 400), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(x, (300, 400), &Device::Cpu).unwrap();
+        let vm = VarMap::new();
+        vm.data()
+            .lock()
+            .unwrap()
+            .insert("big.weight".into(), var.clone());
+        let ps = ParamSet::from_varmap(&vm, &Selection::default()).unwrap();
+        let mut masks = Masks::dense(&ps).unwrap();
+        masks.prune_to_sparsity(&ps, 0.5, true).unwrap();
+        masks.apply(&ps).unwrap();
+        for s in 0..steps {
+            let l = ((var.as_tensor() * &x).unwrap() - 0.1 * s as f64)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            opt.step(&ps, &masks, &l.backward().unwrap()).unwrap();
+        }
+        values(&ps, "big.weight")
+    })
+}
+
+#[test]
+fn optimizer_steps_give_the_same_bits_on_one_thread_and_on_two() {
+    let reg = SelectiveDecay::default().with_lambda(0.05);
+    let adam = AdamConfig {
+        lr: 0.01,
+        weight_decay: 0.01,
+        ..AdamConfig::default()
+    };
+    let sgd = SgdConfig {
+        lr: 0.01,
+        momentum: 0.9,
+        nesterov: true,
+    };
+    type Make = Box<dyn Fn() -> Box<dyn Optimizer + Send>>;
+    let makes: Vec<(&str, Make)> = vec![
+        (
+            "adam",
+            Box::new(move || Box::new(MaskedAdam::new(adam, None).unwrap())),
+        ),
+        (
+            "adam + regularizer",
+            Box::new(move || Box::new(MaskedAdam::new(adam, Some(reg)).unwrap())),
+        ),
+        (
+            "sgd + regularizer",
+            Box::new(move || Box::new(MaskedSgd::new(sgd, Some(reg)).unwrap())),
+        ),
+    ];
+    for (name, make) in makes {
+        let one = large_layer_run(1, make(), 3);
+        let two = large_layer_run(2, make(), 3);
+        assert!(
+            one.contains(&0.0) && one.iter().any(|&w| w != 0.0),
+            "{name}"
+        );
+        let same = one
+            .iter()
+            .zip(&two)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{name}: the steps differ between one thread and two");
+    }
+}

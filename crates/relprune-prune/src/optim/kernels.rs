@@ -1,9 +1,114 @@
 //! The fused in-place CPU kernels of the optimizers' steps: each reads and writes whole f32
-//! tensors in one pass, so a step allocates nothing after the first.
+//! tensors in one pass, so a step allocates nothing after the first. Large tensors are split
+//! into chunks over the thread pool ([`par_chunks1`], [`par_chunks3`]); every element is
+//! computed by the same expression either way, so results do not depend on the thread count.
 
-use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout};
+use std::cell::RefCell;
+use std::ops::Range;
+
+use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor};
+use rayon::prelude::*;
 use relprune_core::kernel::{cpu_f32, cpu_f32_mut, score};
 use relprune_core::{Relevance, SelectiveDecay};
+
+/// Elements per unit of work when a kernel's loop is split over the pool: a hand-off costs
+/// microseconds, a chunk takes tens of them; two threads still get several chunks of a layer.
+const CHUNK: usize = 1 << 15;
+
+/// Whether a loop over `len` elements is worth splitting over the pool.
+fn split(len: usize) -> bool {
+    len > CHUNK && rayon::current_num_threads() > 1
+}
+
+/// Runs `f(range, dst[range])` over chunks of `dst`, on the pool for large tensors; the caller
+/// slices its sources by `range`.
+pub(crate) fn par_chunks1(dst: &mut [f32], f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
+    if !split(dst.len()) {
+        return f(0..dst.len(), dst);
+    }
+    dst.par_chunks_mut(CHUNK).enumerate().for_each(|(i, d)| {
+        let lo = i * CHUNK;
+        f(lo..lo + d.len(), d)
+    });
+}
+
+/// [`par_chunks1`] over three written slices of one length (weights and optimizer state).
+pub(crate) fn par_chunks3(
+    (a, b, c): (&mut [f32], &mut [f32], &mut [f32]),
+    f: impl Fn(Range<usize>, &mut [f32], &mut [f32], &mut [f32]) + Sync,
+) {
+    if !split(a.len()) {
+        return f(0..a.len(), a, b, c);
+    }
+    a.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks_mut(CHUNK))
+        .zip(c.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(i, ((a, b), c))| {
+            let lo = i * CHUNK;
+            f(lo..lo + a.len(), a, b, c)
+        });
+}
+
+/// An in-place op that hands its tensor's contiguous f32 data to a closure, once.
+struct WithMut<'a>(RefCell<Option<MutFn<'a>>>);
+
+/// What [`WithMut`] runs.
+type MutFn<'a> = Box<dyn FnOnce(&mut [f32]) -> candle_core::Result<()> + 'a>;
+
+impl InplaceOp1 for WithMut<'_> {
+    fn name(&self) -> &'static str {
+        "relprune-with-mut"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let f = self.0.borrow_mut().take();
+        match f {
+            Some(f) => f(cpu_f32_mut(s, l)?),
+            None => candle_core::bail!("relprune-with-mut ran twice"),
+        }
+    }
+}
+
+/// Runs `f` with the contiguous f32 CPU data of `a`, `b` and `c` to write in place: a step
+/// that updates weights and both of Adam's moments in one pass. The three must be distinct
+/// tensors (each is locked for writing in turn).
+pub(crate) fn with_mut3<'a>(
+    (a, b, c): (&'a Tensor, &'a Tensor, &'a Tensor),
+    f: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]) -> candle_core::Result<()> + 'a,
+) -> candle_core::Result<()> {
+    a.inplace_op1(&WithMut::new(move |a| {
+        b.inplace_op1(&WithMut::new(move |b| {
+            c.inplace_op1(&WithMut::new(move |c| f(a, b, c)))
+        }))
+    }))
+}
+
+impl<'a> WithMut<'a> {
+    fn new(f: impl FnOnce(&mut [f32]) -> candle_core::Result<()> + 'a) -> Self {
+        Self(RefCell::new(Some(Box::new(f))))
+    }
+}
+
+/// One weight's step: `w − η (u + wd·w)`, minus `λ·gate(s)·pull(w)` with a regularizer
+/// (`reg` = the regularizer and its gate threshold, `s` the weight's relevance score).
+#[inline(always)]
+pub(crate) fn updated(
+    w: f32,
+    u: f32,
+    s: f32,
+    lr: f32,
+    wd: f32,
+    reg: Option<(&SelectiveDecay, f32)>,
+) -> f32 {
+    match reg {
+        None => w - lr * (u + wd * w),
+        Some((r, thr)) => {
+            let decay = r.lambda as f32 * r.gate_value(s, thr) * r.pull(w);
+            w - lr * (u + wd * w) - decay
+        }
+    }
+}
 
 /// `dst ← g ⊙ mask`.
 pub(crate) struct MaskedCopy;
@@ -23,9 +128,11 @@ impl InplaceOp3 for MaskedCopy {
         l3: &Layout,
     ) -> candle_core::Result<()> {
         let (dst, g, m) = operands3("masked copy", s1, l1, s2, l2, s3, l3)?;
-        for ((d, &g), &m) in dst.iter_mut().zip(g).zip(m) {
-            *d = g * m;
-        }
+        par_chunks1(dst, |r, dst| {
+            for ((d, &g), &m) in dst.iter_mut().zip(&g[r.clone()]).zip(&m[r]) {
+                *d = g * m;
+            }
+        });
         Ok(())
     }
 }
@@ -48,9 +155,11 @@ impl InplaceOp2 for MomentumOp {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         let (v, g) = operands2("momentum", s1, l1, s2, l2)?;
-        for (v, &g) in v.iter_mut().zip(g) {
-            *v = self.mu * *v + g;
-        }
+        par_chunks1(v, |r, v| {
+            for (v, &g) in v.iter_mut().zip(&g[r]) {
+                *v = self.mu * *v + g;
+            }
+        });
         Ok(())
     }
 }
@@ -75,9 +184,11 @@ impl InplaceOp3 for MaskedMomentumOp {
         l3: &Layout,
     ) -> candle_core::Result<()> {
         let (v, g, m) = operands3("masked momentum", s1, l1, s2, l2, s3, l3)?;
-        for ((v, &g), &m) in v.iter_mut().zip(g).zip(m) {
-            *v = (self.mu * *v + g) * m;
-        }
+        par_chunks1(v, |r, v| {
+            for ((v, &g), &m) in v.iter_mut().zip(&g[r.clone()]).zip(&m[r]) {
+                *v = (self.mu * *v + g) * m;
+            }
+        });
         Ok(())
     }
 }
@@ -98,7 +209,7 @@ impl InplaceOp2 for CopyOp {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         let (d, s) = operands2("copy", s1, l1, s2, l2)?;
-        d.copy_from_slice(s);
+        par_chunks1(d, |r, d| d.copy_from_slice(&s[r]));
         Ok(())
     }
 }
@@ -121,9 +232,11 @@ impl InplaceOp2 for AxpyOp {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         let (d, s) = operands2("axpy", s1, l1, s2, l2)?;
-        for (d, &s) in d.iter_mut().zip(s) {
-            *d += self.a * s;
-        }
+        par_chunks1(d, |r, d| {
+            for (d, &s) in d.iter_mut().zip(&s[r]) {
+                *d += self.a * s;
+            }
+        });
         Ok(())
     }
 }
@@ -150,9 +263,11 @@ impl InplaceOp3 for SmoothOp {
     ) -> candle_core::Result<()> {
         let (sm, w, g) = operands3("smooth", s1, l1, s2, l2, s3, l3)?;
         let (b, rel) = (self.beta, self.relevance);
-        for ((s, &w), &g) in sm.iter_mut().zip(w).zip(g) {
-            *s = b * *s + (1.0 - b) * score(rel, w, g);
-        }
+        par_chunks1(sm, |r, sm| {
+            for ((s, &w), &g) in sm.iter_mut().zip(&w[r.clone()]).zip(&g[r]) {
+                *s = b * *s + (1.0 - b) * score(rel, w, g);
+            }
+        });
         Ok(())
     }
 }
@@ -188,27 +303,29 @@ impl InplaceOp3 for StepOp {
         let (w, u, x) = operands3("sgd step", s1, l1, s2, l2, s3, l3)?;
         let (lr, mu, thr, wd) = (self.lr, self.mu, self.threshold, self.weight_decay);
         // Separate loops so the common cases compile to branch-free vector code.
-        match (self.reg, self.nesterov) {
-            (None, false) => {
-                for (w, &u) in w.iter_mut().zip(u) {
-                    *w -= lr * (u + wd * *w);
+        par_chunks1(w, |r, w| {
+            let (u, x) = (&u[r.clone()], &x[r]);
+            match (self.reg, self.nesterov) {
+                (None, false) => {
+                    for (w, &u) in w.iter_mut().zip(u) {
+                        *w = updated(*w, u, 0.0, lr, wd, None);
+                    }
+                }
+                (None, true) => {
+                    for ((w, &u), &g) in w.iter_mut().zip(u).zip(x) {
+                        *w = updated(*w, g + mu * u, 0.0, lr, wd, None);
+                    }
+                }
+                (Some(r), nesterov) => {
+                    let (rel, smoothed) = (r.relevance, self.smoothed);
+                    for ((w, &u), &x) in w.iter_mut().zip(u).zip(x) {
+                        let step = if nesterov { x + mu * u } else { u };
+                        let s = if smoothed { x } else { score(rel, *w, x) };
+                        *w = updated(*w, step, s, lr, wd, Some((&r, thr)));
+                    }
                 }
             }
-            (None, true) => {
-                for ((w, &u), &g) in w.iter_mut().zip(u).zip(x) {
-                    *w -= lr * (g + mu * u + wd * *w);
-                }
-            }
-            (Some(r), nesterov) => {
-                let (lambda, rel, smoothed) = (r.lambda as f32, r.relevance, self.smoothed);
-                for ((w, &u), &x) in w.iter_mut().zip(u).zip(x) {
-                    let step = if nesterov { x + mu * u } else { u };
-                    let s = if smoothed { x } else { score(rel, *w, x) };
-                    let decay = lambda * r.gate_value(s, thr) * r.pull(*w);
-                    *w = *w - lr * (step + wd * *w) - decay;
-                }
-            }
-        }
+        });
         Ok(())
     }
 }
