@@ -33,7 +33,9 @@ Tasks:
                       passes do (crates/relprune-hf/src/llm.rs `layer_distill_loss`): one
                       512-token window per step, mean squared error to the dense layer's
                       outputs, masked Adam without the regularizer. FILE: {"config", "layer",
-                      "tensors" (safetensors: layer.<name>, input.<i>, target.<i>), "windows",
+                      "tensors" (safetensors: layer.<name>, input.<i>, target.<i>, and check.0,
+                      relprune's output of the pruned layer on input.0, which the reference
+                      must reproduce before anything is timed), "windows",
                       "lr", "beta1", "beta2", "eps"}.
 """
 import argparse
@@ -465,14 +467,25 @@ def smollm2_block_step(args):
     tokens = windows[0][0].shape[1]
     position_ids = torch.arange(tokens).unsqueeze(0)
 
+    def forward(x):
+        out = layer(x, attention_mask=None, position_ids=position_ids,
+                    position_embeddings=rotary(x, position_ids))
+        return out[0] if isinstance(out, tuple) else out
+
+    # Same work or no comparison: the pruned layer must compute what relprune's computes.
+    with torch.no_grad():
+        expected = tensors["check.0"]
+        err = (forward(windows[0][0]) - expected).abs().max().item()
+        scale = expected.abs().max().item()
+    if not err <= 1e-4 * max(scale, 1.0):
+        raise SystemExit(f"the reference layer differs from relprune's by {err:.3g} "
+                         f"(outputs up to {scale:.3g})")
+    log(f"reference layer matches relprune's within {err:.3g} (outputs up to {scale:.3g})")
+
     def step(b):
         x, y = b
         t0 = time.perf_counter()
-        cos_sin = rotary(x, position_ids)
-        out = layer(x, attention_mask=None, position_ids=position_ids,
-                    position_embeddings=cos_sin)
-        out = out[0] if isinstance(out, tuple) else out
-        loss = F.mse_loss(out, y)
+        loss = F.mse_loss(forward(x), y)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()

@@ -344,6 +344,10 @@ impl SmollmSteps {
                 tensors.insert(format!("layer.{local}"), var.as_tensor().clone());
             }
         }
+        // What the pruned layer computes on the first window: the reference checks it computes
+        // the same before it times anything.
+        let check = lm.layer_forward(layer, &inputs[0], None, &mut ignore)?;
+        tensors.insert("check.0".into(), check);
         for (i, (x, y)) in inputs.iter().zip(&targets).enumerate() {
             tensors.insert(format!("input.{i}"), x.clone());
             tensors.insert(format!("target.{i}"), y.clone());
