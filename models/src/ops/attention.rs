@@ -5,18 +5,22 @@
 //! batch row and head, each handed to the thread pool on its own: at 32 tokens and 32 dimensions
 //! a head's product is too small to split, and the hand-offs cost more than it), a broadcast
 //! add, a softmax, a transpose and a copy to merge the heads, and the backward adds a
-//! zero-filled gradient buffer per node. Here each (batch row, key/value head) is one task:
-//! its products run on one thread and stay in cache, the softmax is applied in place, and the
-//! context is written straight into the merged `(B, T, heads·head_dim)` layout. The attention
-//! weights are kept for the backward, which computes every input's gradient in one pass per task.
-//! Tasks never share an output element, so the results do not depend on the thread count.
+//! zero-filled gradient buffer per node. Here each (batch row, query head) is one task: its
+//! products run on one thread and stay in cache, the softmax is applied in place, and the
+//! context is written straight into the merged `(B, T, heads·head_dim)` layout. Query rows go
+//! in blocks of [`ROW_BLOCK`], and a block's products stop at the last key any of its rows sees
+//! (a causal mask costs about half of the full products; hidden keys get weight 0). The
+//! attention weights are kept for the backward, which computes every input's gradient in one
+//! pass per task; heads that share a key/value head (grouped queries) each write their own
+//! share of its gradients, summed in head order afterwards. Tasks never share an output
+//! element, so the results do not depend on the thread count.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, gemm_into, with_f32, Mat};
+use super::{contiguous_f32, gemm_into, gemm_rows, with_f32, Mat};
 
 /// The op: `softmax(scale·q·kᵀ + mask)·v` per head, heads merged.
 struct AttentionOp {
@@ -44,19 +48,78 @@ unsafe impl Sync for SharedOut {}
 /// The mask's data and `(B, H, T, S)` strides.
 type MaskView<'a> = Option<(&'a [f32], [usize; 4])>;
 
+/// Query rows per block: a block's products read the keys up to the last one any of its rows
+/// sees, so a causal mask costs about half of the full products.
+const ROW_BLOCK: usize = 64;
+
+/// Mask values at or below this hide a key (the masks hold [`crate::attention::MASKED`] or
+/// `-inf` there): its weight is zero to f32 precision, so it is not computed.
+const HIDDEN: f32 = crate::attention::MASKED / 2.0;
+
+/// `f` folded over `x` in 16 independent lanes, then across them: vectorizable, with a fixed
+/// order (the same bits on any thread).
+#[inline(always)]
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = f(*a, v);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(init, |a, &v| f(a, v));
+    acc.iter().fold(tail, |a, &v| f(a, v))
+}
+
+/// `Σ a_i b_i` in 16 lanes (see [`lanes`]).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().fold(tail, |a, &v| a + v)
+}
+
 /// `row ← softmax(row)` in place.
 #[inline(always)]
 fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
+    let max = lanes(row, f32::NEG_INFINITY, f32::max);
     for v in row.iter_mut() {
         *v = crate::activation::exp_f32(*v - max);
-        sum += *v;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / lanes(row, 0.0, |a, b| a + b);
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+/// The keys a query row sees, as a prefix length: up to its last key not hidden by the mask
+/// values `m[base + c·ss]`, `c < s` (all `s` when it sees none: the plain formula then spreads
+/// its weight over the hidden keys, and so does this op).
+fn visible_keys(m: &[f32], base: usize, ss: usize, s: usize) -> usize {
+    (0..s)
+        .rev()
+        .find(|&c| m[base + c * ss] > HIDDEN)
+        .map_or(s, |c| c + 1)
+}
+
+/// The keys with a nonzero weight in any row of `block` (rows `s` apart), as a prefix length.
+fn weighted_keys(block: &[f32], s: usize) -> usize {
+    block
+        .chunks(s)
+        .map(|row| row.iter().rposition(|&x| x != 0.0).map_or(0, |c| c + 1))
+        .max()
+        .unwrap_or(0)
 }
 
 impl AttentionOp {
@@ -65,8 +128,8 @@ impl AttentionOp {
         self.h / self.g
     }
 
-    /// The forward pass of task `u` = (batch row, key/value head): its heads' weights into
-    /// `probs` `(H/G, T, S)` and their contexts into the merged output.
+    /// The forward pass of task `u` = (batch row, query head): its weights into `probs`
+    /// `(T, S)` and its context into the merged output.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn forward_unit(
@@ -78,8 +141,9 @@ impl AttentionOp {
         out: SharedOut,
     ) {
         let (t, s, d, h, g) = (self.t, self.s, self.d, self.h, self.g);
-        let (bi, gi) = (u / g, u % g);
-        let kv_off = (bi * g + gi) * s * d;
+        let (bi, hi) = (u / h, u % h);
+        let kv_off = (bi * g + hi / self.group()) * s * d;
+        let p = probs;
         let kt = Mat {
             data: &k[kv_off..kv_off + s * d],
             rs: 1,
@@ -90,19 +154,47 @@ impl AttentionOp {
             rs: d,
             cs: 1,
         };
-        for (j, p) in probs.chunks_mut(t * s).enumerate() {
-            let hi = gi * self.group() + j;
-            let q_off = (bi * h + hi) * t * d;
+        // Rows `t` of the merged output are `h·d` apart; each head owns columns `hi·d..(hi+1)·d`.
+        let row_stride = h * d;
+        let q_off = (bi * h + hi) * t * d;
+        for r0 in (0..t).step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(t);
+            let rows = r1 - r0;
+            let e = match mask {
+                Some((m, [sb, sh, st, ss])) => (r0..r1)
+                    .map(|i| visible_keys(m, bi * sb + hi * sh + i * st, ss, s))
+                    .max()
+                    .unwrap_or(s),
+                None => s,
+            };
             let qm = Mat {
-                data: &q[q_off..q_off + t * d],
+                data: &q[q_off + r0 * d..q_off + r1 * d],
                 rs: d,
                 cs: 1,
             };
-            gemm_into(t, s, d, p, false, qm, kt, gemm::Parallelism::None);
-            for (i, row) in p.chunks_mut(s).enumerate() {
+            // Weights past `e` stay as allocated: zero.
+            let block = &mut p[r0 * s..r1 * s];
+            gemm_rows(
+                rows,
+                e,
+                d,
+                (block, s),
+                false,
+                qm,
+                kt,
+                gemm::Parallelism::None,
+            );
+            for (i, row) in block.chunks_mut(s).enumerate() {
+                let row = &mut row[..e];
                 match mask {
+                    Some((m, [sb, sh, st, 1])) => {
+                        let base = bi * sb + hi * sh + (r0 + i) * st;
+                        for (x, &mv) in row.iter_mut().zip(&m[base..base + e]) {
+                            *x = *x * self.scale + mv;
+                        }
+                    }
                     Some((m, [sb, sh, st, ss])) => {
-                        let base = bi * sb + hi * sh + i * st;
+                        let base = bi * sb + hi * sh + (r0 + i) * st;
                         for (c, x) in row.iter_mut().enumerate() {
                             *x = *x * self.scale + m[base + c * ss];
                         }
@@ -112,24 +204,21 @@ impl AttentionOp {
                 softmax_row(row);
             }
             let pm = Mat {
-                data: p,
+                data: &*block,
                 rs: s,
                 cs: 1,
             };
-            // Rows `t` of the merged output are `h·d` apart; this head owns columns
-            // `hi·d..(hi+1)·d` of them.
-            let row_stride = h * d;
-            let dst = out.0.wrapping_add(bi * t * row_stride + hi * d);
-            pm.check(t, s);
-            vm.check(s, d);
+            let dst = out.0.wrapping_add((bi * t + r0) * row_stride + hi * d);
+            pm.check(rows, e);
+            vm.check(e, d);
             // SAFETY: the views were bounds-checked; `dst` points into the output allocation
-            // and the `t×d` block at row stride `h·d` lies inside it; no other task writes
+            // and the `rows×d` block at row stride `h·d` lies inside it; no other task writes
             // these columns of these rows.
             unsafe {
                 gemm::gemm(
-                    t,
+                    rows,
                     d,
-                    s,
+                    e,
                     dst,
                     1,
                     row_stride as isize,
@@ -151,8 +240,9 @@ impl AttentionOp {
         }
     }
 
-    /// The backward pass of task `u`: its heads' query gradients into `dq` `(H/G, T, D)` and
-    /// the key/value head's gradients into `dk`, `dv` `(S, D)` (empty slices: not wanted).
+    /// The backward pass of task `u` = (batch row, query head): its query gradients into `dq`
+    /// `(T, D)` and its share of its key/value head's gradients into `dk`, `dv` `(S, D)`
+    /// (empty slices: not wanted).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn backward_unit(
@@ -165,27 +255,37 @@ impl AttentionOp {
         dp: &mut Vec<f32>,
     ) {
         let (t, s, d, h, g) = (self.t, self.s, self.d, self.h, self.g);
-        let (bi, gi) = (u / g, u % g);
-        let kv_off = (bi * g + gi) * s * d;
+        let (bi, hi) = (u / h, u % h);
+        let kv_off = (bi * g + hi / self.group()) * s * d;
         let (kg, vg) = (&k[kv_off..kv_off + s * d], &v[kv_off..kv_off + s * d]);
-        dp.resize(t * s, 0.0);
+        let p = probs;
+        dp.resize(ROW_BLOCK.min(t) * s, 0.0);
         let none = gemm::Parallelism::None;
-        for (j, p) in probs.chunks(t * s).enumerate() {
-            let hi = gi * self.group() + j;
-            let row_stride = h * d;
-            let go_off = bi * t * row_stride + hi * d;
+        let row_stride = h * d;
+        let q_off = (bi * h + hi) * t * d;
+        for r0 in (0..t).step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(t);
+            let rows = r1 - r0;
+            let pb = &p[r0 * s..r1 * s];
+            // Keys past the block's last nonzero weight get nothing from these rows, and
+            // the rows' gradients nothing from them.
+            let e = weighted_keys(pb, s);
+            if e == 0 {
+                continue;
+            }
+            let go_off = (bi * t + r0) * row_stride + hi * d;
             let dout = Mat {
-                data: &grad[go_off..go_off + (t - 1) * row_stride + d],
+                data: &grad[go_off..go_off + (rows - 1) * row_stride + d],
                 rs: row_stride,
                 cs: 1,
             };
             if !dv.is_empty() {
                 let pt = Mat {
-                    data: p,
+                    data: pb,
                     rs: 1,
                     cs: s,
                 };
-                gemm_into(s, d, t, dv, true, pt, dout, none);
+                gemm_into(e, d, rows, &mut dv[..e * d], true, pt, dout, none);
             }
             if dq.is_empty() && dk.is_empty() {
                 continue;
@@ -195,48 +295,41 @@ impl AttentionOp {
                 rs: 1,
                 cs: d,
             };
-            gemm_into(t, s, d, dp, false, dout, vt, none);
-            for (drow, prow) in dp.chunks_mut(s).zip(p.chunks(s)) {
-                let dot: f32 = drow.iter().zip(prow).map(|(a, b)| a * b).sum();
+            let ds = &mut dp[..rows * e];
+            gemm_into(rows, e, d, ds, false, dout, vt, none);
+            for (drow, prow) in ds.chunks_mut(e).zip(pb.chunks(s)) {
+                let prow = &prow[..e];
+                let dot = dot(drow, prow);
                 for (x, &pv) in drow.iter_mut().zip(prow) {
                     *x = pv * (*x - dot) * self.scale;
                 }
             }
-            let ds = Mat {
-                data: dp,
-                rs: s,
-                cs: 1,
-            };
             if !dq.is_empty() {
+                let dsm = Mat {
+                    data: ds,
+                    rs: e,
+                    cs: 1,
+                };
                 let km = Mat {
                     data: kg,
                     rs: d,
                     cs: 1,
                 };
-                gemm_into(
-                    t,
-                    d,
-                    s,
-                    &mut dq[j * t * d..(j + 1) * t * d],
-                    false,
-                    ds,
-                    km,
-                    none,
-                );
+                let dst = &mut dq[r0 * d..r1 * d];
+                gemm_into(rows, d, e, dst, false, dsm, km, none);
             }
             if !dk.is_empty() {
-                let q_off = (bi * h + hi) * t * d;
                 let qm = Mat {
-                    data: &q[q_off..q_off + t * d],
+                    data: &q[q_off + r0 * d..q_off + r1 * d],
                     rs: d,
                     cs: 1,
                 };
                 let dst = Mat {
-                    data: dp,
+                    data: ds,
                     rs: 1,
-                    cs: s,
+                    cs: e,
                 };
-                gemm_into(s, d, t, dk, true, dst, qm, none);
+                gemm_into(e, d, rows, &mut dk[..e * d], true, dst, qm, none);
             }
         }
     }
@@ -258,7 +351,7 @@ impl AttentionOp {
             },
         };
         let shared = SharedOut(out.as_mut_ptr());
-        let per_unit = self.group() * t * s;
+        let per_unit = t * s;
         if per_unit > 0 {
             probs
                 .par_chunks_mut(per_unit)
@@ -332,7 +425,7 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, h, g, t, s, d) = (self.b, self.h, self.g, self.t, self.s, self.d);
+        let (b, h, t, s, d) = (self.b, self.h, self.t, self.s, self.d);
         let (need_q, need_k, need_v) = (q.track_op(), k.track_op(), v.track_op());
         if !(need_q || need_k || need_v) {
             return Ok((None, None, None));
@@ -349,20 +442,21 @@ impl CustomOp3 for AttentionOp {
                         };
                         let sized =
                             |need: bool, n: usize| if need { vec![0f32; n] } else { vec![] };
+                        // Per query head: its key and value gradients, summed over the
+                        // heads of a group afterwards.
                         let mut dq = sized(need_q, b * h * t * d);
-                        let mut dk = sized(need_k, b * g * s * d);
-                        let mut dv = sized(need_v, b * g * s * d);
-                        let units = b * g;
-                        let hg = self.group();
-                        let dq_parts = unit_chunks(&mut dq, hg * t * d, units);
+                        let mut dk = sized(need_k, b * h * s * d);
+                        let mut dv = sized(need_v, b * h * s * d);
+                        let units = b * h;
+                        let dq_parts = unit_chunks(&mut dq, t * d, units);
                         let dk_parts = unit_chunks(&mut dk, s * d, units);
                         let dv_parts = unit_chunks(&mut dv, s * d, units);
-                        if hg * t * s > 0 {
+                        if t * s > 0 {
                             dq_parts
                                 .into_par_iter()
                                 .zip(dk_parts)
                                 .zip(dv_parts)
-                                .zip(probs.par_chunks(hg * t * s))
+                                .zip(probs.par_chunks(t * s))
                                 .enumerate()
                                 .for_each_init(Vec::new, |dp, (u, (((dq, dk), dv), p))| {
                                     self.backward_dispatch(u, (qv, kv, vv), gv, p, (dq, dk, dv), dp)
@@ -377,13 +471,34 @@ impl CustomOp3 for AttentionOp {
                         };
                         Ok((
                             wrap(dq, q.shape())?,
-                            wrap(dk, k.shape())?,
-                            wrap(dv, v.shape())?,
+                            wrap(self.group_sums(dk), k.shape())?,
+                            wrap(self.group_sums(dv), v.shape())?,
                         ))
                     })
                 })
             })
         })
+    }
+}
+
+impl AttentionOp {
+    /// Per-query-head gradients `(B, H, S, D)` summed over each group's heads in order into
+    /// `(B, G, S, D)`: the same bits whatever the thread count.
+    fn group_sums(&self, parts: Vec<f32>) -> Vec<f32> {
+        let (h, g, sd, hg) = (self.h, self.g, self.s * self.d, self.group());
+        if hg == 1 || parts.is_empty() || sd == 0 {
+            return parts;
+        }
+        let mut out = vec![0f32; self.b * g * sd];
+        out.par_chunks_mut(sd).enumerate().for_each(|(u, o)| {
+            let first = (u / g) * h + (u % g) * hg;
+            for part in parts[first * sd..(first + hg) * sd].chunks(sd) {
+                for (o, &x) in o.iter_mut().zip(part) {
+                    *o += x;
+                }
+            }
+        });
+        out
     }
 }
 
@@ -549,11 +664,26 @@ mod tests {
         )
         .unwrap();
         let causal = crate::attention::causal_mask(9, 0, &Device::Cpu).unwrap();
+        // Longer than a block of rows (the last one partial): the products stop at each
+        // block's last visible key.
+        let long_causal = crate::attention::causal_mask(150, 0, &Device::Cpu).unwrap();
+        // Batch row 0 sees its first 90 keys, row 1 none at all (its weights spread over
+        // hidden keys, as the plain formula gives).
+        let long_keys = Tensor::from_vec(
+            (0..2 * 140)
+                .map(|i| if i >= 90 { -1e9f32 } else { 0.0 })
+                .collect::<Vec<_>>(),
+            (2, 1, 1, 140),
+            &Device::Cpu,
+        )
+        .unwrap();
         for (dims, mask) in [
             ((2, 4, 4, 9, 9, 8), Some(&key_mask)),
             ((2, 4, 4, 9, 9, 8), Some(&causal)),
             ((2, 6, 2, 9, 9, 5), None),
             ((3, 2, 2, 4, 11, 16), None),
+            ((1, 4, 2, 150, 150, 8), Some(&long_causal)),
+            ((2, 2, 1, 70, 140, 4), Some(&long_keys)),
         ] {
             let a = run(fused, dims, mask);
             let b = run(plain, dims, mask);
@@ -576,7 +706,12 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap()
-                .install(|| run(fused, (5, 4, 2, 13, 13, 16), None))
+                .install(|| {
+                    let causal = crate::attention::causal_mask(150, 0, &Device::Cpu).unwrap();
+                    let mut r = run(fused, (5, 4, 2, 13, 13, 16), None);
+                    r.extend(run(fused, (1, 6, 3, 150, 150, 8), Some(&causal)));
+                    r
+                })
         };
         let (a, b) = (on(1), on(2));
         for (x, y) in a.iter().zip(&b) {
