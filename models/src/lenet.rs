@@ -78,8 +78,8 @@ impl Module for Lenet300 {
         if let Some(chain) = &self.fused {
             return chain.forward(&x);
         }
-        let x = self.fc1.forward(&x)?.relu()?;
-        let x = self.fc2.forward(&x)?.relu()?;
+        let x = self.fc1.forward_relu(&x)?;
+        let x = self.fc2.forward_relu(&x)?;
         self.fc3.forward(&x)
     }
 }

@@ -115,7 +115,7 @@ impl Module for Lenet5 {
         let x = x.reshape((b, 1, 28, 28))?;
         let x = self.conv1.forward_max_pool(&x)?;
         let x = self.conv2.forward_max_pool(&x)?;
-        let x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
+        let x = self.fc1.forward_relu(&x.flatten_from(1)?)?;
         self.fc2.forward(&x)
     }
 }

@@ -57,6 +57,14 @@ impl Lin {
         })
     }
 
+    /// `relu(self.forward(x))`, as one fused op when dense (a training step's hot path).
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(l) => crate::ops::linear_relu(x, l.weight(), l.bias()),
+            Self::Sparse(s) => s.forward(x)?.relu(),
+        }
+    }
+
     /// Whether the layer is stored sparse.
     pub fn is_sparse(&self) -> bool {
         matches!(self, Self::Sparse(_))

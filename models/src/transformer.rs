@@ -328,7 +328,7 @@ struct FeedForward {
 
 impl FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.relu()?)
+        self.fc2.forward(&self.fc1.forward_relu(x)?)
     }
 
     fn to_sparse(&self) -> Result<Self> {

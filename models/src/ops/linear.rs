@@ -8,16 +8,59 @@
 //! backward, then a sum of `B` copies of the weight's gradient. Here the whole layer is one op:
 //! the forward is one gemm over every row of `x` written onto the bias, the backward one gemm
 //! per gradient (`g·W` for the input, `gᵀ·x` for the weight, straight into `(out, in)`) and a
-//! row sum for the bias, each computed only if its tensor tracks a variable.
+//! row sum for the bias, each computed only if its tensor tracks a variable. A ReLU after the
+//! layer ([`linear_relu`]) is applied in the same op, its backward read off the output.
+
+use std::borrow::Cow;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::{contiguous_f32, gemm_into, gemm_parallelism, with_f32, Mat};
 
-/// `y = x·Wᵀ (+ b)` over the last dimension of `x`.
+/// Elements per task of the element-wise passes (ReLU, its gradient, the bias gradient's
+/// columns), which run on the pool for large outputs.
+const CHUNK: usize = 1 << 14;
+
+/// `y = x·Wᵀ (+ b)` over the last dimension of `x`, then `max(y, 0)` if `relu`.
 struct LinearOp {
     /// Whether the third input is a real bias (else a zero vector, not added).
     has_bias: bool,
+    /// Whether a ReLU follows.
+    relu: bool,
+}
+
+/// `f` on chunks of `x`, on the pool when there are several.
+fn chunked(x: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    if x.len() > CHUNK && rayon::current_num_threads() > 1 {
+        x.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, c)| f(i * CHUNK, c));
+    } else {
+        f(0, x);
+    }
+}
+
+/// Column sums of the `rows × o` row-major `g`, rows added in order for every column (blocks
+/// of columns on the pool): the same bits whatever the thread count.
+fn column_sums(g: &[f32], o: usize) -> Vec<f32> {
+    let mut sums = vec![0f32; o];
+    let cols = (CHUNK * o / g.len().max(1)).clamp(16, o.max(16));
+    let add = |c0: usize, s: &mut [f32]| {
+        for row in g.chunks(o) {
+            for (s, v) in s.iter_mut().zip(&row[c0..]) {
+                *s += v;
+            }
+        }
+    };
+    if g.len() > CHUNK && rayon::current_num_threads() > 1 {
+        sums.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(i, s)| add(i * cols, s));
+    } else {
+        add(0, &mut sums);
+    }
+    sums
 }
 
 /// `(rows, in, out)` of a product of `x` `(…, in)` with `w` `(out, in)`.
@@ -76,6 +119,9 @@ impl CustomOp3 for LinearOp {
             wt,
             gemm_parallelism(n, o, k),
         );
+        if self.relu {
+            chunked(&mut y, |_, c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+        }
         let mut shape = l1.dims().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = o;
@@ -88,26 +134,37 @@ impl CustomOp3 for LinearOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k, o) = dims(x.dims(), w.dims())?;
         let dev = x.device().clone();
         with_f32(grad, "linear backward", |g| {
+            // Through the ReLU: the gradient where the output is positive (PyTorch's rule; at
+            // an input of exactly 0 candle's `relu` would pass it).
+            let g: Cow<[f32]> = if self.relu {
+                with_f32(res, "linear backward", |y| {
+                    let mut gr = g.to_vec();
+                    chunked(&mut gr, |at, c| {
+                        for (v, &y) in c.iter_mut().zip(&y[at..]) {
+                            if y <= 0.0 {
+                                *v = 0.0;
+                            }
+                        }
+                    });
+                    Ok(Cow::Owned(gr))
+                })?
+            } else {
+                Cow::Borrowed(g)
+            };
+            let g = &*g;
             let gm = Mat {
                 data: g,
                 rs: o,
                 cs: 1,
             };
             let grad_b = if self.has_bias && b.track_op() {
-                // Rows in order, one thread: the same bits whatever the pool.
-                let mut sums = vec![0f32; o];
-                for row in g.chunks(o) {
-                    for (s, v) in sums.iter_mut().zip(row) {
-                        *s += v;
-                    }
-                }
-                Some(Tensor::from_vec(sums, o, &dev)?)
+                Some(Tensor::from_vec(column_sums(g, o), o, &dev)?)
             } else {
                 None
             };
@@ -153,11 +210,23 @@ impl CustomOp3 for LinearOp {
 /// `bias` `(out,)`: one fused op with its own backward on the CPU for f32, candle's `Linear`
 /// elsewhere (the same values; a test compares the two).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    fused_linear(x, weight, bias, false)
+}
+
+/// `relu(x·Wᵀ + b)`: [`linear`] with the ReLU in the same op (on the CPU for f32). Its gradient
+/// passes where the output is positive, as PyTorch's does; candle's `relu` also passes it where
+/// the input is exactly 0.
+pub fn linear_relu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    fused_linear(x, weight, bias, true)
+}
+
+fn fused_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) -> Result<Tensor> {
     let f32_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
     let fused =
         crate::fused::fused_enabled() && f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu);
     if !fused {
-        return linear_reference(x, weight, bias);
+        let y = linear_reference(x, weight, bias)?;
+        return if relu { y.relu() } else { Ok(y) };
     }
     let (_, _, o) = dims(x.dims(), weight.dims())?;
     let b = super::bias_or_zero(bias, o, "linear")?;
@@ -166,6 +235,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         &b,
         LinearOp {
             has_bias: bias.is_some(),
+            relu,
         },
     )
 }
@@ -243,6 +313,33 @@ mod tests {
         }
     }
 
+    fn linear_relu_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        linear_reference(x, w, b)?.relu()
+    }
+
+    #[test]
+    fn fused_linear_relu_matches_candles_linear_and_relu_in_values_and_gradients() {
+        for (shape, out, bias) in [
+            (vec![7, 5], 3, true),
+            (vec![2, 9, 33], 17, false),
+            (vec![300, 64], 300, true),
+        ] {
+            let fused = run(linear_relu, &shape, out, bias);
+            let plain = run(linear_relu_reference, &shape, out, bias);
+            let y: Vec<f32> = fused[0].flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                y.contains(&0.0) && y.iter().any(|&v| v > 0.0),
+                "{shape:?}: both sides of the ReLU"
+            );
+            for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+                assert_eq!(a.dims(), b.dims(), "{shape:?} item {i}");
+                let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                let tol = 1e-5 * scale.to_scalar::<f32>().unwrap().max(1.0);
+                assert!(max_diff(a, b) <= tol, "{shape:?} item {i}");
+            }
+        }
+    }
+
     #[test]
     fn fused_linear_gives_the_same_bits_on_one_thread_and_on_two() {
         let on = |threads: usize| {
@@ -250,7 +347,11 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap()
-                .install(|| run(linear, &[3, 200, 96], 384, true))
+                .install(|| {
+                    let mut r = run(linear, &[3, 200, 96], 384, true);
+                    r.extend(run(linear_relu, &[3, 200, 96], 384, true));
+                    r
+                })
         };
         let (a, b) = (on(1), on(2));
         for (x, y) in a.iter().zip(&b) {

@@ -26,7 +26,7 @@ use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 pub use attention::attention;
 pub use conv::{conv2d, conv2d_max_pool, Conv2d, SparseConv2d};
-pub use linear::linear;
+pub use linear::{linear, linear_relu};
 pub use pool::max_pool2d;
 
 pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
