@@ -367,6 +367,20 @@ const PAR_ELEMWISE_MIN: usize = 64 * 1024;
 // Per-unit span: big enough to amortize dispatch, small enough to balance.
 const PAR_ELEMWISE_CHUNK: usize = 16 * 1024;
 
+// relprune patch: inside a rayon pool of more than one thread (a program that runs its work
+// on rayon, as relprune's binaries do), the element-wise split goes to that pool, whose idle
+// workers take it; candle's barrier pool would add spinning threads beside it. Elsewhere,
+// candle's own pool as before. Units write disjoint outputs: the results do not depend on
+// which pool runs them.
+fn execute_units<F: Fn(std::ops::Range<usize>) + Sync>(n_units: usize, f: F) {
+    if rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        (0..n_units).into_par_iter().for_each(|u| f(u..u + 1));
+    } else {
+        crate::utils::barrier_pool().execute_chunked(n_units, f);
+    }
+}
+
 pub fn unary_map_vec_par<
     T: Copy + Send + Sync,
     U: Copy + Send + Sync,
@@ -384,7 +398,7 @@ pub fn unary_map_vec_par<
             let mut ys: Vec<U> = Vec::with_capacity(len);
             let ys_ptr = ys.as_mut_ptr() as usize;
             let n_units = len.div_ceil(PAR_ELEMWISE_CHUNK);
-            crate::utils::barrier_pool().execute_chunked(n_units, |range| {
+            execute_units(n_units, |range| {
                 let ys_ptr = ys_ptr as *mut U;
                 for unit in range {
                     let lo = unit * PAR_ELEMWISE_CHUNK;
@@ -429,7 +443,7 @@ pub fn binary_map_vec_par<
     let mut ys: Vec<T> = Vec::with_capacity(el_count);
     let ys_ptr = ys.as_mut_ptr() as usize;
     let n_units = el_count.div_ceil(PAR_ELEMWISE_CHUNK);
-    crate::utils::barrier_pool().execute_chunked(n_units, |range| {
+    execute_units(n_units, |range| {
         let ys_ptr = ys_ptr as *mut T;
         for unit in range {
             let mut dst_offset = unit * PAR_ELEMWISE_CHUNK;
