@@ -95,8 +95,9 @@ const ROWS_PER_TASK: usize = 16;
 /// their summation order are the same either way).
 const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
-/// Lanes of the row reductions (one AVX register of f32).
-const LANES: usize = 8;
+/// Lanes of the row reductions: one AVX-512 register of f32, two AVX2 ones (the same order of
+/// additions, so the same bits, on both).
+const LANES: usize = 16;
 
 /// The row loops, written so that the compiler vectorizes them (fixed-width lane accumulators,
 /// summed in a fixed order).
@@ -155,11 +156,23 @@ impl FusedSmoothedCe {
     /// One block of rows: the sum of their losses and each row's `log Σ exp`.
     fn forward_rows(&self, z: &[f32], targets: &[u32], c: usize, lse: &mut [f32]) -> f64 {
         #[cfg(target_arch = "x86_64")]
+        if relprune_models::activation::has_avx512() {
+            // SAFETY: the features were detected on this CPU.
+            return unsafe { self.forward_rows_avx512(z, targets, c, lse) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if relprune_models::activation::has_avx2_fma() {
             // SAFETY: the features were detected on this CPU.
             return unsafe { self.forward_rows_avx2(z, targets, c, lse) };
         }
         self.forward_rows_body(z, targets, c, lse)
+    }
+
+    /// [`Self::forward_rows`] compiled for AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn forward_rows_avx512(&self, z: &[f32], t: &[u32], c: usize, lse: &mut [f32]) -> f64 {
+        self.forward_rows_body(z, t, c, lse)
     }
 
     /// [`Self::forward_rows`] compiled for AVX2 + FMA (the same arithmetic: `mul_add` is a
@@ -173,10 +186,30 @@ impl FusedSmoothedCe {
     /// Each kept row's gradient `scale·(p − q)` into `g` (ignored rows stay zero).
     fn grad_rows(&self, g: &mut [f32], z: &[f32], t: &[u32], lse: &[f32], c: usize, scale: f32) {
         #[cfg(target_arch = "x86_64")]
+        if relprune_models::activation::has_avx512() {
+            // SAFETY: the features were detected on this CPU.
+            return unsafe { self.grad_rows_avx512(g, z, t, lse, c, scale) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if relprune_models::activation::has_avx2_fma() {
             // SAFETY: the features were detected on this CPU.
             return unsafe { self.grad_rows_avx2(g, z, t, lse, c, scale) };
         }
+        self.grad_rows_body(g, z, t, lse, c, scale)
+    }
+
+    /// [`Self::grad_rows`] compiled for AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn grad_rows_avx512(
+        &self,
+        g: &mut [f32],
+        z: &[f32],
+        t: &[u32],
+        lse: &[f32],
+        c: usize,
+        scale: f32,
+    ) {
         self.grad_rows_body(g, z, t, lse, c, scale)
     }
 

@@ -361,7 +361,7 @@ impl AttentionOp {
         Ok((out, probs))
     }
 
-    /// [`Self::forward_unit`] compiled for AVX2 + FMA where the CPU has them.
+    /// [`Self::forward_unit`] compiled for AVX-512 or AVX2 + FMA where the CPU has them.
     fn forward_dispatch(
         &self,
         u: usize,
@@ -370,6 +370,22 @@ impl AttentionOp {
         p: &mut [f32],
         out: SharedOut,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::activation::has_avx512() {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512(
+                op: &AttentionOp,
+                u: usize,
+                qkv: (&[f32], &[f32], &[f32]),
+                mask: MaskView,
+                p: &mut [f32],
+                out: SharedOut,
+            ) {
+                op.forward_unit(u, qkv, mask, p, out)
+            }
+            // SAFETY: the features were detected on this CPU.
+            return unsafe { avx512(self, u, qkv, mask, p, out) };
+        }
         #[cfg(target_arch = "x86_64")]
         if crate::activation::has_avx2_fma() {
             #[target_feature(enable = "avx2,fma")]
