@@ -135,10 +135,17 @@ pub fn has_avx512() -> bool {
     }
 }
 
-/// `out[i] = E(a[i], b[i])` over chunks in parallel, compiled for AVX2 + FMA where detected.
+/// `out[i] = E(a[i], b[i])` over chunks in parallel, compiled for AVX-512 or AVX2 + FMA where
+/// detected (element by element: the same bits on each).
 fn map2<E: Elementwise>(a: &[f32], b: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
     let run = |o: &mut [f32], a: &[f32], b: &[f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: AVX-512F, AVX2 and FMA were detected on this CPU.
+            unsafe { map2_avx512::<E>(o, a, b) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() {
             // SAFETY: AVX2 and FMA were detected on this CPU.
@@ -155,6 +162,12 @@ fn map2<E: Elementwise>(a: &[f32], b: &[f32]) -> Vec<f32> {
             .for_each(|(o, (a, b))| run(o, a, b));
     }
     out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn map2_avx512<E: Elementwise>(o: &mut [f32], a: &[f32], b: &[f32]) {
+    map2_generic::<E>(o, a, b)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -332,8 +332,35 @@ impl AdamPass {
     /// `m₁ ← (β₁ m₁ + (1−β₁) ĝ) ⊙ k`, `m₂ ← (β₂ m₂ + (1−β₂) ĝ²) ⊙ k` (with a mask `k`),
     /// `u = (m₁/bc₁) / (√(m₂/bc₂) + ε)`, then the step of `w` (with the scores `s` when
     /// regularized).
-    #[inline(always)]
     fn run(
+        &self,
+        wm: (&mut [f32], &mut [f32], &mut [f32]),
+        g: &[f32],
+        k: Option<&[f32]>,
+        s: Option<&[f32]>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(
+                op: &AdamPass,
+                wm: (&mut [f32], &mut [f32], &mut [f32]),
+                g: &[f32],
+                k: Option<&[f32]>,
+                s: Option<&[f32]>,
+            ) {
+                op.body(wm, g, k, s)
+            }
+            // SAFETY: the feature was detected on this CPU.
+            return unsafe { avx512(self, wm, g, k, s) };
+        }
+        self.body(wm, g, k, s)
+    }
+
+    /// [`Self::run`]'s loop, compiled for the CPU it runs on (element by element: the same
+    /// bits whatever the vector width; no fused multiply-adds, which would change them).
+    #[inline(always)]
+    fn body(
         &self,
         (w, m1, m2): (&mut [f32], &mut [f32], &mut [f32]),
         g: &[f32],
