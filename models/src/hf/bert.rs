@@ -771,16 +771,22 @@ impl BertModel {
         let q = heads(self.linear(i, "attention.self.query", &l.query, x)?)?;
         let k = heads(self.linear(i, "attention.self.key", &l.key, x)?)?;
         let v = heads(self.linear(i, "attention.self.value", &l.value, x)?)?;
-        let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let probs = dropout(&softmax_last_dim(&scores)?, attn_p)?;
-        let ctx = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, h))?;
+        let ctx = if attn_p > 0.0 {
+            // Dropout on the attention weights needs them as a tensor: the plain ops.
+            let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+            if let Some(bias) = bias {
+                scores = scores.broadcast_add(bias)?;
+            }
+            let probs = dropout(&softmax_last_dim(&scores)?, attn_p)?;
+            probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, t, h))?
+        } else {
+            // One fused op with its own backward, heads merged (`relprune_models::ops`).
+            crate::ops::attention(&q, &k, &v, bias, 1.0 / (hd as f64).sqrt())?
+        };
         let x = l.attn_norm.forward(
             &(dropout(
                 &self.linear(i, "attention.output.dense", &l.attn_out, &ctx)?,
