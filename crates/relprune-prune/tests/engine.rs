@@ -873,7 +873,7 @@ fn large_layer_run(threads: usize, mut opt: Box<dyn Optimizer + Send>, steps: us
         .build()
         .unwrap();
     pool.install(move || {
-        let n = 300 * 400;
+        let n: usize = 300 * 400;
         let w: Vec<f32> = (0..n)
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
             .collect();
