@@ -233,7 +233,7 @@ fn sum(a: &[f32]) -> f32 {
 
 /// `Σ f(a_i, b_i)` with eight independent accumulators.
 #[inline]
-fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -71,25 +71,6 @@ fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     acc.iter().fold(tail, |a, &v| f(a, v))
 }
 
-/// `Σ a_i b_i` in 16 lanes (see [`lanes`]).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().fold(tail, |a, &v| a + v)
-}
-
 /// `row ← softmax(row)` in place.
 #[inline(always)]
 fn softmax_row(row: &mut [f32]) {
@@ -299,7 +280,7 @@ impl AttentionOp {
             gemm_into(rows, e, d, ds, false, dout, vt, none);
             for (drow, prow) in ds.chunks_mut(e).zip(pb.chunks(s)) {
                 let prow = &prow[..e];
-                let dot = dot(drow, prow);
+                let dot = crate::fused::sum_zip(drow, prow, |a, b| a * b);
                 for (x, &pv) in drow.iter_mut().zip(prow) {
                     *x = pv * (*x - dot) * self.scale;
                 }
