@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, gemm_into, gemm_parallelism, with_f32, Mat};
+use super::{contiguous_f32, gemm_into, gemm_new, gemm_parallelism, with_f32, Mat};
 
 /// Elements per task of the element-wise passes (ReLU, its gradient, the bias gradient's
 /// columns), which run on the pool for large outputs.
@@ -92,12 +92,6 @@ impl CustomOp3 for LinearOp {
         let x = contiguous_f32(s1, l1, "linear")?;
         let w = contiguous_f32(s2, l2, "linear")?;
         let b = contiguous_f32(s3, l3, "linear")?;
-        let mut y = vec![0f32; n * o];
-        if self.has_bias {
-            for row in y.chunks_mut(o) {
-                row.copy_from_slice(b);
-            }
-        }
         let xm = Mat {
             data: x,
             rs: k,
@@ -109,16 +103,17 @@ impl CustomOp3 for LinearOp {
             rs: 1,
             cs: k,
         };
-        gemm_into(
-            n,
-            o,
-            k,
-            &mut y,
-            self.has_bias,
-            xm,
-            wt,
-            gemm_parallelism(n, o, k),
-        );
+        let par = gemm_parallelism(n, o, k);
+        let mut y = if self.has_bias {
+            let mut y = Vec::with_capacity(n * o);
+            for _ in 0..n {
+                y.extend_from_slice(b);
+            }
+            gemm_into(n, o, k, &mut y, true, xm, wt, par);
+            y
+        } else {
+            gemm_new(n, o, k, xm, wt, par)
+        };
         if self.relu {
             chunked(&mut y, |_, c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
         }
@@ -170,13 +165,12 @@ impl CustomOp3 for LinearOp {
             };
             let grad_x = if x.track_op() {
                 with_f32(&w.detach(), "linear backward", |wv| {
-                    let mut gx = vec![0f32; n * k];
                     let wm = Mat {
                         data: wv,
                         rs: k,
                         cs: 1,
                     };
-                    gemm_into(n, k, o, &mut gx, false, gm, wm, gemm_parallelism(n, k, o));
+                    let gx = gemm_new(n, k, o, gm, wm, gemm_parallelism(n, k, o));
                     Ok(Some(Tensor::from_vec(gx, x.shape(), &dev)?))
                 })?
             } else {
@@ -184,7 +178,6 @@ impl CustomOp3 for LinearOp {
             };
             let grad_w = if w.track_op() {
                 with_f32(&x.detach(), "linear backward", |xv| {
-                    let mut gw = vec![0f32; o * k];
                     let gt = Mat {
                         data: g,
                         rs: 1,
@@ -195,7 +188,7 @@ impl CustomOp3 for LinearOp {
                         rs: k,
                         cs: 1,
                     };
-                    gemm_into(o, k, n, &mut gw, false, gt, xm, gemm_parallelism(o, k, n));
+                    let gw = gemm_new(o, k, n, gt, xm, gemm_parallelism(o, k, n));
                     Ok(Some(Tensor::from_vec(gw, (o, k), &dev)?))
                 })?
             } else {

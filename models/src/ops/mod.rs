@@ -84,6 +84,33 @@ pub(crate) fn gemm_into(
     gemm_rows(m, n, k, (dst, n), accumulate, a, b, par)
 }
 
+/// `a (m×k) · b (k×n)` into a new row-major buffer that the product writes once: no zero fill
+/// first (the fill showed up in profiles as `memset`, a few % of a training step).
+pub(crate) fn gemm_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    par: gemm::Parallelism,
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    a.check(m, k);
+    b.check(k, n);
+    let mut dst = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the views were bounds-checked above and `dst` has room for `m·n` floats. Without
+    // `read_dst` gemm's alpha is zero, and its kernels then store `a·b` to every element
+    // without loading it (gemm-common's `alpha_status == 0` paths), so all `m·n` are
+    // initialized when the length is set.
+    unsafe {
+        gemm_raw(m, n, k, (dst.as_mut_ptr(), n), false, a, b, par);
+        dst.set_len(m * n);
+    }
+    dst
+}
+
 /// [`gemm_into`] into rows `dst_rs` apart (an `m×n` block of a wider row-major matrix).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_rows(
@@ -112,29 +139,46 @@ pub(crate) fn gemm_rows(
     }
     // SAFETY: the three views were bounds-checked above; `dst` is borrowed mutably and does not
     // alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    unsafe { gemm_raw(m, n, k, (dst.as_mut_ptr(), dst_rs), accumulate, a, b, par) }
+}
+
+/// gemm-crate call behind [`gemm_rows`] and [`gemm_new`]: `dst (rows dst_rs apart) = [dst +]
+/// a·b`, with `k > 0`.
+///
+/// # Safety
+/// The `m×n` destination block and the views of `a` and `b` must be in bounds, not aliasing.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    (dst, dst_rs): (*mut f32, usize),
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// The pool `gemm` splits one product over: rayon's (so `--threads` and installed pools
