@@ -73,6 +73,42 @@ pub fn flush_denormals_on_this_thread() {
 mod tests {
     use super::{flush_denormals_on_this_thread, run_on_pool};
 
+    /// The vendored candle-core splits large copies of many blocks (a transpose made
+    /// contiguous) over the caller's rayon pool: the same elements as one thread, in place.
+    #[test]
+    fn a_large_transpose_made_contiguous_on_a_pool_is_the_same_copy() {
+        use candle_core::{Device, Tensor};
+        let (b, t, h, d) = (8, 70, 6, 32);
+        let n = b * t * h * d;
+        let x = Tensor::arange(0u32, n as u32, &Device::Cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .reshape((b, t, h, d))
+            .unwrap();
+        let mut want = Vec::with_capacity(n);
+        for bi in 0..b {
+            for hi in 0..h {
+                for ti in 0..t {
+                    for di in 0..d {
+                        want.push((((bi * t + ti) * h + hi) * d + di) as f32);
+                    }
+                }
+            }
+        }
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let got = pool.install(|| {
+                let y = x.transpose(1, 2).unwrap().contiguous().unwrap();
+                y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            });
+            assert!(got == want, "{threads} threads: wrong copy");
+        }
+    }
+
     #[test]
     fn subnormal_products_become_zero_once_flushing_is_on() {
         // A thread of its own, so the test harness's other threads keep the default.

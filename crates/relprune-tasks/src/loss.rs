@@ -87,6 +87,9 @@ struct FusedSmoothedCe {
     lse: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
+/// An element of a buffer the row loops fill.
+type Uninit = std::mem::MaybeUninit<f32>;
+
 /// Rows per parallel task: a fixed split, so the loss's summation order, and with it every bit
 /// of the result, does not depend on the number of threads.
 const ROWS_PER_TASK: usize = 16;
@@ -104,6 +107,7 @@ const LANES: usize = 16;
 mod rows {
     use super::LANES;
     use relprune_models::activation::exp_f32;
+    use std::mem::MaybeUninit;
 
     #[inline(always)]
     pub fn max(row: &[f32]) -> f32 {
@@ -143,11 +147,11 @@ mod rows {
         (se, sz)
     }
 
-    /// `out = scale·(exp(z − lse) − uniform)`.
+    /// `out = scale·(exp(z − lse) − uniform)`, written once (`out` may be uninitialized).
     #[inline(always)]
-    pub fn grad(row: &[f32], out: &mut [f32], lse: f32, scale: f32, uniform: f32) {
+    pub fn grad(row: &[f32], out: &mut [MaybeUninit<f32>], lse: f32, scale: f32, uniform: f32) {
         for (o, &v) in out.iter_mut().zip(row) {
-            *o = scale * (exp_f32(v - lse) - uniform);
+            o.write(scale * (exp_f32(v - lse) - uniform));
         }
     }
 }
@@ -183,8 +187,9 @@ impl FusedSmoothedCe {
         self.forward_rows_body(z, t, c, lse)
     }
 
-    /// Each kept row's gradient `scale·(p − q)` into `g` (ignored rows stay zero).
-    fn grad_rows(&self, g: &mut [f32], z: &[f32], t: &[u32], lse: &[f32], c: usize, scale: f32) {
+    /// Each kept row's gradient `scale·(p − q)` into `g`, zeros in ignored rows: every element
+    /// of `g` is written (it may start uninitialized).
+    fn grad_rows(&self, g: &mut [Uninit], z: &[f32], t: &[u32], lse: &[f32], c: usize, scale: f32) {
         #[cfg(target_arch = "x86_64")]
         if relprune_models::activation::has_avx512() {
             // SAFETY: the features were detected on this CPU.
@@ -203,7 +208,7 @@ impl FusedSmoothedCe {
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn grad_rows_avx512(
         &self,
-        g: &mut [f32],
+        g: &mut [Uninit],
         z: &[f32],
         t: &[u32],
         lse: &[f32],
@@ -218,7 +223,7 @@ impl FusedSmoothedCe {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn grad_rows_avx2(
         &self,
-        g: &mut [f32],
+        g: &mut [Uninit],
         z: &[f32],
         t: &[u32],
         lse: &[f32],
@@ -231,7 +236,7 @@ impl FusedSmoothedCe {
     #[inline(always)]
     fn grad_rows_body(
         &self,
-        g: &mut [f32],
+        g: &mut [Uninit],
         z: &[f32],
         t: &[u32],
         lse: &[f32],
@@ -241,10 +246,13 @@ impl FusedSmoothedCe {
         let uniform = self.epsilon / c as f32;
         for (((g, z), &t), &l) in g.chunks_exact_mut(c).zip(z.chunks_exact(c)).zip(t).zip(lse) {
             if Some(t) == self.ignore {
+                g.fill(Uninit::new(0.0));
                 continue;
             }
             rows::grad(z, g, l, scale, uniform);
-            g[t as usize] -= scale * (1.0 - self.epsilon);
+            // SAFETY: `rows::grad` wrote the whole row (`g` and `z` have `c` elements each).
+            let at = unsafe { g[t as usize].assume_init_mut() };
+            *at -= scale * (1.0 - self.epsilon);
         }
     }
 
@@ -338,16 +346,23 @@ impl candle_core::CustomOp1 for FusedSmoothedCe {
                 l
             }
         };
-        let mut g = vec![0f32; z.len()];
+        // Written once by the row loops, with no zero fill first (a serial `memset` of the
+        // positions × vocabulary matrix otherwise).
+        let mut g = Vec::<f32>::with_capacity(z.len());
+        let spare = &mut g.spare_capacity_mut()[..z.len()];
         if z.len() < PARALLEL_MIN_ELEMS {
-            self.grad_rows(&mut g, z, &self.targets, &lse, c, scale);
+            self.grad_rows(spare, z, &self.targets, &lse, c, scale);
         } else {
-            g.par_chunks_mut(c * ROWS_PER_TASK)
+            spare
+                .par_chunks_mut(c * ROWS_PER_TASK)
                 .zip(z.par_chunks(c * ROWS_PER_TASK))
                 .zip(self.targets.par_chunks(ROWS_PER_TASK))
                 .zip(lse.par_chunks(ROWS_PER_TASK))
                 .for_each(|(((g, z), t), l)| self.grad_rows(g, z, t, l, c, scale));
         }
+        // SAFETY: the row loops wrote every row of the `z.len()` elements (`z` holds whole rows,
+        // one per target).
+        unsafe { g.set_len(z.len()) };
         drop(storage);
         Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?))
     }

@@ -12,6 +12,7 @@
 //! layer ([`linear_relu`]) is applied in the same op, its backward read off the output.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -104,11 +105,29 @@ impl CustomOp3 for LinearOp {
             cs: k,
         };
         let par = gemm_parallelism(n, o, k);
+        if b.len() != o {
+            candle_core::bail!("linear: bias of {} for {o} outputs", b.len())
+        }
         let mut y = if self.has_bias {
-            let mut y = Vec::with_capacity(n * o);
-            for _ in 0..n {
-                y.extend_from_slice(b);
+            // Rows start as the bias (filled on the pool for large outputs), the product adds.
+            let mut y = Vec::<f32>::with_capacity(n * o);
+            let rows = (CHUNK / o.max(1)).max(1) * o.max(1);
+            let fill = |c: &mut [MaybeUninit<f32>]| {
+                for row in c.chunks_mut(o.max(1)) {
+                    for (d, &v) in row.iter_mut().zip(b) {
+                        d.write(v);
+                    }
+                }
+            };
+            let spare = &mut y.spare_capacity_mut()[..n * o];
+            if spare.len() > rows && rayon::current_num_threads() > 1 {
+                spare.par_chunks_mut(rows).for_each(fill);
+            } else {
+                fill(spare);
             }
+            // SAFETY: every one of the `n` rows of `o` was written from the bias (`b` has `o`
+            // elements: checked by `dims`).
+            unsafe { y.set_len(n * o) };
             gemm_into(n, o, k, &mut y, true, xm, wt, par);
             y
         } else {
@@ -139,14 +158,31 @@ impl CustomOp3 for LinearOp {
             // an input of exactly 0 candle's `relu` would pass it).
             let g: Cow<[f32]> = if self.relu {
                 with_f32(res, "linear backward", |y| {
-                    let mut gr = g.to_vec();
-                    chunked(&mut gr, |at, c| {
-                        for (v, &y) in c.iter_mut().zip(&y[at..]) {
-                            if y <= 0.0 {
-                                *v = 0.0;
-                            }
+                    if y.len() != g.len() {
+                        candle_core::bail!(
+                            "linear backward: {} outputs, {} gradients",
+                            y.len(),
+                            g.len()
+                        )
+                    }
+                    // One pass, written once: the gradient where the output is positive.
+                    let mut gr = Vec::<f32>::with_capacity(g.len());
+                    let pass = |at: usize, c: &mut [MaybeUninit<f32>]| {
+                        for ((d, &gv), &yv) in c.iter_mut().zip(&g[at..]).zip(&y[at..]) {
+                            d.write(if yv > 0.0 { gv } else { 0.0 });
                         }
-                    });
+                    };
+                    let spare = &mut gr.spare_capacity_mut()[..g.len()];
+                    if spare.len() > CHUNK && rayon::current_num_threads() > 1 {
+                        spare
+                            .par_chunks_mut(CHUNK)
+                            .enumerate()
+                            .for_each(|(i, c)| pass(i * CHUNK, c));
+                    } else {
+                        pass(0, spare);
+                    }
+                    // SAFETY: `pass` wrote all `g.len()` elements (`y` is as long, checked).
+                    unsafe { gr.set_len(g.len()) };
                     Ok(Cow::Owned(gr))
                 })?
             } else {

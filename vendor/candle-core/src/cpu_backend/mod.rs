@@ -972,7 +972,12 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+fn copy_strided_src_<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) {
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]
@@ -1008,6 +1013,28 @@ fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l
         } => {
             let n_blocks = block_start_index.len();
             let dst = &mut dst[dst_offset..dst_offset + n_blocks * block_len];
+            // relprune patch: a large copy of many blocks (a transpose made contiguous, e.g.
+            // attention's heads) is split over the caller's rayon pool, whole blocks per unit.
+            if utils::splits_over_rayon(n_blocks * block_len) {
+                let starts: Vec<usize> = block_start_index.collect();
+                let per = utils::PAR_ELEMWISE_CHUNK.div_ceil(block_len);
+                let dst_ptr = dst.as_mut_ptr() as usize;
+                utils::execute_units(n_blocks.div_ceil(per), |range| {
+                    for unit in range {
+                        let first = unit * per;
+                        let last = n_blocks.min(first + per);
+                        for (b, &at) in starts[first..last].iter().enumerate() {
+                            let lo = (first + b) * block_len;
+                            // SAFETY: unit `unit` alone writes blocks first..last of `dst`.
+                            let out = unsafe {
+                                std::slice::from_raw_parts_mut((dst_ptr as *mut T).add(lo), block_len)
+                            };
+                            out.copy_from_slice(&src[at..at + block_len]);
+                        }
+                    }
+                });
+                return;
+            }
             let mut dst_index = 0;
             for src_index in block_start_index {
                 dst[dst_index..dst_index + block_len]

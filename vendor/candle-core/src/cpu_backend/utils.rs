@@ -365,20 +365,31 @@ pub fn unary_map_vec<T: Copy, U: Copy, F: FnMut(T) -> U, FV: FnMut(&[T], &mut [U
 // Below this many logical elements the barrier-pool split costs more than it saves.
 const PAR_ELEMWISE_MIN: usize = 64 * 1024;
 // Per-unit span: big enough to amortize dispatch, small enough to balance.
-const PAR_ELEMWISE_CHUNK: usize = 16 * 1024;
+pub(super) const PAR_ELEMWISE_CHUNK: usize = 16 * 1024;
 
 // relprune patch: inside a rayon pool of more than one thread (a program that runs its work
 // on rayon, as relprune's binaries do), the element-wise split goes to that pool, whose idle
 // workers take it; candle's barrier pool would add spinning threads beside it. Elsewhere,
 // candle's own pool as before. Units write disjoint outputs: the results do not depend on
 // which pool runs them.
-fn execute_units<F: Fn(std::ops::Range<usize>) + Sync>(n_units: usize, f: F) {
-    if rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1 {
+pub(super) fn execute_units<F: Fn(std::ops::Range<usize>) + Sync>(n_units: usize, f: F) {
+    if in_rayon_pool() {
         use rayon::prelude::*;
         (0..n_units).into_par_iter().for_each(|u| f(u..u + 1));
     } else {
         crate::utils::barrier_pool().execute_chunked(n_units, f);
     }
+}
+
+/// Whether the caller runs on a rayon pool of more than one thread.
+fn in_rayon_pool() -> bool {
+    rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1
+}
+
+// relprune patch: whether a copy of `len` elements is split over the caller's rayon pool (only
+// there: candle's own pool keeps its copies on one thread, as before).
+pub(super) fn splits_over_rayon(len: usize) -> bool {
+    len >= PAR_ELEMWISE_MIN && in_rayon_pool()
 }
 
 pub fn unary_map_vec_par<
