@@ -253,15 +253,15 @@ pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 
 
 /// Applies `f(out_rows, in_rows)` to blocks of [`ROWS_PER_BLOCK`] rows of width `d`, in parallel
 /// when the input is large; each call's result is returned in block order.
-fn for_blocks<T: Send>(
-    out: &mut [f32],
+fn for_blocks<E: Send, T: Send>(
+    out: &mut [E],
     inputs: &[&[f32]],
     d: usize,
-    f: impl Fn(&mut [f32], &[&[f32]]) -> T + Sync,
+    f: impl Fn(&mut [E], &[&[f32]]) -> T + Sync,
 ) -> Vec<T> {
     let block = ROWS_PER_BLOCK * d.max(1);
     let blocks = out.len().div_ceil(block);
-    let run = |(i, o): (usize, &mut [f32])| {
+    let run = |(i, o): (usize, &mut [E])| {
         let start = i * block;
         let ins: Vec<&[f32]> = inputs.iter().map(|x| &x[start..start + o.len()]).collect();
         f(o, &ins)
@@ -271,6 +271,16 @@ fn for_blocks<T: Send>(
     } else {
         out.chunks_mut(block).enumerate().map(run).collect()
     }
+}
+
+/// A buffer for `len` elements that the row loops write once each (no zero fill first: it was a
+/// serial `memset` per norm layer), and a check that `len` is whole rows of `d`, so that the
+/// row loops (`chunks_exact_mut(d)`) do reach every element.
+fn row_buffer(len: usize, d: usize, op: &str) -> Result<Vec<f32>> {
+    if (d == 0 && len != 0) || (d > 0 && len % d != 0) {
+        candle_core::bail!("{op}: {len} elements are not rows of {d}")
+    }
+    Ok(Vec::with_capacity(len))
 }
 
 /// Adds the per-block partial sums in block order.
@@ -323,17 +333,23 @@ impl CustomOp3 for LayerNormOp {
         let w = contiguous_f32(s2, l2, "layer_norm")?;
         let b = contiguous_f32(s3, l3, "layer_norm")?;
         let d = w.len();
-        let mut y = vec![0f32; x.len()];
+        if b.len() != d {
+            candle_core::bail!("layer_norm: bias of {} for weight of {d}", b.len())
+        }
+        let mut y = row_buffer(x.len(), d, "layer_norm")?;
         if d > 0 {
-            for_blocks(&mut y, &[x], d, |y, ins| {
+            let spare = &mut y.spare_capacity_mut()[..x.len()];
+            for_blocks(spare, &[x], d, |y, ins| {
                 for (yr, xr) in y.chunks_exact_mut(d).zip(ins[0].chunks_exact(d)) {
                     let (mean, rstd) = moments(xr, self.eps);
                     for (((o, &v), &wi), &bi) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                        *o = (v - mean) * rstd * wi + bi;
+                        o.write((v - mean) * rstd * wi + bi);
                     }
                 }
             });
         }
+        // SAFETY: `row_buffer` checked that the length is whole rows; every row was written.
+        unsafe { y.set_len(x.len()) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -350,13 +366,14 @@ impl CustomOp3 for LayerNormOp {
         let (gx, gwb) = with_f32(x, "layer_norm backward", |xs| {
             with_f32(w, "layer_norm backward", |ws| {
                 with_f32(grad, "layer_norm backward", |gs| {
-                    let mut gx = vec![0f32; xs.len()];
+                    let mut gx = row_buffer(xs.len(), d, "layer_norm backward")?;
                     if d == 0 {
                         return Ok((gx, vec![0f32; 0]));
                     }
                     let inv_d = 1.0 / d as f32;
                     // Per block: dx of its rows, and its partial [Σ g·x̂ | Σ g].
-                    let parts = for_blocks(&mut gx, &[xs, gs], d, |gx, ins| {
+                    let spare = &mut gx.spare_capacity_mut()[..xs.len()];
+                    let parts = for_blocks(spare, &[xs, gs], d, |gx, ins| {
                         let mut part = vec![0f32; 2 * d];
                         let (pw, pb) = part.split_at_mut(d);
                         let rows = gx
@@ -375,13 +392,15 @@ impl CustomOp3 for LayerNormOp {
                             let (m_gw, m_gwx) = (a[0] * inv_d, a[1] * rstd * inv_d);
                             for (i, ((o, &v), &g)) in dx.iter_mut().zip(xr).zip(gr).enumerate() {
                                 let xh = (v - mean) * rstd;
-                                *o = rstd * (g * ws[i] - m_gw - xh * m_gwx);
+                                o.write(rstd * (g * ws[i] - m_gw - xh * m_gwx));
                                 pw[i] += g * xh;
                                 pb[i] += g;
                             }
                         }
                         part
                     });
+                    // SAFETY: whole rows (`row_buffer`), every row's dx written.
+                    unsafe { gx.set_len(xs.len()) };
                     Ok((gx, reduce_blocks(&parts, 2 * d)))
                 })
             })
@@ -423,17 +442,20 @@ impl CustomOp2 for RmsNormOp {
         let x = contiguous_f32(s1, l1, "rms_norm")?;
         let w = contiguous_f32(s2, l2, "rms_norm")?;
         let d = w.len();
-        let mut y = vec![0f32; x.len()];
+        let mut y = row_buffer(x.len(), d, "rms_norm")?;
         if d > 0 {
-            for_blocks(&mut y, &[x], d, |y, ins| {
+            let spare = &mut y.spare_capacity_mut()[..x.len()];
+            for_blocks(spare, &[x], d, |y, ins| {
                 for (yr, xr) in y.chunks_exact_mut(d).zip(ins[0].chunks_exact(d)) {
                     let r = rms_scale(xr, self.eps);
                     for ((o, &v), &wi) in yr.iter_mut().zip(xr).zip(w) {
-                        *o = v * r * wi;
+                        o.write(v * r * wi);
                     }
                 }
             });
         }
+        // SAFETY: `row_buffer` checked that the length is whole rows; every row was written.
+        unsafe { y.set_len(x.len()) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -449,12 +471,13 @@ impl CustomOp2 for RmsNormOp {
         let (gx, gw) = with_f32(x, "rms_norm backward", |xs| {
             with_f32(w, "rms_norm backward", |ws| {
                 with_f32(grad, "rms_norm backward", |gs| {
-                    let mut gx = vec![0f32; xs.len()];
+                    let mut gx = row_buffer(xs.len(), d, "rms_norm backward")?;
                     if d == 0 {
                         return Ok((gx, vec![0f32; 0]));
                     }
                     let inv_d = 1.0 / d as f32;
-                    let parts = for_blocks(&mut gx, &[xs, gs], d, |gx, ins| {
+                    let spare = &mut gx.spare_capacity_mut()[..xs.len()];
+                    let parts = for_blocks(spare, &[xs, gs], d, |gx, ins| {
                         let mut pw = vec![0f32; d];
                         let rows = gx
                             .chunks_exact_mut(d)
@@ -470,12 +493,14 @@ impl CustomOp2 for RmsNormOp {
                             let m = a * r * inv_d;
                             for (i, ((o, &v), &g)) in dx.iter_mut().zip(xr).zip(gr).enumerate() {
                                 let xh = v * r;
-                                *o = r * (g * ws[i] - xh * m);
+                                o.write(r * (g * ws[i] - xh * m));
                                 pw[i] += g * xh;
                             }
                         }
                         pw
                     });
+                    // SAFETY: whole rows (`row_buffer`), every row's dx written.
+                    unsafe { gx.set_len(xs.len()) };
                     Ok((gx, reduce_blocks(&parts, d)))
                 })
             })

@@ -318,7 +318,15 @@ impl AttentionOp {
     /// Runs the forward pass; returns the merged output and the weights.
     fn run_forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let (b, h, t, s, d) = (self.b, self.h, self.t, self.s, self.d);
-        let mut out = vec![0f32; b * t * h * d];
+        let per_unit = t * s;
+        let n_out = b * t * h * d;
+        // The products write every element of the output once (no zero fill first), unless
+        // there are no keys: then zeros.
+        let mut out = if per_unit > 0 {
+            Vec::with_capacity(n_out)
+        } else {
+            vec![0f32; n_out]
+        };
         let mut probs = vec![0f32; b * h * t * s];
         let guard = self.mask.as_ref().map(|m| m.storage_and_layout());
         let mask: MaskView = match &guard {
@@ -332,12 +340,15 @@ impl AttentionOp {
             },
         };
         let shared = SharedOut(out.as_mut_ptr());
-        let per_unit = t * s;
         if per_unit > 0 {
             probs
                 .par_chunks_mut(per_unit)
                 .enumerate()
                 .for_each(|(u, p)| self.forward_dispatch(u, (q, k, v), mask, p, shared));
+            // SAFETY: unit (batch row, head) stored its head's `d` columns of all `t` rows
+            // (every row block sees at least one key, so each product has a depth: gemm
+            // stores without reading), and the `b·h` units cover the output.
+            unsafe { out.set_len(n_out) };
         }
         Ok((out, probs))
     }
