@@ -277,7 +277,7 @@ fn for_blocks<E: Send, T: Send>(
 /// serial `memset` per norm layer), and a check that `len` is whole rows of `d`, so that the
 /// row loops (`chunks_exact_mut(d)`) do reach every element.
 fn row_buffer(len: usize, d: usize, op: &str) -> Result<Vec<f32>> {
-    if (d == 0 && len != 0) || (d > 0 && len % d != 0) {
+    if !len.is_multiple_of(d) {
         candle_core::bail!("{op}: {len} elements are not rows of {d}")
     }
     Ok(Vec::with_capacity(len))
