@@ -346,6 +346,13 @@ impl candle_core::CustomOp1 for FusedSmoothedCe {
                 l
             }
         };
+        if self.targets.len() * c != z.len() {
+            candle_core::bail!(
+                "fused cross-entropy: {} logits for {} targets of {c} classes",
+                z.len(),
+                self.targets.len()
+            )
+        }
         // Written once by the row loops, with no zero fill first (a serial `memset` of the
         // positions × vocabulary matrix otherwise).
         let mut g = Vec::<f32>::with_capacity(z.len());
