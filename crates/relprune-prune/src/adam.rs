@@ -219,20 +219,27 @@ fn fused_step(
     st: &mut AdamState,
 ) -> Result<()> {
     let g = g.to_dtype(DType::F32)?.contiguous()?;
-    // ĝ in our own buffer (it becomes the update direction later).
-    let (gm, _) = buffer(&mut st.work, w)?;
-    match mask {
-        Some(m) => gm.inplace_op3(&g, m, &MaskedCopy)?,
-        None => gm.inplace_op2(&g, &CopyOp)?,
-    }
-    if cfg.weight_decay > 0.0 && !cfg.decoupled_weight_decay {
-        gm.inplace_op2(
-            w,
-            &AxpyOp {
-                a: cfg.weight_decay as f32,
-            },
-        )?;
-    }
+    let l2 = cfg.weight_decay > 0.0 && !cfg.decoupled_weight_decay;
+    // ĝ: the gradient itself when nothing masks it or adds to it (the passes below only read
+    // it), else a masked copy (plus the L2 term) in our own buffer.
+    let gm = if mask.is_none() && !l2 {
+        g
+    } else {
+        let (gm, _) = buffer(&mut st.work, w)?;
+        match mask {
+            Some(m) => gm.inplace_op3(&g, m, &MaskedCopy)?,
+            None => gm.inplace_op2(&g, &CopyOp)?,
+        }
+        if l2 {
+            gm.inplace_op2(
+                w,
+                &AxpyOp {
+                    a: cfg.weight_decay as f32,
+                },
+            )?;
+        }
+        gm
+    };
     // Relevance scores (instantaneous or smoothed) before ĝ is overwritten.
     let scores = match reg {
         Some(r) => {
