@@ -9,7 +9,6 @@
 //! count (each element is computed alone anyway).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Elements per parallel task.
@@ -137,9 +136,8 @@ pub fn has_avx512() -> bool {
 fn map2<E: Elementwise>(a: &[f32], b: &[f32]) -> Vec<f32> {
     let n = a.len();
     assert_eq!(b.len(), n);
-    // Written once, element by element, with no zero fill first.
-    let mut out = Vec::<f32>::with_capacity(n);
-    let run = |o: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]| {
+    let run = |at: usize, o: &mut [MaybeUninit<f32>]| {
+        let (a, b) = (&a[at..at + o.len()], &b[at..at + o.len()]);
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: AVX-512F, AVX2 and FMA were detected on this CPU.
@@ -154,18 +152,8 @@ fn map2<E: Elementwise>(a: &[f32], b: &[f32]) -> Vec<f32> {
         }
         map2_generic::<E>(o, a, b)
     };
-    let spare = &mut out.spare_capacity_mut()[..n];
-    if n <= CHUNK {
-        run(spare, a, b);
-    } else {
-        spare
-            .par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| run(o, a, b));
-    }
-    // SAFETY: `run` wrote each of the first `n` elements (the chunks cover them all).
-    unsafe { out.set_len(n) };
-    out
+    // SAFETY: `run` writes every element of its chunk (`map2_generic` checks the lengths).
+    unsafe { crate::ops::filled_in_chunks(n, CHUNK, run) }
 }
 
 #[cfg(target_arch = "x86_64")]

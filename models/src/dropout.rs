@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use candle_core::Tensor;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha12Rng;
-use rayon::prelude::*;
 
 /// Mask elements per parallel task (and per generator position jump).
 const CHUNK: usize = 1 << 14;
@@ -69,26 +68,20 @@ impl DropoutRng {
             (st.0, st.1 - 1)
         };
         let key = Self::key(self.seed, stream);
-        let fill = |j: usize, out: &mut [f32]| {
+        let fill = |at: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
             let mut rng = ChaCha12Rng::from_seed(key);
             rng.set_stream(draw);
-            rng.set_word_pos((j * CHUNK) as u128);
+            rng.set_word_pos(at as u128);
             for v in out {
-                *v = if (rng.next_u32() as u64) < cut {
+                v.write(if (rng.next_u32() as u64) < cut {
                     0.0
                 } else {
                     scale
-                };
+                });
             }
         };
-        let mut mask = vec![0f32; x.elem_count()];
-        if mask.len() > CHUNK {
-            mask.par_chunks_mut(CHUNK)
-                .enumerate()
-                .for_each(|(j, c)| fill(j, c));
-        } else {
-            fill(0, &mut mask);
-        }
+        // SAFETY: `fill` writes every element of its chunk.
+        let mask = unsafe { crate::ops::filled_in_chunks(x.elem_count(), CHUNK, fill) };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
     }

@@ -17,7 +17,9 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, gemm_into, gemm_new, gemm_parallelism, with_f32, Mat};
+use super::{
+    contiguous_f32, filled_in_chunks, gemm_into, gemm_new, gemm_parallelism, with_f32, Mat,
+};
 
 /// Elements per task of the element-wise passes (ReLU, its gradient, the bias gradient's
 /// columns), which run on the pool for large outputs.
@@ -110,24 +112,17 @@ impl CustomOp3 for LinearOp {
         }
         let mut y = if self.has_bias {
             // Rows start as the bias (filled on the pool for large outputs), the product adds.
-            let mut y = Vec::<f32>::with_capacity(n * o);
             let rows = (CHUNK / o.max(1)).max(1) * o.max(1);
-            let fill = |c: &mut [MaybeUninit<f32>]| {
+            let fill = |_: usize, c: &mut [MaybeUninit<f32>]| {
                 for row in c.chunks_mut(o.max(1)) {
                     for (d, &v) in row.iter_mut().zip(b) {
                         d.write(v);
                     }
                 }
             };
-            let spare = &mut y.spare_capacity_mut()[..n * o];
-            if spare.len() > rows && rayon::current_num_threads() > 1 {
-                spare.par_chunks_mut(rows).for_each(fill);
-            } else {
-                fill(spare);
-            }
-            // SAFETY: every one of the `n` rows of `o` was written from the bias (`b` has `o`
-            // elements: checked by `dims`).
-            unsafe { y.set_len(n * o) };
+            // SAFETY: chunks are whole rows of `o` (a multiple of `o` long), each row written
+            // from the bias, which has `o` elements (checked above).
+            let mut y = unsafe { filled_in_chunks(n * o, rows, fill) };
             gemm_into(n, o, k, &mut y, true, xm, wt, par);
             y
         } else {
@@ -166,23 +161,14 @@ impl CustomOp3 for LinearOp {
                         )
                     }
                     // One pass, written once: the gradient where the output is positive.
-                    let mut gr = Vec::<f32>::with_capacity(g.len());
                     let pass = |at: usize, c: &mut [MaybeUninit<f32>]| {
                         for ((d, &gv), &yv) in c.iter_mut().zip(&g[at..]).zip(&y[at..]) {
                             d.write(if yv > 0.0 { gv } else { 0.0 });
                         }
                     };
-                    let spare = &mut gr.spare_capacity_mut()[..g.len()];
-                    if spare.len() > CHUNK && rayon::current_num_threads() > 1 {
-                        spare
-                            .par_chunks_mut(CHUNK)
-                            .enumerate()
-                            .for_each(|(i, c)| pass(i * CHUNK, c));
-                    } else {
-                        pass(0, spare);
-                    }
-                    // SAFETY: `pass` wrote all `g.len()` elements (`y` is as long, checked).
-                    unsafe { gr.set_len(g.len()) };
+                    // SAFETY: `y` and `g` are as long as the buffer (checked), so `pass` writes
+                    // every element of its chunk.
+                    let gr = unsafe { filled_in_chunks(g.len(), CHUNK, pass) };
                     Ok(Cow::Owned(gr))
                 })?
             } else {

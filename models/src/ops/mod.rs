@@ -181,6 +181,37 @@ unsafe fn gemm_raw(
     )
 }
 
+/// A new buffer of `len` floats that `fill(offset, chunk)` writes, chunk by chunk: chunks of
+/// `chunk` elements (the last shorter) on the pool when there are several and the pool has more
+/// than one thread, on the caller otherwise — the same chunks either way, so element-wise fills
+/// give the same bits on any thread count. No zero fill first.
+///
+/// # Safety
+/// `fill` must write every element of each chunk it is given.
+pub(crate) unsafe fn filled_in_chunks(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    let mut out = Vec::with_capacity(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    if len > chunk && rayon::current_num_threads() > 1 {
+        spare
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| fill(i * chunk, c));
+    } else {
+        for (i, c) in spare.chunks_mut(chunk).enumerate() {
+            fill(i * chunk, c);
+        }
+    }
+    // SAFETY: the chunks cover all `len` elements and the caller's `fill` wrote each.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// The pool `gemm` splits one product over: rayon's (so `--threads` and installed pools
 /// apply), or none for products too small to pay for handing work out.
 pub(crate) fn gemm_parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
