@@ -15,8 +15,8 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use relprune_core::kernel::with_cpu_f32;
-use relprune_core::SelectiveDecay;
+use relprune_core::kernel::{score, with_cpu_f32};
+use relprune_core::{Gate, Penalty, Relevance, SelectiveDecay};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::kernels::{
@@ -240,8 +240,16 @@ fn fused_step(
         }
         gm
     };
-    // Relevance scores (instantaneous or smoothed) before ĝ is overwritten.
+    // Relevance scores. A soft or all-weights gate on the instantaneous scores needs no
+    // threshold over the whole tensor, so the pass below computes each score where it uses it
+    // (no score buffer written and read back: a third less memory traffic per step); smoothed
+    // scores are state, and a hard gate's threshold needs every score first.
+    let inline = reg.is_some_and(|r| r.ema_beta == 0.0 && !matches!(r.gate, Gate::Hard { .. }));
     let scores = match reg {
+        Some(_) if inline => {
+            st.scores = None;
+            None
+        }
         Some(r) => {
             let smoothed = r.ema_beta > 0.0;
             let slot = if smoothed {
@@ -288,12 +296,20 @@ fn fused_step(
         } else {
             0.0
         },
-        reg: scores.as_ref().zip(reg).map(|((_, thr), r)| (r, *thr)),
+        // The gates computed in the pass have no threshold (`+∞`, as `threshold_of_scores`).
+        reg: reg.map(|r| (r, scores.as_ref().map_or(f32::INFINITY, |(_, thr)| *thr))),
+    };
+    // The scores' source when the pass computes them: ĝ, or the relevance given instead.
+    let inline_src = if inline {
+        relevance.or(Some(&gm))
+    } else {
+        None
     };
     let score_src = scores.as_ref().map(|(s, _)| s);
+    let relevance_kind = reg.map(|r| r.relevance);
     with_cpu_f32(&gm, |g| {
         with_opt_f32(mask, |k| {
-            with_opt_f32(score_src, |sc| {
+            with_opt_f32(score_src.or(inline_src), |sc| {
                 with_mut3((w, &m1, &m2), |w, m1, m2| {
                     let n = w.len();
                     let lens = [m1.len(), m2.len(), g.len(), k.map_or(n, <[f32]>::len)];
@@ -301,7 +317,11 @@ fn fused_step(
                     check_len("adam step", n, &[sc.map_or(n, <[f32]>::len)])?;
                     par_chunks3((w, m1, m2), |r, w, m1, m2| {
                         let k = k.map(|k| &k[r.clone()]);
-                        let sc = sc.map(|s| &s[r.clone()]);
+                        let sc = match (sc, relevance_kind) {
+                            (Some(s), Some(rel)) if inline => Scores::Of(rel, &s[r.clone()]),
+                            (Some(s), _) => Scores::Stored(&s[r.clone()]),
+                            (None, _) => Scores::None,
+                        };
                         op.run((w, m1, m2), &g[r], k, sc)
                     });
                     Ok(())
@@ -344,7 +364,7 @@ impl AdamPass {
         wm: (&mut [f32], &mut [f32], &mut [f32]),
         g: &[f32],
         k: Option<&[f32]>,
-        s: Option<&[f32]>,
+        s: Scores,
     ) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") {
@@ -354,41 +374,141 @@ impl AdamPass {
                 wm: (&mut [f32], &mut [f32], &mut [f32]),
                 g: &[f32],
                 k: Option<&[f32]>,
-                s: Option<&[f32]>,
+                s: Scores,
             ) {
-                op.body(wm, g, k, s)
+                op.scored(wm, g, k, s)
             }
             // SAFETY: the feature was detected on this CPU.
             return unsafe { avx512(self, wm, g, k, s) };
         }
-        self.body(wm, g, k, s)
+        self.scored(wm, g, k, s)
+    }
+
+    /// [`Self::body`] for this pass's regularizer, with its gate and penalty rebuilt as
+    /// constants: where the loop is compiled, `gate_value` and `pull` then fold to one
+    /// expression, and the loop has no branch left and vectorizes (the same bits: each element
+    /// is computed by the same operations, none fused).
+    #[inline(always)]
+    fn scored(
+        &self,
+        wm: (&mut [f32], &mut [f32], &mut [f32]),
+        g: &[f32],
+        k: Option<&[f32]>,
+        s: Scores,
+    ) {
+        let Some((r, thr)) = self.reg else {
+            return self.masked(wm, g, k, s, None);
+        };
+        let fixed = |gate, penalty| Some((SelectiveDecay { gate, penalty, ..r }, thr));
+        match (r.gate, r.penalty) {
+            (Gate::Soft, Penalty::L2) => self.masked(wm, g, k, s, fixed(Gate::Soft, Penalty::L2)),
+            (Gate::Soft, Penalty::L1) => self.masked(wm, g, k, s, fixed(Gate::Soft, Penalty::L1)),
+            (Gate::All, Penalty::L2) => self.masked(wm, g, k, s, fixed(Gate::All, Penalty::L2)),
+            (Gate::All, Penalty::L1) => self.masked(wm, g, k, s, fixed(Gate::All, Penalty::L1)),
+            (Gate::Hard { stat, tau }, Penalty::L2) => {
+                self.masked(wm, g, k, s, fixed(Gate::Hard { stat, tau }, Penalty::L2))
+            }
+            (Gate::Hard { stat, tau }, Penalty::L1) => {
+                self.masked(wm, g, k, s, fixed(Gate::Hard { stat, tau }, Penalty::L1))
+            }
+        }
+    }
+
+    /// [`Self::body`] with the mask's presence and the scores' source known where it is
+    /// compiled.
+    #[inline(always)]
+    fn masked(
+        &self,
+        wm: (&mut [f32], &mut [f32], &mut [f32]),
+        g: &[f32],
+        k: Option<&[f32]>,
+        s: Scores,
+        reg: Option<(SelectiveDecay, f32)>,
+    ) {
+        match k {
+            Some(k) => self.sourced(wm, g, Some(k), s, reg),
+            None => self.sourced(wm, g, None, s, reg),
+        }
+    }
+
+    /// [`Self::body`] with the score of element `i` (of weight `w`) read or computed by a
+    /// closure whose relevance is a constant.
+    #[inline(always)]
+    fn sourced(
+        &self,
+        wm: (&mut [f32], &mut [f32], &mut [f32]),
+        g: &[f32],
+        k: Option<&[f32]>,
+        s: Scores,
+        reg: Option<(SelectiveDecay, f32)>,
+    ) {
+        let n = wm.0.len();
+        match s {
+            Scores::None => self.body(wm, g, k, |_, _| 0.0, reg),
+            Scores::Stored(s) => {
+                let s = &s[..n];
+                self.body(wm, g, k, |i, _| s[i], reg)
+            }
+            Scores::Of(rel, src) => {
+                let src = &src[..n];
+                match rel {
+                    Relevance::Gradient => {
+                        let f = |i: usize, w| score(Relevance::Gradient, w, src[i]);
+                        self.body(wm, g, k, f, reg)
+                    }
+                    Relevance::Taylor => {
+                        let f = |i: usize, w| score(Relevance::Taylor, w, src[i]);
+                        self.body(wm, g, k, f, reg)
+                    }
+                    Relevance::OutputSensitivity => {
+                        let f = |i: usize, w| score(Relevance::OutputSensitivity, w, src[i]);
+                        self.body(wm, g, k, f, reg)
+                    }
+                }
+            }
+        }
     }
 
     /// [`Self::run`]'s loop, compiled for the CPU it runs on (element by element: the same
-    /// bits whatever the vector width; no fused multiply-adds, which would change them).
+    /// bits whatever the vector width; no fused multiply-adds, which would change them). Every
+    /// slice is cut to the weights' length first, so that indexing needs no bounds check.
     #[inline(always)]
     fn body(
         &self,
         (w, m1, m2): (&mut [f32], &mut [f32], &mut [f32]),
         g: &[f32],
         k: Option<&[f32]>,
-        s: Option<&[f32]>,
+        score_of: impl Fn(usize, f32) -> f32,
+        reg: Option<(SelectiveDecay, f32)>,
     ) {
         let (b1, c1, b2, c2) = (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2);
-        let reg = self.reg.as_ref().map(|(r, thr)| (r, *thr));
-        let elems = w.iter_mut().zip(m1.iter_mut()).zip(m2.iter_mut());
-        for (i, ((w, m1), m2)) in elems.enumerate() {
+        let n = w.len();
+        let (m1, m2, g, k) = (&mut m1[..n], &mut m2[..n], &g[..n], k.map(|k| &k[..n]));
+        let reg = reg.as_ref().map(|(r, thr)| (r, *thr));
+        for i in 0..n {
             let g = g[i];
-            let (a, b) = (b1 * *m1 + c1 * g, b2 * *m2 + c2 * g * g);
-            (*m1, *m2) = match k {
+            let (a, b) = (b1 * m1[i] + c1 * g, b2 * m2[i] + c2 * g * g);
+            (m1[i], m2[i]) = match k {
                 Some(k) => (a * k[i], b * k[i]),
                 None => (a, b),
             };
-            let u = (*m1 / self.bc1) / ((*m2 / self.bc2).sqrt() + self.eps);
-            let s = s.map_or(0.0, |s| s[i]);
-            *w = updated(*w, u, s, self.lr, self.weight_decay, reg);
+            let u = (m1[i] / self.bc1) / ((m2[i] / self.bc2).sqrt() + self.eps);
+            // The score of the weight before its step, as the stored scores are.
+            let s = score_of(i, w[i]);
+            w[i] = updated(w[i], u, s, self.lr, self.weight_decay, reg);
         }
     }
+}
+
+/// Where [`AdamPass`] finds each weight's relevance score.
+#[derive(Clone, Copy)]
+enum Scores<'a> {
+    /// No regularizer.
+    None,
+    /// Computed beforehand (smoothed, or for a hard gate's threshold).
+    Stored(&'a [f32]),
+    /// Computed in the pass from the weight and this source (ĝ or the relevance given).
+    Of(Relevance, &'a [f32]),
 }
 
 fn generic_step(
@@ -453,4 +573,71 @@ fn generic_step(
         new_w = (new_w * m)?;
     }
     Ok(new_w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_computed_in_the_pass_give_the_bits_of_stored_scores() {
+        let n = 1000;
+        let val = |i: usize, a: f32| (i as f32 * a).sin() * 0.7;
+        let g: Vec<f32> = (0..n).map(|i| val(i, 0.37)).collect();
+        let src: Vec<f32> = (0..n).map(|i| val(i, 1.3) * 2.0).collect();
+        for relevance in [Relevance::Gradient, Relevance::Taylor] {
+            for gate in [Gate::Soft, Gate::All] {
+                for penalty in [Penalty::L2, Penalty::L1] {
+                    let reg = SelectiveDecay {
+                        gate,
+                        relevance,
+                        penalty,
+                        lambda: 0.3,
+                        ..Default::default()
+                    };
+                    let op = AdamPass {
+                        beta1: 0.9,
+                        beta2: 0.999,
+                        bc1: 0.1,
+                        bc2: 0.001,
+                        eps: 1e-8,
+                        lr: 0.01,
+                        weight_decay: 0.0,
+                        reg: Some((reg, f32::INFINITY)),
+                    };
+                    let fresh = || {
+                        let w: Vec<f32> = (0..n).map(|i| val(i, 0.11)).collect();
+                        (w, vec![0.01f32; n], vec![0.02f32; n])
+                    };
+                    let (mut w1, mut a1, mut b1) = fresh();
+                    let stored: Vec<f32> = w1
+                        .iter()
+                        .zip(&src)
+                        .map(|(&w, &r)| score(relevance, w, r))
+                        .collect();
+                    op.run(
+                        (&mut w1, &mut a1, &mut b1),
+                        &g,
+                        None,
+                        Scores::Stored(&stored),
+                    );
+                    let (mut w2, mut a2, mut b2) = fresh();
+                    op.run(
+                        (&mut w2, &mut a2, &mut b2),
+                        &g,
+                        None,
+                        Scores::Of(relevance, &src),
+                    );
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&w1), bits(&w2), "{relevance:?} {gate:?} {penalty:?}");
+                    assert_eq!((bits(&a1), bits(&b1)), (bits(&a2), bits(&b2)));
+                    // The regularizer did act: the weights differ from an unregularized step.
+                    let plain = AdamPass { reg: None, ..op };
+                    let (mut w3, mut a3, mut b3) = fresh();
+                    plain.run((&mut w3, &mut a3, &mut b3), &g, None, Scores::None);
+                    assert_ne!(bits(&w1), bits(&w3));
+                }
+            }
+        }
+    }
 }
