@@ -16,11 +16,12 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use relprune_core::kernel::{score, with_cpu_f32};
-use relprune_core::{Gate, Penalty, Relevance, SelectiveDecay};
+use relprune_core::{Gate, SelectiveDecay};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::kernels::{
-    check_len, par_chunks3, updated, with_mut3, AxpyOp, CopyOp, MaskedCopy, SmoothOp,
+    check_len, par_chunks3, updated, with_constant_kinds, with_constant_relevance, with_mut3,
+    AxpyOp, CopyOp, MaskedCopy, RegularizedLoop, SmoothOp,
 };
 use crate::optim::{buffer, for_each_step_input, owned_f32, split_state_key, validated};
 use crate::{Masks, Optimizer, ParamSet, Result};
@@ -306,7 +307,6 @@ fn fused_step(
         None
     };
     let score_src = scores.as_ref().map(|(s, _)| s);
-    let relevance_kind = reg.map(|r| r.relevance);
     with_cpu_f32(&gm, |g| {
         with_opt_f32(mask, |k| {
             with_opt_f32(score_src.or(inline_src), |sc| {
@@ -317,10 +317,10 @@ fn fused_step(
                     check_len("adam step", n, &[sc.map_or(n, <[f32]>::len)])?;
                     par_chunks3((w, m1, m2), |r, w, m1, m2| {
                         let k = k.map(|k| &k[r.clone()]);
-                        let sc = match (sc, relevance_kind) {
-                            (Some(s), Some(rel)) if inline => Scores::Of(rel, &s[r.clone()]),
-                            (Some(s), _) => Scores::Stored(&s[r.clone()]),
-                            (None, _) => Scores::None,
+                        let sc = match sc {
+                            Some(s) if inline => Scores::Of(&s[r.clone()]),
+                            Some(s) => Scores::Stored(&s[r.clone()]),
+                            None => Scores::None,
                         };
                         op.run((w, m1, m2), &g[r], k, sc)
                     });
@@ -384,10 +384,8 @@ impl AdamPass {
         self.scored(wm, g, k, s)
     }
 
-    /// [`Self::body`] for this pass's regularizer, with its gate and penalty rebuilt as
-    /// constants: where the loop is compiled, `gate_value` and `pull` then fold to one
-    /// expression, and the loop has no branch left and vectorizes (the same bits: each element
-    /// is computed by the same operations, none fused).
+    /// [`Self::body`] for this pass's regularizer with its kinds as constants
+    /// ([`with_constant_kinds`]: the loop vectorizes).
     #[inline(always)]
     fn scored(
         &self,
@@ -396,22 +394,14 @@ impl AdamPass {
         k: Option<&[f32]>,
         s: Scores,
     ) {
-        let Some((r, thr)) = self.reg else {
-            return self.masked(wm, g, k, s, None);
+        let body = AdamLoop {
+            op: self,
+            wm,
+            g,
+            k,
+            s,
         };
-        let fixed = |gate, penalty| Some((SelectiveDecay { gate, penalty, ..r }, thr));
-        match (r.gate, r.penalty) {
-            (Gate::Soft, Penalty::L2) => self.masked(wm, g, k, s, fixed(Gate::Soft, Penalty::L2)),
-            (Gate::Soft, Penalty::L1) => self.masked(wm, g, k, s, fixed(Gate::Soft, Penalty::L1)),
-            (Gate::All, Penalty::L2) => self.masked(wm, g, k, s, fixed(Gate::All, Penalty::L2)),
-            (Gate::All, Penalty::L1) => self.masked(wm, g, k, s, fixed(Gate::All, Penalty::L1)),
-            (Gate::Hard { stat, tau }, Penalty::L2) => {
-                self.masked(wm, g, k, s, fixed(Gate::Hard { stat, tau }, Penalty::L2))
-            }
-            (Gate::Hard { stat, tau }, Penalty::L1) => {
-                self.masked(wm, g, k, s, fixed(Gate::Hard { stat, tau }, Penalty::L1))
-            }
-        }
+        with_constant_kinds(self.reg, body)
     }
 
     /// [`Self::body`] with the mask's presence and the scores' source known where it is
@@ -449,22 +439,15 @@ impl AdamPass {
                 let s = &s[..n];
                 self.body(wm, g, k, |i, _| s[i], reg)
             }
-            Scores::Of(rel, src) => {
-                let src = &src[..n];
-                match rel {
-                    Relevance::Gradient => {
-                        let f = |i: usize, w| score(Relevance::Gradient, w, src[i]);
-                        self.body(wm, g, k, f, reg)
-                    }
-                    Relevance::Taylor => {
-                        let f = |i: usize, w| score(Relevance::Taylor, w, src[i]);
-                        self.body(wm, g, k, f, reg)
-                    }
-                    Relevance::OutputSensitivity => {
-                        let f = |i: usize, w| score(Relevance::OutputSensitivity, w, src[i]);
-                        self.body(wm, g, k, f, reg)
-                    }
-                }
+            Scores::Of(src) => {
+                let body = ComputedScores {
+                    op: self,
+                    wm,
+                    g,
+                    k,
+                    src: &src[..n],
+                };
+                with_constant_relevance(reg, body)
             }
         }
     }
@@ -500,6 +483,41 @@ impl AdamPass {
     }
 }
 
+/// [`AdamPass`]'s loop over one chunk, run by [`with_constant_kinds`].
+struct AdamLoop<'a> {
+    op: &'a AdamPass,
+    wm: (&'a mut [f32], &'a mut [f32], &'a mut [f32]),
+    g: &'a [f32],
+    k: Option<&'a [f32]>,
+    s: Scores<'a>,
+}
+
+impl RegularizedLoop for AdamLoop<'_> {
+    #[inline(always)]
+    fn run(self, reg: Option<(SelectiveDecay, f32)>) {
+        self.op.masked(self.wm, self.g, self.k, self.s, reg)
+    }
+}
+
+/// [`AdamPass`]'s loop with scores computed from `src`, run by [`with_constant_relevance`].
+struct ComputedScores<'a> {
+    op: &'a AdamPass,
+    wm: (&'a mut [f32], &'a mut [f32], &'a mut [f32]),
+    g: &'a [f32],
+    k: Option<&'a [f32]>,
+    src: &'a [f32],
+}
+
+impl RegularizedLoop for ComputedScores<'_> {
+    #[inline(always)]
+    fn run(self, reg: Option<(SelectiveDecay, f32)>) {
+        let src = self.src;
+        let relevance = reg.map(|(r, _)| r.relevance);
+        let score_of = |i: usize, w| relevance.map_or(0.0, |rel| score(rel, w, src[i]));
+        self.op.body(self.wm, self.g, self.k, score_of, reg)
+    }
+}
+
 /// Where [`AdamPass`] finds each weight's relevance score.
 #[derive(Clone, Copy)]
 enum Scores<'a> {
@@ -507,8 +525,9 @@ enum Scores<'a> {
     None,
     /// Computed beforehand (smoothed, or for a hard gate's threshold).
     Stored(&'a [f32]),
-    /// Computed in the pass from the weight and this source (ĝ or the relevance given).
-    Of(Relevance, &'a [f32]),
+    /// Computed in the pass from the weight and this source (ĝ or the relevance given), with
+    /// the regularizer's relevance kind.
+    Of(&'a [f32]),
 }
 
 fn generic_step(
@@ -578,6 +597,7 @@ fn generic_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relprune_core::{Penalty, Relevance};
 
     #[test]
     fn scores_computed_in_the_pass_give_the_bits_of_stored_scores() {
@@ -622,12 +642,7 @@ mod tests {
                         Scores::Stored(&stored),
                     );
                     let (mut w2, mut a2, mut b2) = fresh();
-                    op.run(
-                        (&mut w2, &mut a2, &mut b2),
-                        &g,
-                        None,
-                        Scores::Of(relevance, &src),
-                    );
+                    op.run((&mut w2, &mut a2, &mut b2), &g, None, Scores::Of(&src));
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&w1), bits(&w2), "{relevance:?} {gate:?} {penalty:?}");
                     assert_eq!((bits(&a1), bits(&b1)), (bits(&a2), bits(&b2)));

@@ -9,7 +9,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor};
 use rayon::prelude::*;
 use relprune_core::kernel::{cpu_f32, cpu_f32_mut, score};
-use relprune_core::{Relevance, SelectiveDecay};
+use relprune_core::{Gate, Penalty, Relevance, SelectiveDecay};
 
 /// Elements per unit of work when a kernel's loop is split over the pool: a hand-off costs
 /// microseconds, a chunk takes tens of them; two threads still get several chunks of a layer.
@@ -107,6 +107,65 @@ pub(crate) fn updated(
             let decay = r.lambda as f32 * r.gate_value(s, thr) * r.pull(w);
             w - lr * (u + wd * w) - decay
         }
+    }
+}
+
+/// A loop over one parameter's elements that steps them with [`updated`] and a regularizer.
+pub(crate) trait RegularizedLoop {
+    /// Runs the loop with `reg` (the regularizer and its gate threshold, `None` for none).
+    fn run(self, reg: Option<(SelectiveDecay, f32)>);
+}
+
+/// Runs `body` with the regularizer's gate and penalty rebuilt as constants. Where `body.run`
+/// is inlined (mark it `#[inline(always)]`), `gate_value` and `pull` each fold to one
+/// expression, so the loop has no branch per element left and vectorizes; without this it
+/// matched both kinds per element and ran scalar. The bits are the same: every element is
+/// computed by the same operations.
+#[inline(always)]
+pub(crate) fn with_constant_kinds(reg: Option<(SelectiveDecay, f32)>, body: impl RegularizedLoop) {
+    let Some((r, thr)) = reg else {
+        return body.run(None);
+    };
+    let fixed = |gate, penalty| Some((SelectiveDecay { gate, penalty, ..r }, thr));
+    match (r.gate, r.penalty) {
+        (Gate::Soft, Penalty::L2) => body.run(fixed(Gate::Soft, Penalty::L2)),
+        (Gate::Soft, Penalty::L1) => body.run(fixed(Gate::Soft, Penalty::L1)),
+        (Gate::All, Penalty::L2) => body.run(fixed(Gate::All, Penalty::L2)),
+        (Gate::All, Penalty::L1) => body.run(fixed(Gate::All, Penalty::L1)),
+        (Gate::Hard { stat, tau }, Penalty::L2) => {
+            body.run(fixed(Gate::Hard { stat, tau }, Penalty::L2))
+        }
+        (Gate::Hard { stat, tau }, Penalty::L1) => {
+            body.run(fixed(Gate::Hard { stat, tau }, Penalty::L1))
+        }
+    }
+}
+
+/// Runs `body` with the regularizer's relevance kind rebuilt as a constant (for [`score`]
+/// inside its loop), as [`with_constant_kinds`] does for the gate and penalty.
+#[inline(always)]
+pub(crate) fn with_constant_relevance(
+    reg: Option<(SelectiveDecay, f32)>,
+    body: impl RegularizedLoop,
+) {
+    let Some((r, thr)) = reg else {
+        return body.run(None);
+    };
+    let fixed = |relevance| Some((SelectiveDecay { relevance, ..r }, thr));
+    match r.relevance {
+        Relevance::Gradient => body.run(fixed(Relevance::Gradient)),
+        Relevance::Taylor => body.run(fixed(Relevance::Taylor)),
+        Relevance::OutputSensitivity => body.run(fixed(Relevance::OutputSensitivity)),
+    }
+}
+
+/// A loop run through [`with_constant_kinds`] once its relevance kind is fixed.
+pub(crate) struct KindsThen<L>(pub(crate) L);
+
+impl<L: RegularizedLoop> RegularizedLoop for KindsThen<L> {
+    #[inline(always)]
+    fn run(self, reg: Option<(SelectiveDecay, f32)>) {
+        with_constant_kinds(reg, self.0)
     }
 }
 
@@ -317,16 +376,77 @@ impl InplaceOp3 for StepOp {
                     }
                 }
                 (Some(r), nesterov) => {
-                    let (rel, smoothed) = (r.relevance, self.smoothed);
-                    for ((w, &u), &x) in w.iter_mut().zip(u).zip(x) {
-                        let step = if nesterov { x + mu * u } else { u };
-                        let s = if smoothed { x } else { score(rel, *w, x) };
-                        *w = updated(*w, step, s, lr, wd, Some((&r, thr)));
-                    }
+                    let body = RegularizedStep {
+                        w,
+                        u,
+                        x,
+                        lr,
+                        mu,
+                        wd,
+                        nesterov,
+                        smoothed: self.smoothed,
+                    };
+                    self.regularized(body, r, thr)
                 }
             }
         });
         Ok(())
+    }
+}
+
+impl StepOp {
+    /// The regularized step's loop, compiled for AVX-512 where the CPU has it (the same bits:
+    /// no fused multiply-adds).
+    fn regularized(&self, body: RegularizedStep, r: SelectiveDecay, thr: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(body: RegularizedStep, r: SelectiveDecay, thr: f32) {
+                with_constant_relevance(Some((r, thr)), KindsThen(body))
+            }
+            // SAFETY: the feature was detected on this CPU.
+            return unsafe { avx512(body, r, thr) };
+        }
+        with_constant_relevance(Some((r, thr)), KindsThen(body))
+    }
+}
+
+/// [`StepOp`]'s regularized loop over one chunk: `w` stepped by `u` (or `x + μu`, Nesterov),
+/// scores from `x` (smoothed) or from `w` and `x`.
+struct RegularizedStep<'a> {
+    w: &'a mut [f32],
+    u: &'a [f32],
+    x: &'a [f32],
+    lr: f32,
+    mu: f32,
+    wd: f32,
+    nesterov: bool,
+    smoothed: bool,
+}
+
+impl RegularizedLoop for RegularizedStep<'_> {
+    #[inline(always)]
+    fn run(self, reg: Option<(SelectiveDecay, f32)>) {
+        let Some((r, thr)) = reg else {
+            return;
+        };
+        let n = self.w.len();
+        let (w, u, x) = (self.w, &self.u[..n], &self.x[..n]);
+        let (lr, mu, wd) = (self.lr, self.mu, self.wd);
+        for i in 0..n {
+            // Both sides are computed and one is kept: a select, not a branch.
+            let step = if self.nesterov {
+                x[i] + mu * u[i]
+            } else {
+                u[i]
+            };
+            let s = if self.smoothed {
+                x[i]
+            } else {
+                score(r.relevance, w[i], x[i])
+            };
+            w[i] = updated(w[i], step, s, lr, wd, Some((&r, thr)));
+        }
     }
 }
 
