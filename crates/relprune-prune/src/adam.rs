@@ -221,9 +221,15 @@ fn fused_step(
 ) -> Result<()> {
     let g = g.to_dtype(DType::F32)?.contiguous()?;
     let l2 = cfg.weight_decay > 0.0 && !cfg.decoupled_weight_decay;
-    // ĝ: the gradient itself when nothing masks it or adds to it (the passes below only read
-    // it), else a masked copy (plus the L2 term) in our own buffer.
-    let gm = if mask.is_none() && !l2 {
+    // A soft or all-weights gate on the instantaneous scores needs no threshold over the whole
+    // tensor, so the pass below computes each score where it uses it (no score buffer written
+    // and read back); smoothed scores are state, and a hard gate's threshold needs every score
+    // first.
+    let inline = reg.is_some_and(|r| r.ema_beta == 0.0 && !matches!(r.gate, Gate::Hard { .. }));
+    // ĝ: the pass masks the gradient itself (it reads the mask anyway) unless something before
+    // it needs ĝ (stored scores) or adds to it (the L2 term); then a masked copy (plus the L2
+    // term) in our own buffer, which the pass's masking leaves bit for bit (masks are 0 or 1).
+    let gm = if !l2 && (mask.is_none() || reg.is_none() || inline) {
         g
     } else {
         let (gm, _) = buffer(&mut st.work, w)?;
@@ -241,11 +247,6 @@ fn fused_step(
         }
         gm
     };
-    // Relevance scores. A soft or all-weights gate on the instantaneous scores needs no
-    // threshold over the whole tensor, so the pass below computes each score where it uses it
-    // (no score buffer written and read back: a third less memory traffic per step); smoothed
-    // scores are state, and a hard gate's threshold needs every score first.
-    let inline = reg.is_some_and(|r| r.ema_beta == 0.0 && !matches!(r.gate, Gate::Hard { .. }));
     let scores = match reg {
         Some(_) if inline => {
             st.scores = None;
@@ -300,16 +301,15 @@ fn fused_step(
         // The gates computed in the pass have no threshold (`+∞`, as `threshold_of_scores`).
         reg: reg.map(|r| (r, scores.as_ref().map_or(f32::INFINITY, |(_, thr)| *thr))),
     };
-    // The scores' source when the pass computes them: ĝ, or the relevance given instead.
-    let inline_src = if inline {
-        relevance.or(Some(&gm))
-    } else {
-        None
+    // The scores' source: stored, the relevance given, or (with neither) ĝ in the pass.
+    let score_src = match (&scores, inline) {
+        (Some((s, _)), _) => Some(s),
+        (None, true) => relevance,
+        (None, false) => None,
     };
-    let score_src = scores.as_ref().map(|(s, _)| s);
     with_cpu_f32(&gm, |g| {
         with_opt_f32(mask, |k| {
-            with_opt_f32(score_src.or(inline_src), |sc| {
+            with_opt_f32(score_src, |sc| {
                 with_mut3((w, &m1, &m2), |w, m1, m2| {
                     let n = w.len();
                     let lens = [m1.len(), m2.len(), g.len(), k.map_or(n, <[f32]>::len)];
@@ -320,6 +320,7 @@ fn fused_step(
                         let sc = match sc {
                             Some(s) if inline => Scores::Of(&s[r.clone()]),
                             Some(s) => Scores::Stored(&s[r.clone()]),
+                            None if inline => Scores::OfGradient,
                             None => Scores::None,
                         };
                         op.run((w, m1, m2), &g[r], k, sc)
@@ -434,10 +435,10 @@ impl AdamPass {
     ) {
         let n = wm.0.len();
         match s {
-            Scores::None => self.body(wm, g, k, |_, _| 0.0, reg),
+            Scores::None => self.body(wm, g, k, |_, _, _| 0.0, reg),
             Scores::Stored(s) => {
                 let s = &s[..n];
-                self.body(wm, g, k, |i, _| s[i], reg)
+                self.body(wm, g, k, |i, _, _| s[i], reg)
             }
             Scores::Of(src) => {
                 let body = ComputedScores {
@@ -445,7 +446,17 @@ impl AdamPass {
                     wm,
                     g,
                     k,
-                    src: &src[..n],
+                    src: Some(&src[..n]),
+                };
+                with_constant_relevance(reg, body)
+            }
+            Scores::OfGradient => {
+                let body = ComputedScores {
+                    op: self,
+                    wm,
+                    g,
+                    k,
+                    src: None,
                 };
                 with_constant_relevance(reg, body)
             }
@@ -461,7 +472,7 @@ impl AdamPass {
         (w, m1, m2): (&mut [f32], &mut [f32], &mut [f32]),
         g: &[f32],
         k: Option<&[f32]>,
-        score_of: impl Fn(usize, f32) -> f32,
+        score_of: impl Fn(usize, f32, f32) -> f32,
         reg: Option<(SelectiveDecay, f32)>,
     ) {
         let (b1, c1, b2, c2) = (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2);
@@ -469,7 +480,10 @@ impl AdamPass {
         let (m1, m2, g, k) = (&mut m1[..n], &mut m2[..n], &g[..n], k.map(|k| &k[..n]));
         let reg = reg.as_ref().map(|(r, thr)| (r, *thr));
         for i in 0..n {
-            let g = g[i];
+            let g = match k {
+                Some(k) => g[i] * k[i],
+                None => g[i],
+            };
             let (a, b) = (b1 * m1[i] + c1 * g, b2 * m2[i] + c2 * g * g);
             (m1[i], m2[i]) = match k {
                 Some(k) => (a * k[i], b * k[i]),
@@ -477,7 +491,7 @@ impl AdamPass {
             };
             let u = (m1[i] / self.bc1) / ((m2[i] / self.bc2).sqrt() + self.eps);
             // The score of the weight before its step, as the stored scores are.
-            let s = score_of(i, w[i]);
+            let s = score_of(i, w[i], g);
             w[i] = updated(w[i], u, s, self.lr, self.weight_decay, reg);
         }
     }
@@ -499,22 +513,32 @@ impl RegularizedLoop for AdamLoop<'_> {
     }
 }
 
-/// [`AdamPass`]'s loop with scores computed from `src`, run by [`with_constant_relevance`].
+/// [`AdamPass`]'s loop with scores computed from `src`, or from ĝ without one, run by
+/// [`with_constant_relevance`].
 struct ComputedScores<'a> {
     op: &'a AdamPass,
     wm: (&'a mut [f32], &'a mut [f32], &'a mut [f32]),
     g: &'a [f32],
     k: Option<&'a [f32]>,
-    src: &'a [f32],
+    src: Option<&'a [f32]>,
 }
 
 impl RegularizedLoop for ComputedScores<'_> {
     #[inline(always)]
     fn run(self, reg: Option<(SelectiveDecay, f32)>) {
-        let src = self.src;
-        let relevance = reg.map(|(r, _)| r.relevance);
-        let score_of = |i: usize, w| relevance.map_or(0.0, |rel| score(rel, w, src[i]));
-        self.op.body(self.wm, self.g, self.k, score_of, reg)
+        let Some(rel) = reg.map(|(r, _)| r.relevance) else {
+            return self.op.body(self.wm, self.g, self.k, |_, _, _| 0.0, None);
+        };
+        match self.src {
+            Some(src) => {
+                let score_of = |i: usize, w, _| score(rel, w, src[i]);
+                self.op.body(self.wm, self.g, self.k, score_of, reg)
+            }
+            None => {
+                let score_of = |_, w, g| score(rel, w, g);
+                self.op.body(self.wm, self.g, self.k, score_of, reg)
+            }
+        }
     }
 }
 
@@ -525,9 +549,11 @@ enum Scores<'a> {
     None,
     /// Computed beforehand (smoothed, or for a hard gate's threshold).
     Stored(&'a [f32]),
-    /// Computed in the pass from the weight and this source (ĝ or the relevance given), with
-    /// the regularizer's relevance kind.
+    /// Computed in the pass from the weight and this relevance source, with the regularizer's
+    /// relevance kind.
     Of(&'a [f32]),
+    /// Computed in the pass from the weight and ĝ.
+    OfGradient,
 }
 
 fn generic_step(
@@ -600,7 +626,7 @@ mod tests {
     use relprune_core::{Penalty, Relevance};
 
     #[test]
-    fn scores_computed_in_the_pass_give_the_bits_of_stored_scores() {
+    fn scores_and_masking_done_in_the_pass_give_the_bits_of_stored_scores_and_masked_copies() {
         let n = 1000;
         let val = |i: usize, a: f32| (i as f32 * a).sin() * 0.7;
         let g: Vec<f32> = (0..n).map(|i| val(i, 0.37)).collect();
@@ -646,6 +672,32 @@ mod tests {
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&w1), bits(&w2), "{relevance:?} {gate:?} {penalty:?}");
                     assert_eq!((bits(&a1), bits(&b1)), (bits(&a2), bits(&b2)));
+                    // With a mask: ĝ masked in the pass, scores from it, against a gradient
+                    // masked before and its stored scores (what a hard gate's path does).
+                    let k: Vec<f32> = (0..n).map(|i| (i % 3 != 0) as u8 as f32).collect();
+                    let gk: Vec<f32> = g.iter().zip(&k).map(|(g, k)| g * k).collect();
+                    let (mut w4, mut a4, mut b4) = fresh();
+                    let stored: Vec<f32> = w4
+                        .iter()
+                        .zip(&gk)
+                        .map(|(&w, &g)| score(relevance, w, g))
+                        .collect();
+                    let sc = Scores::Stored(&stored);
+                    op.run((&mut w4, &mut a4, &mut b4), &gk, Some(&k), sc);
+                    let (mut w5, mut a5, mut b5) = fresh();
+                    op.run(
+                        (&mut w5, &mut a5, &mut b5),
+                        &g,
+                        Some(&k),
+                        Scores::OfGradient,
+                    );
+                    assert_eq!(
+                        bits(&w4),
+                        bits(&w5),
+                        "masked {relevance:?} {gate:?} {penalty:?}"
+                    );
+                    assert_eq!((bits(&a4), bits(&b4)), (bits(&a5), bits(&b5)));
+                    assert_ne!(bits(&w4), bits(&w1));
                     // The regularizer did act: the weights differ from an unregularized step.
                     let plain = AdamPass { reg: None, ..op };
                     let (mut w3, mut a3, mut b3) = fresh();
