@@ -36,6 +36,9 @@ struct AttentionOp {
     mask: Option<Tensor>,
     /// The attention weights `(B, H, T, S)` of the last forward pass, for the backward.
     probs: Mutex<Option<Vec<f32>>>,
+    /// Whether a backward can follow (an input tracks a variable): only then are the weights
+    /// kept; in inference each task reuses one row block's worth.
+    keep_probs: bool,
 }
 
 /// A raw output pointer shared by tasks that write disjoint elements of it.
@@ -153,8 +156,13 @@ impl AttentionOp {
                 rs: d,
                 cs: 1,
             };
-            // Weights past `e` stay as allocated: zero.
-            let block = &mut p[r0 * s..r1 * s];
+            // Kept weights past `e` stay as allocated: zero (the backward reads them). A
+            // reused block is only read up to `e`.
+            let block = if self.keep_probs {
+                &mut p[r0 * s..r1 * s]
+            } else {
+                &mut p[..rows * s]
+            };
             gemm_rows(
                 rows,
                 e,
@@ -327,7 +335,11 @@ impl AttentionOp {
         } else {
             vec![0f32; n_out]
         };
-        let mut probs = vec![0f32; b * h * t * s];
+        let mut probs = if self.keep_probs {
+            vec![0f32; b * h * t * s]
+        } else {
+            Vec::new()
+        };
         let guard = self.mask.as_ref().map(|m| m.storage_and_layout());
         let mask: MaskView = match &guard {
             None => None,
@@ -340,11 +352,21 @@ impl AttentionOp {
             },
         };
         let shared = SharedOut(out.as_mut_ptr());
-        if per_unit > 0 {
+        if per_unit > 0 && self.keep_probs {
             probs
                 .par_chunks_mut(per_unit)
                 .enumerate()
                 .for_each(|(u, p)| self.forward_dispatch(u, (q, k, v), mask, p, shared));
+        } else if per_unit > 0 {
+            // Inference: one row block of weights per task, reused, instead of a (B, H, T, S)
+            // buffer that is written once and freed (hundreds of MB at long sequences).
+            let block = ROW_BLOCK.min(t) * s;
+            (0..b * h).into_par_iter().for_each_init(
+                || vec![0f32; block],
+                |p, u| self.forward_dispatch(u, (q, k, v), mask, p, shared),
+            );
+        }
+        if per_unit > 0 {
             // SAFETY: unit (batch row, head) stored its head's `d` columns of all `t` rows
             // (every row block sees at least one key, so each product has a depth: gemm
             // stores without reading), and the `b·h` units cover the output.
@@ -416,8 +438,10 @@ impl CustomOp3 for AttentionOp {
         let k = contiguous_f32(s2, l2, "attention")?;
         let v = contiguous_f32(s3, l3, "attention")?;
         let (out, probs) = self.run_forward(q, k, v)?;
-        if let Ok(mut slot) = self.probs.lock() {
-            *slot = Some(probs);
+        if self.keep_probs {
+            if let Ok(mut slot) = self.probs.lock() {
+                *slot = Some(probs);
+            }
         }
         Ok((
             CpuStorage::F32(out),
@@ -596,6 +620,7 @@ pub fn attention(
             scale: scale as f32,
             mask,
             probs: Mutex::new(None),
+            keep_probs: q.track_op() || k.track_op() || v.track_op(),
         },
     )
 }
@@ -724,6 +749,40 @@ mod tests {
         let (a, b) = (on(1), on(2));
         for (x, y) in a.iter().zip(&b) {
             assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+    }
+
+    #[test]
+    fn inference_without_kept_weights_gives_the_bits_of_the_training_forward() {
+        let causal = crate::attention::causal_mask(150, 0, &Device::Cpu).unwrap();
+        let keys = Tensor::from_vec(
+            (0..2 * 140)
+                .map(|i| if i >= 90 { -1e9f32 } else { 0.0 })
+                .collect::<Vec<_>>(),
+            (2, 1, 1, 140),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (dims, mask) in [
+            ((1, 6, 3, 150, 150, 8), Some(&causal)),
+            ((2, 2, 1, 70, 140, 4), Some(&keys)),
+            ((3, 2, 2, 4, 11, 16), None),
+        ] {
+            let (b, h, g, t, s, d) = dims;
+            let (q, k, v) = (
+                filled(&[b, h, t, d], 1),
+                filled(&[b, g, s, d], 2),
+                filled(&[b, g, s, d], 3),
+            );
+            let kept = run(fused, dims, mask).swap_remove(0);
+            let y = attention(&q, &k, &v, mask, 0.35).unwrap();
+            let inferred = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(kept.len(), inferred.len());
+            let same = kept
+                .iter()
+                .zip(&inferred)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dims:?}");
         }
     }
 
