@@ -323,7 +323,16 @@ fn fused_step(
                             None if inline => Scores::OfGradient,
                             None => Scores::None,
                         };
-                        op.run((w, m1, m2), &g[r], k, sc)
+                        op.run(
+                            Chunk {
+                                w,
+                                m1,
+                                m2,
+                                g: &g[r],
+                                k,
+                            },
+                            sc,
+                        )
                     });
                     Ok(())
                 })
@@ -356,110 +365,56 @@ struct AdamPass {
     reg: Option<(SelectiveDecay, f32)>,
 }
 
+/// One chunk of a parameter as [`AdamPass`] sees it: the weights and both moments (updated),
+/// the gradient and the mask, if any.
+struct Chunk<'a> {
+    w: &'a mut [f32],
+    m1: &'a mut [f32],
+    m2: &'a mut [f32],
+    g: &'a [f32],
+    k: Option<&'a [f32]>,
+}
+
 impl AdamPass {
-    /// `m₁ ← (β₁ m₁ + (1−β₁) ĝ) ⊙ k`, `m₂ ← (β₂ m₂ + (1−β₂) ĝ²) ⊙ k` (with a mask `k`),
-    /// `u = (m₁/bc₁) / (√(m₂/bc₂) + ε)`, then the step of `w` (with the scores `s` when
+    /// `ĝ = g ⊙ k`, `m₁ ← (β₁ m₁ + (1−β₁) ĝ) ⊙ k`, `m₂ ← (β₂ m₂ + (1−β₂) ĝ²) ⊙ k` (with a mask
+    /// `k`), `u = (m₁/bc₁) / (√(m₂/bc₂) + ε)`, then the step of `w` (with the scores `s` when
     /// regularized).
-    fn run(
-        &self,
-        wm: (&mut [f32], &mut [f32], &mut [f32]),
-        g: &[f32],
-        k: Option<&[f32]>,
-        s: Scores,
-    ) {
+    fn run(&self, c: Chunk, s: Scores) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") {
             #[target_feature(enable = "avx512f")]
-            unsafe fn avx512(
-                op: &AdamPass,
-                wm: (&mut [f32], &mut [f32], &mut [f32]),
-                g: &[f32],
-                k: Option<&[f32]>,
-                s: Scores,
-            ) {
-                op.scored(wm, g, k, s)
+            unsafe fn avx512(op: &AdamPass, c: Chunk, s: Scores) {
+                with_constant_kinds(op.reg, AdamLoop { op, c, s })
             }
             // SAFETY: the feature was detected on this CPU.
-            return unsafe { avx512(self, wm, g, k, s) };
+            return unsafe { avx512(self, c, s) };
         }
-        self.scored(wm, g, k, s)
+        with_constant_kinds(self.reg, AdamLoop { op: self, c, s })
     }
 
-    /// [`Self::body`] for this pass's regularizer with its kinds as constants
-    /// ([`with_constant_kinds`]: the loop vectorizes).
+    /// [`Self::body`] with the scores' source and (for computed scores) the relevance kind
+    /// known where it is compiled.
     #[inline(always)]
-    fn scored(
-        &self,
-        wm: (&mut [f32], &mut [f32], &mut [f32]),
-        g: &[f32],
-        k: Option<&[f32]>,
-        s: Scores,
-    ) {
-        let body = AdamLoop {
-            op: self,
-            wm,
-            g,
-            k,
-            s,
-        };
-        with_constant_kinds(self.reg, body)
-    }
-
-    /// [`Self::body`] with the mask's presence and the scores' source known where it is
-    /// compiled.
-    #[inline(always)]
-    fn masked(
-        &self,
-        wm: (&mut [f32], &mut [f32], &mut [f32]),
-        g: &[f32],
-        k: Option<&[f32]>,
-        s: Scores,
-        reg: Option<(SelectiveDecay, f32)>,
-    ) {
-        match k {
-            Some(k) => self.sourced(wm, g, Some(k), s, reg),
-            None => self.sourced(wm, g, None, s, reg),
-        }
-    }
-
-    /// [`Self::body`] with the score of element `i` (of weight `w`) read or computed by a
-    /// closure whose relevance is a constant.
-    #[inline(always)]
-    fn sourced(
-        &self,
-        wm: (&mut [f32], &mut [f32], &mut [f32]),
-        g: &[f32],
-        k: Option<&[f32]>,
-        s: Scores,
-        reg: Option<(SelectiveDecay, f32)>,
-    ) {
-        let n = wm.0.len();
+    fn sourced(&self, c: Chunk, s: Scores, reg: Option<(SelectiveDecay, f32)>) {
+        let n = c.w.len();
         match s {
-            Scores::None => self.body(wm, g, k, |_, _, _| 0.0, reg),
+            Scores::None => self.body(c, |_, _, _| 0.0, reg),
             Scores::Stored(s) => {
                 let s = &s[..n];
-                self.body(wm, g, k, |i, _, _| s[i], reg)
+                self.body(c, |i, _, _| s[i], reg)
             }
             Scores::Of(src) => {
-                let body = ComputedScores {
-                    op: self,
-                    wm,
-                    g,
-                    k,
-                    src: Some(&src[..n]),
-                };
-                with_constant_relevance(reg, body)
+                let src = Some(&src[..n]);
+                with_constant_relevance(reg, ComputedScores { op: self, c, src })
             }
-            Scores::OfGradient => {
-                let body = ComputedScores {
+            Scores::OfGradient => with_constant_relevance(
+                reg,
+                ComputedScores {
                     op: self,
-                    wm,
-                    g,
-                    k,
+                    c,
                     src: None,
-                };
-                with_constant_relevance(reg, body)
-            }
+                },
+            ),
         }
     }
 
@@ -469,15 +424,14 @@ impl AdamPass {
     #[inline(always)]
     fn body(
         &self,
-        (w, m1, m2): (&mut [f32], &mut [f32], &mut [f32]),
-        g: &[f32],
-        k: Option<&[f32]>,
+        c: Chunk,
         score_of: impl Fn(usize, f32, f32) -> f32,
         reg: Option<(SelectiveDecay, f32)>,
     ) {
         let (b1, c1, b2, c2) = (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2);
-        let n = w.len();
-        let (m1, m2, g, k) = (&mut m1[..n], &mut m2[..n], &g[..n], k.map(|k| &k[..n]));
+        let n = c.w.len();
+        let (w, m1, m2) = (c.w, &mut c.m1[..n], &mut c.m2[..n]);
+        let (g, k) = (&c.g[..n], c.k.map(|k| &k[..n]));
         let reg = reg.as_ref().map(|(r, thr)| (r, *thr));
         for i in 0..n {
             let g = match k {
@@ -500,16 +454,19 @@ impl AdamPass {
 /// [`AdamPass`]'s loop over one chunk, run by [`with_constant_kinds`].
 struct AdamLoop<'a> {
     op: &'a AdamPass,
-    wm: (&'a mut [f32], &'a mut [f32], &'a mut [f32]),
-    g: &'a [f32],
-    k: Option<&'a [f32]>,
+    c: Chunk<'a>,
     s: Scores<'a>,
 }
 
 impl RegularizedLoop for AdamLoop<'_> {
     #[inline(always)]
     fn run(self, reg: Option<(SelectiveDecay, f32)>) {
-        self.op.masked(self.wm, self.g, self.k, self.s, reg)
+        // One copy per mask presence, so that the loop does not test it per element.
+        let AdamLoop { op, c, s } = self;
+        match c.k {
+            Some(k) => op.sourced(Chunk { k: Some(k), ..c }, s, reg),
+            None => op.sourced(Chunk { k: None, ..c }, s, reg),
+        }
     }
 }
 
@@ -517,9 +474,7 @@ impl RegularizedLoop for AdamLoop<'_> {
 /// [`with_constant_relevance`].
 struct ComputedScores<'a> {
     op: &'a AdamPass,
-    wm: (&'a mut [f32], &'a mut [f32], &'a mut [f32]),
-    g: &'a [f32],
-    k: Option<&'a [f32]>,
+    c: Chunk<'a>,
     src: Option<&'a [f32]>,
 }
 
@@ -527,17 +482,11 @@ impl RegularizedLoop for ComputedScores<'_> {
     #[inline(always)]
     fn run(self, reg: Option<(SelectiveDecay, f32)>) {
         let Some(rel) = reg.map(|(r, _)| r.relevance) else {
-            return self.op.body(self.wm, self.g, self.k, |_, _, _| 0.0, None);
+            return self.op.body(self.c, |_, _, _| 0.0, None);
         };
         match self.src {
-            Some(src) => {
-                let score_of = |i: usize, w, _| score(rel, w, src[i]);
-                self.op.body(self.wm, self.g, self.k, score_of, reg)
-            }
-            None => {
-                let score_of = |_, w, g| score(rel, w, g);
-                self.op.body(self.wm, self.g, self.k, score_of, reg)
-            }
+            Some(src) => self.op.body(self.c, |i, w, _| score(rel, w, src[i]), reg),
+            None => self.op.body(self.c, |_, w, g| score(rel, w, g), reg),
         }
     }
 }
@@ -625,6 +574,16 @@ mod tests {
     use super::*;
     use relprune_core::{Penalty, Relevance};
 
+    fn chunk<'a>(
+        w: &'a mut [f32],
+        m1: &'a mut [f32],
+        m2: &'a mut [f32],
+        g: &'a [f32],
+        k: Option<&'a [f32]>,
+    ) -> Chunk<'a> {
+        Chunk { w, m1, m2, g, k }
+    }
+
     #[test]
     fn scores_and_masking_done_in_the_pass_give_the_bits_of_stored_scores_and_masked_copies() {
         let n = 1000;
@@ -662,13 +621,11 @@ mod tests {
                         .map(|(&w, &r)| score(relevance, w, r))
                         .collect();
                     op.run(
-                        (&mut w1, &mut a1, &mut b1),
-                        &g,
-                        None,
+                        chunk(&mut w1, &mut a1, &mut b1, &g, None),
                         Scores::Stored(&stored),
                     );
                     let (mut w2, mut a2, mut b2) = fresh();
-                    op.run((&mut w2, &mut a2, &mut b2), &g, None, Scores::Of(&src));
+                    op.run(chunk(&mut w2, &mut a2, &mut b2, &g, None), Scores::Of(&src));
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&w1), bits(&w2), "{relevance:?} {gate:?} {penalty:?}");
                     assert_eq!((bits(&a1), bits(&b1)), (bits(&a2), bits(&b2)));
@@ -683,12 +640,10 @@ mod tests {
                         .map(|(&w, &g)| score(relevance, w, g))
                         .collect();
                     let sc = Scores::Stored(&stored);
-                    op.run((&mut w4, &mut a4, &mut b4), &gk, Some(&k), sc);
+                    op.run(chunk(&mut w4, &mut a4, &mut b4, &gk, Some(&k)), sc);
                     let (mut w5, mut a5, mut b5) = fresh();
                     op.run(
-                        (&mut w5, &mut a5, &mut b5),
-                        &g,
-                        Some(&k),
+                        chunk(&mut w5, &mut a5, &mut b5, &g, Some(&k)),
                         Scores::OfGradient,
                     );
                     assert_eq!(
@@ -701,7 +656,7 @@ mod tests {
                     // The regularizer did act: the weights differ from an unregularized step.
                     let plain = AdamPass { reg: None, ..op };
                     let (mut w3, mut a3, mut b3) = fresh();
-                    plain.run((&mut w3, &mut a3, &mut b3), &g, None, Scores::None);
+                    plain.run(chunk(&mut w3, &mut a3, &mut b3, &g, None), Scores::None);
                     assert_ne!(bits(&w1), bits(&w3));
                 }
             }

@@ -678,6 +678,14 @@ mod tests {
         ]
     }
 
+    /// A key mask `(2, 1, 1, 140)`: batch row 0 sees its first `n` keys, row 1 none.
+    fn first_keys_seen(n: usize) -> Tensor {
+        let m: Vec<f32> = (0..2 * 140)
+            .map(|i| if i >= n { -1e9 } else { 0.0 })
+            .collect();
+        Tensor::from_vec(m, (2, 1, 1, 140), &Device::Cpu).unwrap()
+    }
+
     fn fused(q: &Tensor, k: &Tensor, m: Option<&Tensor>, v: &Tensor, s: f64) -> Result<Tensor> {
         attention(q, k, v, m, s)
     }
@@ -702,14 +710,7 @@ mod tests {
         let long_causal = crate::attention::causal_mask(150, 0, &Device::Cpu).unwrap();
         // Batch row 0 sees its first 90 keys, row 1 none at all (its weights spread over
         // hidden keys, as the plain formula gives).
-        let long_keys = Tensor::from_vec(
-            (0..2 * 140)
-                .map(|i| if i >= 90 { -1e9f32 } else { 0.0 })
-                .collect::<Vec<_>>(),
-            (2, 1, 1, 140),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let long_keys = first_keys_seen(90);
         for (dims, mask) in [
             ((2, 4, 4, 9, 9, 8), Some(&key_mask)),
             ((2, 4, 4, 9, 9, 8), Some(&causal)),
@@ -755,14 +756,7 @@ mod tests {
     #[test]
     fn inference_without_kept_weights_gives_the_bits_of_the_training_forward() {
         let causal = crate::attention::causal_mask(150, 0, &Device::Cpu).unwrap();
-        let keys = Tensor::from_vec(
-            (0..2 * 140)
-                .map(|i| if i >= 90 { -1e9f32 } else { 0.0 })
-                .collect::<Vec<_>>(),
-            (2, 1, 1, 140),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let keys = first_keys_seen(90);
         for (dims, mask) in [
             ((1, 6, 3, 150, 150, 8), Some(&causal)),
             ((2, 2, 1, 70, 140, 4), Some(&keys)),
