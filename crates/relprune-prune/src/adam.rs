@@ -99,8 +99,9 @@ impl MaskedAdam {
         self.fused = fused;
     }
 
-    /// Keeps each parameter's scratch buffer (the masked gradient) between steps: the default,
-    /// no allocation per step. Off, it is freed after every step, which leaves one
+    /// Keeps each parameter's scratch buffer (the masked gradient, where stored scores or the
+    /// L2 term need one; otherwise the pass masks the gradient itself) between steps: the
+    /// default, no allocation per step. Off, it is freed after every step, which leaves one
     /// gradient-sized copy of the trained weights less in memory between batches.
     pub fn set_keep_scratch(&mut self, keep: bool) {
         self.keep_scratch = keep;
