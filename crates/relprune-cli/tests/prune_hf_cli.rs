@@ -500,7 +500,7 @@ fn a_hub_id_missing_from_the_offline_cache_is_a_clear_error() {
 }
 
 #[test]
-fn an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one() {
+fn an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one_whatever_the_memory_policy() {
     let dir = TempDir::new().unwrap();
     let text = dir.path().join("text.txt");
     std::fs::write(&text, sentences(40, 0)).unwrap();
@@ -530,6 +530,25 @@ fn an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one() {
     assert!(!run.status.success());
     assert!(stderr(&run).contains("--resume"), "{}", stderr(&run));
 
+    // An unknown allocator policy is refused before any work, naming the flag.
+    let run = relprune(
+        &[
+            "prune-hf",
+            "--resume",
+            s(&work),
+            "--out",
+            s(&out),
+            "--memory",
+            "huge",
+        ],
+        &[],
+    );
+    assert!(!run.status.success());
+    assert!(stderr(&run).contains("--memory"), "{}", stderr(&run));
+    assert!(work.join("checkpoint.safetensors").is_file());
+
+    // Resumed with another allocator policy (not a setting of the run: not named as ignored,
+    // and the result is the same bytes).
     let run = relprune(
         &[
             "prune-hf",
@@ -538,10 +557,13 @@ fn an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one() {
             "--out",
             s(&out),
             "--quiet",
+            "--memory",
+            "lean",
         ],
         &[],
     );
     assert!(run.status.success(), "{}", stderr(&run));
+    assert!(!stderr(&run).contains("ignoring"), "{}", stderr(&run));
     assert!(
         !work.exists(),
         "the work directory is removed after success"

@@ -2,6 +2,40 @@
 
 use serde_json::{json, Map, Value};
 
+/// How freed buffers are treated during a run (`relprune prune-hf --memory`): peak memory
+/// against time. glibc only; elsewhere both are the system allocator's own policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum Memory {
+    /// Every freed buffer over 128 KiB goes back to the system ([`return_freed_buffers`]): the
+    /// lowest peak, at a page fault per page of every new buffer (MiniLM at 50% on one
+    /// thread: 801 MB peak, 751 s, 29% of it in the kernel).
+    Lean,
+    /// glibc's own adaptive policy: freed buffers up to the largest freed so far are reused
+    /// (MiniLM at 50%: 1,090 MB peak, 571 s, 4 s in the kernel).
+    Adaptive,
+}
+
+impl Memory {
+    /// The default for a model: lean for decoder LMs, whose runs are held to a memory budget
+    /// (docs/LLM.md), adaptive for encoders and translation models.
+    pub fn default_for(decoder_lm: bool) -> Self {
+        if decoder_lm {
+            Self::Lean
+        } else {
+            Self::Adaptive
+        }
+    }
+
+    /// Sets the allocator's policy for this process; call before the run allocates.
+    pub fn apply(self) {
+        match self {
+            Self::Lean => return_freed_buffers(),
+            Self::Adaptive => {}
+        }
+    }
+}
+
 /// Makes glibc give every large freed buffer back to the system at once. glibc raises its mmap
 /// threshold after each large free, after which a training step's activation buffers come from
 /// the heap and stay resident once freed (MiniLM: 413 MB resident between batches instead of
