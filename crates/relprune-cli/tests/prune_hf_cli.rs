@@ -530,38 +530,19 @@ fn an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one_whatever_the_memo
     assert!(!run.status.success());
     assert!(stderr(&run).contains("--resume"), "{}", stderr(&run));
 
+    let resume = |memory: &str| {
+        let args = ["prune-hf", "--resume", s(&work), "--out", s(&out)];
+        relprune(&[&args[..], &["--quiet", "--memory", memory]].concat(), &[])
+    };
     // An unknown allocator policy is refused before any work, naming the flag.
-    let run = relprune(
-        &[
-            "prune-hf",
-            "--resume",
-            s(&work),
-            "--out",
-            s(&out),
-            "--memory",
-            "huge",
-        ],
-        &[],
-    );
+    let run = resume("huge");
     assert!(!run.status.success());
     assert!(stderr(&run).contains("--memory"), "{}", stderr(&run));
     assert!(work.join("checkpoint.safetensors").is_file());
 
     // Resumed with another allocator policy (not a setting of the run: not named as ignored,
     // and the result is the same bytes).
-    let run = relprune(
-        &[
-            "prune-hf",
-            "--resume",
-            s(&work),
-            "--out",
-            s(&out),
-            "--quiet",
-            "--memory",
-            "lean",
-        ],
-        &[],
-    );
+    let run = resume("lean");
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(!stderr(&run).contains("ignoring"), "{}", stderr(&run));
     assert!(
