@@ -203,11 +203,8 @@ fn check_counters(journal: &Journal, tensors: &HashMap<String, Tensor>, path: &P
                 ));
             }
         } else if let Some(param) = name.strip_prefix("mask/") {
-            if let Some(v) = values(name, t)?.iter().find(|v| **v != 0.0 && **v != 1.0) {
-                return Err(file_err(
-                    path,
-                    format!("mask `{param}` holds {v}: masks hold only 0 and 1"),
-                ));
+            if let Some(complaint) = crate::mask::not_binary(param, values(name, t)?) {
+                return Err(file_err(path, complaint));
             }
             match tensors.get(&format!("param/{param}")) {
                 Some(p) if p.dims() == t.dims() => {}

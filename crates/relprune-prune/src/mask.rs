@@ -44,8 +44,16 @@ impl Masks {
         Ok(m)
     }
 
-    /// Masks from saved tensors by parameter name (e.g. read back from a checkpoint).
+    /// Masks from saved tensors by parameter name (e.g. read back from a checkpoint); every
+    /// value must be 0 or 1 (the optimizers' fused passes mask with them, and may apply a mask
+    /// twice).
     pub fn from_tensors(masks: BTreeMap<String, Tensor>) -> Result<Self> {
+        for (name, t) in &masks {
+            let values = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            if let Some(complaint) = not_binary(name, values) {
+                return Err(Error::Config(complaint));
+            }
+        }
         let mut m = Self {
             masks,
             full: BTreeSet::new(),
@@ -296,4 +304,10 @@ enum Landing {
     Exact,
     /// At least the target.
     AtLeast,
+}
+
+/// What is wrong with the mask of `param` holding `values`, if anything but 0 and 1 is there.
+pub(crate) fn not_binary(param: &str, values: impl IntoIterator<Item = f64>) -> Option<String> {
+    let v = values.into_iter().find(|&v| v != 0.0 && v != 1.0)?;
+    Some(format!("mask `{param}` holds {v}: masks hold only 0 and 1"))
 }

@@ -946,3 +946,17 @@ fn optimizer_steps_give_the_same_bits_on_one_thread_and_on_two() {
         assert!(same, "{name}: the steps differ between one thread and two");
     }
 }
+
+#[test]
+fn masks_from_tensors_refuse_values_other_than_zero_and_one_naming_the_parameter() {
+    let ok = Tensor::new(&[1f32, 0.0, 1.0], &Device::Cpu).unwrap();
+    let half = Tensor::new(&[1f32, 0.5, 0.0], &Device::Cpu).unwrap();
+    let masks = |t: &Tensor| {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("lin.weight".to_string(), t.clone());
+        Masks::from_tensors(m)
+    };
+    assert!(masks(&ok).is_ok());
+    let err = masks(&half).unwrap_err().to_string();
+    assert!(err.contains("lin.weight") && err.contains("0.5"), "{err}");
+}
