@@ -20,8 +20,8 @@ use relprune_core::{Gate, SelectiveDecay};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::kernels::{
-    check_len, par_chunks3, updated, with_constant_kinds, with_constant_relevance, with_mut3,
-    AxpyOp, CopyOp, MaskedCopy, RegularizedLoop, SmoothOp,
+    check_len, on_widest_vectors, par_chunks3, updated, with_constant_relevance, with_mut3, AxpyOp,
+    ConstantKinds, CopyOp, MaskedCopy, RegularizedLoop, SmoothOp,
 };
 use crate::optim::{buffer, for_each_step_input, owned_f32, split_state_key, validated};
 use crate::{Masks, Optimizer, ParamSet, Result};
@@ -381,16 +381,7 @@ impl AdamPass {
     /// `k`), `u = (m₁/bc₁) / (√(m₂/bc₂) + ε)`, then the step of `w` (with the scores `s` when
     /// regularized).
     fn run(&self, c: Chunk, s: Scores) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512(op: &AdamPass, c: Chunk, s: Scores) {
-                with_constant_kinds(op.reg, AdamLoop { op, c, s })
-            }
-            // SAFETY: the feature was detected on this CPU.
-            return unsafe { avx512(self, c, s) };
-        }
-        with_constant_kinds(self.reg, AdamLoop { op: self, c, s })
+        on_widest_vectors(self.reg, ConstantKinds(AdamLoop { op: self, c, s }))
     }
 
     /// [`Self::body`] with the scores' source and (for computed scores) the relevance kind
@@ -452,7 +443,7 @@ impl AdamPass {
     }
 }
 
-/// [`AdamPass`]'s loop over one chunk, run by [`with_constant_kinds`].
+/// [`AdamPass`]'s loop over one chunk, run through [`ConstantKinds`].
 struct AdamLoop<'a> {
     op: &'a AdamPass,
     c: Chunk<'a>,

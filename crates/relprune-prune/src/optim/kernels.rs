@@ -159,14 +159,50 @@ pub(crate) fn with_constant_relevance(
     }
 }
 
-/// A loop run through [`with_constant_kinds`] once its relevance kind is fixed.
-pub(crate) struct KindsThen<L>(pub(crate) L);
+/// A loop run through [`with_constant_kinds`].
+pub(crate) struct ConstantKinds<L>(pub(crate) L);
 
-impl<L: RegularizedLoop> RegularizedLoop for KindsThen<L> {
+impl<L: RegularizedLoop> RegularizedLoop for ConstantKinds<L> {
     #[inline(always)]
     fn run(self, reg: Option<(SelectiveDecay, f32)>) {
         with_constant_kinds(reg, self.0)
     }
+}
+
+/// A loop run through [`with_constant_relevance`].
+pub(crate) struct ConstantRelevance<L>(pub(crate) L);
+
+impl<L: RegularizedLoop> RegularizedLoop for ConstantRelevance<L> {
+    #[inline(always)]
+    fn run(self, reg: Option<(SelectiveDecay, f32)>) {
+        with_constant_relevance(reg, self.0)
+    }
+}
+
+/// Runs `body` compiled for the widest vectors the CPU has (AVX-512, else AVX2, else the
+/// baseline target). The bits are the same every way: the loops are element by element and
+/// Rust never contracts a multiply and an add into a fused multiply-add, whatever the features.
+pub(crate) fn on_widest_vectors(reg: Option<(SelectiveDecay, f32)>, body: impl RegularizedLoop) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(reg: Option<(SelectiveDecay, f32)>, body: impl RegularizedLoop) {
+            body.run(reg)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(reg: Option<(SelectiveDecay, f32)>, body: impl RegularizedLoop) {
+            body.run(reg)
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected on this CPU.
+            return unsafe { avx512(reg, body) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the feature was detected on this CPU.
+            return unsafe { avx2(reg, body) };
+        }
+    }
+    body.run(reg)
 }
 
 /// `dst ← g ⊙ mask`.
@@ -360,60 +396,27 @@ impl InplaceOp3 for StepOp {
         l3: &Layout,
     ) -> candle_core::Result<()> {
         let (w, u, x) = operands3("sgd step", s1, l1, s2, l2, s3, l3)?;
-        let (lr, mu, thr, wd) = (self.lr, self.mu, self.threshold, self.weight_decay);
-        // Separate loops so the common cases compile to branch-free vector code.
+        let reg = self.reg.map(|r| (r, self.threshold));
         par_chunks1(w, |r, w| {
-            let (u, x) = (&u[r.clone()], &x[r]);
-            match (self.reg, self.nesterov) {
-                (None, false) => {
-                    for (w, &u) in w.iter_mut().zip(u) {
-                        *w = updated(*w, u, 0.0, lr, wd, None);
-                    }
-                }
-                (None, true) => {
-                    for ((w, &u), &g) in w.iter_mut().zip(u).zip(x) {
-                        *w = updated(*w, g + mu * u, 0.0, lr, wd, None);
-                    }
-                }
-                (Some(r), nesterov) => {
-                    let body = RegularizedStep {
-                        w,
-                        u,
-                        x,
-                        lr,
-                        mu,
-                        wd,
-                        nesterov,
-                        smoothed: self.smoothed,
-                    };
-                    self.regularized(body, r, thr)
-                }
-            }
+            let body = Step {
+                w,
+                u: &u[r.clone()],
+                x: &x[r],
+                lr: self.lr,
+                mu: self.mu,
+                wd: self.weight_decay,
+                nesterov: self.nesterov,
+                smoothed: self.smoothed,
+            };
+            on_widest_vectors(reg, ConstantRelevance(ConstantKinds(body)))
         });
         Ok(())
     }
 }
 
-impl StepOp {
-    /// The regularized step's loop, compiled for AVX-512 where the CPU has it (the same bits:
-    /// no fused multiply-adds).
-    fn regularized(&self, body: RegularizedStep, r: SelectiveDecay, thr: f32) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512(body: RegularizedStep, r: SelectiveDecay, thr: f32) {
-                with_constant_relevance(Some((r, thr)), KindsThen(body))
-            }
-            // SAFETY: the feature was detected on this CPU.
-            return unsafe { avx512(body, r, thr) };
-        }
-        with_constant_relevance(Some((r, thr)), KindsThen(body))
-    }
-}
-
-/// [`StepOp`]'s regularized loop over one chunk: `w` stepped by `u` (or `x + μu`, Nesterov),
-/// scores from `x` (smoothed) or from `w` and `x`.
-struct RegularizedStep<'a> {
+/// [`StepOp`]'s loop over one chunk: `w` stepped by `u` (or `x + μu`, Nesterov), with a
+/// regularizer its scores from `x` (smoothed) or from `w` and `x`.
+struct Step<'a> {
     w: &'a mut [f32],
     u: &'a [f32],
     x: &'a [f32],
@@ -424,28 +427,42 @@ struct RegularizedStep<'a> {
     smoothed: bool,
 }
 
-impl RegularizedLoop for RegularizedStep<'_> {
+impl RegularizedLoop for Step<'_> {
     #[inline(always)]
     fn run(self, reg: Option<(SelectiveDecay, f32)>) {
-        let Some((r, thr)) = reg else {
-            return;
-        };
+        // One copy per Nesterov setting, so that the loop does not test it per element.
+        match self.nesterov {
+            true => self.body::<true>(reg),
+            false => self.body::<false>(reg),
+        }
+    }
+}
+
+impl Step<'_> {
+    /// [`RegularizedLoop::run`]'s loop, Nesterov's or not; every slice is cut to the weights'
+    /// length first, so that indexing needs no bounds check.
+    #[inline(always)]
+    fn body<const NESTEROV: bool>(self, reg: Option<(SelectiveDecay, f32)>) {
         let n = self.w.len();
         let (w, u, x) = (self.w, &self.u[..n], &self.x[..n]);
         let (lr, mu, wd) = (self.lr, self.mu, self.wd);
-        for i in 0..n {
-            // Both sides are computed and one is kept: a select, not a branch.
-            let step = if self.nesterov {
-                x[i] + mu * u[i]
-            } else {
-                u[i]
-            };
-            let s = if self.smoothed {
-                x[i]
-            } else {
-                score(r.relevance, w[i], x[i])
-            };
-            w[i] = updated(w[i], step, s, lr, wd, Some((&r, thr)));
+        let step = |i: usize| if NESTEROV { x[i] + mu * u[i] } else { u[i] };
+        match reg {
+            None => {
+                for i in 0..n {
+                    w[i] = updated(w[i], step(i), 0.0, lr, wd, None);
+                }
+            }
+            Some((r, thr)) => {
+                for i in 0..n {
+                    let s = if self.smoothed {
+                        x[i]
+                    } else {
+                        score(r.relevance, w[i], x[i])
+                    };
+                    w[i] = updated(w[i], step(i), s, lr, wd, Some((&r, thr)));
+                }
+            }
         }
     }
 }
