@@ -449,8 +449,8 @@ impl Step<'_> {
         let step = |i: usize| if NESTEROV { x[i] + mu * u[i] } else { u[i] };
         match reg {
             None => {
-                for i in 0..n {
-                    w[i] = updated(w[i], step(i), 0.0, lr, wd, None);
+                for (i, w) in w.iter_mut().enumerate() {
+                    *w = updated(*w, step(i), 0.0, lr, wd, None);
                 }
             }
             Some((r, thr)) => {
